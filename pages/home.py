@@ -1,0 +1,4 @@
+"""Home page (placeholder)."""
+import streamlit as st
+
+st.title("QAT Studio")

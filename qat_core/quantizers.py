@@ -1,0 +1,112 @@
+"""``FakeQuantizer``: the module that holds one tensor's scale and zero point.
+
+Two switches drive it: ``observing`` (feed the observer, refresh qparams) and ``enabled``
+(fake-quantize in forward). With ``learned=True`` (LSQ) the scale (and, when asymmetric, the
+zero point) are parameters trained by the optimizer; their start comes from the MSE observer.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from qat_core.observers import Observer
+from qat_core.quant_math import EPS, fake_quantize, lsq_fake_quantize, lsq_grad_scale, qrange, quantize
+
+INT8_SIGNED = qrange(8, signed=True)  # weights are stored as int8 whatever their bit width
+INT8_UNSIGNED = qrange(8, signed=False)  # activations are stored as uint8
+
+
+class FakeQuantizer(nn.Module):
+    """Fake-quantizes a weight (``signed=True``, optional channel ``axis``) or an activation.
+
+    forward: x_out = (clamp(round(x/scale + zero_point), qmin, qmax) - zero_point) * scale
+    """
+
+    def __init__(self, bits: int, signed: bool, symmetric: bool, method: str, channels: int = 1,
+                 axis: int | None = None, percentile: float = 99.99):
+        super().__init__()
+        self.bits, self.signed, self.symmetric, self.method, self.axis = bits, signed, symmetric, method, axis
+        self.qmin, self.qmax = qrange(bits, signed)
+        self.learned = method == "lsq"
+        scale, zero_point = torch.ones(channels), torch.zeros(channels)
+        if self.learned:
+            self.scale = nn.Parameter(scale)
+            # a symmetric zero point is fixed by the code range; an asymmetric one is learned (LSQ+)
+            self.zero_point = nn.Parameter(zero_point, requires_grad=not symmetric)
+        else:
+            self.register_buffer("scale", scale)
+            self.register_buffer("zero_point", zero_point)
+        self.observer = Observer(method, self.qmin, self.qmax, symmetric, axis, percentile)
+        self.observing = False  # feed batches to the observer and refresh qparams from it
+        self.enabled = True  # fake-quantize in forward (off: identity)
+        self.export_int8 = False  # ONNX export: same qparams, int8/uint8 storage range
+        self._grad_scale: float | None = None
+        self.calibrated = False
+
+    def extra_repr(self) -> str:
+        granularity = "per_channel" if self.axis is not None else "per_tensor"
+        return f"bits={self.bits}, {'signed' if self.signed else 'unsigned'}, {granularity}, {self.method}"
+
+    @torch.no_grad()
+    def observe(self, x: torch.Tensor) -> None:
+        if self.signed:  # a weight is seen whole each time: its range is the current one, not a history
+            self.observer.reset()
+        self.observer.update(x)
+        scale, zero_point = self.observer.qparams()
+        self.scale.copy_(scale.reshape(self.scale.shape))
+        self.zero_point.copy_(zero_point.reshape(self.zero_point.shape))
+        self.calibrated = True
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.observing:
+            self.observe(x)
+        if not self.enabled:
+            return x
+        if self.export_int8:
+            qmin, qmax = INT8_SIGNED if self.signed else INT8_UNSIGNED
+            return fake_quantize(x, self.scale.detach(), self.zero_point.detach(), qmin, qmax, self.axis)
+        if self.learned and self.training and self.scale.requires_grad:
+            with torch.no_grad():  # keep the learned step positive and the offset on the code range
+                self.scale.clamp_(min=EPS)
+                self.zero_point.clamp_(self.qmin, self.qmax)
+            if self._grad_scale is None:  # N = elements per scale; Q_P = the positive code range
+                per_scale = x.numel() // self.scale.numel() if self.axis is not None else x[0].numel()
+                self._grad_scale = lsq_grad_scale(per_scale, self.qmax - (0 if self.signed else self.qmin))
+            return lsq_fake_quantize(x, self.scale, self.zero_point, self.qmin, self.qmax, self._grad_scale, self.axis)
+        return fake_quantize(x, self.scale.detach(), self.zero_point.detach(), self.qmin, self.qmax, self.axis)
+
+    def quantize_int(self, x: torch.Tensor) -> torch.Tensor:
+        """Integer codes of ``x`` under the current qparams (for export and analysis)."""
+        return quantize(x, self.scale.detach(), self.zero_point.detach().round(), self.qmin, self.qmax, self.axis)
+
+
+def quantizers(model: nn.Module) -> list[FakeQuantizer]:
+    """Every distinct ``FakeQuantizer`` of a model (a shared one is listed once)."""
+    seen, out = set(), []
+    for m in model.modules():
+        if isinstance(m, FakeQuantizer) and id(m) not in seen:
+            seen.add(id(m))
+            out.append(m)
+    return out
+
+
+def set_observing(model: nn.Module, on: bool, weights: bool = True, activations: bool = True) -> None:
+    """Switch observers on/off; weight quantizers are the signed ones (activations are unsigned)."""
+    for q in quantizers(model):
+        if (q.signed and weights) or (not q.signed and activations):
+            q.observing = on
+
+
+def set_enabled(model: nn.Module, on: bool) -> None:
+    for q in quantizers(model):
+        q.enabled = on
+
+
+def freeze_ranges(model: nn.Module) -> None:
+    """Stop observers and LSQ updates: qparams stay as they are from now on."""
+    for q in quantizers(model):
+        q.observing = False
+        if q.learned:
+            q.scale.requires_grad_(False)
+            q.zero_point.requires_grad_(False)

@@ -1,0 +1,155 @@
+"""A run from end to end — config in, artifacts out — and the way back from a run to its models.
+
+FP32 baseline (cached per model, data, training settings and seed) → PTQ (calibrate only) →
+QAT (calibrate, fine-tune) → metrics and weights in the run store. The CLI and the app's
+background jobs both call :func:`execute`.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import time
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import nn
+
+from qat_core import train, zoo
+from qat_core.config import RunConfig, with_uniform_plan
+from qat_core.errors import CancelledError, QATError
+from qat_core.modules import QATModel
+from qat_core.prepare import layer_table, prepare, size_bytes
+from qat_core.quantizers import quantizers
+from qat_core.store import RunStore
+
+
+def _baseline_key(config: RunConfig) -> str:
+    identity = {"model": config.model, "checkpoint": config.checkpoint, "data": config.data.model_dump(),
+                "baseline": config.baseline.model_dump(), "seed": config.seed, "torch": torch.__version__}
+    return hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def default_config(model_id: str, weight_bits: int | None = 8, act_bits: int | None = 8) -> RunConfig:
+    """A sensible starting config for a model: first and last layer at 8 bits, the rest as chosen."""
+    base = RunConfig(model=model_id)
+    entry = zoo.MODELS.get(model_id)
+    if entry is not None:
+        base = base.model_copy(update={
+            "baseline": base.baseline.model_copy(update=entry.baseline_defaults),
+            "finetune": base.finetune.model_copy(update=entry.finetune_defaults),
+            "data": base.data.model_copy(update={"dataset": entry.dataset}),
+        })
+    model, data = zoo.build(model_id, base.data)
+    names = [r["name"] for r in layer_table(model, data.example()) if r["has_weights"]]
+    return RunConfig.model_validate(with_uniform_plan(base, names, weight_bits, act_bits).to_dict())
+
+
+@dataclass
+class Loaded:
+    """A finished run, rebuilt: its float and QAT models and its data."""
+
+    config: RunConfig
+    fp32: nn.Module
+    qat: QATModel
+    data: zoo.Data
+
+
+def _build_fp32(config: RunConfig) -> tuple[nn.Module, zoo.Data]:
+    train.seed_everything(config.seed)
+    model, data = zoo.build(config.model, config.data)
+    if config.checkpoint:
+        zoo.load_checkpoint(model, config.checkpoint)
+    return model, data
+
+
+def baseline(config: RunConfig, store: RunStore, on_event: train.OnEvent = lambda e: None,
+             cancel: train.Cancel = train.NeverCancel()) -> tuple[nn.Module, zoo.Data, dict[str, float]]:
+    """The trained FP32 model for a config: from the cache, or trained now and cached."""
+    model, data = _build_fp32(config)
+    key = _baseline_key(config)
+    cached = store.load_baseline(key)
+    if cached is not None:
+        model.load_state_dict(cached["state"])
+        return model, data, cached["metrics"]
+    if config.checkpoint:  # the user's trained weights are the baseline
+        metrics = train.evaluate(model, data.test_loader())
+    else:
+        b = config.baseline
+        metrics = train.train_fp32(model, data.train_loader(b.batch_size, True, config.seed), data.test_loader(), b,
+                                   on_event, cancel)
+    store.save_baseline(key, {"state": model.state_dict(), "metrics": metrics})
+    return model, data, metrics
+
+
+def _quantize(fp32: nn.Module, data: zoo.Data, config: RunConfig) -> QATModel:
+    model = prepare(fp32, config.plan, data.example())
+    ft = config.finetune
+    train.calibrate(model, data.train_loader(ft.batch_size, True, config.seed), ft.calibration_batches)
+    return model
+
+
+def execute(config: RunConfig, store: RunStore, run_id: str | None = None, on_event: train.OnEvent | None = None,
+            cancel: train.Cancel | None = None) -> str:
+    """Train a run and record it; returns its id. Errors are recorded on the run, then raised."""
+    run_id = run_id or store.create_run(config)
+    log = store.event_log(run_id)
+    cancel = cancel or store.cancel_flag(run_id)
+
+    def emit(event: dict[str, Any]) -> None:
+        log(event)
+        if on_event is not None:
+            on_event(event)
+
+    torch.set_num_threads(int(os.environ.get("QAT_STUDIO_THREADS", torch.get_num_threads())))
+    started = time.perf_counter()
+    try:
+        fp32, data, fp32_metrics = baseline(config, store, emit, cancel)
+        emit({"phase": "fp32", "done": True, "test_accuracy": fp32_metrics["accuracy"]})
+        rows = layer_table(fp32, data.example())
+        train.seed_everything(config.seed)
+        ptq = _quantize(fp32, data, config)
+        ptq_metrics = train.evaluate(ptq, data.test_loader())
+        emit({"phase": "ptq", "done": True, "test_accuracy": ptq_metrics["accuracy"]})
+        train.seed_everything(config.seed)
+        qat = _quantize(fp32, data, config)  # prepare copies: fp32 stays the baseline
+        ft = config.finetune
+        qat_metrics = train.finetune(qat, data.train_loader(ft.batch_size, True, config.seed + 1), data.test_loader(),
+                                     ft, emit, cancel)
+        store.save_state(run_id, "fp32.pt", fp32.state_dict())
+        store.save_state(run_id, "qat.pt", qat.state_dict())
+        store.write_result(run_id, "layers", rows)
+        store.update_metrics(run_id, fp32=fp32_metrics, ptq=ptq_metrics, qat=qat_metrics,
+                             size=size_bytes(rows, config.plan), float_layers=qat.float_layers,
+                             generated_data=data.generated, seconds=time.perf_counter() - started)
+        store.finish(run_id)
+    except CancelledError as err:
+        store.fail(run_id, str(err), cancelled=True)
+        raise
+    except KeyboardInterrupt:
+        store.fail(run_id, "interrupted (Ctrl-C)", cancelled=True)
+        raise
+    except QATError as err:
+        store.fail(run_id, str(err))
+        raise
+    except Exception as err:  # a bug, not the user's fault: still recorded so the run store stays consistent
+        store.fail(run_id, f"internal error: {type(err).__name__}: {err}")
+        raise
+    finally:
+        log.flush()
+    return run_id
+
+
+def load(store: RunStore, run_id: str) -> Loaded:
+    """Rebuild a finished run's FP32 and QAT models (eval mode) and its data."""
+    store.require_done(run_id)
+    config = store.config(run_id)
+    fp32, data = _build_fp32(config)
+    fp32.load_state_dict(store.load_state(run_id, "fp32.pt"))
+    qat = prepare(fp32, config.plan, data.example())
+    qat.load_state_dict(store.load_state(run_id, "qat.pt"))
+    for q in quantizers(qat):
+        q.calibrated = True
+    return Loaded(config, fp32.eval(), qat.eval(), data)

@@ -1,0 +1,188 @@
+"""Calibrate, fine-tune, evaluate. Progress goes to a callback; cancel is cooperative; no printing.
+
+Every loop takes its data as iterables of ``(inputs, labels)`` batches and its settings as
+config objects, so the same functions serve the CLI, the pages and the tests.
+"""
+
+from __future__ import annotations
+
+import math
+import random
+import time
+from typing import Any, Callable, Iterable, Protocol
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from qat_core.config import BaselineConfig, FineTuneConfig
+from qat_core.errors import CancelledError, TrainingError
+from qat_core.modules import QATModel
+from qat_core.quantizers import FakeQuantizer, freeze_ranges, quantizers
+
+Event = dict[str, Any]
+OnEvent = Callable[[Event], None]
+Batch = tuple[torch.Tensor, torch.Tensor]
+
+
+class Cancel(Protocol):
+    def is_set(self) -> bool: ...
+
+
+class NeverCancel:
+    def is_set(self) -> bool:
+        return False
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def device_of(model: nn.Module) -> torch.device:
+    return next(model.parameters()).device
+
+
+@torch.no_grad()
+def evaluate(model: nn.Module, loader: Iterable[Batch]) -> dict[str, float]:
+    """Top-1 accuracy (a fraction) and mean cross-entropy of ``model`` on ``loader``."""
+    was = model.training
+    model.eval()
+    device = device_of(model)
+    correct, total, loss = 0, 0, 0.0
+    for x, y in loader:
+        x, y = x.to(device), y.to(device)
+        logits = model(x)
+        loss += float(F.cross_entropy(logits, y, reduction="sum"))
+        correct += int((logits.argmax(dim=1) == y).sum())
+        total += len(y)
+    model.train(was)
+    if total == 0:
+        raise TrainingError("the test set is empty; use a larger test_fraction or give the plugin a test_loader")
+    return {"accuracy": correct / total, "loss": loss / total}
+
+
+@torch.no_grad()
+def predict(model: nn.Module, loader: Iterable[Batch]) -> torch.Tensor:
+    """Logits for every test batch, concatenated (eval mode)."""
+    was = model.training
+    model.eval()
+    device = device_of(model)
+    out = torch.cat([model(x.to(device)).cpu() for x, _ in loader])
+    model.train(was)
+    return out
+
+
+def _optimizer(model: nn.Module, name: str, lr: float, weight_decay: float) -> torch.optim.Optimizer:
+    params = [p for p in model.parameters() if p.requires_grad]
+    if name == "sgd":
+        return torch.optim.SGD(params, lr=lr, momentum=0.9, weight_decay=weight_decay, nesterov=True)
+    cls = torch.optim.AdamW if name == "adamw" else torch.optim.Adam
+    return cls(params, lr=lr, weight_decay=weight_decay)
+
+
+def _check_finite(loss: torch.Tensor, step: int, lr: float) -> None:
+    if not torch.isfinite(loss):
+        raise TrainingError(f"training diverged at step {step}: the loss is {float(loss)}. "
+                            f"Lower the learning rate (now {lr:g}) or quantize fewer layers below 4 bits")
+
+
+def _fit(model: nn.Module, loader: Iterable[Batch], epochs: float, max_steps: int | None, optimizer: torch.optim.Optimizer,
+         phase: str, on_event: OnEvent, cancel: Cancel, evaluate_fn: Callable[[], dict] | None = None,
+         eval_every: float = 1.0, hooks: dict[float, Callable[[], None]] | None = None) -> None:
+    """The shared training loop: cosine-decayed LR, events each step, evaluation every ``eval_every`` epochs."""
+    steps_per_epoch = len(loader)  # type: ignore[arg-type]
+    total = math.ceil(epochs * steps_per_epoch)
+    if max_steps is not None:
+        total = min(total, max_steps)
+    if total == 0:
+        return
+    base_lrs = [g["lr"] for g in optimizer.param_groups]
+    pending = sorted((hooks or {}).items())
+    next_eval = eval_every * steps_per_epoch
+    device = device_of(model)
+    start, step = time.perf_counter(), 0
+    model.train()
+    while step < total:
+        for x, y in loader:
+            if cancel.is_set():
+                raise CancelledError(f"{phase} cancelled at step {step} of {total}")
+            while pending and step >= pending[0][0] * steps_per_epoch:
+                pending.pop(0)[1]()
+            for g, base in zip(optimizer.param_groups, base_lrs):
+                g["lr"] = base * 0.5 * (1 + math.cos(math.pi * step / total))
+            x, y = x.to(device), y.to(device)
+            loss = F.cross_entropy(model(x), y)
+            _check_finite(loss, step, base_lrs[0])
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            step += 1
+            event: Event = {"phase": phase, "step": step, "total": total, "epoch": step / steps_per_epoch,
+                            "loss": loss.item(), "elapsed": time.perf_counter() - start}
+            if evaluate_fn is not None and (step >= next_eval or step == total):
+                event["test_accuracy"] = evaluate_fn()["accuracy"]
+                next_eval += eval_every * steps_per_epoch
+                model.train()
+            on_event(event)
+            if step >= total:
+                break
+
+
+def train_fp32(model: nn.Module, train_loader: Iterable[Batch], test_loader: Iterable[Batch], cfg: BaselineConfig,
+               on_event: OnEvent, cancel: Cancel = NeverCancel()) -> dict[str, float]:
+    """Train the FP32 baseline (Adam, cosine LR); returns its test metrics."""
+    optimizer = _optimizer(model, "adam", cfg.lr, 0.0)
+    _fit(model, train_loader, cfg.epochs, cfg.max_steps, optimizer, "fp32", on_event, cancel,
+         lambda: evaluate(model, test_loader), eval_every=max(1.0, cfg.epochs / 10))
+    return evaluate(model, test_loader)
+
+
+@torch.no_grad()
+def calibrate(model: QATModel, loader: Iterable[Batch], batches: int, cancel: Cancel = NeverCancel()) -> None:
+    """Run ``batches`` batches in eval mode (BN folded as deployed) with every observer on."""
+    qs = quantizers(model)
+    for q in qs:
+        q.observer.reset()
+        q.observing = True
+    model.eval()
+    device = device_of(model)
+    seen = 0
+    for x, _ in loader:
+        if cancel.is_set():
+            raise CancelledError("calibration cancelled")
+        model(x.to(device))
+        seen += 1
+        if seen >= batches:
+            break
+    for q in qs:
+        q.observing = False
+    if seen == 0:
+        raise TrainingError("calibration saw no data: the training loader is empty")
+
+
+def _track_during_training(q: FakeQuantizer) -> bool:
+    """Which ranges keep moving in the fine-tune: moving averages, and weight ranges (not learned)."""
+    return not q.learned and (q.method == "moving_average" or q.signed)
+
+
+def finetune(model: QATModel, train_loader: Iterable[Batch], test_loader: Iterable[Batch], cfg: FineTuneConfig,
+             on_event: OnEvent, cancel: Cancel = NeverCancel()) -> dict[str, float]:
+    """QAT fine-tune of a calibrated model; returns its test metrics."""
+    for q in quantizers(model):
+        q.observing = _track_during_training(q)
+    hooks: dict[float, Callable[[], None]] = {}
+    if cfg.freeze_bn_epoch is not None:
+        hooks[cfg.freeze_bn_epoch] = model.freeze_bn
+    if cfg.freeze_ranges_epoch is not None:
+        hooks[cfg.freeze_ranges_epoch] = lambda: freeze_ranges(model)
+    optimizer = _optimizer(model, cfg.optimizer, cfg.lr, cfg.weight_decay)
+    try:
+        _fit(model, train_loader, cfg.epochs, cfg.max_steps, optimizer, "qat", on_event, cancel,
+             lambda: evaluate(model, test_loader), cfg.eval_every_epochs, hooks)
+    finally:
+        for q in quantizers(model):
+            q.observing = False
+    return evaluate(model, test_loader)

@@ -1,0 +1,348 @@
+"""Built-in models and data sets, all offline, and the plugin hook for a user's own model.
+
+``digits`` is scikit-learn's real ``load_digits`` (1,797 8×8 images). The latency-scale models
+(ResNet-18-style, MobileNetV2-style, Transformer encoder) train on generated data: their
+accuracy only shows that training ran, never how good the architecture is.
+"""
+
+from __future__ import annotations
+
+import importlib
+import math
+from collections import OrderedDict
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Iterable, Iterator
+
+import torch
+from torch import nn
+
+from qat_core.config import DataConfig
+from qat_core.errors import ConfigError, PluginError
+from qat_core.modules import Add, MatMul
+
+Batch = tuple[torch.Tensor, torch.Tensor]
+
+
+class TensorLoader:
+    """Batches from in-memory tensors; reshuffled each epoch from its own seeded generator."""
+
+    def __init__(self, x: torch.Tensor, y: torch.Tensor, batch_size: int, shuffle: bool, seed: int = 0):
+        self.x, self.y, self.batch_size, self.shuffle = x, y, batch_size, shuffle
+        self.generator = torch.Generator().manual_seed(seed)
+
+    def __len__(self) -> int:
+        return math.ceil(len(self.x) / self.batch_size)
+
+    def __iter__(self) -> Iterator[Batch]:
+        n = len(self.x)
+        order = torch.randperm(n, generator=self.generator) if self.shuffle else torch.arange(n)
+        for start in range(0, n, self.batch_size):
+            idx = order[start:start + self.batch_size]
+            yield self.x[idx], self.y[idx]
+
+
+
+@dataclass
+class Data:
+    """A data set split for training and testing."""
+
+    train_x: torch.Tensor
+    train_y: torch.Tensor
+    test_x: torch.Tensor
+    test_y: torch.Tensor
+    num_classes: int
+    generated: bool  # True: synthetic data, accuracy is not meaningful
+    description: str
+    train_loader_fn: Callable[[int, bool, int], Iterable[Batch]] | None = None  # plugins bring loaders
+    test_loader_fn: Callable[[int], Iterable[Batch]] | None = None
+
+    def train_loader(self, batch_size: int, shuffle: bool = True, seed: int = 0) -> Iterable[Batch]:
+        if self.train_loader_fn is not None:
+            return self.train_loader_fn(batch_size, shuffle, seed)
+        return TensorLoader(self.train_x, self.train_y, batch_size, shuffle, seed)
+
+    def test_loader(self, batch_size: int = 512) -> Iterable[Batch]:
+        if self.test_loader_fn is not None:
+            return self.test_loader_fn(batch_size)
+        return TensorLoader(self.test_x, self.test_y, batch_size, shuffle=False)
+
+    def example(self, n: int = 2) -> torch.Tensor:
+        return self.train_x[:n]
+
+
+def _split(x: torch.Tensor, y: torch.Tensor, cfg: DataConfig) -> tuple[torch.Tensor, ...]:
+    from sklearn.model_selection import train_test_split
+
+    tr_x, te_x, tr_y, te_y = train_test_split(
+        x.numpy(), y.numpy(), test_size=cfg.test_fraction, random_state=cfg.split_seed, stratify=y.numpy())
+    return torch.from_numpy(tr_x), torch.from_numpy(tr_y), torch.from_numpy(te_x), torch.from_numpy(te_y)
+
+
+def digits(cfg: DataConfig) -> Data:
+    """scikit-learn's handwritten digits: (N, 1, 8, 8) in [0, 1], 10 classes."""
+    from sklearn.datasets import load_digits
+
+    raw = load_digits()
+    x = torch.tensor(raw.images, dtype=torch.float32).unsqueeze(1) / 16.0  # (N, 1, 8, 8)
+    y = torch.tensor(raw.target, dtype=torch.long)
+    tr_x, tr_y, te_x, te_y = _split(x, y, cfg)
+    return Data(tr_x, tr_y, te_x, te_y, 10, generated=False,
+                description="scikit-learn load_digits: 8×8 handwritten digits, 10 classes")
+
+
+def _generated(shape: tuple[int, ...], n: int, cfg: DataConfig, classes: int = 10) -> Data:
+    """Class templates plus noise: learnable, deterministic, and meaningless as accuracy."""
+    g = torch.Generator().manual_seed(1000 + cfg.split_seed)
+    templates = torch.randn((classes, *shape), generator=g)
+    y = torch.arange(n) % classes
+    x = 0.5 * templates[y] + torch.randn((n, *shape), generator=g)
+    tr_x, tr_y, te_x, te_y = _split(x, y, cfg)
+    return Data(tr_x, tr_y, te_x, te_y, classes, generated=True,
+                description=f"generated {shape} samples (class template + noise); accuracy is not meaningful")
+
+
+def images224(cfg: DataConfig) -> Data:
+    return _generated((3, 224, 224), 160, cfg)
+
+
+def sequences(cfg: DataConfig) -> Data:
+    return _generated((128, 64), 320, cfg)
+
+
+# --- models --------------------------------------------------------------------------------------
+
+def conv_bn_relu(c_in: int, c_out: int, k: int = 3, stride: int = 1, groups: int = 1, relu: bool = True) -> nn.Sequential:
+    """Conv → BN (→ ReLU) in one Sequential, the pattern ``prepare`` fuses; the layer is ``<name>.conv``."""
+    layers = {"conv": nn.Conv2d(c_in, c_out, k, stride, k // 2, groups=groups, bias=False), "bn": nn.BatchNorm2d(c_out)}
+    if relu:
+        layers["relu"] = nn.ReLU()
+    return nn.Sequential(OrderedDict(layers))
+
+
+def digits_cnn(num_classes: int = 10) -> nn.Module:
+    """A 3-conv CNN for 8×8 digits (~24k parameters)."""
+    return nn.Sequential(OrderedDict(
+        conv1=conv_bn_relu(1, 16),  # (B, 16, 8, 8)
+        conv2=conv_bn_relu(16, 32),  # (B, 32, 8, 8)
+        pool=nn.MaxPool2d(2),  # (B, 32, 4, 4)
+        conv3=conv_bn_relu(32, 64),  # (B, 64, 4, 4)
+        gap=nn.AdaptiveAvgPool2d(1),  # (B, 64, 1, 1)
+        flatten=nn.Flatten(),  # (B, 64)
+        fc=nn.Linear(64, num_classes),
+    ))
+
+
+def digits_mlp(num_classes: int = 10) -> nn.Module:
+    return nn.Sequential(OrderedDict(
+        flatten=nn.Flatten(),  # (B, 64)
+        fc1=nn.Sequential(OrderedDict(linear=nn.Linear(64, 256), relu=nn.ReLU())),
+        fc2=nn.Sequential(OrderedDict(linear=nn.Linear(256, 128), relu=nn.ReLU())),
+        fc3=nn.Linear(128, num_classes),
+    ))
+
+
+class BasicBlock(nn.Module):
+    """ResNet basic block: two 3×3 convs and a (projected) shortcut, summed then ReLU."""
+
+    def __init__(self, c_in: int, c_out: int, stride: int):
+        super().__init__()
+        self.conv1 = conv_bn_relu(c_in, c_out, 3, stride)
+        self.conv2 = conv_bn_relu(c_out, c_out, 3, 1, relu=False)
+        self.shortcut = conv_bn_relu(c_in, c_out, 1, stride, relu=False) if stride != 1 or c_in != c_out else None
+        self.add = Add(relu=True)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        identity = self.shortcut(x) if self.shortcut is not None else x
+        return self.add(self.conv2(self.conv1(x)), identity)
+
+
+def resnet18(num_classes: int = 10) -> nn.Module:
+    """ResNet-18 layout (He et al. 2016) for 3×224×224 inputs, 11.2M parameters."""
+    blocks, c_in = [], 64
+    for c_out, stride in ((64, 1), (128, 2), (256, 2), (512, 2)):
+        blocks += [BasicBlock(c_in, c_out, stride), BasicBlock(c_out, c_out, 1)]
+        c_in = c_out
+    return nn.Sequential(
+        conv_bn_relu(3, 64, 7, 2),  # (B, 64, 112, 112)
+        nn.MaxPool2d(3, 2, 1),  # (B, 64, 56, 56)
+        *blocks,  # (B, 512, 7, 7)
+        nn.AdaptiveAvgPool2d(1),
+        nn.Flatten(),
+        nn.Linear(512, num_classes),
+    )
+
+
+class InvertedResidual(nn.Module):
+    """MobileNetV2 block: 1×1 expand, 3×3 depthwise, 1×1 linear projection (+ shortcut)."""
+
+    def __init__(self, c_in: int, c_out: int, stride: int, expand: int):
+        super().__init__()
+        hidden = c_in * expand
+        layers = [conv_bn_relu(c_in, hidden, 1)] if expand != 1 else []
+        layers += [conv_bn_relu(hidden, hidden, 3, stride, groups=hidden), conv_bn_relu(hidden, c_out, 1, relu=False)]
+        self.body = nn.Sequential(*layers)
+        self.add = Add() if stride == 1 and c_in == c_out else None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.body(x)
+        return self.add(y, x) if self.add is not None else y
+
+
+def mobilenetv2(num_classes: int = 10) -> nn.Module:
+    """MobileNetV2 layout (Sandler et al. 2018), width 1.0, with ReLU in place of ReLU6
+    (a quantization-friendly variant: the clip at 6 is left to the activation quantizer)."""
+    settings = [(1, 16, 1, 1), (6, 24, 2, 2), (6, 32, 3, 2), (6, 64, 4, 2), (6, 96, 3, 1), (6, 160, 3, 2),
+                (6, 320, 1, 1)]
+    layers, c_in = [conv_bn_relu(3, 32, 3, 2)], 32
+    for expand, c_out, repeats, stride in settings:
+        for i in range(repeats):
+            layers.append(InvertedResidual(c_in, c_out, stride if i == 0 else 1, expand))
+            c_in = c_out
+    layers += [conv_bn_relu(c_in, 1280, 1), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(1280, num_classes)]
+    return nn.Sequential(*layers)
+
+
+class EncoderLayer(nn.Module):
+    """Pre-norm Transformer encoder layer written with Linear/MatMul modules so each is quantizable."""
+
+    def __init__(self, d: int, heads: int, ffn: int):
+        super().__init__()
+        self.heads, self.dk = heads, d // heads
+        self.norm1, self.norm2 = nn.LayerNorm(d), nn.LayerNorm(d)
+        self.q, self.k, self.v, self.out = (nn.Linear(d, d) for _ in range(4))
+        self.scores, self.mix = MatMul(), MatMul()
+        self.softmax = nn.Softmax(dim=-1)
+        self.ffn1, self.ffn2 = nn.Linear(d, ffn), nn.Linear(ffn, d)
+        self.gelu = nn.GELU()
+        self.add1, self.add2 = Add(), Add()
+
+    def _split(self, t: torch.Tensor) -> torch.Tensor:  # (B, T, D) -> (B, H, T, dk)
+        b, n, _ = t.shape
+        return t.reshape(b, n, self.heads, self.dk).transpose(1, 2)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # (B, T, D)
+        b, n, d = x.shape
+        h = self.norm1(x)
+        q, k, v = self._split(self.q(h)), self._split(self.k(h)), self._split(self.v(h))
+        att = self.softmax(self.scores(q, k.transpose(-2, -1)) * (1.0 / math.sqrt(self.dk)))  # (B, H, T, T)
+        mixed = self.mix(att, v).transpose(1, 2).reshape(b, n, d)
+        x = self.add1(x, self.out(mixed))
+        return self.add2(x, self.ffn2(self.gelu(self.ffn1(self.norm2(x)))))
+
+
+class TransformerClassifier(nn.Module):
+    def __init__(self, features: int = 64, d: int = 256, heads: int = 4, ffn: int = 1024, depth: int = 4,
+                 num_classes: int = 10):
+        super().__init__()
+        self.embed = nn.Linear(features, d)
+        self.layers = nn.Sequential(*(EncoderLayer(d, heads, ffn) for _ in range(depth)))
+        self.norm = nn.LayerNorm(d)
+        self.head = nn.Linear(d, num_classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # (B, T, F) -> (B, classes)
+        return self.head(self.norm(self.layers(self.embed(x))).mean(dim=1))
+
+
+@dataclass(frozen=True)
+class ZooEntry:
+    model: Callable[[int], nn.Module]
+    data: Callable[[DataConfig], Data]
+    description: str
+    dataset: str
+    baseline_defaults: dict[str, Any] = field(default_factory=dict)  # sensible BaselineConfig for this model
+    finetune_defaults: dict[str, Any] = field(default_factory=dict)
+
+
+MODELS: dict[str, ZooEntry] = {
+    "digits-cnn": ZooEntry(digits_cnn, digits, "3-conv CNN + BN on 8×8 digits", "digits"),
+    "digits-mlp": ZooEntry(digits_mlp, digits, "3-layer MLP on 8×8 digits", "digits"),
+    "resnet18": ZooEntry(resnet18, images224, "ResNet-18-style CNN, 3×224×224 (generated data)", "generated-images",
+                         {"epochs": 1, "batch_size": 16, "max_steps": 6, "lr": 1e-3}, {"epochs": 1, "batch_size": 8, "max_steps": 4}),
+    "mobilenetv2": ZooEntry(mobilenetv2, images224, "MobileNetV2-style CNN, 3×224×224 (generated data)",
+                            "generated-images", {"epochs": 1, "batch_size": 16, "max_steps": 6, "lr": 1e-3},
+                            {"epochs": 1, "batch_size": 8, "max_steps": 4}),
+    "transformer": ZooEntry(TransformerClassifier, sequences, "Transformer encoder classifier, 128×64 sequences "
+                            "(generated data)", "generated-sequences", {"epochs": 2, "batch_size": 32, "lr": 1e-3},
+                            {"epochs": 1, "batch_size": 32, "lr": 1e-4}),
+}
+
+
+def is_plugin(model_id: str) -> bool:
+    return ":" in model_id
+
+
+def load_plugin(path: str) -> tuple[nn.Module, Data]:
+    """Call ``package.module:factory``; it returns ``(model, train_loader, test_loader)``.
+
+    ``train_loader``/``test_loader`` are re-iterable sequences of ``(inputs, labels)`` batches.
+    """
+    module_name, _, attr = path.partition(":")
+    if not module_name or not attr:
+        raise PluginError(f"plugin path {path!r} must look like 'package.module:factory'")
+    try:
+        module = importlib.import_module(module_name)
+    except Exception as err:  # any import-time failure is the plugin's, reported with its cause
+        raise PluginError(f"cannot import plugin module {module_name!r}: {type(err).__name__}: {err}. "
+                          "Check the name and that its package is installed or on PYTHONPATH") from None
+    factory = getattr(module, attr, None)
+    if not callable(factory):
+        raise PluginError(f"plugin module {module_name!r} has no callable {attr!r}")
+    try:
+        result = factory()
+    except Exception as err:
+        raise PluginError(f"plugin factory {path} raised {type(err).__name__}: {err}") from None
+    if not (isinstance(result, tuple) and len(result) == 3 and isinstance(result[0], nn.Module)):
+        raise PluginError(f"plugin factory {path} must return (model, train_loader, test_loader); "
+                          f"got {type(result).__name__}")
+    model, train, test = result
+    try:
+        first_x, first_y = next(iter(train))
+    except Exception as err:
+        raise PluginError(f"plugin {path}: train_loader must yield (inputs, labels) batches ({err})") from None
+    num_classes = int(max(int(first_y.max()) + 1, _out_features(model, first_x)))
+    data = Data(first_x, first_y, first_x[:0], first_y[:0], num_classes, generated=False,
+                description=f"plugin {path}", train_loader_fn=lambda bs, shuffle, seed: train,
+                test_loader_fn=lambda bs: test)
+    return model, data
+
+
+def _out_features(model: nn.Module, x: torch.Tensor) -> int:
+    with torch.no_grad():
+        was = model.training
+        model.eval()
+        out = model(x[:2])
+        model.train(was)
+    return out.shape[-1]
+
+
+def load_checkpoint(model: nn.Module, path: str | Path) -> None:
+    """Load a user's state_dict safely (``weights_only=True``: nothing in the file is executed)."""
+    path = Path(path)
+    if not path.is_file():
+        raise PluginError(f"checkpoint {path} does not exist")
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as err:
+        raise PluginError(f"checkpoint {path} cannot be read as a weights-only PyTorch file "
+                          f"({type(err).__name__}); save it with torch.save(model.state_dict(), path)") from None
+    if isinstance(state, dict) and "state_dict" in state and isinstance(state["state_dict"], dict):
+        state = state["state_dict"]
+    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+        raise PluginError(f"checkpoint {path} is not a state_dict (a mapping of names to tensors)")
+    try:
+        model.load_state_dict(state)
+    except RuntimeError as err:
+        raise PluginError(f"checkpoint {path} does not fit the model: {str(err).splitlines()[0]}") from None
+
+
+def build(model_id: str, data_cfg: DataConfig) -> tuple[nn.Module, Data]:
+    """The float model and its data for a config's ``model`` (zoo id or plugin path)."""
+    if is_plugin(model_id):
+        return load_plugin(model_id)
+    entry = MODELS.get(model_id)
+    if entry is None:
+        raise ConfigError(f"model {model_id!r} is not in the zoo ({', '.join(MODELS)}) "
+                          "and is not a plugin path 'package.module:factory'")
+    data = entry.data(data_cfg)
+    return entry.model(data.num_classes), data
