@@ -10,6 +10,8 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import subprocess
+import sys
 import time
 from dataclasses import dataclass
 from typing import Any
@@ -49,10 +51,12 @@ def default_config(model_id: str, weight_bits: int | None = 8, act_bits: int | N
 
 @dataclass
 class Loaded:
-    """A finished run, rebuilt: its float and QAT models and its data."""
+    """A finished run, rebuilt: its float model, its quantized model before (PTQ) and after (QAT)
+    the fine-tune, and its data."""
 
     config: RunConfig
     fp32: nn.Module
+    ptq: QATModel
     qat: QATModel
     data: zoo.Data
 
@@ -119,6 +123,7 @@ def execute(config: RunConfig, store: RunStore, run_id: str | None = None, on_ev
         qat_metrics = train.finetune(qat, data.train_loader(ft.batch_size, True, config.seed + 1), data.test_loader(),
                                      ft, emit, cancel)
         store.save_state(run_id, "fp32.pt", fp32.state_dict())
+        store.save_state(run_id, "ptq.pt", ptq.state_dict())  # "before the fine-tune", for comparisons
         store.save_state(run_id, "qat.pt", qat.state_dict())
         store.write_result(run_id, "layers", rows)
         store.update_metrics(run_id, fp32=fp32_metrics, ptq=ptq_metrics, qat=qat_metrics,
@@ -148,8 +153,30 @@ def load(store: RunStore, run_id: str) -> Loaded:
     config = store.config(run_id)
     fp32, data = _build_fp32(config)
     fp32.load_state_dict(store.load_state(run_id, "fp32.pt"))
-    qat = prepare(fp32, config.plan, data.example())
-    qat.load_state_dict(store.load_state(run_id, "qat.pt"))
-    for q in quantizers(qat):
-        q.calibrated = True
-    return Loaded(config, fp32.eval(), qat.eval(), data)
+    models = []
+    for name in ("ptq.pt", "qat.pt"):
+        model = prepare(fp32, config.plan, data.example())
+        model.load_state_dict(store.load_state(run_id, name))
+        for q in quantizers(model):
+            q.calibrated = True
+        models.append(model.eval())
+    return Loaded(config, fp32.eval(), models[0], models[1], data)
+
+
+def launch(config: RunConfig, store: RunStore) -> str:
+    """Start a run in a separate process (the app's background job) and return its id at once.
+
+    A process, not a thread: it survives page reloads, keeps the server responsive on 2 cores,
+    and is cancelled through the store's flag file. Its output goes to the run's ``worker.log``.
+    """
+    run_id = store.create_run(config)
+    config_path = store.run_dir(run_id) / "config.yaml"
+    log = (store.run_dir(run_id) / "worker.log").open("wb")
+    env = os.environ | {"QAT_STUDIO_THREADS": "1"}  # leave a core to the web server
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "qat_core.cli", "--workspace", str(store.root), "train", str(config_path),
+         "--run-id", run_id, "--quiet"],
+        stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=env, start_new_session=True)
+    log.close()
+    store.set_pid(run_id, proc.pid)
+    return run_id

@@ -159,7 +159,7 @@ class RunStore:
 
     def fail(self, run_id: str, error: str, cancelled: bool = False) -> None:
         """Record the failure and drop weights that may be partial; config, events and error stay."""
-        for name in ("qat.pt", "fp32.pt"):
+        for name in ("qat.pt", "ptq.pt", "fp32.pt"):
             (self.run_dir(run_id) / name).unlink(missing_ok=True)
         self._set_status(run_id, "cancelled" if cancelled else "failed", error)
 

@@ -1,0 +1,33 @@
+"""Shared fixtures: one workspace with small real digits runs, trained once per test session."""
+
+from __future__ import annotations
+
+import pytest
+
+from qat_core import runner
+from qat_core.store import RunStore
+
+
+def quick_config(model: str = "digits-cnn", weight_bits: int | None = 8, act_bits: int | None = 8, **finetune):
+    """The default config for ``model`` with a short baseline and fine-tune: real, but seconds."""
+    config = runner.default_config(model, weight_bits, act_bits)
+    return config.model_copy(update={
+        "baseline": config.baseline.model_copy(update={"epochs": 12}),
+        "finetune": config.finetune.model_copy(update={"epochs": 2, **finetune}),
+    })
+
+
+@pytest.fixture(scope="session")
+def workspace(tmp_path_factory) -> RunStore:
+    return RunStore(tmp_path_factory.mktemp("workspace"))
+
+
+@pytest.fixture(scope="session")
+def digits_run(workspace) -> str:
+    """A finished digits-cnn W8A8 run (its FP32 baseline is cached for other runs)."""
+    return runner.execute(quick_config(), workspace)
+
+
+@pytest.fixture(scope="session")
+def digits_run_w4a4(workspace) -> str:
+    return runner.execute(quick_config(weight_bits=4, act_bits=4), workspace)
