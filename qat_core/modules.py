@@ -141,10 +141,14 @@ class QuantLinear(nn.Module):
         return self.weight_quant(w) if self.weight_quant is not None else w
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # (..., in) -> (..., out)
+        lead = x.shape[:-1]
+        if x.dim() > 2:  # run as (N, in): exports as Gemm, which ONNX Runtime fuses into QGemm
+            x = x.reshape(-1, x.shape[-1])
         y = F.linear(x, self.quantized_weight(), self.linear.bias)
         if self.relu:
             y = F.relu(y)
-        return self.act_quant(y) if self.act_quant is not None else y
+        y = self.act_quant(y) if self.act_quant is not None else y  # per-tensor: same before or after reshape
+        return y.reshape(*lead, y.shape[-1]) if len(lead) > 1 else y
 
     @torch.no_grad()
     def to_float(self) -> nn.Module:

@@ -92,10 +92,12 @@ def lsq_fake_quantize(x: torch.Tensor, scale: torch.Tensor, zero_point: torch.Te
 
     Forward equals :func:`fake_quantize`. Backward, with ``v = x/s + z`` (PyTorch's fused
     learnable kernel, which implements the paper's formulas):
-        dL/dx = dL/dy                         where qmin <= v <= qmax, else 0
+        dL/dx = dL/dy                               where qmin <= round(v) <= qmax, else 0
         dL/ds = g * sum dL/dy * (round(v) - v)      inside the range
                 g * sum dL/dy * (qmin - z | qmax - z) outside it
-        dL/dz = g * sum dL/dy * (-s)          outside the range, else 0   (LSQ+ offset)
+        dL/dz = g * sum dL/dy * (-s)                outside the range, else 0   (LSQ+ offset)
+    The range test is on the rounded code, like PyTorch's straight-through kernels; the paper
+    tests ``v`` itself, which differs only for values within half a step beyond the range ends.
     """
     if axis is None:
         return torch._fake_quantize_learnable_per_tensor_affine(

@@ -9,7 +9,8 @@ from __future__ import annotations
 import math
 import random
 import time
-from typing import Any, Callable, Iterable, Protocol
+from collections.abc import Callable, Iterable
+from typing import Any, Protocol
 
 import numpy as np
 import torch
@@ -85,7 +86,7 @@ def _optimizer(model: nn.Module, name: str, lr: float, weight_decay: float) -> t
 
 def _check_finite(loss: torch.Tensor, step: int, lr: float) -> None:
     if not torch.isfinite(loss):
-        raise TrainingError(f"training diverged at step {step}: the loss is {float(loss)}. "
+        raise TrainingError(f"training diverged at step {step}: the loss is {loss.item()}. "
                             f"Lower the learning rate (now {lr:g}) or quantize fewer layers below 4 bits")
 
 

@@ -10,9 +10,10 @@ from __future__ import annotations
 import importlib
 import math
 from collections import OrderedDict
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterable, Iterator
+from typing import Any
 
 import torch
 from torch import nn
@@ -211,6 +212,9 @@ class EncoderLayer(nn.Module):
         self.heads, self.dk = heads, d // heads
         self.norm1, self.norm2 = nn.LayerNorm(d), nn.LayerNorm(d)
         self.q, self.k, self.v, self.out = (nn.Linear(d, d) for _ in range(4))
+        with torch.no_grad():  # attention's 1/sqrt(dk) lives in q, so q's quantizer sees the scaled
+            self.q.weight.mul_(1.0 / math.sqrt(self.dk))  # queries and q @ k^T exports as QLinearMatMul
+            self.q.bias.mul_(1.0 / math.sqrt(self.dk))
         self.scores, self.mix = MatMul(), MatMul()
         self.softmax = nn.Softmax(dim=-1)
         self.ffn1, self.ffn2 = nn.Linear(d, ffn), nn.Linear(ffn, d)
@@ -225,7 +229,7 @@ class EncoderLayer(nn.Module):
         b, n, d = x.shape
         h = self.norm1(x)
         q, k, v = self._split(self.q(h)), self._split(self.k(h)), self._split(self.v(h))
-        att = self.softmax(self.scores(q, k.transpose(-2, -1)) * (1.0 / math.sqrt(self.dk)))  # (B, H, T, T)
+        att = self.softmax(self.scores(q, k.transpose(-2, -1)))  # (B, H, T, T); q carries 1/sqrt(dk)
         mixed = self.mix(att, v).transpose(1, 2).reshape(b, n, d)
         x = self.add1(x, self.out(mixed))
         return self.add2(x, self.ffn2(self.gelu(self.ffn1(self.norm2(x)))))
@@ -345,4 +349,4 @@ def build(model_id: str, data_cfg: DataConfig) -> tuple[nn.Module, Data]:
         raise ConfigError(f"model {model_id!r} is not in the zoo ({', '.join(MODELS)}) "
                           "and is not a plugin path 'package.module:factory'")
     data = entry.data(data_cfg)
-    return entry.model(data.num_classes), data
+    return entry.model(num_classes=data.num_classes), data

@@ -5,16 +5,16 @@ from __future__ import annotations
 import pytest
 
 from qat_core import runner
+from qat_core.config import RunConfig
 from qat_core.store import RunStore
 
 
 def quick_config(model: str = "digits-cnn", weight_bits: int | None = 8, act_bits: int | None = 8, **finetune):
     """The default config for ``model`` with a short baseline and fine-tune: real, but seconds."""
-    config = runner.default_config(model, weight_bits, act_bits)
-    return config.model_copy(update={
-        "baseline": config.baseline.model_copy(update={"epochs": 12}),
-        "finetune": config.finetune.model_copy(update={"epochs": 2, **finetune}),
-    })
+    data = runner.default_config(model, weight_bits, act_bits).to_dict()
+    data["baseline"]["epochs"] = 12
+    data["finetune"] |= {"epochs": 2, **finetune}
+    return RunConfig.model_validate(data)
 
 
 @pytest.fixture(scope="session")
