@@ -104,6 +104,95 @@ def cmd_show(args: argparse.Namespace) -> None:
             print(f"  {phase.upper():<5} accuracy {r['metrics'][phase]['accuracy']:.2%}")
 
 
+def cmd_analyze(args: argparse.Namespace) -> None:
+    from qat_core.analysis import analyze_run
+
+    def progress(event: dict[str, Any]) -> None:
+        if not args.quiet and event.get("total"):
+            sys.stderr.write(f"\r{event['task']}: {event['done']}/{event['total']}".ljust(40))
+            sys.stderr.flush()
+
+    store = _store(args)
+    written = analyze_run(store, args.run, bits=args.bits, budget_bytes=args.budget_bytes,
+                          average_bits=args.budget_bits, batches=args.batches, on_progress=progress,
+                          cancel=store.cancel_flag(args.run))
+    if not args.quiet:
+        sys.stderr.write("\n")
+    if args.json:
+        print(json.dumps({name: str(path) for name, path in written.items()}, indent=2))
+        return
+    for path in written.values():
+        print(path)
+
+
+def cmd_export(args: argparse.Namespace) -> None:
+    from qat_core.export import export_run
+
+    result = export_run(_store(args), args.run)
+    if args.json:
+        print(json.dumps(result, indent=2))
+        return
+    files = result["files"]
+    print(f"fp32.onnx {files['fp32.onnx']:,} B  int8.onnx {files['int8.onnx']:,} B  (x{result['size_ratio']:.2f})")
+    print(f"integer kernels: {len(result['integer_layers'])} layers")
+    for name, why in result["float_layers"].items():
+        print(f"  float: {name}: {why}")
+    for note in result["notes"]:
+        print(f"note: {note}")
+
+
+def cmd_eval(args: argparse.Namespace) -> None:
+    from qat_core.export import parity
+
+    result = parity(_store(args), args.run)
+    if args.json:
+        print(json.dumps(result, indent=2))
+        return
+    print(f"ORT int8 accuracy {result['accuracy']:.2%}  simulation {result['sim_accuracy']:.2%}  "
+          f"agreement {result['agreement']:.2%}  max logit diff {result['max_logit_diff']:.4g}")
+    print(f"integer kernels: {len(result['integer_layers'])} layers; float: {len(result['float_layers'])}")
+    for name, why in result["float_layers"].items():
+        print(f"  float: {name}: {why}")
+    if result.get("first_divergence"):
+        print(f"first layer where ORT and the simulation diverge: {result['first_divergence']}")
+
+
+def cmd_bench(args: argparse.Namespace) -> None:
+    from qat_core.bench import bench_run
+
+    result = bench_run(_store(args), args.run, batch_sizes=args.batch, threads=args.threads, warmup=args.warmup,
+                       iters=args.iters)
+    if args.json:
+        print(json.dumps(result, indent=2))
+        return
+    m = result["machine"]
+    flags = " ".join(f for f, on in m["flags"].items() if on) or "none of " + "/".join(m["flags"])
+    print(f"{m['cpu']}, {m['cores']} cores, {flags}")
+    for r in result["rows"]:
+        print(f"  {r['backend']:<10} batch {r['batch']:>4} threads {r['threads']:>2}  median {r['median_ms']:8.3f} ms  "
+              f"p90 {r['p90_ms']:8.3f}  p99 {r['p99_ms']:8.3f}  {r['throughput']:9.1f}/s")
+    for c in result["comparisons"]:
+        tag = "  (overhead-bound)" if c["overhead_bound"] else ""
+        print(f"  int8/fp32 batch {c['batch']} threads {c['threads']}: x{c['int8_over_fp32']:.2f}{tag}")
+    if result.get("note"):
+        print(f"note: {result['note']}")
+
+
+def cmd_report(args: argparse.Namespace) -> None:
+    from qat_core.report import write_report
+
+    print(write_report(_store(args), args.run, args.output))
+
+
+def _threads(text: str) -> int | str:
+    if text == "all":
+        return "all"
+    try:
+        return int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"threads must be a whole number >= 1 or 'all', got {text!r}") from None
+
+
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="qat-studio", description="Quantization-aware training studio (engine CLI).")
     p.add_argument("--workspace", type=Path, default=None,
@@ -133,6 +222,47 @@ def parser() -> argparse.ArgumentParser:
     show.add_argument("run")
     show.add_argument("--json", action="store_true")
     show.set_defaults(func=cmd_show)
+
+    an = sub.add_parser("analyze", help="write per-layer error, histograms, sensitivity (CSV) and figures (HTML) "
+                                        "into a finished run's analysis/ folder")
+    an.add_argument("run", help="run id (see `qat-studio runs`)")
+    an.add_argument("--bits", type=int, nargs="*", default=[4, 2],
+                    help="weight widths for the sensitivity scan (2..8; none: skip it); default 4 2")
+    budget = an.add_mutually_exclusive_group()
+    budget.add_argument("--budget-bits", type=float, default=None,
+                        help="suggest a mixed-precision plan at this average weight width (uses the --bits widths)")
+    budget.add_argument("--budget-bytes", type=float, default=None,
+                        help="suggest a mixed-precision plan within this model size in bytes")
+    an.add_argument("--batches", type=int, default=None,
+                    help="calibration batches for activation histograms (default: the run's; 0: whole training set)")
+    an.add_argument("--json", action="store_true", help="print the written files as JSON")
+    an.add_argument("--quiet", action="store_true", help="no progress on stderr")
+    an.set_defaults(func=cmd_analyze)
+    ex = sub.add_parser("export", help="write fp32.onnx and int8.onnx (QDQ, the run's own scales) into a run")
+    ex.add_argument("run", help="run id (see `qat-studio runs`)")
+    ex.add_argument("--json", action="store_true")
+    ex.set_defaults(func=cmd_export)
+
+    ev = sub.add_parser("eval", help="accuracy of the exported int8 model and its agreement with the simulation")
+    ev.add_argument("run", help="run id (see `qat-studio runs`)")
+    ev.add_argument("--backend", choices=["onnxruntime"], default="onnxruntime")
+    ev.add_argument("--json", action="store_true")
+    ev.set_defaults(func=cmd_eval)
+
+    be = sub.add_parser("bench", help="latency: ONNX Runtime FP32 vs int8 vs PyTorch eager")
+    be.add_argument("run", help="run id (see `qat-studio runs`)")
+    be.add_argument("--batch", type=int, nargs="+", default=[1, 32], help="batch sizes (>= 1); default 1 32")
+    be.add_argument("--threads", type=_threads, nargs="+", default=[1, "all"],
+                    help="intra-op threads (>= 1, or all); default 1 all")
+    be.add_argument("--warmup", type=int, default=10)
+    be.add_argument("--iters", type=int, default=50)
+    be.add_argument("--json", action="store_true")
+    be.set_defaults(func=cmd_bench)
+
+    rp = sub.add_parser("report", help="write a self-contained HTML report of a run; prints its path")
+    rp.add_argument("run", help="run id (see `qat-studio runs`)")
+    rp.add_argument("-o", "--output", type=Path, default=None, help="HTML file (default: report.html in the run folder)")
+    rp.set_defaults(func=cmd_report)
     return p
 
 

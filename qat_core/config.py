@@ -130,7 +130,9 @@ class FineTuneConfig(_Strict):
     lr: float = Field(1e-3, gt=0.0, le=10.0)  # weights; LSQ scales use the same rate
     weight_decay: float = Field(0.0, ge=0.0, le=1.0)
     calibration_batches: int = Field(8, ge=1, le=10000)  # batches seen by observers before training
-    freeze_bn_epoch: float | None = Field(None, ge=0)  # stop updating BN statistics from this epoch
+    # stop updating BN statistics from this epoch; 0: BN folded with frozen statistics from the start
+    # (fine-tuning a trained model: the simulated network is the deployed one at every step)
+    freeze_bn_epoch: float | None = Field(0, ge=0)
     freeze_ranges_epoch: float | None = Field(None, ge=0)  # stop observers / LSQ scale updates from this epoch
     eval_every_epochs: float = Field(1.0, gt=0)  # how often test accuracy is measured during the fine-tune
 

@@ -67,9 +67,6 @@ class FakeQuantizer(nn.Module):
             qmin, qmax = INT8_SIGNED if self.signed else INT8_UNSIGNED
             return fake_quantize(x, self.scale.detach(), self.zero_point.detach(), qmin, qmax, self.axis)
         if self.learned and self.training and self.scale.requires_grad:
-            with torch.no_grad():  # keep the learned step positive and the offset on the code range
-                self.scale.clamp_(min=EPS)
-                self.zero_point.clamp_(self.qmin, self.qmax)
             if self._grad_scale is None:  # N = elements per scale; Q_P = the positive code range
                 per_scale = x.numel() // self.scale.numel() if self.axis is not None else x[0].numel()
                 self._grad_scale = lsq_grad_scale(per_scale, self.qmax - (0 if self.signed else self.qmin))
@@ -101,6 +98,16 @@ def set_observing(model: nn.Module, on: bool, weights: bool = True, activations:
 def set_enabled(model: nn.Module, on: bool) -> None:
     for q in quantizers(model):
         q.enabled = on
+
+
+@torch.no_grad()
+def clamp_learned(model: nn.Module) -> None:
+    """After an optimizer step: keep learned steps positive and learned offsets on the code range."""
+    for q in quantizers(model):
+        if q.learned:
+            q.scale.clamp_(min=EPS)
+            if not q.symmetric:
+                q.zero_point.clamp_(q.qmin, q.qmax)
 
 
 def freeze_ranges(model: nn.Module) -> None:

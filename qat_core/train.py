@@ -20,7 +20,7 @@ from torch import nn
 from qat_core.config import BaselineConfig, FineTuneConfig
 from qat_core.errors import CancelledError, TrainingError
 from qat_core.modules import QATModel
-from qat_core.quantizers import FakeQuantizer, freeze_ranges, quantizers
+from qat_core.quantizers import FakeQuantizer, clamp_learned, freeze_ranges, quantizers
 
 Event = dict[str, Any]
 OnEvent = Callable[[Event], None]
@@ -76,12 +76,31 @@ def predict(model: nn.Module, loader: Iterable[Batch]) -> torch.Tensor:
     return out
 
 
+def _param_groups(model: nn.Module, lr: float) -> list[dict]:
+    """Weights at ``lr``; each learned step size at ``lr`` times its own size.
+
+    Adam moves every parameter by about ``lr`` a step whatever its gradient's scale, which for
+    a step size of 1e-3 would be a 100% change (and LSQ's gradient scaling, meant for SGD, is
+    normalised away). Scaling the rate by the step size makes every quantizer move by about
+    ``lr`` relative to itself, like the weights; offsets move relative to their code range.
+    """
+    learned = [q for q in quantizers(model) if q.learned]
+    quant_ids = {id(p) for q in learned for p in (q.scale, q.zero_point)}
+    groups = [{"params": [p for p in model.parameters() if p.requires_grad and id(p) not in quant_ids], "lr": lr}]
+    for q in learned:
+        if q.scale.requires_grad:
+            groups.append({"params": [q.scale], "lr": lr * float(q.scale.detach().abs().mean()), "weight_decay": 0.0})
+        if q.zero_point.requires_grad:
+            groups.append({"params": [q.zero_point], "lr": lr * (q.qmax - q.qmin), "weight_decay": 0.0})
+    return groups
+
+
 def _optimizer(model: nn.Module, name: str, lr: float, weight_decay: float) -> torch.optim.Optimizer:
-    params = [p for p in model.parameters() if p.requires_grad]
+    groups = _param_groups(model, lr)
     if name == "sgd":
-        return torch.optim.SGD(params, lr=lr, momentum=0.9, weight_decay=weight_decay, nesterov=True)
+        return torch.optim.SGD(groups, lr=lr, momentum=0.9, weight_decay=weight_decay, nesterov=True)
     cls = torch.optim.AdamW if name == "adamw" else torch.optim.Adam
-    return cls(params, lr=lr, weight_decay=weight_decay)
+    return cls(groups, lr=lr, weight_decay=weight_decay)
 
 
 def _check_finite(loss: torch.Tensor, step: int, lr: float) -> None:
@@ -92,8 +111,12 @@ def _check_finite(loss: torch.Tensor, step: int, lr: float) -> None:
 
 def _fit(model: nn.Module, loader: Iterable[Batch], epochs: float, max_steps: int | None, optimizer: torch.optim.Optimizer,
          phase: str, on_event: OnEvent, cancel: Cancel, evaluate_fn: Callable[[], dict] | None = None,
-         eval_every: float = 1.0, hooks: dict[float, Callable[[], None]] | None = None) -> None:
-    """The shared training loop: cosine-decayed LR, events each step, evaluation every ``eval_every`` epochs."""
+         eval_every: float = 1.0, hooks: dict[float, Callable[[], None]] | None = None,
+         after_step: Callable[[], None] | None = None) -> None:
+    """The shared training loop: cosine-decayed LR, events each step, evaluation every ``eval_every`` epochs.
+
+    ``hooks`` maps an epoch (fractions allowed) to a call made once when training reaches it.
+    """
     steps_per_epoch = len(loader)  # type: ignore[arg-type]
     total = math.ceil(epochs * steps_per_epoch)
     if max_steps is not None:
@@ -120,6 +143,8 @@ def _fit(model: nn.Module, loader: Iterable[Batch], epochs: float, max_steps: in
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
+            if after_step is not None:
+                after_step()
             step += 1
             event: Event = {"phase": phase, "step": step, "total": total, "epoch": step / steps_per_epoch,
                             "loss": loss.item(), "elapsed": time.perf_counter() - start}
@@ -182,7 +207,7 @@ def finetune(model: QATModel, train_loader: Iterable[Batch], test_loader: Iterab
     optimizer = _optimizer(model, cfg.optimizer, cfg.lr, cfg.weight_decay)
     try:
         _fit(model, train_loader, cfg.epochs, cfg.max_steps, optimizer, "qat", on_event, cancel,
-             lambda: evaluate(model, test_loader), cfg.eval_every_epochs, hooks)
+             lambda: evaluate(model, test_loader), cfg.eval_every_epochs, hooks, lambda: clamp_learned(model))
     finally:
         for q in quantizers(model):
             q.observing = False

@@ -1,0 +1,118 @@
+"""Our int8.onnx against ONNX Runtime's own static quantization of the same FP32 model.
+
+For the ResNet-18-style, MobileNetV2-style and Transformer zoo models: train a quick run (a few
+steps: the weights only need to be realistic in shape, not accurate), export it, quantize its
+``fp32.onnx`` with ``onnxruntime.quantization.quantize_static`` (QDQ, per-channel int8 weights,
+uint8 activations, calibrated on the same training data), and time the three side by side.
+
+    .venv/bin/python benchmarks/bench_int8.py [--models resnet18 ...] [--threads 2] [--iters 100]
+
+Prints latency at batch 1, the ratios ours/ORT-own and ours/FP32, and the file size ratio.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+from qat_core import export, runner
+from qat_core.bench import machine_info, time_calls
+from qat_core.store import RunStore
+
+MODELS = ("resnet18", "mobilenetv2", "transformer")
+
+
+def quick_run(store: RunStore, model: str) -> str:
+    """A finished run of ``model`` trained for a handful of steps."""
+    config = runner.default_config(model)
+    config = config.model_copy(update={
+        "baseline": config.baseline.model_copy(update={"epochs": 1, "max_steps": 2}),
+        "finetune": config.finetune.model_copy(update={"epochs": 1, "max_steps": 2, "calibration_batches": 2}),
+    })
+    return runner.execute(config, store)
+
+
+class _Calibration:
+    """ORT's CalibrationDataReader protocol over the run's training samples."""
+
+    def __init__(self, x: np.ndarray):
+        self.items = iter([{export.INPUT_NAME: x[i:i + 1]} for i in range(len(x))])
+
+    def get_next(self) -> dict | None:
+        return next(self.items, None)
+
+
+def ort_own_int8(fp32_path: Path, calib: np.ndarray, out: Path) -> Path:
+    from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_static
+
+    quantize_static(str(fp32_path), str(out), _Calibration(calib), quant_format=QuantFormat.QDQ, per_channel=True,
+                    activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8,
+                    calibrate_method=CalibrationMethod.MinMax)
+    return out
+
+
+def bench_model(store: RunStore, model: str, threads: int, warmup: int, iters: int, tmp: Path) -> dict:
+    started = time.perf_counter()
+    run_id = quick_run(store, model)
+    trained = time.perf_counter() - started
+    export.export_run(store, run_id)
+    loaded = runner.load(store, run_id)
+    fp32_path, int8_path = store.artifact(run_id, "fp32.onnx"), store.artifact(run_id, "int8.onnx")
+    own_path = ort_own_int8(fp32_path, loaded.data.train_x[:32].numpy(), tmp / f"{model}_ort_own.onnx")
+    x = {export.INPUT_NAME: loaded.data.test_x[:1].numpy()}
+    medians = {}
+    sessions = {name: export.session(path, threads=threads)
+                for name, path in (("ort_fp32", fp32_path), ("ours_int8", int8_path), ("ort_own_int8", own_path))}
+    for _ in range(2):  # interleave rounds so drifting machine load hits every model alike
+        for name, sess in sessions.items():
+            stats = time_calls(lambda sess=sess: sess.run(None, x), warmup, iters)
+            medians[name] = min(medians.get(name, float("inf")), stats["median_ms"])
+    sizes = {name: path.stat().st_size for name, path in
+             (("fp32", fp32_path), ("ours_int8", int8_path), ("ort_own_int8", own_path))}
+    coverage = store.read_result(run_id, "export")
+    return {"model": model, "run": run_id, "train_s": trained, "median_ms": medians,
+            "ours_over_ort_own": medians["ours_int8"] / medians["ort_own_int8"],
+            "ours_over_fp32": medians["ours_int8"] / medians["ort_fp32"],
+            "ort_own_over_fp32": medians["ort_own_int8"] / medians["ort_fp32"],
+            "file_ratio": sizes["ours_int8"] / sizes["fp32"], "ort_own_file_ratio": sizes["ort_own_int8"] / sizes["fp32"],
+            "integer_layers": len(coverage["integer_layers"]), "float_layers": coverage["float_layers"]}
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--models", nargs="+", choices=MODELS, default=list(MODELS))
+    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--warmup", type=int, default=20)
+    p.add_argument("--iters", type=int, default=100)
+    p.add_argument("--workspace", type=Path, default=None, help="keep the runs here (default: a temporary folder)")
+    p.add_argument("--json", type=Path, default=None, help="also write the results to this file")
+    args = p.parse_args(argv)
+    info = machine_info()
+    flags = " ".join(f for f, on in info["flags"].items() if on)
+    print(f"{info['cpu']}, {info['cores']} cores, flags: {flags or 'none'}; onnxruntime {info['onnxruntime']}; "
+          f"batch 1, {args.threads} threads")
+    results = []
+    with tempfile.TemporaryDirectory(prefix="qat-bench-") as tmp:
+        store = RunStore(args.workspace or Path(tmp) / "ws")
+        print(f"{'model':<12} {'FP32 ms':>8} {'ours ms':>8} {'ORT ms':>8} {'ours/ORT':>9} {'ours/FP32':>10} "
+              f"{'ORT/FP32':>9} {'file':>6}  float layers")
+        for model in args.models:
+            r = bench_model(store, model, args.threads, args.warmup, args.iters, Path(tmp))
+            results.append(r)
+            m = r["median_ms"]
+            print(f"{model:<12} {m['ort_fp32']:8.3f} {m['ours_int8']:8.3f} {m['ort_own_int8']:8.3f} "
+                  f"{r['ours_over_ort_own']:9.3f} {r['ours_over_fp32']:10.3f} {r['ort_own_over_fp32']:9.3f} "
+                  f"{r['file_ratio']:6.3f}  {len(r['float_layers'])}", flush=True)
+    if args.json:
+        args.json.write_text(json.dumps({"machine": info, "results": results}, indent=2), encoding="utf-8")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

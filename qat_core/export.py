@@ -1,0 +1,608 @@
+"""FP32 and int8 QDQ ONNX export of a run, integer-kernel coverage, and parity with the simulation.
+
+How the int8 model is made (no re-calibration: the run's own scales and zero points):
+
+1. The QAT model itself is exported in eval mode (BN folded by ``QuantConv2d``) with every
+   ``FakeQuantizer`` in ``export_int8`` mode: same scale and zero point, int8/uint8 storage range,
+   so the legacy exporter writes ``QuantizeLinear``/``DequantizeLinear`` pairs.
+2. Graph passes make the QDQ graph one that ONNX Runtime fuses into integer kernels:
+   constant sub-graphs become initializers; ``QuantizeLinear(weight)`` becomes an int8
+   initializer computed with the layer's own code range (a 4-bit layer keeps codes -8..7, exactly
+   its training grid); a per-tensor ``DequantizeLinear`` moves past Flatten/Reshape so the ops on
+   both sides see Q/DQ; float Conv/Gemm biases become int32 with scale ``s_x * s_w``.
+3. ONNX Runtime's optimizer (``ORT_ENABLE_ALL``) then fuses DQ→op→Q groups into ``QLinearConv``,
+   ``QGemm``, ``QLinearMatMul``, ``QLinearAdd``, … The optimized graph is inspected and every node
+   is mapped back to our layer names through the exporter's scope names (``/net/conv1/conv/Conv``
+   is layer ``conv1.conv``), so float layers are reported by name with the reason.
+
+Activations narrower than 8 bits are stored in uint8 with their scale: ONNX Runtime does not clip
+them at the narrow range, which is why W4A4 parity may fall slightly below 100%.
+"""
+
+from __future__ import annotations
+
+import copy
+import io
+import json
+import tempfile
+import warnings
+from collections import Counter, defaultdict
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from qat_core.errors import ExportError, StoreError
+from qat_core.quantizers import FakeQuantizer, quantizers
+
+OPSET = 13
+INPUT_NAME, OUTPUT_NAME = "input", "logits"
+FP32_FILE, INT8_FILE = "fp32.onnx", "int8.onnx"
+# ONNX Runtime ops that compute on integer codes (CPU execution provider, after its QDQ fusions)
+INTEGER_OPS = frozenset({
+    "QLinearConv", "QGemm", "QLinearMatMul", "MatMulIntegerToFloat", "DynamicQuantizeMatMul", "ConvInteger",
+    "MatMulInteger", "QLinearAdd", "QLinearMul", "QLinearGlobalAveragePool", "QLinearAveragePool",
+    "QLinearSoftmax", "QLinearLeakyRelu", "QLinearSigmoid", "QLinearConcat", "QLinearReduceMean",
+    "QLinearWhere", "QLinearConvTranspose", "QAttention", "NhwcQLinearConv",
+})
+# ops that only move or pick codes: as exact on uint8 as on float, never reported
+DATA_MOVEMENT = frozenset({"QuantizeLinear", "DequantizeLinear", "MaxPool", "NhwcMaxPool", "Reshape", "Flatten",
+                           "Transpose", "Squeeze", "Unsqueeze", "Identity", "Shape", "Gather", "Concat", "Slice",
+                           "Relu", "Cast", "Constant"})
+# layer kinds and the reason ONNX Runtime's CPU provider runs them in float
+FLOAT_REASONS = {
+    "LayerNorm": "ONNX Runtime has no integer LayerNormalization kernel; it runs in float between DQ and Q",
+    "GELU": "ONNX Runtime has no integer Gelu kernel; it runs in float between DQ and Q",
+    "Softmax": "ONNX Runtime did not fuse this Softmax into QLinearSoftmax; it runs in float",
+}
+
+
+# --- layer names ---------------------------------------------------------------------------------
+
+def _scope(node_name: str) -> str:
+    """The module path of an exporter node name: ``/net/net.2/conv1/conv/Conv`` → ``net.2.conv1.conv``.
+
+    The exporter names a numbered child ``<parent>.<index>``; only the index is kept.
+    """
+    parts = node_name.strip("/").split("/")[:-1]
+    return ".".join(p.rsplit(".", 1)[-1] for p in parts)
+
+
+def _layer_of(node_name: str, layers: list[str]) -> str | None:
+    """Our layer name for an exporter node name: ``/net/conv1/conv/act_quant/QuantizeLinear`` → ``conv1.conv``.
+
+    The longest layer name that prefixes the node's module scope wins (``input`` for ``/input_quant``).
+    """
+    scope = _scope(node_name)
+    if scope == "input_quant" or scope.startswith("input_quant."):
+        return "input"
+    scope = scope.removeprefix("net.")
+    best = None
+    for name in layers:
+        if (scope == name or scope.startswith(name + ".")) and (best is None or len(name) > len(best)):
+            best = name
+    return best
+
+
+# --- torch → ONNX --------------------------------------------------------------------------------
+
+def to_onnx(model: nn.Module, example: torch.Tensor, opset: int = OPSET) -> bytes:
+    """Export ``model`` (eval mode, dynamic batch) with the TorchScript exporter; ONNX bytes.
+
+    Raises ExportError naming the op when ONNX cannot express part of the model.
+    """
+    model = model.eval()
+    buffer = io.BytesIO()
+    dims = {0: "batch"}
+    try:
+        with warnings.catch_warnings(), torch.no_grad():
+            warnings.simplefilter("ignore")
+            torch.onnx.export(model, (example,), buffer, dynamo=False, opset_version=opset, do_constant_folding=True,
+                              input_names=[INPUT_NAME], output_names=[OUTPUT_NAME],
+                              dynamic_axes={INPUT_NAME: dims, OUTPUT_NAME: dims})
+    except Exception as err:  # the exporter raises many types; all mean "ONNX cannot express this"
+        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise ExportError(f"ONNX (opset {opset}) cannot express part of this model: {first}. Replace that op in "
+                          "the model, or keep the layer that uses it out of the export") from None
+    return buffer.getvalue()
+
+
+# --- graph passes (each takes and changes an onnx.ModelProto) -------------------------------------
+
+class _Graph:
+    """Look-ups over a graph, rebuilt after each pass."""
+
+    def __init__(self, model: Any):
+        from onnx import numpy_helper
+
+        g = model.graph
+        self.graph = g
+        self.inits = {t.name: t for t in g.initializer}
+        self.producer = {o: n for n in g.node for o in n.output}
+        self.consumers: dict[str, list] = defaultdict(list)
+        for n in g.node:
+            for i in n.input:
+                self.consumers[i].append(n)
+        self._array = numpy_helper.to_array
+
+    def const(self, name: str) -> np.ndarray | None:
+        t = self.inits.get(name)
+        return None if t is None else self._array(t)
+
+
+def _attr(node: Any, name: str, default: Any = None) -> Any:
+    from onnx import helper
+
+    for a in node.attribute:
+        if a.name == name:
+            return helper.get_attribute_value(a)
+    return default
+
+
+def fold_constants(model: Any) -> int:
+    """Evaluate nodes whose inputs are all constants (zero-point casts, Identity copies, Constant)
+    into initializers. Q/DQ are left for the passes that own them."""
+    from onnx import numpy_helper
+    from onnx.reference import ReferenceEvaluator
+
+    g = model.graph
+    known = {t.name for t in g.initializer}
+    keep, folded = [], 0
+    values: dict[str, np.ndarray] = {}
+    for node in g.node:
+        if node.op_type in ("QuantizeLinear", "DequantizeLinear") or not all(i in known for i in node.input if i):
+            keep.append(node)
+            continue
+        inputs = {}
+        for i in node.input:
+            if i and i not in values:
+                values[i] = numpy_helper.to_array(next(t for t in g.initializer if t.name == i))
+            if i:
+                inputs[i] = values[i]
+        outputs = ReferenceEvaluator(node).run(None, inputs)
+        for name, value in zip(node.output, outputs, strict=True):
+            value = np.asarray(value)
+            values[name] = value
+            g.initializer.append(numpy_helper.from_array(value, name))
+            known.add(name)
+        folded += 1
+    del g.node[:]
+    g.node.extend(keep)
+    return folded
+
+
+def fold_weight_quantize(model: Any, code_ranges: dict[str, tuple[int, int]]) -> int:
+    """``QuantizeLinear(float weight initializer)`` → int8 initializer of the layer's own codes.
+
+    Codes are ``clamp(rint(w * (1/s)) + z, qmin, qmax)`` in float32 — PyTorch's fake-quant formula,
+    so the int8 weights are bit-exact with training; ``qmin/qmax`` are the layer's real code range
+    (``code_ranges``: quantizer module path → range), so narrow layers keep their exact grid.
+    """
+    from onnx import numpy_helper
+
+    gr = _Graph(model)
+    g = model.graph
+    keep, folded = [], 0
+    for node in g.node:
+        w = gr.const(node.input[0]) if node.op_type == "QuantizeLinear" else None
+        if w is None or w.dtype != np.float32:
+            keep.append(node)
+            continue
+        scale, zp = gr.const(node.input[1]), gr.const(node.input[2])
+        if scale.size > 1:
+            shape = [1] * w.ndim
+            shape[_attr(node, "axis", 1)] = -1
+            scale, zp = scale.reshape(shape), zp.reshape(shape)
+        if _scope(node.name) not in code_ranges:
+            raise ExportError(f"cannot tell which weight quantizer {node.name} belongs to; the exporter's scope "
+                              "names changed — report this model to the QAT Studio maintainers")
+        qmin, qmax = code_ranges[_scope(node.name)]
+        inv = np.float32(1.0) / scale.astype(np.float32)
+        codes = np.clip(np.rint(w * inv) + zp.astype(np.int32), qmin, qmax).astype(zp.dtype)
+        g.initializer.append(numpy_helper.from_array(codes, node.output[0]))
+        folded += 1
+    del g.node[:]
+    g.node.extend(keep)
+    return folded
+
+
+def dq_past_shape_ops(model: Any) -> int:
+    """``DQ(per-tensor) → Flatten/Reshape`` becomes ``Flatten/Reshape(codes) → DQ``, so the ops on
+    both sides (GlobalAveragePool and Gemm, a Q and a Gemm run on (B*T, D)) see Q/DQ next to them
+    and are fused. A DQ with other consumers stays for them; each shape op gets its own copy."""
+    from onnx import helper
+
+    gr = _Graph(model)
+    moved = 0
+    for node in list(gr.graph.node):
+        if node.op_type not in ("Flatten", "Reshape", "Squeeze", "Unsqueeze"):
+            continue
+        dq = gr.producer.get(node.input[0])
+        if dq is None or dq.op_type != "DequantizeLinear":
+            continue
+        scale = gr.const(dq.input[1])
+        if scale is None or scale.size != 1:
+            continue
+        out = node.output[0]
+        node.input[0] = dq.input[0]
+        node.output[0] = out + "_codes"
+        gr.graph.node.append(helper.make_node("DequantizeLinear", [out + "_codes", *dq.input[1:]], [out],
+                                              name=node.name + "/DequantizeLinear"))
+        moved += 1
+    return moved
+
+
+def quantize_bias(model: Any) -> int:
+    """A float Conv/Gemm bias beside DQ'd input and weight becomes ``DQ(int32 rint(b / (s_x s_w)))``,
+    the form ONNX Runtime needs to fuse the layer into QLinearConv/QGemm."""
+    from onnx import helper, numpy_helper
+
+    gr = _Graph(model)
+    g = model.graph
+    added, count = [], 0
+
+    def dq_scale(name: str) -> np.ndarray | None:
+        d = gr.producer.get(name)
+        return None if d is None or d.op_type != "DequantizeLinear" else gr.const(d.input[1])
+
+    for node in g.node:
+        if node.op_type not in ("Conv", "Gemm") or len(node.input) < 3 or not node.input[2]:
+            continue
+        bias, sx, sw = gr.const(node.input[2]), dq_scale(node.input[0]), dq_scale(node.input[1])
+        if bias is None or sx is None or sw is None or sx.size != 1:
+            continue
+        sb = (sx.astype(np.float32).reshape(()) * sw.astype(np.float32).reshape(-1)).astype(np.float32)
+        if sb.size == 1:
+            sb = np.full(bias.shape, sb[0], np.float32)
+        codes = np.clip(np.rint(bias.astype(np.float64) / sb.astype(np.float64)), -(2**31), 2**31 - 1).astype(np.int32)
+        base = node.input[2] + "_int32"
+        g.initializer.extend([numpy_helper.from_array(codes, base), numpy_helper.from_array(sb, base + "_scale"),
+                              numpy_helper.from_array(np.zeros(sb.shape, np.int32), base + "_zero_point")])
+        added.append(helper.make_node("DequantizeLinear", [base, base + "_scale", base + "_zero_point"],
+                                      [base + "_dq"], name=node.name.rsplit("/", 1)[0] + "/bias/DequantizeLinear",
+                                      axis=0))
+        node.input[2] = base + "_dq"
+        count += 1
+    g.node.extend(added)
+    return count
+
+
+def guard_global_average_pool(model: Any) -> dict[str, str]:
+    """ORT's QLinearGlobalAveragePool needs ``s_x / (s_y · H·W)`` in ``[2^-32, 256)``; a pool whose
+    learned scales fall outside becomes ``ReduceMean`` (run in float) and is reported by name."""
+    import onnx
+
+    inferred = onnx.shape_inference.infer_shapes(model)
+    dims = {v.name: [d.dim_value for d in v.type.tensor_type.shape.dim]
+            for v in list(inferred.graph.value_info) + list(inferred.graph.input)}
+    gr = _Graph(model)
+    reasons = {}
+    for node in gr.graph.node:
+        if node.op_type != "GlobalAveragePool":
+            continue
+        dq, q = gr.producer.get(node.input[0]), (gr.consumers.get(node.output[0]) or [None])[0]
+        shape = dims.get(node.input[0], [])
+        if dq is None or q is None or dq.op_type != "DequantizeLinear" or q.op_type != "QuantizeLinear" \
+                or len(shape) < 3 or not all(shape[2:]):
+            continue
+        sx, sy = float(gr.const(dq.input[1]).reshape(-1)[0]), float(gr.const(q.input[1]).reshape(-1)[0])
+        factor = sx / (sy * int(np.prod(shape[2:])))
+        if not 2.0**-32 <= factor < 256.0:
+            node.op_type = "ReduceMean"
+            node.attribute.extend([onnx.helper.make_attribute("axes", list(range(2, len(shape)))),
+                                   onnx.helper.make_attribute("keepdims", 1)])
+            why = (f"a learned scale is not positive (input {sx:.3g}, output {sy:.3g})" if min(sx, sy) <= 0 else
+                   f"its rescale factor s_x/(s_y·H·W) = {factor:.3g} is outside [2^-32, 256)")
+            reasons[_scope(node.name)] = (f"ONNX Runtime's integer average pool cannot run it: {why}; it runs in "
+                                          "float — recalibrate or fine-tune longer")
+    return reasons
+
+
+def cleanup(model: Any) -> None:
+    """Sort nodes topologically (the checker wants producers first), then drop nodes and
+    initializers nothing reads (a DequantizeLinear whose consumers all got their own copy)."""
+    g = model.graph
+    ready = {i.name for i in g.input} | {t.name for t in g.initializer} | {""}
+    pending, ordered = list(g.node), []
+    while pending:
+        rest = []
+        for n in pending:
+            if all(i in ready for i in n.input):
+                ordered.append(n)
+                ready.update(n.output)
+            else:
+                rest.append(n)
+        if len(rest) == len(pending):
+            raise ExportError("the exported graph has a cycle or a missing input; this model cannot be exported")
+        pending = rest
+    needed = {o.name for o in g.output}
+    live = []
+    for n in reversed(ordered):
+        if any(o in needed for o in n.output):
+            live.append(n)
+            needed.update(n.input)
+    del g.node[:]
+    g.node.extend(reversed(live))
+    for t in [t for t in g.initializer if t.name not in needed]:
+        g.initializer.remove(t)
+
+
+def _code_ranges(model: nn.Module) -> dict[str, tuple[int, int]]:
+    """Module path of each weight quantizer → its real code range (matched to QuantizeLinear scopes)."""
+    return {name: (mod.qmin, mod.qmax) for name, mod in model.named_modules()
+            if isinstance(mod, FakeQuantizer) and mod.signed}
+
+
+def int8_onnx(qat: nn.Module, example: torch.Tensor) -> bytes:
+    """The int8 QDQ ONNX bytes of a QAT model (its qparams as they are; the model is not changed)."""
+    import onnx
+
+    model = copy.deepcopy(qat).eval()
+    for q in quantizers(model):
+        q.export_int8 = True
+        q.observing = False
+    proto = onnx.load_from_string(to_onnx(model, example))
+    fold_constants(proto)
+    fold_weight_quantize(proto, _code_ranges(model))
+    dq_past_shape_ops(proto)
+    quantize_bias(proto)
+    cleanup(proto)
+    pool_reasons = guard_global_average_pool(proto)
+    try:
+        onnx.checker.check_model(proto)
+    except onnx.checker.ValidationError as err:
+        raise ExportError(f"the int8 graph is not valid ONNX ({str(err).splitlines()[0]}); "
+                          "report this model to the QAT Studio maintainers") from None
+    proto.metadata_props.add(key="qat_studio.float_layers", value=json.dumps(pool_reasons))
+    return proto.SerializeToString()
+
+
+# --- ONNX Runtime ---------------------------------------------------------------------------------
+
+def session(path: str | Path, threads: int = 1, optimized_path: str | Path | None = None) -> Any:
+    """An ONNX Runtime CPU session (all graph optimizations); ExportError if the file is damaged."""
+    import onnxruntime as ort
+
+    path = Path(path)
+    if not path.is_file():
+        raise StoreError(f"{path} does not exist; run `qat-studio export RUN` first")
+    options = ort.SessionOptions()
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    options.intra_op_num_threads = threads
+    options.inter_op_num_threads = 1
+    options.log_severity_level = 3
+    if optimized_path is not None:
+        options.optimized_model_filepath = str(optimized_path)
+    try:
+        return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+    except Exception as err:  # ORT raises its own exception types for unreadable files
+        first = str(err).strip().splitlines()[0][:300]
+        raise ExportError(f"ONNX Runtime cannot load {path} ({first}); the file is damaged or not ONNX — "
+                          "run `qat-studio export RUN` again to rewrite it") from None
+
+
+def optimized_graph(path: str | Path) -> Any:
+    """The graph ONNX Runtime actually runs (after ORT_ENABLE_ALL), as an onnx.ModelProto."""
+    import onnx
+
+    with tempfile.TemporaryDirectory(prefix="qat-ort-") as tmp:
+        opt = Path(tmp) / "optimized.onnx"
+        session(path, optimized_path=opt)
+        return onnx.load(str(opt))
+
+
+def coverage(optimized: Any, layers: list[dict], float_reasons: dict[str, str]) -> dict[str, Any]:
+    """Which quantized layers run as integer kernels in the optimized graph, and which in float (why).
+
+    ``layers`` are the QAT model's layer rows (with ``spec``); ``float_reasons`` are the layers the
+    plan or prepare already left in float.
+    """
+    names = [r["name"] for r in layers]
+    float_reasons = dict(float_reasons)
+    for prop in optimized.metadata_props:
+        if prop.key == "qat_studio.float_layers":
+            for scope, why in json.loads(prop.value).items():
+                layer = _layer_of(f"/{scope.replace('.', '/')}/op", names)
+                if layer is not None:
+                    float_reasons[layer] = why
+    kernels: dict[str, set[str]] = defaultdict(set)
+    for node in optimized.graph.node:
+        layer = _layer_of(node.name, names)
+        if layer is not None:
+            kernels[layer].add(node.op_type)
+    integer, floating = [], dict(float_reasons)
+    for row in layers:
+        name, spec = row["name"], row.get("spec", {})
+        if name == "input" or name in floating:
+            continue
+        ops = kernels.get(name, set())
+        int_ops = sorted(ops & INTEGER_OPS)
+        float_ops = sorted(ops - INTEGER_OPS - DATA_MOVEMENT)
+        if int_ops and not (row["has_weights"] and float_ops and not any(o.startswith("Q") for o in int_ops)):
+            integer.append(name)
+        elif not ops:
+            if row["has_weights"] or spec.get("act_bits") is not None:
+                floating[name] = "no node of this layer is left in ONNX Runtime's optimized graph"
+        elif row["has_weights"] and spec.get("weight_bits") is None:
+            floating[name] = "weight bits are off in the plan"
+        else:
+            kind = row["kind"]
+            reason = FLOAT_REASONS.get(kind) or (
+                f"ONNX Runtime kept {', '.join(float_ops) or 'it'} in float: its input or output is not "
+                "quantized (no DequantizeLinear/QuantizeLinear next to it)")
+            floating[name] = reason
+    ops = Counter(n.op_type for n in optimized.graph.node)
+    return {"integer_layers": integer, "float_layers": floating, "ops": dict(sorted(ops.items()))}
+
+
+# --- runs -----------------------------------------------------------------------------------------
+
+def _load(store: Any, run_id: str) -> Any:
+    from qat_core import runner
+
+    return runner.load(store, run_id)
+
+
+def _onnx_paths(store: Any, run_id: str) -> tuple[Path, Path]:
+    return store.artifact(run_id, FP32_FILE), store.artifact(run_id, INT8_FILE)
+
+
+def export_run(store: Any, run_id: str) -> dict[str, Any]:
+    """Write ``fp32.onnx`` and ``int8.onnx`` into a finished run; returns (and saves as result
+    ``export``) file sizes, integer and float layers.
+
+    ``fp32.onnx`` is the run's FP32 baseline; ``int8.onnx`` is the fine-tuned QAT model with its
+    learned scales and zero points, BN folded.
+    """
+    from qat_core.store import atomic_write_bytes
+
+    loaded = _load(store, run_id)
+    example = loaded.data.example(1)
+    fp32_path, int8_path = _onnx_paths(store, run_id)
+    fp32_bytes = to_onnx(copy.deepcopy(loaded.fp32), example)
+    int8_bytes = int8_onnx(loaded.qat, example)
+    atomic_write_bytes(fp32_path, fp32_bytes)
+    atomic_write_bytes(int8_path, int8_bytes)
+    cov = coverage(optimized_graph(int8_path), loaded.qat.layers, loaded.qat.float_layers)
+    result = {
+        "files": {FP32_FILE: len(fp32_bytes), INT8_FILE: len(int8_bytes)},
+        "size_ratio": len(int8_bytes) / len(fp32_bytes),
+        "opset": OPSET,
+        **cov,
+        "notes": _notes(loaded.qat),
+    }
+    store.write_result(run_id, "export", result)
+    store.update_metrics(run_id, onnx={"fp32_bytes": len(fp32_bytes), "int8_bytes": len(int8_bytes),
+                                       "size_ratio": result["size_ratio"],
+                                       "integer_layers": len(cov["integer_layers"]),
+                                       "float_layers": len(cov["float_layers"])})
+    return result
+
+
+def _notes(qat: nn.Module) -> list[str]:
+    narrow = sorted({q.bits for q in quantizers(qat) if not q.signed and q.bits < 8})
+    if not narrow:
+        return []
+    return [f"{'/'.join(map(str, narrow))}-bit activations are stored as uint8 with their learned scale; ONNX "
+            "Runtime does not clip them at the narrow range, so values the simulation clips can differ"]
+
+
+def _ensure_exported(store: Any, run_id: str) -> tuple[Path, Path]:
+    fp32_path, int8_path = _onnx_paths(store, run_id)
+    if not (fp32_path.is_file() and int8_path.is_file()):
+        export_run(store, run_id)
+    return fp32_path, int8_path
+
+
+def _codes(x: torch.Tensor, q: FakeQuantizer) -> np.ndarray:
+    """uint8 codes of a fake-quantized activation (what ORT's QuantizeLinear output holds)."""
+    return torch.round(x / q.scale.detach() + q.zero_point.detach().round()).clamp(0, 255).to(torch.uint8).numpy()
+
+
+def _layer_divergence(qat: nn.Module, int8_path: Path, x: np.ndarray, names: list[str]) -> list[dict[str, Any]]:
+    """Per quantized activation, in execution order: ORT's uint8 codes against the simulation's."""
+    import onnx
+
+    proto = onnx.load(str(int8_path))
+    q_outputs = {}
+    for node in proto.graph.node:
+        scope = _scope(node.name)
+        if node.op_type == "QuantizeLinear" and (scope.endswith("act_quant") or scope == "input_quant"):
+            layer = _layer_of(node.name, names)
+            if layer is not None:
+                q_outputs[layer] = node.output[0]
+    existing = {o.name for o in proto.graph.output}
+    for tensor in q_outputs.values():
+        if tensor not in existing:
+            proto.graph.output.append(onnx.helper.make_empty_tensor_value_info(tensor))
+    with tempfile.TemporaryDirectory(prefix="qat-parity-") as tmp:
+        probe = Path(tmp) / "probe.onnx"
+        onnx.save(proto, str(probe))
+        sess = session(probe)
+        out_names = [o.name for o in sess.get_outputs()]
+        ort_values = dict(zip(out_names, sess.run(None, {INPUT_NAME: x}), strict=True))
+    captured: dict[str, np.ndarray] = {}
+    handles = []
+    for layer in q_outputs:
+        module = qat.input_quant if layer == "input" else getattr(qat.net.get_submodule(layer), "act_quant", None)
+        if module is None:
+            continue
+        handles.append(module.register_forward_hook(
+            lambda m, inp, out, layer=layer: captured.__setitem__(layer, _codes(out, m))))
+    try:
+        with torch.no_grad():
+            qat(torch.from_numpy(x))
+    finally:
+        for h in handles:
+            h.remove()
+    rows = []
+    for layer in names:
+        if layer not in captured or q_outputs.get(layer) not in ort_values:
+            continue
+        sim, ort_codes = captured[layer].astype(np.int32), ort_values[q_outputs[layer]].astype(np.int32)
+        if sim.shape != ort_codes.shape:
+            continue
+        diff = np.abs(sim - ort_codes)
+        rows.append({"layer": layer, "mismatch": float((diff > 0).mean()), "max_code_diff": int(diff.max())})
+    return rows
+
+
+def parity(store: Any, run_id: str, batch_size: int = 256) -> dict[str, Any]:
+    """ORT int8 against the PyTorch simulation on the run's test split; saved as result ``parity``.
+
+    ``agreement`` is top-1 agreement with the simulation; when it is below 1, ``layers`` compares
+    each quantized activation's codes and ``first_divergence`` names the first layer whose codes
+    differ by more than one step (or, if none, the first that differs at all).
+    """
+    loaded = _load(store, run_id)
+    _, int8_path = _ensure_exported(store, run_id)
+    export = store.read_result(run_id, "export") or export_run(store, run_id)
+    sess = session(int8_path)
+    ort_logits, sim_logits, labels = [], [], []
+    with torch.no_grad():
+        for x, y in loaded.data.test_loader(batch_size):
+            ort_logits.append(_run_session(sess, x.numpy()))
+            sim_logits.append(loaded.qat(x).numpy())
+            labels.append(y.numpy())
+    if not labels:
+        raise StoreError(f"run {run_id} has an empty test split; parity needs test data")
+    o, s, y = np.concatenate(ort_logits), np.concatenate(sim_logits), np.concatenate(labels)
+    if o.shape != s.shape:
+        raise ExportError(f"{int8_path} gives outputs of shape {o.shape[1:]}, the run's model {s.shape[1:]}; "
+                          "the file belongs to another model — run `qat-studio export RUN` again")
+    agree = o.argmax(1) == s.argmax(1)
+    result: dict[str, Any] = {
+        "samples": int(len(y)),
+        "accuracy": float((o.argmax(1) == y).mean()),
+        "sim_accuracy": float((s.argmax(1) == y).mean()),
+        "agreement": float(agree.mean()),
+        "disagreements": int((~agree).sum()),
+        "max_logit_diff": float(np.abs(o - s).max()),
+        "integer_layers": export["integer_layers"],
+        "float_layers": export["float_layers"],
+    }
+    if not agree.all():
+        xs = torch.cat([x for x, _ in loaded.data.test_loader(batch_size)]).numpy()
+        picked = xs[~agree][:64]
+        rows = _layer_divergence(loaded.qat, int8_path, picked, [r["name"] for r in loaded.qat.layers])
+        result["layers"] = rows
+        beyond = [r["layer"] for r in rows if r["max_code_diff"] > 1]
+        anywhere = [r["layer"] for r in rows if r["max_code_diff"] > 0]
+        result["first_divergence"] = (beyond or anywhere or [None])[0]
+    store.write_result(run_id, "parity", result)
+    store.update_metrics(run_id, parity={k: result[k] for k in ("accuracy", "sim_accuracy", "agreement",
+                                                                "max_logit_diff")})
+    return result
+
+
+def _run_session(sess: Any, x: np.ndarray) -> np.ndarray:
+    try:
+        return sess.run(None, {INPUT_NAME: x})[0]
+    except Exception as err:
+        raise ExportError(f"ONNX Runtime failed to run the model ({str(err).splitlines()[0][:300]}); "
+                          "export the run again") from None
+
+
+__all__ = ["export_run", "parity", "session", "optimized_graph", "coverage", "int8_onnx", "to_onnx"]
