@@ -83,6 +83,7 @@ def case(model_id: str, batch: int, repeats: int, inner: int) -> None:
     plan = config.plan if config else runner.default_config("digits-cnn").plan.model_copy(update={"overrides": {}})
     ours = prepare(fp32, plan, x[:2])
     train.calibrate(ours, [(x, y)], 1)
+    ours.freeze_bn()  # the default fine-tune folds BN with frozen statistics from step 0
     ao = torch_ao_qat(fp32, x[:2])
     t = measure({"fp32": step_fn(fp32, x, y), "ours": step_fn(ours, x, y), "torch.ao": step_fn(ao, x, y)},
                 repeats, inner)

@@ -74,7 +74,18 @@ def dequantize(q: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor, a
 
 def fake_quantize(x: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor, qmin: int, qmax: int,
                   axis: int | None = None) -> torch.Tensor:
-    """Quantize-dequantize with the straight-through estimator (PyTorch's fused kernels)."""
+    """Quantize-dequantize with the straight-through estimator; qparams get no gradient.
+
+    Bit for bit what ``torch.fake_quantize_per_{tensor,channel}_affine`` compute (tested), in
+    vectorised tensor ops that measured about twice as fast as those kernels on this CPU.
+    """
+    return _FakeQuantize.apply(x, scale.detach(), zero_point.detach(), qmin, qmax, 0.0, axis)
+
+
+def fake_quantize_onnx(x: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor, qmin: int, qmax: int,
+                       axis: int | None = None) -> torch.Tensor:
+    """The same numbers through PyTorch's own kernels, which ``torch.onnx.export`` turns into
+    QuantizeLinear/DequantizeLinear (8-bit code ranges only)."""
     zp = zero_point.round().to(torch.int32)
     if axis is None:
         return torch.fake_quantize_per_tensor_affine(x, scale.reshape(()).float(), zp.reshape(()), qmin, qmax)
@@ -90,19 +101,58 @@ def lsq_fake_quantize(x: torch.Tensor, scale: torch.Tensor, zero_point: torch.Te
                       grad_scale: float, axis: int | None = None) -> torch.Tensor:
     """Fake quantization with a learned step size (LSQ); ``scale`` (and ``zero_point``) get gradients.
 
-    Forward equals :func:`fake_quantize`. Backward, with ``v = x/s + z`` (PyTorch's fused
-    learnable kernel, which implements the paper's formulas):
+    Forward equals :func:`fake_quantize`. Backward, with ``v = x/s + z`` and ``q`` the clamped code:
         dL/dx = dL/dy                               where qmin <= round(v) <= qmax, else 0
-        dL/ds = g * sum dL/dy * (round(v) - v)      inside the range
-                g * sum dL/dy * (qmin - z | qmax - z) outside it
+        dL/ds = g * sum dL/dy * (q - v)             inside the range (= round(v) - v)
+                g * sum dL/dy * (q - z)             outside it (q is qmin or qmax)
         dL/dz = g * sum dL/dy * (-s)                outside the range, else 0   (LSQ+ offset)
     The range test is on the rounded code, like PyTorch's straight-through kernels; the paper
     tests ``v`` itself, which differs only for values within half a step beyond the range ends.
     """
-    if axis is None:
-        return torch._fake_quantize_learnable_per_tensor_affine(
-            x, scale.reshape(1), zero_point.reshape(1), qmin, qmax, grad_scale)
-    return torch._fake_quantize_learnable_per_channel_affine(x, scale, zero_point, axis, qmin, qmax, grad_scale)
+    return _FakeQuantize.apply(x, scale, zero_point, qmin, qmax, grad_scale, axis)
+
+
+class _FakeQuantize(torch.autograd.Function):
+    """The one straight-through fake-quantization kernel (see :func:`lsq_fake_quantize`).
+
+    Written for memory traffic, which is what it costs on a CPU: each line is one pass over the
+    tensor, a zero offset skips its passes, and the per-tensor step gradient is two dot products.
+    """
+
+    @staticmethod
+    def forward(ctx, x, scale, zero_point, qmin, qmax, grad_scale, axis):  # type: ignore[override]
+        s = _shape(scale, x, axis)
+        z = _shape(zero_point.round().clamp(qmin, qmax), x, axis)
+        has_offset = bool(z.any())
+        v = x * (1.0 / s)  # x * (1/s), not x / s: the rounding PyTorch's kernels use
+        if has_offset:
+            v.add_(z)
+        q = torch.round(v).clamp_(qmin, qmax)
+        ctx.save_for_backward(v, q, s, z)
+        ctx.grad_scale, ctx.axis, ctx.has_offset = grad_scale, axis, has_offset
+        return (q - z).mul_(s) if has_offset else q * s
+
+    @staticmethod
+    def backward(ctx, gy):  # type: ignore[override]
+        v, q, s, z = ctx.saved_tensors
+        gx = gy * torch.round(v).eq_(q)  # straight through inside the range, 0 where clipped
+        g_scale = g_zero = None
+        if ctx.axis is None:  # per tensor: s and z keep their input shapes
+            if ctx.needs_input_grad[1]:
+                # sum dy*(q - v) inside + sum dy*(q - z) outside = dy·q - dx·v - z*(sum dy - sum dx)
+                g = torch.dot(gy.reshape(-1), q.reshape(-1)) - torch.dot(gx.reshape(-1), v.reshape(-1))
+                if ctx.has_offset:
+                    g = g - z.reshape(()) * (gy.sum() - gx.sum())
+                g_scale = (g * ctx.grad_scale).reshape(s.shape)
+            if ctx.needs_input_grad[2]:
+                g_zero = (-(gy.sum() - gx.sum()) * s.reshape(()) * ctx.grad_scale).reshape(z.shape)
+        else:
+            dims = [d for d in range(gy.dim()) if d != ctx.axis]
+            if ctx.needs_input_grad[1]:
+                g_scale = (gy * (q - z) - gx * (v - z)).sum(dims) * ctx.grad_scale
+            if ctx.needs_input_grad[2]:
+                g_zero = -((gy - gx) * s).sum(dims) * ctx.grad_scale
+        return gx, g_scale, g_zero, None, None, None, None
 
 
 def sqnr_db(reference: torch.Tensor, approx: torch.Tensor) -> float:

@@ -11,7 +11,15 @@ import torch
 from torch import nn
 
 from qat_core.observers import Observer
-from qat_core.quant_math import EPS, fake_quantize, lsq_fake_quantize, lsq_grad_scale, qrange, quantize
+from qat_core.quant_math import (
+    EPS,
+    fake_quantize,
+    fake_quantize_onnx,
+    lsq_fake_quantize,
+    lsq_grad_scale,
+    qrange,
+    quantize,
+)
 
 INT8_SIGNED = qrange(8, signed=True)  # weights are stored as int8 whatever their bit width
 INT8_UNSIGNED = qrange(8, signed=False)  # activations are stored as uint8
@@ -65,7 +73,7 @@ class FakeQuantizer(nn.Module):
             return x
         if self.export_int8:
             qmin, qmax = INT8_SIGNED if self.signed else INT8_UNSIGNED
-            return fake_quantize(x, self.scale.detach(), self.zero_point.detach(), qmin, qmax, self.axis)
+            return fake_quantize_onnx(x, self.scale.detach(), self.zero_point.detach(), qmin, qmax, self.axis)
         if self.learned and self.training and self.scale.requires_grad:
             if self._grad_scale is None:  # N = elements per scale; Q_P = the positive code range
                 per_scale = x.numel() // self.scale.numel() if self.axis is not None else x[0].numel()

@@ -113,3 +113,25 @@ def test_sqnr_of_full_scale_uniform_signal_is_the_closed_form():
     scale = torch.tensor(2 / (qmax - qmin + 1))
     xq = dequantize(quantize(x, scale, torch.tensor(0.0), qmin, qmax), scale, torch.tensor(0.0))
     assert sqnr_db(x, xq) == pytest.approx(6.02 * bits, abs=0.3)  # uniform signal: 6.02 b dB (the +1.76 is for sines)
+
+
+def test_lsq_with_a_learned_offset_matches_pytorchs_learnable_kernels():
+    """LSQ+ (asymmetric): output exact, gradients of x, step and offset as PyTorch's own kernels."""
+    torch.manual_seed(5)
+    for axis in (None, 0):
+        shape = (1,) if axis is None else (8,)
+        x = (torch.randn(8, 50) * 3).requires_grad_()
+        s = (torch.rand(shape) * 0.2 + 0.05).requires_grad_()
+        z = torch.full(shape, 3.0, requires_grad=True)
+        upstream = torch.randn(8, 50)
+        if axis is None:
+            ref = torch._fake_quantize_learnable_per_tensor_affine(x, s, z, 0, 15, 0.1)
+        else:
+            ref = torch._fake_quantize_learnable_per_channel_affine(x, s, z, 0, 0, 15, 0.1)
+        ref_grads = torch.autograd.grad(ref, (x, s, z), upstream)
+        out = lsq_fake_quantize(x, s, z, 0, 15, 0.1, axis)
+        grads = torch.autograd.grad(out, (x, s, z), upstream)
+        assert_close(out, ref, **EXACT)
+        assert_close(grads[0], ref_grads[0], **EXACT)
+        assert_close(grads[1], ref_grads[1], rtol=1e-5, atol=1e-5)
+        assert_close(grads[2], ref_grads[2], rtol=1e-5, atol=1e-6)
