@@ -1,7 +1,23 @@
-"""QAT Studio entry point (placeholder: replace with the real navigation)."""
+"""QAT Studio: the browser app. One page per task; the pages call ``qat_core`` (see pages/_common.py)."""
+
 import streamlit as st
 
-st.set_page_config(page_title="QAT Studio", layout="wide")
+from pages._common import PAGES
 
-pg = st.navigation([st.Page("pages/home.py", title="Home", default=True)])
-pg.run()
+st.set_page_config(page_title="QAT Studio", page_icon="🧮", layout="wide")
+
+nav = st.navigation({
+    "Start": [st.Page(PAGES["home"], title="Home", icon="🏠", default=True)],
+    "Build": [
+        st.Page(PAGES["model"], title="Model & data", icon="🧱"),
+        st.Page(PAGES["plan"], title="Quantization plan", icon="🎚️"),
+        st.Page(PAGES["finetune"], title="Fine-tune", icon="🏋️"),
+    ],
+    "Understand": [
+        st.Page(PAGES["inspect"], title="Inspect", icon="🔬"),
+        st.Page(PAGES["benchmark"], title="Benchmark", icon="⏱️"),
+        st.Page(PAGES["compare"], title="Compare", icon="📊"),
+        st.Page(PAGES["export"], title="Export", icon="📦"),
+    ],
+})
+nav.run()

@@ -34,6 +34,12 @@ def _baseline_key(config: RunConfig) -> str:
     return hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()[:16]
 
 
+def cached_baseline(config: RunConfig, store: RunStore) -> dict[str, float] | None:
+    """The metrics of the cached FP32 baseline for this config, or None if it was never trained."""
+    cached = store.load_baseline(_baseline_key(config))
+    return None if cached is None else cached["metrics"]
+
+
 def default_config(model_id: str, weight_bits: int | None = 8, act_bits: int | None = 8) -> RunConfig:
     """A sensible starting config for a model: first and last layer at 8 bits, the rest as chosen."""
     base = RunConfig(model=model_id)

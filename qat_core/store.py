@@ -5,6 +5,7 @@ Layout of a workspace::
     index.sqlite               one row a run: id, status, error, config, metrics
     runs/<id>/                 config.yaml, events.jsonl, fp32.pt, qat.pt, results/*.json, *.onnx
     baselines/<key>.pt         FP32 baselines, reused across runs of the same model, data and seed
+    drafts/<id>.yaml           configs being edited in the app (one a browser tab), not yet runs
 
 Every file is written to a temporary name and renamed into place, and a run is ``done`` only
 after all of its files are: a crash or a cancel leaves a run marked failed/cancelled (or a
@@ -15,6 +16,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import secrets
 import shutil
 import sqlite3
@@ -28,11 +30,13 @@ from typing import Any
 import torch
 
 from qat_core.config import RunConfig
+from qat_core.config import load as load_config
 from qat_core.errors import StoreError
 
 WORKSPACE_ENV = "QAT_STUDIO_HOME"
 STATUSES = ("running", "done", "failed", "cancelled")
 CANCEL_FLAG = "CANCEL"
+DRAFT_ID = re.compile(r"^[A-Za-z0-9_-]{1,64}$")  # a draft id: safe as a file name and in a URL
 
 
 def default_workspace() -> Path:
@@ -237,6 +241,30 @@ class RunStore:
 
     def event_log(self, run_id: str) -> EventLog:
         return EventLog(self.run_dir(run_id) / "events.jsonl")
+
+    # --- drafts: configs being edited, not yet runs ---------------------------------------------
+    def draft_path(self, draft_id: str) -> Path:
+        if not isinstance(draft_id, str) or not DRAFT_ID.match(draft_id):
+            raise StoreError(f"{draft_id!r} is not a draft id: use 1 to 64 letters, digits, '-' or '_'")
+        return self.root / "drafts" / f"{draft_id}.yaml"
+
+    def has_draft(self, draft_id: str | None) -> bool:
+        """Whether a draft with this id was saved; False for a malformed id (e.g. one edited in a URL)."""
+        return bool(draft_id) and isinstance(draft_id, str) and DRAFT_ID.match(draft_id) is not None \
+            and self.draft_path(draft_id).exists()
+
+    def save_draft(self, draft_id: str, config: RunConfig) -> Path:
+        """Save (or replace) a draft config as YAML; raises StoreError for a malformed id."""
+        path = self.draft_path(draft_id)
+        atomic_write_text(path, config.to_yaml())
+        return path
+
+    def load_draft(self, draft_id: str) -> RunConfig:
+        """A saved draft; StoreError if the id is malformed or unknown, ConfigError if the file is invalid."""
+        path = self.draft_path(draft_id)
+        if not path.exists():
+            raise StoreError(f"no draft {draft_id!r} in workspace {self.root}; it was never saved or was deleted")
+        return load_config(path)
 
     # --- FP32 baselines -----------------------------------------------------------------------
     def baseline_path(self, key: str) -> Path:

@@ -68,3 +68,25 @@ def test_runs_are_listed_newest_first_with_metrics(tmp_path):
     assert listed[0]["metrics"] == {"qat": {"accuracy": 0.5}} and listed[0]["status"] == "done"
     assert json.loads(RunConfig().to_json()) == listed[1]["config"] | {"name": ""}
     assert os.path.isdir(listed[0]["path"])
+
+
+def test_drafts_round_trip_and_ids_are_checked(tmp_path):
+    from qat_core.errors import ConfigError
+
+    store = RunStore(tmp_path)
+    config = RunConfig(model="digits-mlp", seed=7)
+    assert not store.has_draft("tab-1")
+    store.save_draft("tab-1", config)
+    assert store.has_draft("tab-1") and store.load_draft("tab-1") == config
+    store.save_draft("tab-1", config.model_copy(update={"seed": 8}))  # replaced, atomically
+    assert store.load_draft("tab-1").seed == 8
+    for bad in ("../escape", "a/b", "", ".hidden", "x" * 65, "tab 1", None):
+        assert not store.has_draft(bad)
+        with pytest.raises(StoreError, match="is not a draft id: use 1 to 64 letters, digits"):
+            store.save_draft(bad, config)
+    assert not (tmp_path / "escape.yaml").exists()
+    with pytest.raises(StoreError, match="no draft 'gone'"):
+        store.load_draft("gone")
+    store.draft_path("broken").write_text("finetune: {epochs: -1}\n")
+    with pytest.raises(ConfigError, match="finetune.epochs"):
+        store.load_draft("broken")

@@ -1,0 +1,296 @@
+"""What the pages share: the run store, caches, session and URL keys, the draft plan, tables and payloads.
+
+Pages stay thin (widgets → guard → one ``qat_core`` call → render); everything stateful or cached is
+here; the logic they call (plan table, drafts, run tables, report) lives in ``qat_core``. Nothing users make lives only in ``st.session_state``: runs are in the run store, and the draft
+config a user is editing is a YAML file in the workspace (``drafts/<id>.yaml``) whose id rides in the
+URL (``?draft=<id>``), so a reload or a second tab finds it again.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import os
+import secrets
+from collections.abc import Callable
+from typing import Any
+
+import pandas as pd
+import plotly.graph_objects as go
+import streamlit as st
+
+from qat_core import analysis, planning, plots, prepare, report, runner, zoo
+from qat_core import config as cfg
+from qat_core.errors import ConfigError, QATError
+from qat_core.store import RunStore, default_workspace
+
+# --- keys (session_state and URL) -----------------------------------------------------------------
+DRAFT_PARAM = "draft"  # URL query parameter: the draft config being edited
+RUN_PARAM = "run"  # URL query parameter: the run the pages show
+DRAFT_KEY = "draft_id"  # session copy of the draft id (query params can be dropped on page switch)
+RUN_KEY = "run_id"  # session copy of the selected run
+RUN_PICKER = "run_picker"  # the run selectbox
+PLAN_EDITOR = "plan_editor"  # st.data_editor of the quantization plan
+DEFAULT_MODEL = "digits-cnn"
+POLL_SECONDS = 0.5
+PAGES = {  # page files, for st.navigation (app.py) and st.switch_page / st.page_link
+    "home": "pages/home.py", "model": "pages/model.py", "plan": "pages/plan.py",
+    "finetune": "pages/finetune.py", "inspect": "pages/inspect_run.py", "benchmark": "pages/benchmark.py",
+    "compare": "pages/compare.py", "export": "pages/export.py",
+}
+
+
+# --- errors ---------------------------------------------------------------------------------------
+def call(fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
+    """Run an engine call; a QATError becomes an ``st.error`` with its message and stops the page."""
+    try:
+        return fn(*args, **kwargs)
+    except QATError as err:
+        st.error(str(err))
+        st.stop()
+
+
+# --- run store ------------------------------------------------------------------------------------
+@st.cache_resource
+def _store(root: str) -> RunStore:
+    return RunStore(root)
+
+
+def store() -> RunStore:
+    """The workspace's run store ($QAT_STUDIO_HOME or ~/.qat-studio); shared by every session."""
+    return call(_store, str(default_workspace()))
+
+
+def runs() -> list[dict[str, Any]]:
+    return store().list()
+
+
+def run_label(record: dict[str, Any]) -> str:
+    qat = record["metrics"].get("qat", {}).get("accuracy")
+    acc = f" · QAT {qat:.1%}" if qat is not None else ""
+    return f"{record['id']} · {record['model']} · {planning.plan_summary(record['config'])} · {record['status']}{acc}"
+
+
+def selected_run_id(records: list[dict[str, Any]]) -> str | None:
+    """The run the pages show: the picker's choice, else the URL's, else this session's, else the newest."""
+    ids = [r["id"] for r in records]
+    for candidate in (st.session_state.get(RUN_PICKER), st.query_params.get(RUN_PARAM), st.session_state.get(RUN_KEY)):
+        if candidate in ids:
+            return candidate
+    return ids[0] if ids else None
+
+
+def select_run(run_id: str) -> None:
+    """Show this run from now on (call before the picker is drawn, e.g. after launching it)."""
+    st.session_state[RUN_KEY] = run_id
+    st.session_state.pop(RUN_PICKER, None)  # the picker follows the URL on the next run
+    st.query_params[RUN_PARAM] = run_id
+
+
+def run_picker(records: list[dict[str, Any]], statuses: tuple[str, ...] = ("done",), label: str = "Run") -> str | None:
+    """A selectbox of runs (newest first) remembering the pick in the session and the URL."""
+    shown = [r for r in records if r["status"] in statuses]
+    if not shown:
+        return None
+    labels = {r["id"]: run_label(r) for r in shown}
+    st.session_state[RUN_PICKER] = selected_run_id(shown)
+    picked = st.selectbox(label, list(labels), format_func=labels.__getitem__, key=RUN_PICKER)
+    st.session_state[RUN_KEY] = picked
+    if st.query_params.get(RUN_PARAM) != picked:
+        st.query_params[RUN_PARAM] = picked
+    return picked
+
+
+# --- models ---------------------------------------------------------------------------------------
+@st.cache_data(show_spinner="Reading the model…", max_entries=32)
+def model_info(model_id: str) -> dict[str, Any]:
+    """Layers (execution order), parameter count and data description of a zoo model or plugin."""
+    entry = zoo.MODELS.get(model_id)
+    data_cfg = cfg.DataConfig(dataset=entry.dataset) if entry else cfg.DataConfig()
+    model, data = zoo.build(model_id, data_cfg)
+    rows = prepare.layer_table(model, data.example())
+    return {"rows": rows, "params": sum(p.numel() for p in model.parameters()), "data": data.description,
+            "generated": data.generated, "classes": data.num_classes, "train": len(data.train_x),
+            "test": len(data.test_x), "input_shape": list(data.example(1).shape[1:])}
+
+
+@st.cache_data(show_spinner="Building the default plan…", max_entries=32)
+def _default_config(model_id: str) -> dict[str, Any]:
+    return runner.default_config(model_id).to_dict()
+
+
+def default_config(model_id: str) -> cfg.RunConfig:
+    return cfg.RunConfig.model_validate(_default_config(model_id))
+
+
+def baseline_metrics(config: cfg.RunConfig) -> dict[str, float] | None:
+    """The cached FP32 baseline's metrics for this config, or None if it was never trained."""
+    return runner.cached_baseline(config, store())
+
+
+# --- the draft config (what the Model, Plan and Fine-tune pages edit; stored by RunStore) ---------
+def draft_id() -> str:
+    """This tab's draft id: from the URL (survives reloads), else the session, else a new draft."""
+    did = st.query_params.get(DRAFT_PARAM) or st.session_state.get(DRAFT_KEY)
+    if not store().has_draft(did):  # none yet, malformed (an edited URL) or deleted: start a new one
+        did = secrets.token_hex(4)
+        save_draft(default_config(DEFAULT_MODEL), did)
+    st.session_state[DRAFT_KEY] = did
+    if st.query_params.get(DRAFT_PARAM) != did:
+        st.query_params[DRAFT_PARAM] = did
+    return did
+
+
+def draft() -> cfg.RunConfig:
+    did = draft_id()
+    try:
+        return store().load_draft(did)
+    except QATError as err:
+        st.warning(f"The saved draft could not be read ({err}); starting from the defaults.")
+        config = default_config(DEFAULT_MODEL)
+        save_draft(config, did)
+        return config
+
+
+def save_draft(config: cfg.RunConfig, did: str | None = None) -> None:
+    call(store().save_draft, did or draft_id(), config)
+
+
+def update_draft(config: cfg.RunConfig, **sections: dict[str, Any]) -> cfg.RunConfig:
+    """Merge widget values into sections of the draft (``finetune={...}``), validate, save if changed."""
+    data = config.to_dict()
+    for name, values in sections.items():
+        data[name] = data[name] | values
+    new = call(cfg.from_dict, data)
+    if new != config:
+        save_draft(new)
+    return new
+
+
+# --- the plan editor (the table itself is qat_core.planning) -------------------------------------
+def use_preset(rows: list[dict[str, Any]], preset: str) -> None:
+    """Button callback (runs before the page, so one rerun shows the new plan): apply a preset to the draft."""
+    save_draft(call(planning.apply_preset, draft(), rows, preset))
+    reset_plan_editor()
+
+
+def reset_plan_editor() -> None:
+    """Drop the editor's pending edits (after a preset), so they are not replayed over the new plan."""
+    st.session_state.pop(PLAN_EDITOR, None)
+
+
+# --- progress and curves --------------------------------------------------------------------------
+def curves_figure(events: list[dict[str, Any]]) -> go.Figure:
+    """Loss and test accuracy per step, one colour a phase, sized for the Fine-tune page."""
+    fig = plots.training_figure(analysis.training_curves(events))
+    fig.update_layout(height=560, margin={"t": 70})
+    return fig
+
+
+def progress_of(events: list[dict[str, Any]]) -> tuple[float, str]:
+    """Overall progress 0..1 and a one-line description from a run's events."""
+    steps = [e for e in events if "step" in e]
+    if not steps:
+        return 0.0, "starting the worker (loading PyTorch and the data)…"
+    last = steps[-1]
+    phase = {"fp32": "training the FP32 baseline", "qat": "QAT fine-tune"}.get(last["phase"], last["phase"])
+    frac = last["step"] / last["total"]
+    overall = 0.5 * frac if last["phase"] == "fp32" else 0.5 + 0.5 * frac
+    return min(overall, 1.0), f"{phase}: step {last['step']}/{last['total']}, loss {last['loss']:.4f}"
+
+
+def show_plot(fig: go.Figure, key: str | None = None) -> None:
+    st.plotly_chart(fig, width="stretch", config={"displayModeBar": False}, key=key)
+
+
+# --- runs as tables (qat_core.report) ------------------------------------------------------------
+def runs_frame(records: list[dict[str, Any]]) -> pd.DataFrame:
+    return report.runs_frame(store(), records)
+
+
+# --- download payloads ----------------------------------------------------------------------------
+def config_payload(run_id: str, fmt: str) -> bytes:
+    """The run's config as YAML or JSON bytes; ``qat-studio train <file>`` reproduces the run."""
+    config = store().config(run_id)
+    return (config.to_yaml() if fmt == "yaml" else config.to_json()).encode("utf-8")
+
+
+def parse_upload(name: str, data: bytes) -> cfg.RunConfig:
+    """An uploaded config file → RunConfig. Only parsed as YAML/JSON text: never unpickled or executed."""
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError:
+        raise ConfigError(f"{name} is not a text file; a config is a YAML or JSON file "
+                          "(download one from this page to see the format)") from None
+    return cfg.parse(text, source=name)
+
+
+@st.cache_data(max_entries=8, show_spinner=False)
+def _report(root: str, run_id: str, updated: float) -> bytes:
+    store = RunStore(root)
+    loaded = loaded_run(root, run_id) if store.get(run_id)["status"] == "done" else None
+    return report.report_html(store, run_id, loaded)
+
+
+def report_html(run_id: str) -> bytes:
+    """The run's HTML report (``qat_core.report``), rebuilt when the run changes (new bench, parity)."""
+    s = store()
+    return _report(str(s.root), run_id, s.get(run_id)["updated"])
+
+
+def report_payload(run_id: str) -> Callable[[], bytes]:
+    """The report for ``st.download_button``: built when clicked (measuring every layer takes seconds)."""
+    return functools.partial(report_html, run_id)
+
+
+# --- analysis (Inspect) and export/benchmark: cached per run ---------------------------------------
+@st.cache_resource(max_entries=4, show_spinner="Loading the run's models…")
+def loaded_run(root: str, run_id: str):
+    """A finished run's FP32, PTQ and QAT models (read-only; shared by sessions)."""
+    return runner.load(RunStore(root), run_id)
+
+
+def load_run(run_id: str):
+    return call(loaded_run, str(store().root), run_id)
+
+
+@st.cache_data(max_entries=64, show_spinner="Binning…")
+def histograms(root: str, run_id: str, layer: str, tensor: str) -> list:
+    loaded = loaded_run(root, run_id)
+    if tensor == "weight":
+        return analysis.weight_histograms(loaded, layer)
+    return analysis.activation_histograms(loaded, layer)
+
+
+@st.cache_data(max_entries=16, show_spinner="Measuring every layer…")
+def error_table(root: str, run_id: str, stage: str) -> pd.DataFrame:
+    return analysis.error_table(loaded_run(root, run_id), stage)
+
+
+def saved_frame(run_id: str, name: str) -> pd.DataFrame | None:
+    """A table the pages saved with the run (sensitivity, suggestion), so it survives a reload."""
+    records = store().read_result(run_id, name)
+    return None if records is None else pd.DataFrame(records)
+
+
+def save_frame(run_id: str, name: str, frame: pd.DataFrame) -> None:
+    store().write_result(run_id, name, json.loads(frame.to_json(orient="records")))
+
+
+def plan_config(run_id: str, plan: Any) -> cfg.RunConfig:
+    """A new draft: the run's config with another layer plan (validated)."""
+    return planning.with_plan(store().config(run_id), plan)
+
+
+def latest_suggestion(model_id: str) -> dict[str, Any] | None:
+    """The newest suggestion made on Inspect for a run of this model: {"run", "plan", ...}, or None."""
+    for record in runs():
+        if record["model"] == model_id and record["status"] == "done":
+            found = store().read_result(record["id"], "suggested_plan_page")
+            if found is not None:
+                return found | {"run": record["id"]}
+    return None
+
+
+def thread_choices() -> list[int]:
+    return sorted({1, os.cpu_count() or 1})

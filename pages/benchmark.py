@@ -1,0 +1,77 @@
+"""Benchmark: export a run to ONNX and time int8 against FP32 on this CPU, with the parity result
+(agreement with the simulation, integer-kernel coverage) beside the latency."""
+
+import streamlit as st
+
+from pages import _common as common
+from qat_core import bench, export, report
+
+st.title("Benchmark")
+records = common.runs()
+run_id = common.run_picker(records) if records else None
+if run_id is None:
+    st.info("No finished run yet: fine-tune one first (Home → Quick start).")
+    st.stop()
+store = common.store()
+
+c1, c2, c3 = st.columns(3)
+batch = c1.selectbox("Batch size", [1, 8, 32, 64], key="bench_batch")
+threads = c2.selectbox("Threads", common.thread_choices(), key="bench_threads")
+if c3.button("Export and benchmark", type="primary", key="bench_run"):
+    with st.status("Exporting and measuring…", expanded=True) as status:
+        st.write("exporting FP32 and int8 ONNX…")
+        common.call(export.export_run, store, run_id)
+        st.write("checking parity: ONNX Runtime int8 vs the PyTorch simulation…")
+        common.call(export.parity, store, run_id)
+        st.write(f"timing batch {batch}, {threads} thread(s)…")
+        common.call(bench.bench_run, store, run_id, batch_sizes=[batch], threads=[threads])
+        status.update(label="Done", state="complete", expanded=False)
+
+parity = store.read_result(run_id, "parity")
+exported = store.read_result(run_id, "export")
+result = store.read_result(run_id, "bench")
+if parity is None and result is None:
+    st.info("Press **Export and benchmark**: it writes int8.onnx and fp32.onnx, checks that ONNX Runtime "
+            "predicts what the simulation predicted, and times both on this CPU.")
+    st.stop()
+
+left, right = st.columns(2)
+with left:
+    st.subheader("Parity")
+    if parity:
+        a1, a2, a3 = st.columns(3)
+        a1.metric("Agreement", f"{parity['agreement']:.2%}",
+                  help="Top-1 agreement of ONNX Runtime int8 with the PyTorch simulation on the test split")
+        a2.metric("ORT int8 accuracy", f"{parity['accuracy']:.2%}")
+        a3.metric("Max logit diff", f"{parity['max_logit_diff']:.3g}")
+        n_int, n_float = len(parity["integer_layers"]), len(parity["float_layers"])
+        st.metric("Integer-kernel coverage", f"{n_int}/{n_int + n_float} layers")
+        if parity["float_layers"]:
+            st.warning("Runs in float in ONNX Runtime: " + "; ".join(
+                f"{k}: {v}" for k, v in report.float_reasons(parity["float_layers"]).items()))
+        if parity.get("first_divergence"):
+            st.info(f"First layer where ORT and the simulation diverge: `{parity['first_divergence']}`")
+    if exported:
+        sizes = exported["files"]
+        st.caption(f"int8.onnx {sizes['int8.onnx'] / 1024:,.1f} KB · fp32.onnx {sizes['fp32.onnx'] / 1024:,.1f} KB "
+                   f"({exported['size_ratio']:.2f}×)")
+        for note in exported.get("notes", []):
+            st.caption(note)
+with right:
+    st.subheader("Latency")
+    if result is None:
+        st.info("Press **Export and benchmark** to time it.")
+    else:
+        st.dataframe(report.bench_frame(result), hide_index=True, width="stretch")
+        comparison = report.speedup(result)
+        if comparison is not None:
+            st.metric("Speed-up of int8 (ORT, median)", f"{comparison['speedup']:.2f}×",
+                      help=f"FP32 latency / int8 latency at batch {comparison['batch']}, {comparison['threads']} thread(s)")
+        if result.get("overhead_bound"):
+            st.warning("Overhead-bound: " + result.get("note", "this model is too small for int8 to pay off here.")
+                       + " Try resnet18 or mobilenetv2 for real gains.")
+        machine = result.get("machine", {})
+        if machine:
+            st.caption(f"CPU: {machine.get('cpu', '?')} · cores {machine.get('cores', '?')} · flags "
+                       + ", ".join(machine.get("flags", [])))
+st.page_link(common.PAGES["export"], label="Next: download the models and a report →", icon="📦")

@@ -1,0 +1,59 @@
+"""Export: download a run's config (YAML, JSON), its ONNX models and a self-contained HTML report;
+import a config file to start a new run from it."""
+
+import streamlit as st
+
+from pages import _common as common
+from qat_core import export, planning, runner
+
+st.title("Export")
+records = common.runs()
+run_id = common.run_picker(records) if records else None
+
+if run_id is None:
+    st.info("No finished run yet: fine-tune one first. You can still import a config below.")
+else:
+    store = common.store()
+    st.subheader("Config (reproduce with `qat-studio train <file>`)")
+    c1, c2 = st.columns(2)
+    c1.download_button("Download config.yaml", common.config_payload(run_id, "yaml"), f"{run_id}.yaml",
+                       "application/x-yaml", key="dl_yaml")
+    c2.download_button("Download config.json", common.config_payload(run_id, "json"), f"{run_id}.json",
+                       "application/json", key="dl_json")
+
+    st.subheader("ONNX models")
+    onnx_files = {name: store.artifact(run_id, name) for name in ("int8.onnx", "fp32.onnx")}
+    if not all(p.exists() for p in onnx_files.values()):
+        if st.button("Export to ONNX", type="primary", key="export"):
+            with st.spinner("Exporting FP32 and int8 ONNX…"):
+                common.call(export.export_run, store, run_id)
+            st.rerun()
+    cols = st.columns(2)
+    for col, (name, path) in zip(cols, onnx_files.items(), strict=False):
+        if path.exists():
+            col.download_button(f"Download {name}", path.read_bytes(), f"{run_id}-{name}", "application/octet-stream",
+                                key=f"dl_{name}")
+
+    st.subheader("Report")
+    st.download_button("Download HTML report", common.report_payload(run_id), f"{run_id}-report.html",
+                       "text/html", key="dl_report",
+                       help="One file with figures and tables, for people without the app (built when clicked).")
+
+st.divider()
+st.subheader("Import a config")
+upload = st.file_uploader("A config file (YAML or JSON) from `qat-studio config init` or a download above",
+                          type=["yaml", "yml", "json"], key="upload")
+if upload is None:
+    st.stop()
+config = common.call(common.parse_upload, upload.name, upload.getvalue())
+st.success(f"{upload.name}: {config.model} · {planning.plan_summary(config)} · fine-tune {config.finetune.epochs:g} epochs")
+c1, c2 = st.columns(2)
+if c1.button("Use as this tab's draft", key="import_draft"):
+    common.call(common.model_info, config.model)  # a bad model id or plugin fails here, with its message
+    common.save_draft(config)
+    st.switch_page(common.PAGES["plan"])
+if c2.button("Start a run from it", type="primary", key="import_run"):
+    common.call(common.model_info, config.model)
+    run_id = common.call(runner.launch, config, common.store())
+    common.select_run(run_id)
+    st.switch_page(common.PAGES["finetune"])

@@ -1,0 +1,61 @@
+"""Quantization plan: an editable table of layers (bits, granularity, symmetry, range method), presets,
+and the predicted model size. Every edit is validated on the server before it is saved."""
+
+import streamlit as st
+
+from pages import _common as common
+from qat_core import planning, prepare
+from qat_core.config import RANGE_METHODS
+from qat_core.errors import ConfigError
+
+st.title("Quantization plan")
+config = common.draft()
+info = common.call(common.model_info, config.model)
+rows = info["rows"]
+st.caption(f"Model **{config.model}** · {len(rows)} layers · edits are saved to this tab's draft "
+           "(it survives a reload).")
+
+st.write("Presets")
+cols = st.columns(5)
+for col, preset in zip(cols, planning.PRESET_NAMES, strict=False):
+    col.button(preset, key=f"preset_{preset}", width="stretch", on_click=common.use_preset, args=(rows, preset))
+suggestion = common.latest_suggestion(config.model)
+if cols[4].button("Suggestion from analysis", key="preset_suggest", width="stretch",
+                  help="The newest mixed-precision suggestion for this model (made on Inspect)."):
+    if suggestion is None:
+        st.switch_page(common.PAGES["inspect"])
+    common.save_draft(common.call(common.plan_config, suggestion["run"], suggestion["plan"]))
+    common.reset_plan_editor()
+    st.rerun()
+
+column_config = {
+    "layer": st.column_config.TextColumn("layer", disabled=True),
+    "kind": st.column_config.TextColumn("kind", disabled=True),
+    "params": st.column_config.NumberColumn("params", disabled=True, format="%d"),
+    "quantize": st.column_config.CheckboxColumn("quantize", help="Untick to keep the layer in FP32"),
+    "weight_bits": st.column_config.NumberColumn("weight bits", min_value=2, max_value=8, step=1,
+                                                 help="2..8; empty = FP32 weights"),
+    "act_bits": st.column_config.NumberColumn("act bits", min_value=2, max_value=8, step=1,
+                                              help="2..8; empty = FP32 output activations"),
+    "granularity": st.column_config.SelectboxColumn("granularity", options=["per_channel", "per_tensor"]),
+    "symmetric": st.column_config.CheckboxColumn("symmetric"),
+    "range_method": st.column_config.SelectboxColumn("range method", options=list(RANGE_METHODS)),
+}
+edited = st.data_editor(planning.plan_frame(rows, config.plan), key=common.PLAN_EDITOR, hide_index=True,
+                        column_config=column_config, num_rows="fixed", width="stretch")
+
+try:
+    new = planning.plan_from_frame(config, rows, edited)
+except ConfigError as err:
+    st.error(f"This edit was not saved: {err}")
+    st.stop()
+if new != config:
+    common.save_draft(new)
+    config = new
+
+size = prepare.size_bytes(rows, config.plan)
+c1, c2, c3 = st.columns(3)
+c1.metric("Predicted size", f"{size['quantized_bytes'] / 1024:,.1f} KB")
+c2.metric("FP32 size", f"{size['fp32_bytes'] / 1024:,.1f} KB")
+c3.metric("Ratio", f"{size['ratio']:.2f}×")
+st.page_link(common.PAGES["finetune"], label="Next: fine-tune this plan →", icon="🏋️")

@@ -1,0 +1,131 @@
+"""The layer plan as an editable table: config ↔ one row a quantizable layer, presets, a one-line summary.
+
+The Plan page shows :func:`plan_frame` in a data editor and turns the edited table back into a config
+with :func:`plan_from_frame`, which validates every cell on the server (the browser's column limits
+are no guard) and names the layer and column of a bad cell. ``rows`` are the model's layers as
+``prepare.layer_table`` lists them (name, kind, fused, params, has_weights).
+
+Not imported by ``runner`` or ``cli train``, so pandas stays out of a training process's start-up.
+"""
+
+from __future__ import annotations
+
+import numbers
+from typing import Any
+
+import pandas as pd
+
+from qat_core import config as cfg
+from qat_core.errors import ConfigError
+
+Rows = list[dict[str, Any]]
+
+PLAN_FIELDS = ("weight_bits", "act_bits", "granularity", "symmetric", "range_method")  # editable spec columns
+FIRST_LAST_8 = "First/last at 8"  # keep the current widths, first and last weight layer at 8 bits
+PRESETS = {  # name → (weight bits, activation bits, first/last weight layer at 8 bits)
+    "All 8-bit": (8, 8, False),
+    "W4A8": (4, 8, False),
+    "W4A4": (4, 4, False),
+}
+PRESET_NAMES = (*PRESETS, FIRST_LAST_8)
+
+
+def weight_layers(rows: Rows) -> list[str]:
+    """Names of the layers with weights (convolutions, linears), in execution order."""
+    return [r["name"] for r in rows if r["has_weights"]]
+
+
+def plan_summary(config: dict[str, Any] | cfg.RunConfig) -> str:
+    """``W8A8``, ``W4Afp +2 override(s)``: the plan's default widths and how many layers differ."""
+    plan = (config if isinstance(config, cfg.RunConfig) else cfg.RunConfig.model_validate(config)).plan
+    d = plan.default
+    text = f"W{d.weight_bits or 'fp'}A{d.act_bits or 'fp'}"
+    return text + (f" +{len(plan.overrides)} override(s)" if plan.overrides else "")
+
+
+def plan_frame(rows: Rows, plan: cfg.LayerPlan) -> pd.DataFrame:
+    """One row a quantizable layer: what the plan does to it (layer, kind, params, quantize, PLAN_FIELDS).
+
+    Bit columns are nullable integers: empty means FP32 (and always empty for weights of a layer
+    without weights).
+    """
+    out = []
+    for row in rows:
+        spec = plan.spec_for(row["name"])
+        out.append({"layer": row["name"], "kind": row["kind"] + (f" +{row['fused']}" if row["fused"] else ""),
+                    "params": row["params"], "quantize": spec.enabled,
+                    "weight_bits": spec.weight_bits if row["has_weights"] else None,
+                    "act_bits": spec.act_bits, "granularity": spec.granularity, "symmetric": spec.symmetric,
+                    "range_method": spec.range_method})
+    frame = pd.DataFrame(out, columns=["layer", "kind", "params", "quantize", *PLAN_FIELDS])
+    return frame.astype({"weight_bits": "Int64", "act_bits": "Int64"})
+
+
+def _bits_cell(value: Any, layer: str, column: str) -> int | None:
+    if value is None or (not isinstance(value, str) and pd.isna(value)):
+        return None
+    whole = not isinstance(value, bool) and isinstance(value, numbers.Real) and float(value).is_integer()
+    if not whole or not cfg.MIN_BITS <= int(value) <= cfg.MAX_BITS:
+        raise ConfigError(f"layer {layer}: {column} must be a whole number from {cfg.MIN_BITS} to {cfg.MAX_BITS} "
+                          f"(empty keeps it FP32); got {value!r}")
+    return int(value)
+
+
+def plan_from_frame(base: cfg.RunConfig, rows: Rows, frame: pd.DataFrame) -> cfg.RunConfig:
+    """The edited table → ``base`` with the table's plan, validated.
+
+    Raises ConfigError naming the layer and column of a bad cell (a width outside 2..8 or not a whole
+    number, weight bits on a layer without weights, rows added, removed or reordered). Only cells that
+    differ from the plan default become overrides, so the saved plan stays compact.
+    """
+    by_name = {r["name"]: r for r in rows}
+    if "layer" not in frame.columns or list(frame["layer"]) != [r["name"] for r in rows]:
+        raise ConfigError("the plan table must list the model's layers in order; rows cannot be added or removed")
+    default = base.plan.default.model_dump()
+    overrides: dict[str, dict[str, Any]] = {}
+    for record in frame.to_dict("records"):
+        name = record["layer"]
+        quantize = record["quantize"]
+        if not isinstance(quantize, bool):
+            raise ConfigError(f"layer {name}: quantize must be ticked or not; got {quantize!r}")
+        spec = {k: record[k] for k in PLAN_FIELDS}
+        spec["weight_bits"] = _bits_cell(record["weight_bits"], name, "weight bits")
+        spec["act_bits"] = _bits_cell(record["act_bits"], name, "activation bits")
+        if not by_name[name]["has_weights"]:
+            if spec["weight_bits"] is not None:
+                raise ConfigError(f"layer {name} ({by_name[name]['kind']}) has no weights: leave its weight bits empty")
+            spec["weight_bits"] = default["weight_bits"]  # not used by the layer; keep the plan compact
+        if not quantize:
+            spec["weight_bits"] = spec["act_bits"] = None
+        changes = {k: ("off" if v is None and k.endswith("_bits") else v) for k, v in spec.items() if v != default[k]}
+        if changes:
+            overrides[name] = changes
+    data = base.to_dict()
+    data["plan"] = {"default": default, "overrides": overrides}
+    try:
+        return cfg.from_dict(data)
+    except ConfigError as err:  # a cell the config rejects (an unknown range method): name layer and column
+        text = str(err).removeprefix("invalid config:").strip()
+        for name in overrides:
+            text = text.replace(f"plan.overrides.{name}.", f"layer {name}: ")
+        raise ConfigError(text) from None
+
+
+def apply_preset(base: cfg.RunConfig, rows: Rows, preset: str) -> cfg.RunConfig:
+    """``base`` with one of :data:`PRESET_NAMES` applied to the model's weight layers."""
+    names = weight_layers(rows)
+    if preset == FIRST_LAST_8:
+        d = base.plan.default
+        return cfg.with_uniform_plan(base, names, d.weight_bits, d.act_bits, keep_ends_8bit=True)
+    if preset not in PRESETS:
+        raise ConfigError(f"unknown preset {preset!r}; choose one of {', '.join(PRESET_NAMES)}")
+    weight_bits, act_bits, ends = PRESETS[preset]
+    return cfg.with_uniform_plan(base, names, weight_bits, act_bits, keep_ends_8bit=ends)
+
+
+def with_plan(base: cfg.RunConfig, plan: cfg.LayerPlan | dict[str, Any]) -> cfg.RunConfig:
+    """A new draft: ``base`` (a run's config) with another layer plan and no name, validated."""
+    data = base.to_dict()
+    data["plan"] = plan.model_dump(mode="json") if isinstance(plan, cfg.LayerPlan) else plan
+    data["name"] = ""
+    return cfg.from_dict(data)

@@ -1,0 +1,222 @@
+"""Runs as tables, and one run as a self-contained HTML report (for people without the app).
+
+:func:`runs_frame` is the Compare/Home table (one row a run: accuracies, size, latency);
+:func:`report_html` is the Export page's download and ``qat-studio report RUN``'s output: accuracy,
+size, training curves, per-layer error with its SQNR figure (finished runs), the layer plan, the
+benchmark and parity results when they were measured, and the config. plotly.js is inlined once,
+so the file opens offline and has no external ``<script src>``.
+"""
+
+from __future__ import annotations
+
+import html
+import math
+import time
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+import plotly.graph_objects as go
+
+from qat_core import analysis, plots
+from qat_core.planning import plan_frame, plan_summary
+from qat_core.runner import Loaded, load
+from qat_core.store import RunStore, atomic_write_bytes
+
+REPORT_FILE = "report.html"  # default name inside the run's folder
+BENCH_COLUMNS = ["backend", "batch", "threads", "median_ms", "p90_ms", "p99_ms", "throughput"]
+ERROR_COLUMNS = ["layer", "kind", "weight_bits", "act_bits", "granularity", "weight_sqnr_db", "act_sqnr_db",
+                 "weight_share_clipped", "act_share_clipped", "size_bytes", "output_sqnr_db"]
+STAGES = ("fp32", "ptq", "qat")
+STAGE_TITLES = {"fp32": "FP32 baseline", "ptq": "PTQ (calibrated, before fine-tune)", "qat": "QAT (after fine-tune)"}
+
+
+# --- runs as tables ------------------------------------------------------------------------------
+def latency_ms(bench: dict[str, Any] | None, backend: str = "int8", batch: int = 1) -> float | None:
+    """Fastest median latency (ms) of ONNX Runtime ``backend`` ("int8", "fp32") at ``batch`` in a bench result."""
+    rows = [r for r in (bench or {}).get("rows", []) if r.get("backend") == f"ort_{backend}" and r.get("batch") == batch]
+    return min((float(r["median_ms"]) for r in rows), default=None)
+
+
+def _pct(section: dict[str, Any] | None) -> float:
+    return section["accuracy"] * 100 if section and "accuracy" in section else math.nan
+
+
+def runs_frame(store: RunStore, records: list[dict[str, Any]] | None = None) -> pd.DataFrame:
+    """One row a run (``records`` from ``store.list()``, default all): status, model, plan, accuracy (%)
+    of FP32/PTQ/QAT, predicted size (KB, ratio), ONNX Runtime latency at batch 1 (ms), error."""
+    records = store.list() if records is None else records
+    out = []
+    for r in records:
+        m = r["metrics"]
+        bench = store.read_result(r["id"], "bench") if "bench" in m else None
+        size = m.get("size", {})
+        out.append({"run": r["id"], "status": r["status"], "model": r["model"], "plan": plan_summary(r["config"]),
+                    "FP32 acc %": _pct(m.get("fp32")), "PTQ acc %": _pct(m.get("ptq")), "QAT acc %": _pct(m.get("qat")),
+                    "size KB": size.get("quantized_bytes", math.nan) / 1024,
+                    "size ratio": size.get("ratio", math.nan),
+                    "int8 latency ms": latency_ms(bench, "int8"), "fp32 latency ms": latency_ms(bench, "fp32"),
+                    "error": r["error"] or ""})
+    columns = ["run", "status", "model", "plan", "FP32 acc %", "PTQ acc %", "QAT acc %", "size KB", "size ratio",
+               "int8 latency ms", "fp32 latency ms", "error"]
+    return pd.DataFrame(out, columns=columns).round({
+        "FP32 acc %": 2, "PTQ acc %": 2, "QAT acc %": 2, "size KB": 1, "size ratio": 3,
+        "int8 latency ms": 4, "fp32 latency ms": 4})
+
+
+def bench_frame(result: dict[str, Any]) -> pd.DataFrame:
+    """A bench result's timings (``bench.bench_run``): backend, batch, threads, latency percentiles, throughput."""
+    frame = pd.DataFrame(result.get("rows", []))
+    return frame[[c for c in BENCH_COLUMNS if c in frame.columns]]
+
+
+def speedup(result: dict[str, Any]) -> dict[str, Any] | None:
+    """The first batch/threads comparison of a bench result (speedup = FP32 / int8, overhead_bound), or None."""
+    comparisons = result.get("comparisons") or []
+    return comparisons[0] if comparisons else None
+
+
+def float_reasons(float_layers: Any) -> dict[str, str]:
+    """Layers left in float → why (parity and export give a dict; older results a list of names)."""
+    if isinstance(float_layers, dict):
+        return float_layers
+    return {name: "runs in float" for name in float_layers or []}
+
+
+# --- the report ----------------------------------------------------------------------------------
+def _table(frame: pd.DataFrame, float_format: str = "%.3f") -> str:
+    return frame.to_html(index=False, float_format=lambda v: float_format % v, na_rep="", border=0)
+
+
+def _kv(pairs: dict[str, Any]) -> str:
+    return _table(pd.DataFrame({"": list(pairs), "value": [str(v) for v in pairs.values()]}))
+
+
+def _accuracy_section(m: dict[str, Any]) -> list[str]:
+    stages = [s for s in STAGES if s in m]
+    if not stages:
+        return []
+    fp32 = m.get("fp32", {}).get("accuracy")
+    rows = [{"model": STAGE_TITLES[s], "test accuracy %": m[s]["accuracy"] * 100,
+             "vs FP32 (pt)": (m[s]["accuracy"] - fp32) * 100 if fp32 is not None else math.nan,
+             "loss": m[s].get("loss", math.nan)} for s in stages]
+    return ["<h2>Accuracy</h2>", _table(pd.DataFrame(rows), "%.2f")]
+
+
+def _size_section(m: dict[str, Any], exported: dict[str, Any] | None) -> list[str]:
+    out = []
+    if "size" in m:
+        sz = m["size"]
+        out.append(f"<p>Predicted size: <b>{sz['quantized_bytes'] / 1024:,.1f} KB</b> vs FP32 "
+                   f"{sz['fp32_bytes'] / 1024:,.1f} KB ({sz['ratio']:.3f}×).</p>")
+    if exported and "files" in exported:
+        files = exported["files"]
+        out.append("<p>ONNX files: " + ", ".join(f"{html.escape(k)} {v / 1024:,.1f} KB" for k, v in files.items())
+                   + "</p>")
+    if m.get("float_layers"):
+        out.append("<p><b>Layers left in float:</b> " + html.escape("; ".join(
+            f"{k}: {v}" for k, v in float_reasons(m["float_layers"]).items())) + "</p>")
+    return (["<h2>Size</h2>", *out]) if out else []
+
+
+def _errors_section(loaded: Loaded) -> tuple[list[str], go.Figure]:
+    errors = pd.concat([analysis.error_table(loaded, stage) for stage in ("ptq", "qat")], ignore_index=True)
+    qat = errors[errors["stage"] == "qat"]
+    table = qat[[c for c in ERROR_COLUMNS if c in qat.columns]]
+    return (["<h2>Per-layer error (after fine-tune)</h2>",
+             "<p>SQNR in dB (higher is better) of each layer's quantized weights and output activations against "
+             "float, share of values clipped, and the network output's SQNR against the FP32 model.</p>",
+             _table(table, "%.4g")], plots.sqnr_figure(errors))
+
+
+def _bench_section(store: RunStore, run_id: str, m: dict[str, Any]) -> list[str]:
+    result = store.read_result(run_id, "bench")
+    if result is None:
+        if not m.get("bench"):
+            return []
+        return ["<h2>Benchmark</h2>", _kv(m["bench"])]
+    out = ["<h2>Benchmark (ONNX Runtime and PyTorch, this machine)</h2>", _table(bench_frame(result), "%.4g")]
+    first = speedup(result)
+    if first is not None:
+        out.append(f"<p>Speed-up of int8 over FP32 (ORT median, batch {first['batch']}, {first['threads']} "
+                   f"thread(s)): <b>{first['speedup']:.2f}×</b>.</p>")
+    if result.get("note"):
+        out.append(f"<p>Note: {html.escape(result['note'])}</p>")
+    machine = result.get("machine") or {}
+    if machine:
+        flags = machine.get("flags", [])
+        flags = [f for f, on in flags.items() if on] if isinstance(flags, dict) else flags
+        out.append(f"<p>CPU: {html.escape(str(machine.get('cpu', '?')))}, {machine.get('cores', '?')} cores"
+                   + (f", {html.escape(', '.join(map(str, flags)))}" if flags else "") + "</p>")
+    return out
+
+
+def _parity_section(store: RunStore, run_id: str, m: dict[str, Any]) -> list[str]:
+    parity = store.read_result(run_id, "parity") or m.get("parity")
+    if not parity:
+        return []
+    summary = {"ORT int8 accuracy": parity.get("accuracy"), "simulation accuracy": parity.get("sim_accuracy"),
+               "top-1 agreement": parity.get("agreement"), "max logit difference": parity.get("max_logit_diff")}
+    summary = {k: (f"{v:.4g}" if isinstance(v, float) else v) for k, v in summary.items() if v is not None}
+    if "integer_layers" in parity:
+        n_int, n_float = len(parity["integer_layers"]), len(parity.get("float_layers") or [])
+        summary["integer-kernel coverage"] = f"{n_int}/{n_int + n_float} layers"
+    if parity.get("first_divergence"):
+        summary["first diverging layer"] = parity["first_divergence"]
+    out = ["<h2>Parity (ONNX Runtime int8 vs the PyTorch simulation)</h2>", _kv(summary)]
+    reasons = float_reasons(parity.get("float_layers"))
+    if reasons:
+        out.append("<p>Runs in float in ONNX Runtime: " + html.escape("; ".join(f"{k}: {v}" for k, v in reasons.items()))
+                   + "</p>")
+    return out
+
+
+def report_html(store: RunStore, run_id: str, loaded: Loaded | None = None) -> bytes:
+    """A self-contained HTML report of a run (UTF-8 bytes); see the module docstring for its sections.
+
+    ``loaded`` (``runner.load(store, run_id)``) saves rebuilding a finished run's models when the
+    caller has them already; unfinished runs get no per-layer error section.
+    """
+    record = store.get(run_id)
+    config = store.config(run_id)
+    m = record["metrics"]
+    parts: list[str | go.Figure] = [f"<h1>QAT Studio report · run {html.escape(run_id)}</h1>",
+             f"<p>Model <b>{html.escape(record['model'])}</b>, plan <b>{html.escape(plan_summary(config))}</b>, "
+             f"status <b>{html.escape(record['status'])}</b>, created "
+             f"{time.strftime('%Y-%m-%d %H:%M:%S', time.localtime(record['created']))}.</p>"]
+    if record["error"]:
+        parts.append(f"<p><b>Error:</b> {html.escape(record['error'])}</p>")
+    parts += _accuracy_section(m)
+    parts += _size_section(m, store.read_result(run_id, "export"))
+    events = store.events(run_id)
+    if events:
+        parts += ["<h2>Training curves</h2>", plots.training_figure(analysis.training_curves(events))]
+    if record["status"] == "done":
+        section, fig = _errors_section(loaded or load(store, run_id))
+        parts += [*section, fig]
+    layers = store.read_result(run_id, "layers")
+    if layers:
+        plan = plan_frame(layers, config.plan).astype({"weight_bits": "object", "act_bits": "object"})
+        parts += ["<h2>Layer plan</h2>", _table(plan.fillna("FP32"))]
+    parts += _bench_section(store, run_id, m)
+    parts += _parity_section(store, run_id, m)
+    parts += ["<h2>Config</h2>", "<p>Reproduce the run with <code>qat-studio train config.yaml</code>.</p>",
+              f"<pre>{html.escape(config.to_yaml())}</pre>"]
+    # figures become divs in place; plotly.js itself goes once into <head>
+    body = "".join(p.to_html(full_html=False, include_plotlyjs=False) if isinstance(p, go.Figure) else p for p in parts)
+    has_figures = any(isinstance(p, go.Figure) for p in parts)
+    script = f'<script type="text/javascript">{plots.plotly_js()}</script>' if has_figures else ""
+    style = ("body{font-family:sans-serif;max-width:1100px;margin:2em auto;padding:0 1em}"
+             "table{border-collapse:collapse;margin:.5em 0}td,th{border:1px solid #ccc;padding:2px 6px;text-align:right}"
+             "pre{background:#f6f6f6;padding:1em;overflow:auto}")
+    doc = (f"<!DOCTYPE html>\n<html><head><meta charset=\"utf-8\"><title>QAT Studio report {html.escape(run_id)}</title>"
+           f"<style>{style}</style>{script}</head>\n<body>{body}</body></html>\n")
+    return doc.encode("utf-8")
+
+
+def write_report(store: RunStore, run_id: str, path: str | Path | None = None) -> Path:
+    """Write :func:`report_html` to ``path`` (default ``report.html`` in the run's folder), atomically."""
+    data = report_html(store, run_id)
+    out = Path(path) if path is not None else store.artifact(run_id, REPORT_FILE)
+    atomic_write_bytes(out, data)
+    return out

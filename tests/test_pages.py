@@ -1,0 +1,229 @@
+"""Every page, headless (streamlit.testing.v1.AppTest): widgets present, a plan edit validated on the server,
+a digits fine-tune launched from the page that completes with curves and metrics, Cancel, error messages,
+and the download payloads."""
+
+from __future__ import annotations
+
+import json
+import logging
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import yaml
+
+from qat_core.errors import ConfigError, QATError
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))  # `pages._common`, as the app imports it
+
+from pages import _common as common  # noqa: E402
+
+logging.getLogger("streamlit.runtime.scriptrunner_utils.script_run_context").setLevel(logging.ERROR)
+AppTest = pytest.importorskip("streamlit.testing.v1").AppTest
+
+
+@pytest.fixture(autouse=True)
+def _workspace(workspace, monkeypatch):
+    """The pages use the tests' session workspace (shared with tests/conftest.py's runs)."""
+    monkeypatch.setenv("QAT_STUDIO_HOME", str(workspace.root))
+
+
+def app(page: str | None = None) -> AppTest:
+    at = AppTest.from_file(str(ROOT / "app.py"), default_timeout=60)
+    if page:
+        at.switch_page(common.PAGES[page])
+    return at.run()
+
+
+def ok(at: AppTest) -> AppTest:
+    assert not at.exception, [e.value for e in at.exception]
+    return at
+
+
+def wait_done(store, run_id: str, timeout: float = 120) -> dict:
+    t0 = time.monotonic()
+    while (record := store.get(run_id))["status"] == "running":
+        assert time.monotonic() - t0 < timeout, f"run {run_id} still running after {timeout} s"
+        time.sleep(0.2)
+    return record
+
+
+def plotly_specs(at: AppTest) -> list[dict]:
+    return [json.loads(el.proto.spec) for el in at.get("plotly_chart")]
+
+
+def draft_of(at: AppTest, workspace):
+    return workspace.load_draft(at.query_params[common.DRAFT_PARAM])
+
+
+# --- every page renders -------------------------------------------------------------------------
+def test_home_tells_a_first_time_user_what_to_do():
+    at = ok(app())
+    assert at.title[0].value == "QAT Studio"
+    assert at.button(key="quick_start").label.startswith("Quick start")
+
+
+def test_model_page_shows_layers_and_params():
+    at = ok(app("model"))
+    assert at.selectbox(key="zoo_model").value == "digits-cnn"
+    assert {m.label for m in at.metric} >= {"Parameters", "Quantizable layers", "FP32 size"}
+    layers = at.dataframe[0].value
+    assert "conv1.conv" in list(layers["name"])
+    at.selectbox(key="zoo_model").select("digits-mlp").run()
+    ok(at)
+    assert "fc1.linear" in list(at.dataframe[0].value["name"])
+
+
+def test_bad_plugin_path_is_a_message_not_a_traceback():
+    at = ok(app("model"))
+    at.radio(key="model_source").set_value("Plugin").run()
+    at.text_input(key="plugin_path").input("no_such_package.models:make").run()
+    ok(at)
+    assert any("cannot import plugin module 'no_such_package.models'" in e.value for e in at.error)
+
+
+def test_plan_edit_is_validated_on_the_server(workspace):
+    at = ok(app("plan"))
+    table = at.get("arrow_data_editor")[0] if at.get("arrow_data_editor") else None
+    assert table is not None or at.session_state  # the editor renders (its proto type varies by version)
+    size_before = next(m.value for m in at.metric if m.label == "Predicted size")
+    rows = common.model_info("digits-cnn")["rows"]
+    conv2 = [r["name"] for r in rows].index("conv2.conv")
+    # an out-of-range width (the browser would block it; a seeded edit does not): rejected, not saved
+    at.session_state[common.PLAN_EDITOR] = {"edited_rows": {conv2: {"weight_bits": 99}}, "added_rows": [],
+                                            "deleted_rows": []}
+    at.run()
+    assert any("conv2.conv" in e.value and "99" in e.value for e in at.error), [e.value for e in at.error]
+    assert "conv2.conv" not in draft_of(at, workspace).plan.overrides
+    # weight bits on a layer without weights: rejected with the layer named
+    at.session_state[common.PLAN_EDITOR] = {"edited_rows": {0: {"weight_bits": 4}}, "added_rows": [],
+                                            "deleted_rows": []}
+    at.run()
+    assert any("input" in e.value and "no weights" in e.value for e in at.error)
+    # a valid edit: saved to the draft, size updated
+    at.session_state[common.PLAN_EDITOR] = {"edited_rows": {conv2: {"weight_bits": 4}}, "added_rows": [],
+                                            "deleted_rows": []}
+    at.run()
+    ok(at)
+    assert not at.error
+    assert draft_of(at, workspace).plan.spec_for("conv2.conv").weight_bits == 4
+    size_after = next(m.value for m in at.metric if m.label == "Predicted size")
+    assert size_after != size_before
+
+
+def test_plan_presets_change_the_draft(workspace):
+    at = ok(app("plan"))
+    at.button(key="preset_W4A4").click().run()
+    ok(at)
+    plan = draft_of(at, workspace).plan
+    assert (plan.default.weight_bits, plan.default.act_bits) == (4, 4)
+    at.button(key="preset_First/last at 8").click().run()
+    plan = draft_of(at, workspace).plan
+    assert plan.spec_for("conv1.conv").weight_bits == 8 and plan.spec_for("conv2.conv").weight_bits == 4
+
+
+def test_finetune_launched_from_the_page_completes_with_curves_and_metrics(workspace, digits_run):
+    at = ok(app("finetune"))
+    at.number_input(key="ft_epochs").set_value(1.0)
+    at.number_input(key="ft_base_epochs").set_value(12)  # the session's cached baseline (tests/conftest.py)
+    at.button(key="start").click().run()
+    ok(at)
+    run_id = at.query_params[common.RUN_PARAM]
+    assert workspace.get(run_id)["config"]["finetune"]["epochs"] == 1
+    wait_done(workspace, run_id)  # the worker is a process: join it, then redraw (run_every never fires here)
+    at.run()
+    ok(at)
+    labels = {m.label: m.value for m in at.metric}
+    assert {"FP32 accuracy", "PTQ accuracy", "QAT accuracy", "Size"} <= set(labels)
+    assert float(labels["QAT accuracy"].rstrip("%")) > 80
+    spec = plotly_specs(at)[0]
+    names = [t["name"] for t in spec["data"]]
+    assert any("QAT" in n and "loss" in n for n in names) and any("test accuracy" in n for n in names), names
+
+
+def test_cancel_reaches_the_user_as_a_message(workspace, digits_run):
+    at = ok(app("finetune"))
+    at.number_input(key="ft_epochs").set_value(200.0)
+    at.number_input(key="ft_base_epochs").set_value(12)
+    at.button(key="start").click().run()
+    run_id = at.query_params[common.RUN_PARAM]
+    t0 = time.monotonic()
+    while not any(e.get("phase") == "qat" for e in workspace.events(run_id)):
+        assert time.monotonic() - t0 < 60 and workspace.get(run_id)["status"] == "running"
+        time.sleep(0.2)
+    at.run()
+    at.button(key="cancel").click().run()
+    ok(at)
+    assert wait_done(workspace, run_id, 60)["status"] == "cancelled"
+    at.run()
+    assert any("cancelled" in w.value for w in at.warning)
+    assert not at.exception
+
+
+def test_inspect_shows_histograms_and_error_table(digits_run):
+    at = ok(app("inspect"))
+    assert at.selectbox(key="run_picker").value == digits_run or at.selectbox(key="run_picker").value
+    titles = [s["layout"]["title"]["text"] for s in plotly_specs(at)]
+    assert any("folded weights" in t for t in titles), titles
+    assert any("SQNR" in t for t in titles), titles
+    at.radio(key="hist_tensor").set_value("activation").run()
+    ok(at)
+    assert any("output activations" in s["layout"]["title"]["text"] for s in plotly_specs(at))
+
+
+def test_benchmark_exports_and_shows_parity_beside_latency(workspace, digits_run):
+    at = ok(app("benchmark"))
+    at.selectbox(key="run_picker").set_value(digits_run).run()
+    at.button(key="bench_run").click().run()
+    ok(at)
+    labels = {m.label for m in at.metric}
+    assert {"Agreement", "Integer-kernel coverage", "Speed-up of int8 (ORT, median)"} <= labels, labels
+    assert workspace.artifact(digits_run, "int8.onnx").exists()
+    assert any("CPU:" in c.value for c in at.caption)
+
+
+def test_compare_lists_runs_and_draws_pareto(digits_run, digits_run_w4a4):
+    at = ok(app("compare"))
+    frame = at.dataframe[0].value
+    assert {digits_run, digits_run_w4a4} <= set(frame["run"])
+    at.multiselect(key="compare_runs").set_value([digits_run, digits_run_w4a4]).run()
+    ok(at)
+    titles = [s["layout"]["title"]["text"] for s in plotly_specs(at)]
+    assert "Accuracy vs model size" in titles
+
+
+def test_export_page_offers_downloads(digits_run):
+    at = ok(app("export"))
+    labels = {b.label for b in at.get("download_button")}
+    assert {"Download config.yaml", "Download config.json", "Download HTML report"} <= labels
+
+
+# --- payload builders and upload parsing --------------------------------------------------------
+def test_config_payloads_reproduce_the_run(workspace, digits_run):
+    expected = workspace.config(digits_run).to_dict()
+    assert yaml.safe_load(common.config_payload(digits_run, "yaml")) == expected
+    assert json.loads(common.config_payload(digits_run, "json")) == expected
+    assert common.parse_upload("x.yaml", common.config_payload(digits_run, "yaml")).to_dict() == expected
+
+
+def test_report_download_is_the_engines_report(workspace, digits_run):
+    """The Export page's HTML report is qat_core.report's (tested in tests/test_report.py), built on click."""
+    run_id = workspace.create_run(workspace.config(digits_run))  # unfinished: a report without per-layer error
+    workspace.fail(run_id, "stopped early")
+    page = common.report_payload(run_id)().decode()
+    assert page.startswith("<!DOCTYPE html>") and run_id in page and "stopped early" in page
+
+
+@pytest.mark.parametrize(("name", "data", "message"), [
+    ("model.pt", b"\x80\x04\x95 pickle bytes \xff", "not a text file"),
+    ("c.yaml", b"finetune: {epochs: -1}", "finetune.epochs"),
+    ("c.yaml", b"[1, 2]", "must be a mapping"),
+    ("c.yaml", b"model: digits-cnn\nbogus: 1", "bogus: unknown key"),
+    ("c.json", b"{not json", "not valid YAML/JSON"),
+])
+def test_bad_uploads_are_clear_errors(name, data, message):
+    with pytest.raises(ConfigError, match=message):
+        common.parse_upload(name, data)
+    assert issubclass(ConfigError, QATError)

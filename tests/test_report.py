@@ -1,0 +1,86 @@
+"""Runs as tables and a run as a self-contained HTML report (qat_core.report, `qat-studio report`)."""
+
+from __future__ import annotations
+
+import math
+import re
+
+import pytest
+
+from qat_core import plots, report
+from qat_core.cli import main
+from qat_core.errors import StoreError
+
+
+def test_report_of_a_finished_run_is_self_contained(workspace, digits_run):
+    page = report.report_html(workspace, digits_run).decode("utf-8")
+    assert page.startswith("<!DOCTYPE html>") and digits_run in page
+    m = workspace.get(digits_run)["metrics"]
+    for stage in ("fp32", "ptq", "qat"):  # the accuracy table, in percent with two decimals
+        assert f"{m[stage]['accuracy'] * 100:.2f}" in page
+    assert f"{m['size']['quantized_bytes'] / 1024:,.1f} KB" in page
+    for heading in ("Accuracy", "Training curves", "Per-layer error (after fine-tune)", "Layer plan", "Config"):
+        assert f"<h2>{heading}</h2>" in page
+    assert "conv2.conv" in page and "weight_sqnr_db" in page  # the per-layer error table
+    assert page.count(plots.plotly_js()) == 1  # plotly.js inlined once, shared by every figure
+    assert page.count('class="plotly-graph-div"') == 2  # training curves, SQNR
+    assert not re.search(r"<script[^>]*\ssrc\s*=", page)  # nothing fetched from elsewhere
+    assert "model: digits-cnn" in page  # the config, as YAML
+
+
+@pytest.fixture(scope="module")
+def measured_failed_run(workspace, digits_run) -> str:
+    """A failed run (no models: its report is quick) with made-up benchmark and parity results."""
+    run_id = workspace.create_run(workspace.config(digits_run))
+    workspace.fail(run_id, "stopped <early>")
+    workspace.write_result(run_id, "bench", {
+        "rows": [{"backend": "ort_int8", "batch": 1, "threads": 1, "median_ms": 0.25, "p90_ms": 0.3, "p99_ms": 0.4,
+                  "throughput": 4000.0},
+                 {"backend": "ort_fp32", "batch": 1, "threads": 1, "median_ms": 0.5, "p90_ms": 0.6, "p99_ms": 0.7,
+                  "throughput": 2000.0}],
+        "comparisons": [{"batch": 1, "threads": 1, "speedup": 2.0, "overhead_bound": False}],
+        "machine": {"cpu": "Test CPU", "cores": 2, "flags": {"avx2": True, "vnni": False}}})
+    workspace.write_result(run_id, "parity", {"accuracy": 0.9, "sim_accuracy": 0.91, "agreement": 0.98,
+                                              "max_logit_diff": 0.01, "integer_layers": ["conv1.conv"],
+                                              "float_layers": {"gap": "no integer kernel"}})
+    workspace.update_metrics(run_id, bench={"speedup": 2.0})
+    return run_id
+
+
+def test_report_adds_benchmark_and_parity_when_measured(workspace, measured_failed_run):
+    run_id = measured_failed_run
+    page = report.report_html(workspace, run_id).decode("utf-8")
+    assert "stopped &lt;early&gt;" in page  # the error, escaped
+    assert "Per-layer error" not in page and "plotly-graph-div" not in page  # unfinished: no models to measure
+    assert "<b>2.00×</b>" in page and "Test CPU" in page and "avx2" in page
+    assert "1/2 layers" in page and "gap: no integer kernel" in page
+    frame = report.runs_frame(workspace, [workspace.get(run_id)])
+    assert frame.loc[0, "int8 latency ms"] == 0.25 and frame.loc[0, "fp32 latency ms"] == 0.5
+    assert math.isnan(frame.loc[0, "QAT acc %"]) and frame.loc[0, "error"] == "stopped <early>"
+
+
+def test_runs_frame_and_pareto(workspace, digits_run, digits_run_w4a4):
+    frame = report.runs_frame(workspace)
+    assert {digits_run, digits_run_w4a4} <= set(frame["run"])
+    row = frame.set_index("run").loc[digits_run_w4a4]
+    assert row["plan"].startswith("W4A4") and row["status"] == "done" and row["QAT acc %"] > 50
+    assert report.latency_ms(None) is None and report.float_reasons(["fc"]) == {"fc": "runs in float"}
+    fig = plots.runs_pareto_figure(frame, "size KB", "Accuracy vs model size")
+    assert fig.layout.title.text == "Accuracy vs model size"
+    assert {t.name for t in fig.data} == {"runs", "Pareto front"}
+
+
+def test_cli_report_writes_the_file(workspace, digits_run, measured_failed_run, tmp_path, capsys):
+    assert main(["--workspace", str(workspace.root), "report", digits_run]) == 0
+    default = workspace.artifact(digits_run, report.REPORT_FILE)
+    assert capsys.readouterr().out.strip() == str(default)
+    assert digits_run in default.read_text(encoding="utf-8")
+    out = tmp_path / "sub" / "r.html"
+    assert main(["--workspace", str(workspace.root), "report", measured_failed_run, "-o", str(out)]) == 0
+    assert capsys.readouterr().out.strip() == str(out)
+    assert out.read_bytes().startswith(b"<!DOCTYPE html>") and measured_failed_run.encode() in out.read_bytes()
+    assert not list(out.parent.glob(".*.tmp"))  # written atomically: no temporary left behind
+    assert main(["--workspace", str(workspace.root), "report", "nope"]) == 2
+    assert "no run 'nope'" in capsys.readouterr().err
+    with pytest.raises(StoreError):
+        report.report_html(workspace, "nope")
