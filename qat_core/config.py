@@ -149,6 +149,7 @@ class RunConfig(_Strict):
     baseline: BaselineConfig = BaselineConfig()
     finetune: FineTuneConfig = FineTuneConfig()
     seed: int = Field(0, ge=0)
+    device: Literal["cpu", "cuda", "auto"] = "cpu"  # where training runs; "auto": CUDA when present
 
     @field_validator("version")
     @classmethod

@@ -21,7 +21,7 @@ from torch import nn
 
 from qat_core import train, zoo
 from qat_core.config import RunConfig, with_uniform_plan
-from qat_core.errors import CancelledError, QATError
+from qat_core.errors import CancelledError, ConfigError, QATError
 from qat_core.modules import QATModel
 from qat_core.prepare import layer_table, prepare, size_bytes
 from qat_core.quantizers import quantizers
@@ -67,6 +67,14 @@ class Loaded:
     data: zoo.Data
 
 
+def training_device(config: RunConfig) -> torch.device:
+    """The device a run trains on; export, analysis and benchmarks always work on the CPU copy."""
+    cuda = torch.cuda.is_available()
+    if config.device == "cuda" and not cuda:
+        raise ConfigError("device: cuda was asked for, but PyTorch sees no CUDA GPU here; use cpu or auto")
+    return torch.device("cuda" if config.device == "cuda" or (config.device == "auto" and cuda) else "cpu")
+
+
 def _build_fp32(config: RunConfig) -> tuple[nn.Module, zoo.Data]:
     train.seed_everything(config.seed)
     model, data = zoo.build(config.model, config.data)
@@ -79,6 +87,7 @@ def baseline(config: RunConfig, store: RunStore, on_event: train.OnEvent = lambd
              cancel: train.Cancel = train.NeverCancel()) -> tuple[nn.Module, zoo.Data, dict[str, float]]:
     """The trained FP32 model for a config: from the cache, or trained now and cached."""
     model, data = _build_fp32(config)
+    model.to(training_device(config))
     key = _baseline_key(config)
     cached = store.load_baseline(key)
     if cached is not None:
@@ -95,7 +104,8 @@ def baseline(config: RunConfig, store: RunStore, on_event: train.OnEvent = lambd
 
 
 def _quantize(fp32: nn.Module, data: zoo.Data, config: RunConfig) -> QATModel:
-    model = prepare(fp32, config.plan, data.example())
+    device = next(fp32.parameters()).device
+    model = prepare(fp32, config.plan, data.example().to(device)).to(device)
     ft = config.finetune
     train.calibrate(model, data.train_loader(ft.batch_size, True, config.seed), ft.calibration_batches)
     return model
@@ -118,7 +128,7 @@ def execute(config: RunConfig, store: RunStore, run_id: str | None = None, on_ev
     try:
         fp32, data, fp32_metrics = baseline(config, store, emit, cancel)
         emit({"phase": "fp32", "done": True, "test_accuracy": fp32_metrics["accuracy"]})
-        rows = layer_table(fp32, data.example())
+        rows = layer_table(fp32, data.example().to(next(fp32.parameters()).device))
         train.seed_everything(config.seed)
         ptq = _quantize(fp32, data, config)
         ptq_metrics = train.evaluate(ptq, data.test_loader())

@@ -10,7 +10,7 @@ from torch.testing import assert_close
 
 from qat_core import runner, train, zoo
 from qat_core.config import BaselineConfig, DataConfig, FineTuneConfig, LayerPlan, QuantSpec, RunConfig
-from qat_core.errors import CancelledError, TrainingError
+from qat_core.errors import CancelledError, ConfigError, TrainingError
 from qat_core.modules import QuantConv2d
 from qat_core.prepare import prepare
 from qat_core.quantizers import quantizers, set_enabled
@@ -138,3 +138,18 @@ def test_frozen_ranges_stop_moving(digits):
     qat2 = copy.deepcopy(qat)
     train.finetune(qat2, digits.train_loader(64), digits.test_loader(), FineTuneConfig(max_steps=5), lambda e: None)
     assert not all(torch.equal(a, q.scale) for a, q in zip(before, quantizers(qat2)))
+
+
+def test_cuda_without_a_gpu_is_a_clear_error(workspace):
+    if torch.cuda.is_available():
+        pytest.skip("this machine has a GPU")
+    config = quick_config().model_copy(update={"device": "cuda"})
+    with pytest.raises(ConfigError, match="device: cuda was asked for, but PyTorch sees no CUDA GPU"):
+        runner.execute(config, workspace)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_finetune_on_cuda_matches_the_cpu_pipeline(workspace):
+    record = workspace.get(runner.execute(quick_config(max_steps=20).model_copy(update={"device": "cuda"}), workspace))
+    assert record["status"] == "done" and record["metrics"]["qat"]["accuracy"] > 0.9
+    assert runner.load(workspace, record["id"]).qat(torch.zeros(2, 1, 8, 8)).shape == (2, 10)
