@@ -52,7 +52,10 @@ def plan_frame(rows: Rows, plan: cfg.LayerPlan) -> pd.DataFrame:
     out = []
     for row in rows:
         spec = plan.spec_for(row["name"])
-        out.append({"layer": row["name"], "kind": row["kind"] + (f" +{row['fused']}" if row["fused"] else ""),
+        kind = row["kind"] + (f" +{row['fused']}" if row["fused"] else "")
+        if row.get("is_output"):
+            kind += " (output: logits stay FP32)"
+        out.append({"layer": row["name"], "kind": kind,
                     "params": row["params"], "quantize": spec.enabled,
                     "weight_bits": spec.weight_bits if row["has_weights"] else None,
                     "act_bits": spec.act_bits, "granularity": spec.granularity, "symmetric": spec.symmetric,
