@@ -57,29 +57,34 @@ def ort_own_int8(fp32_path: Path, calib: np.ndarray, out: Path) -> Path:
     return out
 
 
-def bench_model(store: RunStore, model: str, threads: int, warmup: int, iters: int, tmp: Path) -> dict:
+def bench_model(store: RunStore, model: str, threads: int, warmup: int, iters: int, rounds: int, tmp: Path,
+                run_id: str | None = None) -> dict:
     started = time.perf_counter()
-    run_id = quick_run(store, model)
+    run_id = run_id or quick_run(store, model)
     trained = time.perf_counter() - started
     export.export_run(store, run_id)
     loaded = runner.load(store, run_id)
     fp32_path, int8_path = store.artifact(run_id, "fp32.onnx"), store.artifact(run_id, "int8.onnx")
     own_path = ort_own_int8(fp32_path, loaded.data.train_x[:32].numpy(), tmp / f"{model}_ort_own.onnx")
     x = {export.INPUT_NAME: loaded.data.test_x[:1].numpy()}
-    medians = {}
     sessions = {name: export.session(path, threads=threads)
                 for name, path in (("ort_fp32", fp32_path), ("ours_int8", int8_path), ("ort_own_int8", own_path))}
-    for _ in range(2):  # interleave rounds so drifting machine load hits every model alike
+    rounds_ms: dict[str, list[float]] = {name: [] for name in sessions}
+    for _ in range(rounds):  # interleaved rounds: drifting machine load hits the three models alike
         for name, sess in sessions.items():
-            stats = time_calls(lambda sess=sess: sess.run(None, x), warmup, iters)
-            medians[name] = min(medians.get(name, float("inf")), stats["median_ms"])
+            rounds_ms[name].append(time_calls(lambda sess=sess: sess.run(None, x), warmup, iters)["median_ms"])
+    medians = {name: float(np.median(ms)) for name, ms in rounds_ms.items()}
+
+    def ratio(a: str, b: str) -> float:  # the median of the per-round ratios: each round's load cancels
+        return float(np.median(np.asarray(rounds_ms[a]) / np.asarray(rounds_ms[b])))
+
     sizes = {name: path.stat().st_size for name, path in
              (("fp32", fp32_path), ("ours_int8", int8_path), ("ort_own_int8", own_path))}
     coverage = store.read_result(run_id, "export")
     return {"model": model, "run": run_id, "train_s": trained, "median_ms": medians,
-            "ours_over_ort_own": medians["ours_int8"] / medians["ort_own_int8"],
-            "ours_over_fp32": medians["ours_int8"] / medians["ort_fp32"],
-            "ort_own_over_fp32": medians["ort_own_int8"] / medians["ort_fp32"],
+            "rounds_ms": rounds_ms,
+            "ours_over_ort_own": ratio("ours_int8", "ort_own_int8"), "ours_over_fp32": ratio("ours_int8", "ort_fp32"),
+            "ort_own_over_fp32": ratio("ort_own_int8", "ort_fp32"),
             "file_ratio": sizes["ours_int8"] / sizes["fp32"], "ort_own_file_ratio": sizes["ort_own_int8"] / sizes["fp32"],
             "integer_layers": len(coverage["integer_layers"]), "float_layers": coverage["float_layers"]}
 
@@ -90,6 +95,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--warmup", type=int, default=20)
     p.add_argument("--iters", type=int, default=100)
+    p.add_argument("--rounds", type=int, default=7, help="interleaved timing rounds; medians are reported")
+    p.add_argument("--runs", nargs="+", default=[], metavar="MODEL=RUN",
+                   help="time these finished runs in --workspace instead of training new ones")
     p.add_argument("--workspace", type=Path, default=None, help="keep the runs here (default: a temporary folder)")
     p.add_argument("--json", type=Path, default=None, help="also write the results to this file")
     args = p.parse_args(argv)
@@ -102,8 +110,9 @@ def main(argv: list[str] | None = None) -> int:
         store = RunStore(args.workspace or Path(tmp) / "ws")
         print(f"{'model':<12} {'FP32 ms':>8} {'ours ms':>8} {'ORT ms':>8} {'ours/ORT':>9} {'ours/FP32':>10} "
               f"{'ORT/FP32':>9} {'file':>6}  float layers")
+        given = dict(item.split("=", 1) for item in args.runs)
         for model in args.models:
-            r = bench_model(store, model, args.threads, args.warmup, args.iters, Path(tmp))
+            r = bench_model(store, model, args.threads, args.warmup, args.iters, args.rounds, Path(tmp), given.get(model))
             results.append(r)
             m = r["median_ms"]
             print(f"{model:<12} {m['ort_fp32']:8.3f} {m['ours_int8']:8.3f} {m['ort_own_int8']:8.3f} "

@@ -2,6 +2,9 @@
 
 How the int8 model is made (no re-calibration: the run's own scales and zero points):
 
+0. Every export (FP32 and int8) gets constant ``Reshape`` targets, ``-1`` standing for the batch,
+   where the model computes them from ``x.shape`` (``static_reshapes``): ONNX Runtime cannot fold
+   those chains through a QDQ graph, and a Transformer would run ~100 extra small nodes a call.
 1. The QAT model itself is exported in eval mode (BN folded by ``QuantConv2d``) with every
    ``FakeQuantizer`` in ``export_int8`` mode: same scale and zero point, int8/uint8 storage range,
    so the legacy exporter writes ``QuantizeLinear``/``DequantizeLinear`` pairs.
@@ -106,7 +109,12 @@ def to_onnx(model: nn.Module, example: torch.Tensor, opset: int = OPSET) -> byte
         first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
         raise ExportError(f"ONNX (opset {opset}) cannot express part of this model: {first}. Replace that op in "
                           "the model, or keep the layer that uses it out of the export") from None
-    return buffer.getvalue()
+    import onnx
+
+    proto = onnx.load_from_string(buffer.getvalue())
+    if static_reshapes(proto):
+        cleanup(proto)
+    return proto.SerializeToString()
 
 
 # --- graph passes (each takes and changes an onnx.ModelProto) -------------------------------------
@@ -171,6 +179,69 @@ def fold_constants(model: Any) -> int:
     del g.node[:]
     g.node.extend(keep)
     return folded
+
+
+def _multiple_of_batch(values: np.ndarray, batches: tuple[int, ...]) -> bool:
+    """Whether ``values`` (one per batch size) are ``k·B`` for one whole ``k >= 1``."""
+    k = values[0] // batches[0]
+    return k >= 1 and all(v == k * b for v, b in zip(values, batches, strict=True))
+
+
+def static_reshapes(model: Any, batches: tuple[int, ...] = (2, 3, 5)) -> int:
+    """A ``Reshape`` whose target shape is computed at run time from ``Shape`` → ``Gather`` →
+    ``Concat`` chains (``x.reshape(b, n, heads, dk)`` with ``b, n = x.shape``) gets a constant target
+    with ``-1`` for the batch: ``(B, T, H, dk)`` → ``[-1, T, H, dk]``. The dead chains are dropped
+    by ``cleanup``.
+
+    ONNX Runtime fuses such chains itself only when the ``Shape`` reads the Reshape's own input, which
+    QDQ graphs break (the Shape reads a DequantizeLinear output, the Reshape its codes), leaving
+    ~100 small nodes a Transformer runs on every call. The targets are evaluated at a few batch
+    sizes (all other input dimensions are fixed by the export); an entry that stays put is a constant,
+    one that grows as ``k·B`` becomes ``-1``; a target with more than one such entry is left alone.
+    """
+    import onnx
+    import onnxruntime as ort
+    from onnx import numpy_helper
+
+    g = model.graph
+    inits = {t.name for t in g.initializer}
+    targets = list(dict.fromkeys(n.input[1] for n in g.node if n.op_type == "Reshape" and n.input[1] not in inits))
+    dims = [d.dim_value for d in g.input[0].type.tensor_type.shape.dim] if len(g.input) == 1 else []
+    if not targets or not dims or not all(dims[1:]):
+        return 0
+    probe = onnx.ModelProto()
+    probe.CopyFrom(model)
+    del probe.graph.output[:]
+    probe.graph.output.extend(onnx.helper.make_empty_tensor_value_info(t) for t in targets)
+    options = ort.SessionOptions()
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+    options.log_severity_level = 3
+    try:
+        sess = ort.InferenceSession(probe.SerializeToString(), options, providers=["CPUExecutionProvider"])
+        elem = onnx.helper.tensor_dtype_to_np_dtype(g.input[0].type.tensor_type.elem_type)
+        runs = [sess.run(targets, {g.input[0].name: np.zeros((b, *dims[1:]), elem)}) for b in batches]
+    except Exception:  # a graph the probe cannot run keeps its dynamic reshapes: slower, never wrong
+        return 0
+    changed = 0
+    for i, name in enumerate(targets):
+        values = [np.asarray(r[i]).astype(np.int64).reshape(-1) for r in runs]
+        if any(v.shape != values[0].shape for v in values):
+            continue
+        stack = np.stack(values)  # (len(batches), rank)
+        grows = [j for j in range(stack.shape[1]) if not (stack[:, j] == stack[0, j]).all()]
+        if len(grows) > 1 or (grows and -1 in stack[0]):
+            continue  # two unknown entries: no single -1 can stand for them
+        if grows and not _multiple_of_batch(stack[:, grows[0]], batches):
+            continue
+        target = stack[0].copy()
+        target[grows] = -1
+        const = name + "_static"
+        g.initializer.append(numpy_helper.from_array(target, const))
+        for node in g.node:
+            if node.op_type == "Reshape" and node.input[1] == name:
+                node.input[1] = const
+        changed += 1
+    return changed
 
 
 def fold_weight_quantize(model: Any, code_ranges: dict[str, tuple[int, int]]) -> int:

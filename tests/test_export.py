@@ -20,12 +20,18 @@ DIGITS_QUANTIZED = ["conv1.conv", "conv2.conv", "conv3.conv", "gap", "fc"]
 
 @pytest.fixture(scope="module")
 def digits_run_w4a8(workspace) -> str:
-    return runner.execute(quick_config(weight_bits=4, act_bits=8), workspace)
+    """A real but short W4A8 fine-tune (the FP32 baseline is the shared digits run's, cached)."""
+    return runner.execute(quick_config(weight_bits=4, act_bits=8, max_steps=40), workspace)
 
 
 @pytest.fixture(scope="module")
 def exported(workspace, digits_run) -> dict:
     return export_run(workspace, digits_run)
+
+
+@pytest.fixture(scope="module")
+def exported_w4a8(workspace, digits_run_w4a8) -> dict:
+    return export_run(workspace, digits_run_w4a8)
 
 
 def test_export_writes_both_models_and_every_layer_is_an_integer_kernel(workspace, digits_run, exported):
@@ -41,7 +47,7 @@ def test_export_writes_both_models_and_every_layer_is_an_integer_kernel(workspac
 @pytest.mark.parametrize("run, least", [("digits_run", 1.0), ("digits_run_w4a8", 1.0), ("digits_run_w4a4", 0.995)])
 def test_ort_int8_agrees_with_the_simulation(request, workspace, run, least):
     run_id = request.getfixturevalue(run)
-    result = parity(workspace, run_id)
+    result = parity(workspace, run_id)  # exports the run first when its ONNX files are missing
     assert result["samples"] == 450
     assert result["agreement"] >= least, result.get("layers")
     assert result["integer_layers"] == DIGITS_QUANTIZED
@@ -49,12 +55,11 @@ def test_ort_int8_agrees_with_the_simulation(request, workspace, run, least):
     assert workspace.read_result(run_id, "parity")["agreement"] == result["agreement"]
 
 
-def test_narrow_weights_keep_their_exact_grid(workspace, digits_run_w4a8):
+def test_narrow_weights_keep_their_exact_grid(workspace, digits_run_w4a8, exported_w4a8):
     import numpy as np
     import onnx
     from onnx import numpy_helper
 
-    export_run(workspace, digits_run_w4a8)
     model = onnx.load(str(workspace.artifact(digits_run_w4a8, "int8.onnx")))
     int8 = [numpy_helper.to_array(t) for t in model.graph.initializer if t.data_type == onnx.TensorProto.INT8]
     int8 = [w for w in int8 if w.ndim >= 2]  # weights, not their zero points
@@ -83,6 +88,30 @@ def test_resnet_convs_and_linear_all_run_as_integer_kernels(tmp_path):
     assert len(weighted) == 21 and set(weighted) <= set(cov["integer_layers"])
     assert cov["float_layers"] == {}
     assert cov["ops"]["QLinearConv"] == 20 and cov["ops"]["QLinearAdd"] == 8
+
+
+def test_reshapes_computed_from_x_shape_become_constants_that_keep_any_batch(tmp_path):
+    """The head split's ``reshape(b, n, heads, dk)`` and QuantLinear's 3-D → 2-D reshapes export with
+    constant targets (-1 for the batch): no Shape chain is left, and the models still run at any batch."""
+    import numpy as np
+    import onnx
+    import onnxruntime as ort
+
+    torch.manual_seed(0)
+    model, x = zoo.TransformerClassifier(features=8, d=16, heads=2, ffn=32, depth=1).eval(), torch.randn(3, 6, 8)
+    qat = prepare(model, LayerPlan(default=QuantSpec(range_method="minmax")), x[:2])
+    train.calibrate(qat, [(x, None)], 1)
+    for name, data, ref in (("fp32", to_onnx(model, x[:1]), model), ("int8", int8_onnx(qat.eval(), x[:1]), qat)):
+        graph = onnx.load_from_string(data).graph
+        assert not [n.op_type for n in graph.node if n.op_type in ("Shape", "Gather", "Concat")], name
+        assert all(n.input[1] in {t.name for t in graph.initializer} for n in graph.node if n.op_type == "Reshape")
+        sess = ort.InferenceSession(data, providers=["CPUExecutionProvider"])
+        for batch in (1, 3):
+            out = sess.run(None, {"input": x[:batch].numpy()})[0]
+            with torch.no_grad():
+                expected = ref(x[:batch]).numpy()
+            assert out.shape == expected.shape
+            np.testing.assert_allclose(out, expected, atol=1e-4 if name == "fp32" else 0.02)
 
 
 def test_export_refuses_a_failed_run(workspace):
@@ -120,13 +149,32 @@ def test_an_op_onnx_cannot_express_is_named():
         to_onnx(_Spectrum(), torch.randn(1, 8))
 
 
-def test_per_layer_comparison_lines_up_ort_and_simulation_codes(workspace, digits_run_w4a4):
-    from qat_core.export import _layer_divergence
+def test_parity_names_the_first_layer_where_ort_and_the_simulation_diverge(workspace, digits_run_w4a8,
+                                                                          exported_w4a8):
+    """A stale int8.onnx whose conv2 activation scale is not the run's (1000× too coarse: ORT rounds every
+    conv2 code to 0, so predictions must change): ORT's codes match the simulation's up to conv1 and
+    part ways at conv2, and parity() says so through its report."""
+    import numpy as np
+    import onnx
+    from onnx import numpy_helper
 
-    export_run(workspace, digits_run_w4a4)
-    loaded = runner.load(workspace, digits_run_w4a4)
-    names = [r["name"] for r in loaded.qat.layers]
-    rows = _layer_divergence(loaded.qat, workspace.artifact(digits_run_w4a4, "int8.onnx"),
-                             loaded.data.test_x[:32].numpy(), names)
-    assert [r["layer"] for r in rows] == ["input", *DIGITS_QUANTIZED[:-1]]  # fc's logits are not quantized
-    assert rows[0]["max_code_diff"] == 0  # the input is quantized identically
+    path = workspace.artifact(digits_run_w4a8, "int8.onnx")
+    good = path.read_bytes()
+    model = onnx.load_from_string(good)
+    q = next(n for n in model.graph.node if n.name == "/net/conv2/conv/act_quant/QuantizeLinear")
+    scale = next(t for t in model.graph.initializer if t.name == q.input[1])  # shared with its DequantizeLinear
+    scale.CopyFrom(numpy_helper.from_array(numpy_helper.to_array(scale) * np.float32(1000), scale.name))
+    try:
+        path.write_bytes(model.SerializeToString())
+        result = parity(workspace, digits_run_w4a8)
+    finally:
+        path.write_bytes(good)
+    assert result["agreement"] < 1.0 and result["disagreements"] > 0
+    rows = {r["layer"]: r for r in result["layers"]}
+    assert list(rows) == ["input", *DIGITS_QUANTIZED[:-1]]  # in execution order; fc's logits are not quantized
+    assert rows["input"]["max_code_diff"] == 0  # quantized identically
+    assert rows["conv1.conv"]["max_code_diff"] <= 1  # float sums in another order: a rounding step at most
+    assert rows["conv2.conv"]["max_code_diff"] > 1 and rows["conv2.conv"]["mismatch"] > 0.1
+    assert result["first_divergence"] == "conv2.conv"
+    assert workspace.read_result(digits_run_w4a8, "parity")["first_divergence"] == "conv2.conv"
+    assert parity(workspace, digits_run_w4a8)["agreement"] == 1.0  # the run's own file again
