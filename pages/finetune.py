@@ -46,6 +46,9 @@ def show_run(run_id: str, was_running: bool) -> None:
         if st.button("Cancel", key="cancel"):
             store.request_cancel(run_id)
             st.toast("Cancel requested: the job stops at its next step.")
+    elif record["status"] == "done" and "qat" not in record["metrics"]:
+        st.error("This run is marked done but has no results: its files were changed outside QAT Studio. "
+                 "Start a new run.")
     elif record["status"] == "done":
         m = record["metrics"]
         c1, c2, c3, c4 = st.columns(4)

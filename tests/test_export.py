@@ -13,6 +13,7 @@ from qat_core.config import LayerPlan, QuantSpec
 from qat_core.errors import ExportError, StoreError
 from qat_core.export import coverage, export_run, int8_onnx, optimized_graph, parity, to_onnx
 from qat_core.prepare import prepare
+from qat_core.store import RunStore
 from tests.conftest import quick_config
 
 DIGITS_QUANTIZED = ["conv1.conv", "conv2.conv", "conv3.conv", "gap", "fc"]
@@ -121,11 +122,12 @@ def test_export_refuses_a_failed_run(workspace):
         export_run(workspace, run_id)
 
 
-def test_export_refuses_a_run_without_weights(workspace):
-    run_id = workspace.create_run(quick_config())
-    workspace.finish(run_id)
+def test_export_refuses_a_run_without_weights(tmp_path):
+    store = RunStore(tmp_path)  # its own workspace: a "done" run with no files would confuse other tests
+    run_id = store.create_run(quick_config())
+    store.finish(run_id)
     with pytest.raises(StoreError, match=r"has no fp32.pt"):
-        export_run(workspace, run_id)
+        export_run(store, run_id)
 
 
 def test_corrupt_int8_file_is_reported(workspace, digits_run, exported):
