@@ -29,7 +29,8 @@ warnings.filterwarnings("ignore")
 
 
 def step_fn(model: nn.Module, x: torch.Tensor, y: torch.Tensor):
-    opt = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=1e-4)
+    """One training step with the optimizer our fine-tune uses (fused Adam; LSQ steps in their own groups)."""
+    opt = train.make_optimizer(model, "adam", 1e-4, 0.0)
     model.train()
 
     def step():

@@ -16,6 +16,7 @@ number of bins (:class:`StreamingHistogram`), so memory does not grow with the d
 
 from __future__ import annotations
 
+import copy
 import io
 import itertools
 import json
@@ -439,6 +440,14 @@ def output_sqnr(fp32: nn.Module, model: nn.Module, loader: Iterable[Batch]) -> f
     return sqnr_db(train.predict(fp32, loader), train.predict(model, loader))
 
 
+def quantization_only(model: QATModel) -> nn.Module:
+    """The same weights (BN folded, fine-tuned) with every quantizer off: the reference that
+    isolates quantization noise from what the fine-tune changed. A copy: models may be shared."""
+    reference = copy.deepcopy(model)
+    set_enabled(reference, False)
+    return reference
+
+
 def _scale_summary(q: FakeQuantizer | None) -> dict[str, float]:
     if q is None:
         return {"scale": math.nan, "scale_min": math.nan, "scale_max": math.nan, "zero_point": math.nan}
@@ -466,8 +475,10 @@ def error_table(loaded: Loaded, stage: str = "qat", batches: int | None = None,
     quantized weights are all 0: pruned by a collapsed scale; their BN-folded float weights can be
     huge when BN's running variance collapsed with them, which drags weight SQNR down), act_sqnr_db,
     act_mse, act_share_clipped
-    (on ``batches`` calibration batches) and output_sqnr_db (the network row: logits vs FP32 on the
-    test set). ``df.attrs`` holds output_sqnr_db, accuracy and stage.
+    (on ``batches`` calibration batches), and on the network row, over the test set: output_sqnr_db
+    (logits against the same weights in float: quantization noise alone) and
+    output_sqnr_vs_baseline_db (against the FP32 baseline: quantization plus what the fine-tune
+    changed). ``df.attrs`` holds output_sqnr_db and stage.
     """
     model = _stage_model(loaded, stage)
     if stats is None:
@@ -502,16 +513,17 @@ def error_table(loaded: Loaded, stage: str = "qat", batches: int | None = None,
             "act_sqnr_db": st.sqnr_db if st is not None else math.nan,
             "act_mse": st.mse if st is not None else math.nan,
             "act_share_clipped": st.clipped / st.values if st is not None and st.values else math.nan,
-            "output_sqnr_db": math.nan,
+            "output_sqnr_db": math.nan, "output_sqnr_vs_baseline_db": math.nan,
         })
     test = loaded.data.test_loader()
-    out_sqnr = output_sqnr(loaded.fp32, model, test)
+    out_sqnr = output_sqnr(quantization_only(model), model, test)
+    drift = output_sqnr(loaded.fp32, model, test)
     total = size_bytes(model.layers, plan)
     rows.append({"stage": stage, "layer": "(network)", "kind": "network", "fused": "",
                  "params": sum(r["params"] for r in model.layers),
                  "weight_params": sum(r["weight_params"] for r in model.layers),
                  "size_bytes": total["quantized_bytes"], "fp32_bytes": total["fp32_bytes"],
-                 "output_sqnr_db": out_sqnr})
+                 "output_sqnr_db": out_sqnr, "output_sqnr_vs_baseline_db": drift})
     df = pd.DataFrame(rows)
     df["weight_bits"] = df["weight_bits"].astype("Int64")
     df["act_bits"] = df["act_bits"].astype("Int64")

@@ -114,8 +114,8 @@ class DataConfig(_Strict):
 class BaselineConfig(_Strict):
     """How the FP32 baseline is trained (once per model, data and seed, then reused)."""
 
-    epochs: int = Field(30, ge=1, le=1000)
-    batch_size: int = Field(64, ge=1, le=65536)
+    epochs: int = Field(20, ge=1, le=1000)
+    batch_size: int = Field(128, ge=1, le=65536)
     lr: float = Field(1e-2, gt=0.0, le=10.0)
     max_steps: int | None = Field(None, ge=1)  # cap for the large zoo models on generated data
 

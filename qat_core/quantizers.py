@@ -50,6 +50,7 @@ class FakeQuantizer(nn.Module):
         self.enabled = True  # fake-quantize in forward (off: identity)
         self.export_int8 = False  # ONNX export: same qparams, int8/uint8 storage range
         self._grad_scale: float | None = None
+        self._zero_point_seen = (-1, True)  # (zero_point's version, whether it is non-zero)
         self.calibrated = False
 
     def extra_repr(self) -> str:
@@ -78,8 +79,21 @@ class FakeQuantizer(nn.Module):
             if self._grad_scale is None:  # N = elements per scale; Q_P = the positive code range
                 per_scale = x.numel() // self.scale.numel() if self.axis is not None else x[0].numel()
                 self._grad_scale = lsq_grad_scale(per_scale, self.qmax - (0 if self.signed else self.qmin))
-            return lsq_fake_quantize(x, self.scale, self.zero_point, self.qmin, self.qmax, self._grad_scale, self.axis)
-        return fake_quantize(x, self.scale.detach(), self.zero_point.detach(), self.qmin, self.qmax, self.axis)
+            return lsq_fake_quantize(x, self.scale, self._offset(), self.qmin, self.qmax, self._grad_scale, self.axis)
+        return fake_quantize(x, self.scale.detach(), self._offset(), self.qmin, self.qmax, self.axis)
+
+    def _offset(self) -> torch.Tensor | None:
+        """The zero point, or None when it is 0 (the kernel then skips its passes).
+
+        Checked again only when the tensor changed (its version counter moves on every in-place
+        write: calibration, load_state_dict, an optimizer step), so the check costs nothing a step.
+        """
+        if self.zero_point.requires_grad:  # a learned LSQ+ offset
+            return self.zero_point
+        version = self.zero_point._version
+        if version != self._zero_point_seen[0]:
+            self._zero_point_seen = (version, bool(self.zero_point.any()))
+        return self.zero_point if self._zero_point_seen[1] else None
 
     def quantize_int(self, x: torch.Tensor) -> torch.Tensor:
         """Integer codes of ``x`` under the current qparams (for export and analysis)."""

@@ -8,6 +8,7 @@ accuracy only shows that training ran, never how good the architecture is.
 from __future__ import annotations
 
 import importlib
+import importlib.util
 import math
 from collections import OrderedDict
 from collections.abc import Callable, Iterable, Iterator
@@ -15,6 +16,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 from torch import nn
 
@@ -73,20 +75,39 @@ class Data:
 
 
 def _split(x: torch.Tensor, y: torch.Tensor, cfg: DataConfig) -> tuple[torch.Tensor, ...]:
-    from sklearn.model_selection import train_test_split
+    """Stratified train/test split: each class keeps the same share in both parts, fixed by the seed."""
+    g = torch.Generator().manual_seed(cfg.split_seed)
+    test_idx = []
+    for label in torch.unique(y):
+        members = torch.nonzero(y == label).flatten()
+        members = members[torch.randperm(len(members), generator=g)]
+        test_idx.append(members[: round(len(members) * cfg.test_fraction)])
+    is_test = torch.zeros(len(y), dtype=torch.bool)
+    is_test[torch.cat(test_idx)] = True
+    return x[~is_test], y[~is_test], x[is_test], y[is_test]
 
-    tr_x, te_x, tr_y, te_y = train_test_split(
-        x.numpy(), y.numpy(), test_size=cfg.test_fraction, random_state=cfg.split_seed, stratify=y.numpy())
-    return torch.from_numpy(tr_x), torch.from_numpy(tr_y), torch.from_numpy(te_x), torch.from_numpy(te_y)
+
+def _digits_array() -> np.ndarray:
+    """scikit-learn's digits table (1797 rows: 64 pixel values 0..16, then the label).
+
+    Read from the file scikit-learn ships rather than through ``sklearn.datasets``, whose import
+    alone costs about a second — a sixth of a whole digits run.
+    """
+    spec = importlib.util.find_spec("sklearn")
+    path = Path(spec.submodule_search_locations[0]) / "datasets" / "data" / "digits.csv.gz" if spec else None
+    if path is None or not path.exists():  # a scikit-learn that moved its data: its public loader
+        from sklearn.datasets import load_digits
+
+        raw = load_digits()
+        return np.column_stack([raw.data, raw.target])
+    return np.loadtxt(path, delimiter=",")
 
 
 def digits(cfg: DataConfig) -> Data:
     """scikit-learn's handwritten digits: (N, 1, 8, 8) in [0, 1], 10 classes."""
-    from sklearn.datasets import load_digits
-
-    raw = load_digits()
-    x = torch.tensor(raw.images, dtype=torch.float32).unsqueeze(1) / 16.0  # (N, 1, 8, 8)
-    y = torch.tensor(raw.target, dtype=torch.long)
+    table = torch.from_numpy(_digits_array()).float()
+    x = table[:, :64].reshape(-1, 1, 8, 8) / 16.0  # (N, 1, 8, 8)
+    y = table[:, 64].long()
     tr_x, tr_y, te_x, te_y = _split(x, y, cfg)
     return Data(tr_x, tr_y, te_x, te_y, 10, generated=False,
                 description="scikit-learn load_digits: 8×8 handwritten digits, 10 classes")

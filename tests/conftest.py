@@ -10,9 +10,9 @@ from qat_core.store import RunStore
 
 
 def quick_config(model: str = "digits-cnn", weight_bits: int | None = 8, act_bits: int | None = 8, **finetune):
-    """The default config for ``model`` with a short baseline and fine-tune: real, but seconds."""
+    """The default config for ``model`` (its FP32 baseline, cached once per session) with a short
+    fine-tune: real, but seconds."""
     data = runner.default_config(model, weight_bits, act_bits).to_dict()
-    data["baseline"]["epochs"] = 12
     data["finetune"] |= {"epochs": 2, **finetune}
     return RunConfig.model_validate(data)
 

@@ -127,7 +127,7 @@ def test_plan_presets_change_the_draft(workspace):
 def test_finetune_launched_from_the_page_completes_with_curves_and_metrics(workspace, digits_run):
     at = ok(app("finetune"))
     at.number_input(key="ft_epochs").set_value(1.0)
-    at.number_input(key="ft_base_epochs").set_value(12)  # the session's cached baseline (tests/conftest.py)
+    at.number_input(key="ft_base_epochs").set_value(20)  # the session's cached baseline (tests/conftest.py)
     at.button(key="start").click().run()
     ok(at)
     run_id = at.query_params[common.RUN_PARAM]
@@ -146,7 +146,7 @@ def test_finetune_launched_from_the_page_completes_with_curves_and_metrics(works
 def test_cancel_reaches_the_user_as_a_message(workspace, digits_run):
     at = ok(app("finetune"))
     at.number_input(key="ft_epochs").set_value(200.0)
-    at.number_input(key="ft_base_epochs").set_value(12)
+    at.number_input(key="ft_base_epochs").set_value(20)
     at.button(key="start").click().run()
     run_id = at.query_params[common.RUN_PARAM]
     t0 = time.monotonic()

@@ -1,11 +1,13 @@
 """Smoke test: the app serves, renders its title, and can be screenshotted."""
+import tempfile
 import time
+from pathlib import Path
 
 import pytest
 
 pytestmark = pytest.mark.browser
 
-SCREENSHOT = "/tmp/smoke.png"
+SCREENSHOT = str(Path(tempfile.gettempdir()) / "qat-studio-smoke.png")
 
 
 def test_home_renders_title(app_server, page):
