@@ -8,7 +8,6 @@ URL (``?draft=<id>``), so a reload or a second tab finds it again.
 
 from __future__ import annotations
 
-import functools
 import json
 import os
 import secrets
@@ -238,9 +237,20 @@ def report_html(run_id: str) -> bytes:
     return _report(str(s.root), run_id, s.get(run_id)["updated"])
 
 
-def report_payload(run_id: str) -> Callable[[], bytes]:
-    """The report for ``st.download_button``: built when clicked (measuring every layer takes seconds)."""
-    return functools.partial(report_html, run_id)
+REPORT_KEY = "report_built"  # (run id, run's updated time) of the report this session built
+
+
+def build_report(run_id: str) -> None:
+    """Build a run's HTML report (seconds: it measures every layer); the bytes stay in the cache."""
+    call(report_html, run_id)
+    st.session_state[REPORT_KEY] = (run_id, store().get(run_id)["updated"])
+
+
+def built_report(run_id: str) -> bytes | None:
+    """The report this session built for the run, unless the run changed since (a new benchmark, say)."""
+    if st.session_state.get(REPORT_KEY) == (run_id, store().get(run_id)["updated"]):
+        return report_html(run_id)
+    return None
 
 
 # --- analysis (Inspect) and export/benchmark: cached per run ---------------------------------------

@@ -35,9 +35,13 @@ else:
                                 key=f"dl_{name}")
 
     st.subheader("Report")
-    st.download_button("Download HTML report", common.report_payload(run_id), f"{run_id}-report.html",
-                       "text/html", key="dl_report",
-                       help="One file with figures and tables, for people without the app (built when clicked).")
+    st.caption("One HTML file with figures and tables, for people without the app.")
+    if st.button("Build HTML report", key="build_report"):
+        with st.spinner("Measuring every layer and drawing the figures…"):
+            common.build_report(run_id)
+    payload = common.built_report(run_id)
+    if payload is not None:
+        st.download_button("Download HTML report", payload, f"{run_id}-report.html", "text/html", key="dl_report")
 
 st.divider()
 st.subheader("Import a config")

@@ -4,7 +4,7 @@ sensitivity and a mixed-precision suggestion that becomes a new plan in one clic
 import streamlit as st
 
 from pages import _common as common
-from qat_core import analysis, plots
+from qat_core import analysis, plots, report
 
 st.title("Inspect")
 records = common.runs()
@@ -37,7 +37,10 @@ with error_tab:
     stage = st.radio("Model", ["qat", "ptq"], horizontal=True, key="error_stage",
                      format_func={"qat": "after fine-tune (QAT)", "ptq": "before fine-tune (PTQ)"}.get)
     errors = common.call(common.error_table, root, run_id, stage)
-    st.dataframe(errors, hide_index=True, width="stretch")
+    st.dataframe(errors[[c for c in report.ERROR_COLUMNS if c in errors.columns]].round(4), hide_index=True,
+                 width="stretch")
+    st.caption("SQNR in dB (higher is better); clipped shares are fractions of the values seen. "
+               "The CSV has every column (scales, zero points, MSE).")
     st.download_button("Download CSV", analysis.to_csv(errors), f"{run_id}-{stage}-errors.csv", "text/csv",
                        key="dl_errors")
     common.show_plot(plots.sqnr_figure(errors), key="sqnr")

@@ -235,7 +235,12 @@ def with_uniform_plan(
     default = base.plan.default.model_copy(update={"weight_bits": weight_bits, "act_bits": act_bits})
     overrides = {}
     if keep_ends_8bit and layer_names:
-        for name in {layer_names[0], layer_names[-1]}:
-            overrides[name] = QuantOverride(weight_bits=8 if weight_bits else "off", act_bits=8 if act_bits else "off")
+        ends = {}  # only what differs from the default: an all-8-bit plan has no overrides
+        if weight_bits not in (None, 8):
+            ends["weight_bits"] = 8
+        if act_bits not in (None, 8):
+            ends["act_bits"] = 8
+        if ends:
+            overrides = {name: QuantOverride(**ends) for name in dict.fromkeys((layer_names[0], layer_names[-1]))}
     plan = LayerPlan(default=QuantSpec.model_validate(default.model_dump()), overrides=overrides)
     return base.model_copy(update={"plan": plan})

@@ -58,7 +58,7 @@ def plan_frame(rows: Rows, plan: cfg.LayerPlan) -> pd.DataFrame:
         out.append({"layer": row["name"], "kind": kind,
                     "params": row["params"], "quantize": spec.enabled,
                     "weight_bits": spec.weight_bits if row["has_weights"] else None,
-                    "act_bits": spec.act_bits, "granularity": spec.granularity, "symmetric": spec.symmetric,
+                    "act_bits": None if row.get("is_output") else spec.act_bits, "granularity": spec.granularity, "symmetric": spec.symmetric,
                     "range_method": spec.range_method})
     frame = pd.DataFrame(out, columns=["layer", "kind", "params", "quantize", *PLAN_FIELDS])
     return frame.astype({"weight_bits": "Int64", "act_bits": "Int64"})
@@ -98,6 +98,8 @@ def plan_from_frame(base: cfg.RunConfig, rows: Rows, frame: pd.DataFrame) -> cfg
             if spec["weight_bits"] is not None:
                 raise ConfigError(f"layer {name} ({by_name[name]['kind']}) has no weights: leave its weight bits empty")
             spec["weight_bits"] = default["weight_bits"]  # not used by the layer; keep the plan compact
+        if by_name[name].get("is_output"):  # its logits stay FP32: the (empty) cell changes nothing
+            spec["act_bits"] = base.plan.spec_for(name).act_bits
         if not quantize:
             spec["weight_bits"] = spec["act_bits"] = None
         changes = {k: ("off" if v is None and k.endswith("_bits") else v) for k, v in spec.items() if v != default[k]}

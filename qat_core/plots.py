@@ -192,7 +192,7 @@ def pareto_figure(candidates: pd.DataFrame) -> go.Figure:
 def training_figure(curves: pd.DataFrame) -> go.Figure:
     """Loss and test accuracy against step, one colour per phase (FP32 baseline, QAT fine-tune)."""
     _need(curves, ["phase", "step", "loss", "test_accuracy"], "training_figure")
-    fig = make_subplots(rows=2, cols=1, shared_xaxes=False, vertical_spacing=0.12,
+    fig = make_subplots(rows=2, cols=1, shared_xaxes=False, vertical_spacing=0.2,
                         subplot_titles=("training loss", "test accuracy"))
     for phase, part in curves.groupby("phase", sort=False):
         color = STAGE_COLORS.get(phase)
