@@ -231,3 +231,18 @@ def test_bad_uploads_are_clear_errors(name, data, message):
     with pytest.raises(ConfigError, match=message):
         common.parse_upload(name, data)
     assert issubclass(ConfigError, QATError)
+
+
+def test_a_failed_export_reaches_the_user_as_a_message(workspace, digits_run, monkeypatch):
+    from qat_core import export
+    from qat_core.errors import ExportError
+
+    def refuse(store, run_id):
+        raise ExportError("layer conv2.conv: ONNX cannot express this op; keep it in float in the plan")
+
+    monkeypatch.setattr(export, "export_run", refuse)
+    at = ok(app("benchmark"))
+    at.selectbox(key="run_picker").set_value(digits_run).run()
+    at.button(key="bench_run").click().run()
+    assert not at.exception
+    assert any("ONNX cannot express this op" in e.value for e in at.error), [e.value for e in at.error]
