@@ -12,12 +12,12 @@ import os
 import platform
 import time
 from collections.abc import Callable
-from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 
+from qat_core import cpu
 from qat_core.errors import ExportError
 
 CPU_FLAGS = ("avx2", "avx512f", "avx512_vnni", "avxvnni")
@@ -27,17 +27,7 @@ OVERHEAD_BOUND_MS = 1.0  # below this FP32 latency a model is dominated by per-c
 
 def machine_info() -> dict[str, Any]:
     """CPU name, logical cores, SIMD flags that matter for int8, and library versions."""
-    name, flags = platform.processor() or platform.machine(), set()
-    try:
-        text = Path("/proc/cpuinfo").read_text(encoding="utf-8", errors="replace")
-    except OSError:
-        text = ""
-    for line in text.splitlines():
-        key, _, value = line.partition(":")
-        if key.strip() == "model name" and value.strip():
-            name = value.strip()
-        elif key.strip() == "flags" and not flags:
-            flags = set(value.split())
+    name, flags = cpu.name_and_flags()
     import onnxruntime
 
     return {"cpu": name, "cores": os.cpu_count() or 1, "flags": {f: f in flags for f in CPU_FLAGS},

@@ -35,12 +35,13 @@ from typing import Any
 
 import numpy as np
 import torch
-from torch import nn
+from torch import fx, nn
 
+from qat_core import cpu
 from qat_core.errors import ExportError, StoreError
 from qat_core.quantizers import FakeQuantizer, quantizers
 
-OPSET = 13
+OPSET = 17  # LayerNormalization is one node; scaled_dot_product_attention exports
 INPUT_NAME, OUTPUT_NAME = "input", "logits"
 FP32_FILE, INT8_FILE = "fp32.onnx", "int8.onnx"
 # ONNX Runtime ops that compute on integer codes (CPU execution provider, after its QDQ fusions)
@@ -54,23 +55,47 @@ INTEGER_OPS = frozenset({
 DATA_MOVEMENT = frozenset({"QuantizeLinear", "DequantizeLinear", "MaxPool", "NhwcMaxPool", "Reshape", "Flatten",
                            "Transpose", "Squeeze", "Unsqueeze", "Identity", "Shape", "Gather", "Concat", "Slice",
                            "Relu", "Cast", "Constant"})
-# layer kinds and the reason ONNX Runtime's CPU provider runs them in float
-FLOAT_REASONS = {
-    "LayerNorm": "ONNX Runtime has no integer LayerNormalization kernel; it runs in float between DQ and Q",
-    "GELU": "ONNX Runtime has no integer Gelu kernel; it runs in float between DQ and Q",
-    "Softmax": "ONNX Runtime did not fuse this Softmax into QLinearSoftmax; it runs in float",
-}
+# layer kinds whose work is a matrix product of two activations (heavy, like a conv or linear)
+MATMUL_KINDS = frozenset({"matmul", "bmm", "MatMul"})
+
+
+def is_heavy(row: dict) -> bool:
+    """Conv, linear and matmul layers: the work an integer kernel saves; elementwise ops are light."""
+    return bool(row["has_weights"]) or row["kind"] in MATMUL_KINDS
 
 
 # --- layer names ---------------------------------------------------------------------------------
 
-def _scope(node_name: str) -> str:
-    """The module path of an exporter node name: ``/net/net.2/conv1/conv/Conv`` → ``net.2.conv1.conv``.
+FLAT_SEP = "~"  # stands for "." in the flat module names of an exported traced graph (see _flat_scopes)
 
-    The exporter names a numbered child ``<parent>.<index>``; only the index is kept.
+
+def _scope(node_name: str) -> str:
+    """The module path of an exporter node name: ``/net/net.2/conv1/conv/Conv`` → ``net.2.conv1.conv``,
+    ``/net/layer1~0~conv1/weight_quant/QuantizeLinear`` → ``net.layer1.0.conv1.weight_quant``.
+
+    The exporter names each called module by its last name (a numbered child ``<parent>.<index>``;
+    only the index is kept).
     """
     parts = node_name.strip("/").split("/")[:-1]
-    return ".".join(p.rsplit(".", 1)[-1] for p in parts)
+    return ".".join(p.rsplit(".", 1)[-1] for p in parts).replace(FLAT_SEP, ".")
+
+
+def _flat_scopes(model: nn.Module) -> None:
+    """Give every module a traced graph calls a flat name that spells its path (``layer1~0~conv1``).
+
+    The exporter names a node after the modules *called* on the way to it; a traced graph calls
+    its layers directly, not through their parent containers, so without this ``layer1.0.conv1``
+    and ``layer2.0.conv1`` would both be exported as ``conv1``.
+    """
+    for gm in [m for m in model.modules() if isinstance(m, fx.GraphModule)]:
+        for node in gm.graph.nodes:
+            if node.op == "call_module" and "." in node.target:
+                flat = node.target.replace(".", FLAT_SEP)
+                if not hasattr(gm, flat):
+                    gm.add_submodule(flat, gm.get_submodule(node.target))
+                node.target = flat
+        gm.delete_all_unused_submodules()
+        gm.recompile()
 
 
 def _layer_of(node_name: str, layers: list[str]) -> str | None:
@@ -244,12 +269,14 @@ def static_reshapes(model: Any, batches: tuple[int, ...] = (2, 3, 5)) -> int:
     return changed
 
 
-def fold_weight_quantize(model: Any, code_ranges: dict[str, tuple[int, int]]) -> int:
+def fold_weight_quantize(model: Any, code_ranges: dict[str, tuple[int, int]], as_uint8: bool = False) -> int:
     """``QuantizeLinear(float weight initializer)`` → int8 initializer of the layer's own codes.
 
     Codes are ``clamp(rint(w * (1/s)) + z, qmin, qmax)`` in float32 — PyTorch's fake-quant formula,
     so the int8 weights are bit-exact with training; ``qmin/qmax`` are the layer's real code range
     (``code_ranges``: quantizer module path → range), so narrow layers keep their exact grid.
+    ``as_uint8``: store ``codes + 128`` as uint8 with zero point ``z + 128`` — the same values, run by
+    ONNX Runtime's exact u8×u8 kernels (for CPUs where its u8×s8 kernels saturate, see ``cpu``).
     """
     from onnx import numpy_helper
 
@@ -272,6 +299,13 @@ def fold_weight_quantize(model: Any, code_ranges: dict[str, tuple[int, int]]) ->
         qmin, qmax = code_ranges[_scope(node.name)]
         inv = np.float32(1.0) / scale.astype(np.float32)
         codes = np.clip(np.rint(w * inv) + zp.astype(np.int32), qmin, qmax).astype(zp.dtype)
+        if as_uint8 and zp.dtype == np.int8:
+            codes = (codes.astype(np.int16) + 128).astype(np.uint8)
+            zp_u8 = node.output[0] + "_zero_point_u8"
+            g.initializer.append(numpy_helper.from_array(
+                (gr.const(node.input[2]).astype(np.int16) + 128).astype(np.uint8), zp_u8))
+            for dq in gr.consumers[node.output[0]]:
+                dq.input[2] = zp_u8
         g.initializer.append(numpy_helper.from_array(codes, node.output[0]))
         folded += 1
     del g.node[:]
@@ -280,15 +314,15 @@ def fold_weight_quantize(model: Any, code_ranges: dict[str, tuple[int, int]]) ->
 
 
 def dq_past_shape_ops(model: Any) -> int:
-    """``DQ(per-tensor) → Flatten/Reshape`` becomes ``Flatten/Reshape(codes) → DQ``, so the ops on
-    both sides (GlobalAveragePool and Gemm, a Q and a Gemm run on (B*T, D)) see Q/DQ next to them
-    and are fused. A DQ with other consumers stays for them; each shape op gets its own copy."""
+    """``DQ(per-tensor) → Flatten/Reshape/Gather/Slice`` becomes ``Flatten/…(codes) → DQ``, so the ops
+    on both sides (GlobalAveragePool and Gemm, a Q and a Gemm run on (B*T, D), a LayerNorm and the
+    head that reads its class token ``x[:, 0]``) see Q/DQ next to them and are fused. A DQ with other consumers stays for them; each shape op gets its own copy."""
     from onnx import helper
 
     gr = _Graph(model)
     moved = 0
     for node in list(gr.graph.node):
-        if node.op_type not in ("Flatten", "Reshape", "Squeeze", "Unsqueeze"):
+        if node.op_type not in ("Flatten", "Reshape", "Squeeze", "Unsqueeze", "Gather", "Slice"):
             continue
         dq = gr.producer.get(node.input[0])
         if dq is None or dq.op_type != "DequantizeLinear":
@@ -414,9 +448,11 @@ def int8_onnx(qat: nn.Module, example: torch.Tensor) -> bytes:
     for q in quantizers(model):
         q.export_int8 = True
         q.observing = False
+    code_ranges = _code_ranges(model)
+    _flat_scopes(model)
     proto = onnx.load_from_string(to_onnx(model, example))
     fold_constants(proto)
-    fold_weight_quantize(proto, _code_ranges(model))
+    fold_weight_quantize(proto, code_ranges, as_uint8=cpu.int8_weights_saturate())
     dq_past_shape_ops(proto)
     quantize_bias(proto)
     cleanup(proto)
@@ -468,44 +504,46 @@ def coverage(optimized: Any, layers: list[dict], float_reasons: dict[str, str]) 
     """Which quantized layers run as integer kernels in the optimized graph, and which in float (why).
 
     ``layers`` are the QAT model's layer rows (with ``spec``); ``float_reasons`` are the layers the
-    plan or prepare already left in float.
+    plan or prepare already left in float. ``float_layers`` names every layer that stays float and
+    matters: conv, linear and matmul layers, and whatever the plan or preparation left float;
+    ``float_ops`` names the light ops (norms, activations, elementwise) that ONNX Runtime runs in
+    float between DequantizeLinear and QuantizeLinear because it has no integer kernel for them.
     """
     names = [r["name"] for r in layers]
-    float_reasons = dict(float_reasons)
+    floating = {k: v for k, v in float_reasons.items() if k != "input"}
     for prop in optimized.metadata_props:
         if prop.key == "qat_studio.float_layers":
             for scope, why in json.loads(prop.value).items():
                 layer = _layer_of(f"/{scope.replace('.', '/')}/op", names)
                 if layer is not None:
-                    float_reasons[layer] = why
+                    floating[layer] = why
     kernels: dict[str, set[str]] = defaultdict(set)
     for node in optimized.graph.node:
         layer = _layer_of(node.name, names)
         if layer is not None:
             kernels[layer].add(node.op_type)
-    integer, floating = [], dict(float_reasons)
+    integer, float_ops = [], {}
     for row in layers:
         name, spec = row["name"], row.get("spec", {})
         if name == "input" or name in floating:
             continue
         ops = kernels.get(name, set())
         int_ops = sorted(ops & INTEGER_OPS)
-        float_ops = sorted(ops - INTEGER_OPS - DATA_MOVEMENT)
-        if int_ops and not (row["has_weights"] and float_ops and not any(o.startswith("Q") for o in int_ops)):
+        other = sorted(ops - INTEGER_OPS - DATA_MOVEMENT)
+        if int_ops and not (row["has_weights"] and other and not any(o.startswith("Q") for o in int_ops)):
             integer.append(name)
-        elif not ops:
-            if row["has_weights"] or spec.get("act_bits") is not None:
-                floating[name] = "no node of this layer is left in ONNX Runtime's optimized graph"
         elif row["has_weights"] and spec.get("weight_bits") is None:
             floating[name] = "weight bits are off in the plan"
-        else:
-            kind = row["kind"]
-            reason = FLOAT_REASONS.get(kind) or (
-                f"ONNX Runtime kept {', '.join(float_ops) or 'it'} in float: its input or output is not "
-                "quantized (no DequantizeLinear/QuantizeLinear next to it)")
-            floating[name] = reason
+        elif is_heavy(row):
+            floating[name] = (f"ONNX Runtime kept {', '.join(other) or 'it'} in float: its input or output is not "
+                              "quantized (no DequantizeLinear/QuantizeLinear next to it)" if ops else
+                              "no node of this layer is left in ONNX Runtime's optimized graph")
+        elif spec.get("act_bits") is not None or row.get("is_output"):
+            float_ops[name] = (f"ONNX Runtime has no integer kernel for {row['kind']} here; it runs in float "
+                               "between DequantizeLinear and QuantizeLinear")
     ops = Counter(n.op_type for n in optimized.graph.node)
-    return {"integer_layers": integer, "float_layers": floating, "ops": dict(sorted(ops.items()))}
+    return {"integer_layers": integer, "float_layers": floating, "float_ops": float_ops,
+            "ops": dict(sorted(ops.items()))}
 
 
 # --- runs -----------------------------------------------------------------------------------------
@@ -553,11 +591,16 @@ def export_run(store: Any, run_id: str) -> dict[str, Any]:
 
 
 def _notes(qat: nn.Module) -> list[str]:
+    notes = []
     narrow = sorted({q.bits for q in quantizers(qat) if not q.signed and q.bits < 8})
-    if not narrow:
-        return []
-    return [f"{'/'.join(map(str, narrow))}-bit activations are stored as uint8 with their learned scale; ONNX "
-            "Runtime does not clip them at the narrow range, so values the simulation clips can differ"]
+    if narrow:
+        notes.append(f"{'/'.join(map(str, narrow))}-bit activations are stored as uint8 with their learned scale; "
+                     "ONNX Runtime does not clip them at the narrow range, so values the simulation clips can differ")
+    if cpu.int8_weights_saturate():
+        notes.append("this CPU has AVX2 but no VNNI, where ONNX Runtime's uint8×int8 kernels add pairs of products "
+                     "in 16 bits and saturate with 8-bit weights: weights are stored as uint8 (zero point +128), "
+                     "the same values, run by its exact uint8×uint8 kernels")
+    return notes
 
 
 def _ensure_exported(store: Any, run_id: str) -> tuple[Path, Path]:

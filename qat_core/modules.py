@@ -1,13 +1,19 @@
 """QAT layers, each a float layer plus its quantizers, with paired ``from_float``/``to_float``.
 
 A quantized layer computes what its integer kernel in ONNX Runtime will compute:
-``act_quant(relu(conv(x, weight_quant(folded_weight)) + folded_bias))`` — BatchNorm folded into
-the convolution, the ReLU fused, the output quantized once for its consumers. ``Add`` and
-``MatMul`` are tiny modules so that models can name their residual sums and attention products,
-which lets ``prepare`` give them an output quantizer like ONNX Runtime's QLinearAdd/QLinearMatMul.
+``act_quant(activation(conv(x, weight_quant(folded_weight)) + folded_bias))`` — BatchNorm folded
+into the convolution, a clipping activation (ReLU, ReLU6) fused, the output quantized once for its
+consumers. Any other op of a traced graph (``+``, ``cat``, ``@``, softmax, pooling, …) becomes a
+``QuantOutput``: the op, then its output quantizer, as one module, so that it has a plan name and
+an export scope of its own. ``Add`` and ``MatMul`` are tiny modules for models that want to name
+their residual sums and attention products themselves (the zoo's do).
 """
 
 from __future__ import annotations
+
+import operator
+from collections.abc import Callable
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -16,6 +22,7 @@ from torch import nn
 from qat_core.config import QuantSpec
 from qat_core.quantizers import FakeQuantizer
 
+Bounds = tuple[float, float | None]  # a fused activation's output range: [0, upper]
 
 class Add(nn.Module):
     """``a + b`` (then ReLU when ``relu``): a residual sum that can carry an output quantizer."""
@@ -45,33 +52,41 @@ def weight_quantizer(spec: QuantSpec, out_channels: int) -> FakeQuantizer | None
                          percentile=spec.percentile)
 
 
-def activation_quantizer(spec: QuantSpec) -> FakeQuantizer | None:
+def activation_quantizer(spec: QuantSpec, bounds: Bounds | None = None) -> FakeQuantizer | None:
     if spec.act_bits is None:
         return None
     return FakeQuantizer(spec.act_bits, signed=False, symmetric=spec.symmetric, method=spec.range_method,
-                         percentile=spec.percentile)
+                         percentile=spec.percentile, bounds=bounds)
+
+
+def _activate(activation: nn.Module | None, y: torch.Tensor) -> torch.Tensor:
+    return activation(y) if activation is not None else y
+
+
+def _with_activation(layer: nn.Module, activation: nn.Module | None) -> nn.Module:
+    return nn.Sequential(layer, activation) if activation is not None else layer
 
 
 class QuantConv2d(nn.Module):
-    """Conv2d (+ folded BatchNorm2d) (+ ReLU) with fake-quantized weights and output.
+    """Conv2d (+ folded BatchNorm2d) (+ a fused activation) with fake-quantized weights and output.
 
     While BN statistics train, the conv runs on weights folded with the running statistics and
     the output is rescaled and normalized by the batch statistics (Krishnamoorthi 2018, as in
     torch.ao); once BN is frozen, and in eval, it is exactly the folded conv that is deployed.
     """
 
-    def __init__(self, conv: nn.Conv2d, bn: nn.BatchNorm2d | None, relu: bool,
+    def __init__(self, conv: nn.Conv2d, bn: nn.BatchNorm2d | None, activation: nn.Module | None,
                  weight_quant: FakeQuantizer | None, act_quant: FakeQuantizer | None):
         super().__init__()
-        self.conv, self.bn, self.relu = conv, bn, relu
+        self.conv, self.bn, self.activation = conv, bn, activation
         self.weight_quant, self.act_quant = weight_quant, act_quant
         self.bn_frozen = False
 
     @classmethod
-    def from_float(cls, conv: nn.Conv2d, bn: nn.BatchNorm2d | None, relu: bool, spec: QuantSpec,
-                   quantize_output: bool) -> QuantConv2d:
-        return cls(conv, bn, relu, weight_quantizer(spec, conv.out_channels),
-                   activation_quantizer(spec) if quantize_output else None)
+    def from_float(cls, conv: nn.Conv2d, bn: nn.BatchNorm2d | None, activation: nn.Module | None,
+                   bounds: Bounds | None, spec: QuantSpec, quantize_output: bool) -> QuantConv2d:
+        return cls(conv, bn, activation, weight_quantizer(spec, conv.out_channels),
+                   activation_quantizer(spec, bounds) if quantize_output else None)
 
     def folded(self) -> tuple[torch.Tensor, torch.Tensor | None]:
         """Weight and bias with BN folded in using its running statistics."""
@@ -103,35 +118,35 @@ class QuantConv2d(nn.Module):
         else:
             w, b = self.folded()
             y = self._conv(x, self.weight_quant(w) if self.weight_quant is not None else w, b)
-        if self.relu:
-            y = F.relu(y)
+        y = _activate(self.activation, y)
         return self.act_quant(y) if self.act_quant is not None else y
 
     @torch.no_grad()
     def to_float(self) -> nn.Module:
-        """A plain Conv2d (+ ReLU) carrying the folded, quantized weights: the deployed layer."""
+        """A plain Conv2d (+ activation) carrying the folded, quantized weights: the deployed layer."""
         c = self.conv
         conv = nn.Conv2d(c.in_channels, c.out_channels, c.kernel_size, c.stride, c.padding, c.dilation, c.groups,
                          bias=True)
         _, b = self.folded()
         conv.weight.copy_(self.quantized_weight())
         conv.bias.copy_(b if b is not None else torch.zeros(c.out_channels))
-        return nn.Sequential(conv, nn.ReLU()) if self.relu else conv
+        return _with_activation(conv, self.activation)
 
 
 class QuantLinear(nn.Module):
-    """Linear (+ ReLU) with fake-quantized weights and output."""
+    """Linear (+ a fused activation) with fake-quantized weights and output."""
 
-    def __init__(self, linear: nn.Linear, relu: bool, weight_quant: FakeQuantizer | None,
+    def __init__(self, linear: nn.Linear, activation: nn.Module | None, weight_quant: FakeQuantizer | None,
                  act_quant: FakeQuantizer | None):
         super().__init__()
-        self.linear, self.relu = linear, relu
+        self.linear, self.activation = linear, activation
         self.weight_quant, self.act_quant = weight_quant, act_quant
 
     @classmethod
-    def from_float(cls, linear: nn.Linear, relu: bool, spec: QuantSpec, quantize_output: bool) -> QuantLinear:
-        return cls(linear, relu, weight_quantizer(spec, linear.out_features),
-                   activation_quantizer(spec) if quantize_output else None)
+    def from_float(cls, linear: nn.Linear, activation: nn.Module | None, bounds: Bounds | None, spec: QuantSpec,
+                   quantize_output: bool) -> QuantLinear:
+        return cls(linear, activation, weight_quantizer(spec, linear.out_features),
+                   activation_quantizer(spec, bounds) if quantize_output else None)
 
     def folded(self) -> tuple[torch.Tensor, torch.Tensor | None]:
         return self.linear.weight, self.linear.bias
@@ -144,9 +159,7 @@ class QuantLinear(nn.Module):
         lead = x.shape[:-1]
         if x.dim() > 2:  # run as (N, in): exports as Gemm, which ONNX Runtime fuses into QGemm
             x = x.reshape(-1, x.shape[-1])
-        y = F.linear(x, self.quantized_weight(), self.linear.bias)
-        if self.relu:
-            y = F.relu(y)
+        y = _activate(self.activation, F.linear(x, self.quantized_weight(), self.linear.bias))
         y = self.act_quant(y) if self.act_quant is not None else y  # per-tensor: same before or after reshape
         return y.reshape(*lead, y.shape[-1]) if len(lead) > 1 else y
 
@@ -156,21 +169,162 @@ class QuantLinear(nn.Module):
         lin.weight.copy_(self.quantized_weight())
         if lin.bias is not None:
             lin.bias.copy_(self.linear.bias)
-        return nn.Sequential(lin, nn.ReLU()) if self.relu else lin
+        return _with_activation(lin, self.activation)
 
 
 class QuantOutput(nn.Module):
-    """A weightless op (pooling, Add, MatMul, LayerNorm, Softmax, GELU) whose output is quantized."""
+    """An op without quantized weights (pooling, add, matmul, LayerNorm, softmax, GELU, …), then a
+    fused activation, then its output quantizer (None: the plan leaves its output in float)."""
 
-    def __init__(self, op: nn.Module, act_quant: FakeQuantizer):
+    def __init__(self, op: nn.Module, act_quant: FakeQuantizer | None, activation: nn.Module | None = None):
         super().__init__()
-        self.op, self.act_quant = op, act_quant
+        self.op, self.act_quant, self.activation = op, act_quant, activation
 
-    def forward(self, *args: torch.Tensor) -> torch.Tensor:
-        return self.act_quant(self.op(*args))
+    def forward(self, *args: Any) -> torch.Tensor:
+        y = _activate(self.activation, self.op(*args))
+        return self.act_quant(y) if self.act_quant is not None else y
 
     def to_float(self) -> nn.Module:
-        return self.op
+        return _with_activation(self.op, self.activation)
+
+
+class Arg(int):
+    """In a ``FunctionalOp``'s argument template: "the forward's i-th input goes here"."""
+
+
+# in-place operators become their plain form: the value they would overwrite may be saved for backward
+PLAIN_OPERATOR = {operator.iadd: operator.add, operator.isub: operator.sub, operator.imul: operator.mul,
+                  operator.itruediv: operator.truediv}
+
+
+class FunctionalOp(nn.Module):
+    """One call of a function or tensor method from a traced graph (``x + y``, ``torch.cat([a, b], 1)``,
+    ``t.mean(dim=1)``), as a module: its tensor (and traced) inputs come in ``forward``; everything
+    else is fixed in the template, where ``Arg(i)`` marks the i-th input."""
+
+    def __init__(self, target: Callable[..., Any] | str, args: tuple, kwargs: dict[str, Any]):
+        super().__init__()
+        self.target = PLAIN_OPERATOR.get(target, target) if not isinstance(target, str) else target.rstrip("_")
+        self.template_args, self.template_kwargs = args, {k: v for k, v in kwargs.items() if k != "inplace"}
+
+    def extra_repr(self) -> str:
+        return self.target if isinstance(self.target, str) else getattr(self.target, "__name__", repr(self.target))
+
+    def forward(self, *inputs: Any) -> Any:
+        def fill(a: Any) -> Any:
+            if isinstance(a, Arg):
+                return inputs[a]
+            if isinstance(a, (list, tuple)):
+                return type(a)(fill(v) for v in a)
+            if isinstance(a, dict):
+                return {k: fill(v) for k, v in a.items()}
+            if isinstance(a, slice):
+                return slice(fill(a.start), fill(a.stop), fill(a.step))
+            return a
+
+        args, kwargs = fill(self.template_args), fill(self.template_kwargs)
+        if isinstance(self.target, str):
+            return getattr(args[0], self.target)(*args[1:], **kwargs)
+        return self.target(*args, **kwargs)
+
+
+def attention_weights(q: torch.Tensor, k: torch.Tensor, mask: torch.Tensor | None, is_causal: bool,
+                      scale: float) -> torch.Tensor:
+    """``softmax(q k^T · scale + mask)`` as separate ops, each quantizable: the scaled queries, the
+    scores ``q @ k^T`` (an integer matmul after export) and the softmax.
+
+    The scale goes on the queries, before the matmul, so that the matmul reads quantized inputs.
+    ``mask``: boolean (True = attend) or additive float, broadcastable to ``(..., L, S)``.
+    """
+    scores = (q * scale) @ k.transpose(-2, -1)  # (..., L, S)
+    if is_causal:
+        scores = scores.masked_fill(~torch.ones_like(scores, dtype=torch.bool).tril(), float("-inf"))
+    if mask is not None:
+        scores = scores.masked_fill(~mask, float("-inf")) if mask.dtype == torch.bool else scores + mask
+    return torch.softmax(scores, dim=-1)
+
+
+def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None, is_causal: bool,
+              scale: float) -> torch.Tensor:
+    """``F.scaled_dot_product_attention`` (eval) as quantizable ops: weights, then ``weights @ v``."""
+    return attention_weights(q, k, mask, is_causal, scale) @ v  # (..., L, E_v)
+
+
+class DecomposedMultiheadAttention(nn.Module):
+    """``nn.MultiheadAttention`` (eval semantics) as q/k/v/out Linear layers around :func:`attention`.
+
+    Same parameters and results as the module it replaces; attention dropout is left out (the
+    fine-tune is short, and ONNX export drops it anyway).
+    """
+
+    def __init__(self, embed_dim: int, num_heads: int, kdim: int, vdim: int, bias: bool, batch_first: bool):
+        super().__init__()
+        self.embed_dim, self.num_heads, self.batch_first = embed_dim, num_heads, batch_first
+        self.head_dim = embed_dim // num_heads
+        self.q_proj = nn.Linear(embed_dim, embed_dim, bias=bias)
+        self.k_proj = nn.Linear(kdim, embed_dim, bias=bias)
+        self.v_proj = nn.Linear(vdim, embed_dim, bias=bias)
+        self.out_proj = nn.Linear(embed_dim, embed_dim, bias=bias)
+
+    @staticmethod
+    def supports(mha: nn.MultiheadAttention) -> bool:
+        return mha.bias_k is None and mha.bias_v is None and not mha.add_zero_attn
+
+    @classmethod
+    @torch.no_grad()
+    def from_float(cls, mha: nn.MultiheadAttention) -> DecomposedMultiheadAttention:
+        new = cls(mha.embed_dim, mha.num_heads, mha.kdim, mha.vdim, mha.in_proj_bias is not None, mha.batch_first)
+        if mha._qkv_same_embed_dim:
+            weights = mha.in_proj_weight.chunk(3)
+        else:
+            weights = (mha.q_proj_weight, mha.k_proj_weight, mha.v_proj_weight)
+        biases = mha.in_proj_bias.chunk(3) if mha.in_proj_bias is not None else (None,) * 3
+        for proj, w, b in zip((new.q_proj, new.k_proj, new.v_proj), weights, biases, strict=True):
+            proj.weight.copy_(w)
+            if b is not None:
+                proj.bias.copy_(b)
+        new.out_proj.weight.copy_(mha.out_proj.weight)
+        if mha.out_proj.bias is not None:
+            new.out_proj.bias.copy_(mha.out_proj.bias)
+        return new.to(mha.out_proj.weight.device)
+
+    def _heads(self, t: torch.Tensor) -> torch.Tensor:  # (B, T, E) -> (B, H, T, dh)
+        return t.reshape(t.shape[0], t.shape[1], self.num_heads, self.head_dim).transpose(1, 2)
+
+    def forward(self, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
+                key_padding_mask: torch.Tensor | None = None, need_weights: bool = True,
+                attn_mask: torch.Tensor | None = None, average_attn_weights: bool = True,
+                is_causal: bool = False) -> tuple[torch.Tensor, torch.Tensor | None]:
+        if not self.batch_first:  # (T, B, E) -> (B, T, E)
+            query, key, value = query.transpose(0, 1), key.transpose(0, 1), value.transpose(0, 1)
+        b, t = query.shape[0], query.shape[1]
+        q, k, v = self._heads(self.q_proj(query)), self._heads(self.k_proj(key)), self._heads(self.v_proj(value))
+        mask = _merged_mask(attn_mask, key_padding_mask, b, self.num_heads)  # additive, (B, H, T, S)-broadcastable
+        weights = attention_weights(q, k, mask, is_causal and attn_mask is None, self.head_dim**-0.5)
+        out = (weights @ v).transpose(1, 2).reshape(b, t, self.embed_dim)  # (B, T, E)
+        out = self.out_proj(out)
+        if not self.batch_first:
+            out = out.transpose(0, 1)
+        if not need_weights:
+            return out, None
+        return out, weights.mean(dim=1) if average_attn_weights else weights
+
+
+def _merged_mask(attn_mask: torch.Tensor | None, key_padding_mask: torch.Tensor | None, batch: Any,
+                 heads: int) -> torch.Tensor | None:
+    """nn.MultiheadAttention's masks (True or -inf = blocked) as one additive mask."""
+    def additive(m: torch.Tensor) -> torch.Tensor:
+        return torch.zeros_like(m, dtype=torch.float).masked_fill(m, float("-inf")) if m.dtype == torch.bool else m
+
+    mask = None
+    if attn_mask is not None:  # (T, S) or (B*H, T, S)
+        mask = additive(attn_mask)
+        if mask.dim() == 3:
+            mask = mask.reshape(batch, heads, mask.shape[-2], mask.shape[-1])
+    if key_padding_mask is not None:  # (B, S) -> (B, 1, 1, S)
+        pad = additive(key_padding_mask)[:, None, None, :]
+        mask = pad if mask is None else mask + pad
+    return mask
 
 
 class QATModel(nn.Module):

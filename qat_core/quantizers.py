@@ -32,16 +32,18 @@ class FakeQuantizer(nn.Module):
     """
 
     def __init__(self, bits: int, signed: bool, symmetric: bool, method: str, channels: int = 1,
-                 axis: int | None = None, percentile: float = 99.99):
+                 axis: int | None = None, percentile: float = 99.99, bounds: tuple[float, float | None] | None = None):
         super().__init__()
         self.bits, self.signed, self.symmetric, self.method, self.axis = bits, signed, symmetric, method, axis
         self.qmin, self.qmax = qrange(bits, signed)
+        # the output range [0, upper] of a fused clipping activation (ReLU: upper None; ReLU6: 6.0)
+        self.bounds = bounds
         self.learned = method == "lsq"
         scale, zero_point = torch.ones(channels), torch.zeros(channels)
         if self.learned:
             self.scale = nn.Parameter(scale)
             # a symmetric zero point is fixed by the code range; an asymmetric one is learned (LSQ+)
-            self.zero_point = nn.Parameter(zero_point, requires_grad=not symmetric)
+            self.zero_point = nn.Parameter(zero_point, requires_grad=not symmetric and bounds is None)
         else:
             self.register_buffer("scale", scale)
             self.register_buffer("zero_point", zero_point)
@@ -65,7 +67,26 @@ class FakeQuantizer(nn.Module):
         scale, zero_point = self.observer.qparams()
         self.scale.copy_(scale.reshape(self.scale.shape))
         self.zero_point.copy_(zero_point.reshape(self.zero_point.shape))
+        self.keep_in_bounds()
         self.calibrated = True
+
+    @torch.no_grad()
+    def keep_in_bounds(self) -> None:
+        """After a fused activation with range ``[0, upper]``: code ``qmin`` is 0.0 and the highest
+        code stays at or below ``upper``.
+
+        Then the activation changes nothing the quantizer lets through, and ONNX Runtime drops it
+        (ReluQuantFusion needs the zero point at the code minimum; ClipQuantFusion needs the
+        QuantizeLinear's range inside the Clip's, to float32 epsilon) and fuses the layer into one
+        integer kernel: what is deployed is what was trained.
+        """
+        if self.bounds is None:
+            return
+        self.zero_point.fill_(self.qmin)
+        upper = self.bounds[1]
+        if upper is not None:
+            limit = upper * (1 - 2**-20) / (self.qmax - self.qmin)
+            self.scale.copy_(self.scale.clamp(EPS, limit))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.observing:
@@ -130,6 +151,7 @@ def clamp_learned(model: nn.Module) -> None:
             q.scale.clamp_(min=EPS)
             if not q.symmetric:
                 q.zero_point.clamp_(q.qmin, q.qmax)
+            q.keep_in_bounds()
 
 
 def freeze_ranges(model: nn.Module) -> None:

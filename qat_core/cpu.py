@@ -1,0 +1,37 @@
+"""What this CPU is, and what that means for ONNX Runtime's integer kernels.
+
+On x86 without VNNI, ONNX Runtime's uint8 × int8 kernels (AVX2 ``vpmaddubsw``) add each pair of
+products in 16 bits, which saturates once ``|a1·w1 + a2·w2| > 32767`` — reachable with 8-bit weights
+(255·127·2 = 64770), never with 7-bit ones. Its uint8 × uint8 kernels widen first and are exact, so
+on such a CPU the int8 export stores weights as uint8 with their zero point moved by 128: the same
+values, computed exactly (what was simulated is what runs).
+"""
+
+from __future__ import annotations
+
+import platform
+from functools import lru_cache
+from pathlib import Path
+
+
+@lru_cache(maxsize=1)
+def name_and_flags() -> tuple[str, frozenset[str]]:
+    """The CPU's model name and its feature flags (empty where /proc/cpuinfo is not readable)."""
+    name, flags = platform.processor() or platform.machine(), frozenset()
+    try:
+        text = Path("/proc/cpuinfo").read_text(encoding="utf-8", errors="replace")
+    except OSError:
+        text = ""
+    for line in text.splitlines():
+        key, _, value = line.partition(":")
+        if key.strip() == "model name" and value.strip():
+            name = value.strip()
+        elif key.strip() == "flags" and not flags:
+            flags = frozenset(value.split())
+    return name, flags
+
+
+def int8_weights_saturate() -> bool:
+    """Whether ONNX Runtime's u8×s8 kernels can saturate here: x86 with AVX2 but without VNNI."""
+    _, flags = name_and_flags()
+    return "avx2" in flags and not flags & {"avx512_vnni", "avxvnni"}

@@ -1,0 +1,436 @@
+"""The float model's traced graph: where its quantizable layers stand and what fuses with them.
+
+A model is traced with ``torch.fx`` while one example batch runs alongside (every node also gets
+its concrete value), so shapes, dtypes and rank-dependent Python (``(*x.shape[:-1], -1)``) are
+known during the trace, and the graph is found wherever the layers stand — in an
+``nn.Sequential``, a custom ``forward``, or a library's code (torchvision, timm, transformers):
+
+- a ``Conv2d`` whose only user is a ``BatchNorm2d`` → the BN is folded into it;
+- a layer whose only user is ReLU / ReLU6 / Hardtanh / clamp with a lower bound ≥ 0 → fused:
+  the output quantizer sits after the activation and its range stays inside the activation's;
+- every other op that computes new float values (``+``, ``*``, ``cat``, ``@``, ``mean``, pooling,
+  softmax, norms, activations, …) → a layer of its own with an output quantizer;
+- ops that only move values (views, reshapes, ``max_pool``, dropout in eval, slicing) → no
+  quantizer: their output keeps the codes of their input.
+
+``nn.MultiheadAttention`` and ``F.scaled_dot_product_attention`` are decomposed into Linear /
+matmul / softmax pieces before and during the trace, so their projections and both matmuls get
+quantizers. A module whose code cannot be traced is kept whole (a leaf) and named with the reason;
+a model whose top-level ``forward`` cannot be traced is reported as such (``prepare`` then falls
+back to finding layers with module hooks).
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+import operator
+from collections import Counter
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import fx, nn
+from torch.fx.node import map_aggregate
+
+from qat_core.modules import DecomposedMultiheadAttention, attention
+
+MAX_LEAF_RETRIES = 32  # modules kept whole before tracing gives up
+WEIGHT_LAYERS = (nn.Conv2d, nn.Linear)
+# modules with weights that QAT Studio has no QAT layer for: they run in float, by name
+UNSUPPORTED_WEIGHTS = (nn.Conv1d, nn.Conv3d, nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d, nn.Embedding,
+                       nn.EmbeddingBag, nn.LSTM, nn.GRU, nn.RNN, nn.Bilinear, nn.MultiheadAttention)
+# modules and functions that only move or pick values: their output keeps the input's codes
+MOVING_MODULES = (nn.MaxPool1d, nn.MaxPool2d, nn.MaxPool3d, nn.Dropout, nn.Dropout1d, nn.Dropout2d, nn.Dropout3d,
+                  nn.AlphaDropout, nn.Identity, nn.Flatten, nn.Unflatten, nn.ChannelShuffle, nn.PixelShuffle,
+                  nn.PixelUnshuffle, nn.ZeroPad2d)
+MOVING_FUNCTIONS = {F.max_pool1d, F.max_pool2d, F.max_pool3d, F.dropout, F.dropout1d, F.dropout2d, F.dropout3d,
+                    torch.flatten, torch.reshape, torch.permute, torch.transpose, torch.squeeze, torch.unsqueeze,
+                    torch.chunk, torch.split, torch.narrow, torch.select, torch.flip, torch.roll, torch.t,
+                    torch.movedim, torch.swapaxes, torch.channel_shuffle, F.pixel_shuffle, F.pixel_unshuffle,
+                    operator.getitem}
+MOVING_METHODS = {"view", "reshape", "flatten", "permute", "transpose", "squeeze", "unsqueeze", "contiguous",
+                  "expand", "expand_as", "view_as", "reshape_as", "chunk", "split", "narrow", "select", "flip",
+                  "roll", "t", "movedim", "swapaxes", "repeat", "unfold", "clone", "detach", "to", "float",
+                  "unbind"}
+INPLACE_TO_PLAIN = {operator.iadd: operator.add, operator.isub: operator.sub, operator.imul: operator.mul,
+                    operator.itruediv: operator.truediv}
+
+
+@dataclass
+class Layer:
+    """One plan row: a node of the traced graph whose output gets a quantizer."""
+
+    name: str  # plan name: the module path (``layer1.0.conv1``) or a readable op name (``layer1.0.add``)
+    kind: str  # ``Conv2d``, ``Linear``, a module class, or the op (``add``, ``matmul``, ``cat``)
+    node: fx.Node
+    has_weights: bool = False
+    bn: fx.Node | None = None  # the folded BatchNorm2d's node
+    activation: fx.Node | None = None  # the fused activation's node
+    bounds: tuple[float, float | None] | None = None  # the fused activation's output range
+    is_output: bool = False  # produces the model's output: its logits stay FP32
+
+    @property
+    def fused(self) -> str:
+        parts = ["BN"] if self.bn is not None else []
+        if self.activation is not None:
+            parts.append(_activation_name(self.activation))
+        return "+".join(parts)
+
+
+@dataclass
+class ModelGraph:
+    """The traced float model (attention decomposed, in-place ops made plain) and its layers."""
+
+    module: fx.GraphModule
+    layers: list[Layer]
+    input_is_float: bool
+    float_layers: dict[str, str] = field(default_factory=dict)  # name -> why it stays float
+    leaves: dict[str, str] = field(default_factory=dict)  # module kept whole -> why it could not be traced
+
+    def submodule(self, node: fx.Node) -> nn.Module:
+        return self.module.get_submodule(node.target)
+
+
+class TracingError(Exception):
+    """The model's own ``forward`` cannot be traced (``prepare`` falls back to module hooks)."""
+
+
+# --- tracing -------------------------------------------------------------------------------------
+
+class _ValueProxy(fx.Proxy):
+    """A proxy that knows its example value, so rank-dependent Python (``*x.shape[:-1]``,
+    ``len(t.shape)``) traces; branches on values are fixed at the example's and recorded."""
+
+    def _value(self) -> Any:
+        return self.tracer.values.get(self.node)
+
+    def __iter__(self):
+        value = self._value()
+        if isinstance(value, (tuple, list)):
+            return iter([self[i] for i in range(len(value))])
+        return super().__iter__()
+
+    def __len__(self) -> int:
+        value = self._value()
+        if isinstance(value, (tuple, list, torch.Tensor)):
+            return len(value)
+        return super().__len__()
+
+    def __bool__(self) -> bool:
+        value = self._value()
+        if isinstance(value, bool):
+            self.tracer.fixed_branches.append(self.node.name)
+            return value
+        return super().__bool__()
+
+
+class _Tracer(fx.Tracer):
+    def __init__(self, example: tuple[torch.Tensor, ...], leaves: set[str]):
+        super().__init__()
+        self.proxy_buffer_attributes = True  # buffers sliced by traced sizes (position ids) become nodes
+        self.example, self.leaves = list(example), leaves
+        self.values: dict[fx.Node, Any] = {}
+        self.fixed_branches: list[str] = []
+        self.failed_in: tuple[str, str] | None = None  # innermost module whose code failed, and why
+
+    def proxy(self, node: fx.Node) -> fx.Proxy:
+        return _ValueProxy(node, self)
+
+    def is_leaf_module(self, m: nn.Module, qualname: str) -> bool:
+        return qualname in self.leaves or super().is_leaf_module(m, qualname)
+
+    def call_module(self, m: nn.Module, forward: Any, args: Any, kwargs: Any) -> Any:
+        try:
+            return super().call_module(m, forward, args, kwargs)
+        except Exception as err:
+            if self.failed_in is None:
+                self.failed_in = (self.path_of_module(m), _first_line(err))
+            raise
+
+    def create_proxy(self, kind: str, target: Any, args: Any, kwargs: Any, name: str | None = None,
+                     type_expr: Any = None, proxy_factory_fn: Any = None) -> fx.Proxy:
+        if kind == "call_function" and target is F.scaled_dot_product_attention:
+            return _decomposed_sdpa(*args, **kwargs)  # traced as matmul / softmax pieces
+        proxy = super().create_proxy(kind, target, args, kwargs, name, type_expr, proxy_factory_fn)
+        from torch.fx._symbolic_trace import _maybe_revert_all_patches  # run real code, not traced code
+
+        concrete = map_aggregate((args, kwargs), lambda a: self.values[a.node] if isinstance(a, fx.Proxy) else
+                                 self.values[a] if isinstance(a, fx.Node) else a)
+        with _maybe_revert_all_patches():
+            self.values[proxy.node] = self._run(kind, target, *concrete)
+        return proxy
+
+    def _run(self, kind: str, target: Any, args: tuple, kwargs: dict) -> Any:
+        if kind == "placeholder":
+            return self.example.pop(0) if self.example else None
+        if kind == "get_attr":
+            return _attr(self.root, target)
+        if kind == "call_function":
+            return target(*args, **kwargs)
+        if kind == "call_method":
+            return getattr(args[0], target)(*args[1:], **kwargs)
+        if kind == "call_module":
+            return self.root.get_submodule(target)(*args, **kwargs)
+        return None
+
+
+def _decomposed_sdpa(query: Any, key: Any, value: Any, attn_mask: Any = None, dropout_p: float = 0.0,
+                     is_causal: bool = False, scale: float | None = None, enable_gqa: bool = False) -> Any:
+    """``F.scaled_dot_product_attention`` as matmul / softmax ops (in eval: dropout is off)."""
+    if enable_gqa:
+        raise TracingError("scaled_dot_product_attention with enable_gqa=True is not supported yet")
+    head_dim = query.tracer.values[query.node].shape[-1]
+    return attention(query, key, value, attn_mask, is_causal, scale if scale is not None else 1 / math.sqrt(head_dim))
+
+
+def _attr(root: nn.Module, target: str) -> Any:
+    """``root``'s attribute by dotted path, read without the tracer's patched ``__getattr__``."""
+    *path, leaf = target.split(".")
+    mod = root
+    for part in path:
+        mod = mod._modules[part]
+    for table in (mod._parameters, mod._buffers, mod._modules):
+        if leaf in table:
+            return table[leaf]
+    return mod.__dict__[leaf]
+
+
+def _first_line(err: BaseException) -> str:
+    text = str(err).strip().splitlines()
+    return f"{type(err).__name__}: {text[0][:200]}" if text else type(err).__name__
+
+
+def decompose_attention(model: nn.Module) -> None:
+    """Replace every ``nn.MultiheadAttention`` that can be decomposed by an equivalent module of
+    Linear projections and explicit matmul / softmax (in place)."""
+    for name, mod in list(model.named_modules()):
+        if isinstance(mod, nn.MultiheadAttention) and DecomposedMultiheadAttention.supports(mod):
+            parent, _, attr = name.rpartition(".")
+            setattr(model.get_submodule(parent) if parent else model, attr, DecomposedMultiheadAttention.from_float(mod))
+
+
+def trace(model: nn.Module, example: torch.Tensor) -> tuple[fx.GraphModule, dict[fx.Node, Any], dict[str, str], nn.Module]:
+    """A traced copy of ``model`` in eval mode, the example value of every node, the modules that had
+    to be kept whole (path -> why), and the module tree the trace was made from (attention decomposed).
+    Raises TracingError when the top-level forward cannot be traced."""
+    net = copy.deepcopy(model).eval()
+    decompose_attention(net)
+    for mod in net.modules():  # in-place activations would overwrite values the quantizers saved
+        if getattr(mod, "inplace", False) is True:
+            mod.inplace = False
+    leaves: dict[str, str] = {}
+    for _ in range(MAX_LEAF_RETRIES):
+        tracer = _Tracer((example,), set(leaves))
+        try:
+            with torch.no_grad():
+                graph = tracer.trace(net)
+        except Exception as err:
+            failed = tracer.failed_in
+            if failed is None or failed[0] in leaves or not failed[0]:
+                raise TracingError(f"tracing stopped in the model's forward: {_first_line(err)}") from None
+            leaves[failed[0]] = failed[1]
+            continue
+        gm = fx.GraphModule(net, graph, class_name=type(model).__name__)
+        _check_traced(model, gm, example, tracer.fixed_branches)
+        values = {node: tracer.values.get(node) for node in graph.nodes}
+        return gm, values, leaves, net
+    raise TracingError(f"more than {MAX_LEAF_RETRIES} modules could not be traced")
+
+
+@torch.no_grad()
+def _check_traced(model: nn.Module, gm: fx.GraphModule, example: torch.Tensor, fixed: list[str]) -> None:
+    """The traced graph must compute what the model computes, also at another batch size."""
+    was = model.training
+    model.eval()
+    try:
+        for x in (example, example[:1]):
+            want, got = model(x), gm(x)
+            if not (isinstance(want, torch.Tensor) and isinstance(got, torch.Tensor)):
+                raise TracingError("the model must return one tensor (the logits); wrap it so forward returns them")
+            if want.shape != got.shape or not torch.allclose(want, got, rtol=1e-4, atol=1e-5):
+                branches = f" (branches fixed at trace time: {', '.join(fixed)})" if fixed else ""
+                raise TracingError(f"the traced graph does not reproduce the model at batch size {len(x)}{branches}")
+    finally:
+        model.train(was)
+
+
+# --- what each node is ---------------------------------------------------------------------------
+
+def _is_float(value: Any) -> bool:
+    return isinstance(value, torch.Tensor) and value.is_floating_point()
+
+
+def _tensor_inputs(node: fx.Node, values: dict[fx.Node, Any]) -> list[fx.Node]:
+    return [n for n in node.all_input_nodes if isinstance(values.get(n), torch.Tensor)]
+
+
+def _moves_values(node: fx.Node, gm: fx.GraphModule, values: dict[fx.Node, Any]) -> bool:
+    """Whether ``node``'s output only moves or picks its input's values (keeps its codes)."""
+    if node.op == "call_module":
+        return isinstance(gm.get_submodule(node.target), MOVING_MODULES)
+    if node.op == "call_function" and node.target in MOVING_FUNCTIONS:
+        return True
+    if node.op == "call_method" and node.target in MOVING_METHODS:
+        return node.target not in ("to", "float") or values.get(node).dtype == values.get(node.args[0]).dtype
+    out = values.get(node)  # anything else that returns a view of an input (dropout in eval, identity)
+    return isinstance(out, torch.Tensor) and any(
+        out.untyped_storage().data_ptr() == values[n].untyped_storage().data_ptr()
+        for n in _tensor_inputs(node, values))
+
+
+def _activation_bounds(node: fx.Node, gm: fx.GraphModule) -> tuple[float, float | None] | None:
+    """The output range of a clipping activation (ReLU, ReLU6, Hardtanh, clamp) with lower bound ≥ 0."""
+    bounds: tuple[Any, Any] | None = None
+    if node.op == "call_module":
+        mod = gm.get_submodule(node.target)
+        if isinstance(mod, nn.ReLU):
+            bounds = (0.0, None)
+        elif isinstance(mod, nn.Hardtanh):  # ReLU6 is a Hardtanh(0, 6)
+            bounds = (mod.min_val, mod.max_val)
+    elif node.op in ("call_function", "call_method"):
+        name = node.target if isinstance(node.target, str) else getattr(node.target, "__name__", "")
+        args = list(node.args[1:])
+        if name in ("relu", "relu_"):
+            bounds = (0.0, None)
+        elif name in ("relu6",):
+            bounds = (0.0, 6.0)
+        elif name in ("hardtanh", "hardtanh_"):
+            bounds = (node.kwargs.get("min_val", args[0] if args else -1.0),
+                      node.kwargs.get("max_val", args[1] if len(args) > 1 else 1.0))
+        elif name in ("clamp", "clip", "clamp_min"):
+            bounds = (node.kwargs.get("min", args[0] if args else None),
+                      node.kwargs.get("max", args[1] if len(args) > 1 else None))
+    if bounds is None or not isinstance(bounds[0], (int, float)) or bounds[0] < 0:
+        return None
+    if bounds[1] is not None and (not isinstance(bounds[1], (int, float)) or bounds[1] <= bounds[0]):
+        return None
+    return float(bounds[0]), None if bounds[1] is None else float(bounds[1])
+
+
+ACTIVATION_NAMES = {"relu": "ReLU", "relu6": "ReLU6", "hardtanh": "Hardtanh", "clamp": "clamp", "clip": "clamp",
+                    "clamp_min": "clamp"}
+
+
+def _activation_name(node: fx.Node) -> str:
+    if node.op == "call_module":
+        return type(node.graph.owning_module.get_submodule(node.target)).__name__
+    name = node.target if isinstance(node.target, str) else getattr(node.target, "__name__", str(node.target))
+    return ACTIVATION_NAMES.get(name.rstrip("_"), name)
+
+
+def op_kind(node: fx.Node, gm: fx.GraphModule) -> str:
+    if node.op == "call_module":
+        return type(gm.get_submodule(node.target)).__name__
+    target = INPLACE_TO_PLAIN.get(node.target, node.target)
+    return target if isinstance(target, str) else getattr(target, "__name__", str(target)).strip("_")
+
+
+# --- the analysis --------------------------------------------------------------------------------
+
+def analyze(model: nn.Module, example: torch.Tensor) -> ModelGraph:
+    """Trace ``model`` and find its layers in execution order. Raises TracingError (see ``trace``)."""
+    gm, values, leaves, source = trace(model, example)
+    graph = gm.graph
+    users = {n: list(n.users) for n in graph.nodes}
+    layers: dict[fx.Node, Layer] = {}
+    data: set[fx.Node] = set()  # nodes that carry values computed from the input (not masks, not shapes)
+    absorbed: dict[fx.Node, fx.Node] = {}  # BN / activation node -> the node of the layer it joined
+    float_layers: dict[str, str] = {}
+    calls = Counter(n.target for n in graph.nodes if n.op == "call_module")
+    for node in graph.nodes:
+        mod = gm.get_submodule(node.target) if node.op == "call_module" else None
+        if (node.op == "placeholder" and _is_float(values.get(node))) or any(n in data for n in node.all_input_nodes) \
+                or (mod is not None and any(True for _ in mod.parameters())):
+            data.add(node)
+        if node.op not in ("call_module", "call_function", "call_method") or not _is_float(values.get(node)) \
+                or node not in data:
+            continue
+        src = node.all_input_nodes[0] if node.all_input_nodes else None
+        owner = absorbed.get(src, src)
+        single_user = src is not None and len(users[src]) == 1
+        if isinstance(mod, nn.BatchNorm2d) and owner in layers and isinstance(_module(gm, owner), nn.Conv2d) \
+                and src is owner and single_user and layers[owner].bn is None and calls[owner.target] == 1:
+            layers[owner].bn = node
+            absorbed[node] = owner
+            continue
+        bounds = _activation_bounds(node, gm)
+        if bounds is not None and owner in layers and single_user and layers[owner].activation is None \
+                and (src is owner or absorbed.get(src) is owner):
+            layers[owner].activation, layers[owner].bounds = node, bounds
+            absorbed[node] = owner
+            continue
+        if mod is not None and isinstance(mod, WEIGHT_LAYERS) and calls[node.target] == 1:
+            layers[node] = Layer(node.target, type(mod).__name__, node, has_weights=True)
+            continue
+        if _moves_values(node, gm, values):
+            continue  # keeps its input's codes
+        layers[node] = Layer("", op_kind(node, gm), node)
+        if mod is not None and (isinstance(mod, UNSUPPORTED_WEIGHTS + WEIGHT_LAYERS) or node.target in leaves):
+            why = leaves.get(node.target) or (f"{type(mod).__name__} is called more than once" if
+                                               isinstance(mod, WEIGHT_LAYERS) else
+                                               f"QAT Studio has no QAT layer for {type(mod).__name__}")
+            float_layers[node.target] = f"its weights stay FP32: {why}"
+        elif isinstance(mod, nn.BatchNorm2d):
+            float_layers[node.target] = ("BatchNorm2d does not follow a Conv2d that only it reads, so it cannot be "
+                                         "folded; it runs in float")
+    ordered = list(layers.values())
+    _name_ops(ordered, gm, source)
+    _mark_output(ordered, graph, gm, values, absorbed)
+    for leaf, why in leaves.items():
+        float_layers.setdefault(leaf, f"kept whole, not traced ({why}): layers inside it stay FP32")
+    placeholder = next(n for n in graph.nodes if n.op == "placeholder")
+    return ModelGraph(gm, ordered, _is_float(values.get(placeholder)), float_layers, leaves)
+
+
+def _module(gm: fx.GraphModule, node: fx.Node) -> nn.Module | None:
+    return gm.get_submodule(node.target) if node.op == "call_module" else None
+
+
+def _scope(node: fx.Node) -> str:
+    """The module path the node's code belongs to (``layer1.0`` for BasicBlock's ``out += identity``)."""
+    stack = node.meta.get("nn_module_stack") or {}
+    return list(stack.values())[-1][0] if stack else ""
+
+
+def _name_ops(layers: list[Layer], gm: fx.GraphModule, source: nn.Module) -> None:
+    """Plan names: a module's path; an op's module path plus the op (``layer1.0.add``), or the
+    module path alone when the op is the only layer of that module (a model's own ``Add`` module)."""
+    taken = {name for name, _ in source.named_modules()} | {name for name, _ in source.named_parameters()}
+    per_scope = Counter(_scope(ly.node) for ly in layers if ly.node.op != "call_module")
+    seen: Counter = Counter()
+    for ly in layers:
+        if ly.node.op == "call_module":
+            base = ly.node.target
+            seen[base] += 1
+            ly.name = base if seen[base] == 1 else f"{base}_{seen[base] - 1}"
+            continue
+        scope = _scope(ly.node)
+        op = ly.kind.lower()
+        if scope and per_scope[scope] == 1 and not any(True for _ in source.get_submodule(scope).children()):
+            base = scope  # the op is all this module does (a model's own ``Add``): the module's name
+            taken.discard(scope)
+        else:
+            base = f"{scope}.{op}" if scope else op
+        name, k = base, 0
+        while name in taken or name == "input":
+            k += 1
+            name = f"{base}_{k}"
+        taken.add(name)
+        ly.name = name
+
+
+def _mark_output(layers: list[Layer], graph: fx.Graph, gm: fx.GraphModule, values: dict[fx.Node, Any],
+                 absorbed: dict[fx.Node, fx.Node]) -> None:
+    """The layer whose output is the model's output (through value-moving ops) keeps float logits."""
+    by_node = {ly.node: ly for ly in layers}
+    out = next(n for n in graph.nodes if n.op == "output").args[0]
+    node = out if isinstance(out, fx.Node) else None
+    while node is not None:
+        node = absorbed.get(node, node)
+        if node in by_node:
+            by_node[node].is_output = True
+            return
+        inputs = _tensor_inputs(node, values)
+        node = inputs[0] if len(inputs) == 1 and _moves_values(node, gm, values) else None
