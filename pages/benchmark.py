@@ -49,6 +49,9 @@ with left:
         if parity["float_layers"]:
             st.warning("Runs in float in ONNX Runtime: " + "; ".join(
                 f"{k}: {v}" for k, v in report.float_reasons(parity["float_layers"]).items()))
+        if parity.get("float_ops"):
+            with st.expander(f"{len(parity['float_ops'])} light ops run in float between integer kernels"):
+                st.caption("; ".join(f"{k}: {v}" for k, v in parity["float_ops"].items()))
         if parity.get("first_divergence"):
             st.info(f"First layer where ORT and the simulation diverge: `{parity['first_divergence']}`")
     if exported:

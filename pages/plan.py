@@ -40,6 +40,7 @@ column_config = {
     "granularity": st.column_config.SelectboxColumn("granularity", options=["per_channel", "per_tensor"]),
     "symmetric": st.column_config.CheckboxColumn("symmetric"),
     "range_method": st.column_config.SelectboxColumn("range method", options=list(RANGE_METHODS)),
+    "note": st.column_config.TextColumn("note", disabled=True, help="Why a layer stays float, or how layers were found"),
 }
 edited = st.data_editor(planning.plan_frame(rows, config.plan), key=common.PLAN_EDITOR, hide_index=True,
                         column_config=column_config, num_rows="fixed", width="stretch")

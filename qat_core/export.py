@@ -314,28 +314,33 @@ def fold_weight_quantize(model: Any, code_ranges: dict[str, tuple[int, int]], as
 
 
 def dq_past_shape_ops(model: Any) -> int:
-    """``DQ(per-tensor) → Flatten/Reshape/Gather/Slice`` becomes ``Flatten/…(codes) → DQ``, so the ops
-    on both sides (GlobalAveragePool and Gemm, a Q and a Gemm run on (B*T, D), a LayerNorm and the
-    head that reads its class token ``x[:, 0]``) see Q/DQ next to them and are fused. A DQ with other consumers stays for them; each shape op gets its own copy."""
+    """``DQ(per-tensor) → Flatten/Reshape/Transpose/Gather/Slice`` becomes ``Flatten/…(codes) → DQ``,
+    through chains of them, so the ops on both sides (GlobalAveragePool and Gemm, a Q and a Gemm run on
+    (B*T, D), a LayerNorm and the head that reads its class token ``x[:, 0]``, a qkv projection and
+    the attention matmuls that read ``qkv.reshape(...).permute(...)[i]``) see Q/DQ next to them and
+    are fused. A DQ with other consumers stays for them; each shape op gets its own copy."""
     from onnx import helper
 
-    gr = _Graph(model)
-    moved = 0
-    for node in list(gr.graph.node):
-        if node.op_type not in ("Flatten", "Reshape", "Squeeze", "Unsqueeze", "Gather", "Slice"):
-            continue
-        dq = gr.producer.get(node.input[0])
-        if dq is None or dq.op_type != "DequantizeLinear":
-            continue
-        scale = gr.const(dq.input[1])
-        if scale is None or scale.size != 1:
-            continue
-        out = node.output[0]
-        node.input[0] = dq.input[0]
-        node.output[0] = out + "_codes"
-        gr.graph.node.append(helper.make_node("DequantizeLinear", [out + "_codes", *dq.input[1:]], [out],
-                                              name=node.name + "/DequantizeLinear"))
-        moved += 1
+    moved, before = 0, -1
+    while moved != before:  # one hop a pass: a chain moves the DQ down one op at a time
+        before = moved
+        gr = _Graph(model)
+        for node in list(gr.graph.node):
+            if node.op_type not in ("Flatten", "Reshape", "Squeeze", "Unsqueeze", "Transpose", "Gather", "Slice"):
+                continue
+            dq = gr.producer.get(node.input[0])
+            if dq is None or dq.op_type != "DequantizeLinear":
+                continue
+            scale = gr.const(dq.input[1])
+            if scale is None or scale.size != 1:
+                continue
+            out = node.output[0]
+            node.input[0] = dq.input[0]
+            node.output[0] = out + "_codes"
+            gr.graph.node.append(helper.make_node("DequantizeLinear", [out + "_codes", *dq.input[1:]], [out],
+                                                  name=node.name + "/DequantizeLinear"))
+            moved += 1
+        cleanup(model)
     return moved
 
 
@@ -696,6 +701,7 @@ def parity(store: Any, run_id: str, batch_size: int = 256) -> dict[str, Any]:
         "max_logit_diff": float(np.abs(o - s).max()),
         "integer_layers": export["integer_layers"],
         "float_layers": export["float_layers"],
+        "float_ops": export.get("float_ops", {}),
     }
     if not agree.all():
         xs = torch.cat([x for x, _ in loaded.data.test_loader(batch_size)]).numpy()

@@ -108,7 +108,7 @@ class _ValueProxy(fx.Proxy):
 
     def __iter__(self):
         value = self._value()
-        if isinstance(value, (tuple, list)):
+        if isinstance(value, (tuple, list, torch.Tensor)):
             return iter([self[i] for i in range(len(value))])
         return super().__iter__()
 
@@ -367,10 +367,11 @@ def analyze(model: nn.Module, example: torch.Tensor) -> ModelGraph:
         if _moves_values(node, gm, values):
             continue  # keeps its input's codes
         layers[node] = Layer("", op_kind(node, gm), node)
-        if mod is not None and (isinstance(mod, UNSUPPORTED_WEIGHTS + WEIGHT_LAYERS) or node.target in leaves):
-            why = leaves.get(node.target) or (f"{type(mod).__name__} is called more than once" if
-                                               isinstance(mod, WEIGHT_LAYERS) else
-                                               f"QAT Studio has no QAT layer for {type(mod).__name__}")
+        if mod is not None and node.target in leaves:
+            float_layers[node.target] = f"kept whole, not traced ({leaves[node.target]}): the layers inside it stay FP32"
+        elif isinstance(mod, UNSUPPORTED_WEIGHTS + WEIGHT_LAYERS):
+            why = (f"{type(mod).__name__} is called more than once" if isinstance(mod, WEIGHT_LAYERS) else
+                   f"QAT Studio has no QAT layer for {type(mod).__name__}")
             float_layers[node.target] = f"its weights stay FP32: {why}"
         elif isinstance(mod, nn.BatchNorm2d):
             float_layers[node.target] = ("BatchNorm2d does not follow a Conv2d that only it reads, so it cannot be "
@@ -378,8 +379,6 @@ def analyze(model: nn.Module, example: torch.Tensor) -> ModelGraph:
     ordered = list(layers.values())
     _name_ops(ordered, gm, source)
     _mark_output(ordered, graph, gm, values, absorbed)
-    for leaf, why in leaves.items():
-        float_layers.setdefault(leaf, f"kept whole, not traced ({why}): layers inside it stay FP32")
     placeholder = next(n for n in graph.nodes if n.op == "placeholder")
     return ModelGraph(gm, ordered, _is_float(values.get(placeholder)), float_layers, leaves)
 

@@ -44,7 +44,8 @@ def plan_summary(config: dict[str, Any] | cfg.RunConfig) -> str:
 
 
 def plan_frame(rows: Rows, plan: cfg.LayerPlan) -> pd.DataFrame:
-    """One row a quantizable layer: what the plan does to it (layer, kind, params, quantize, PLAN_FIELDS).
+    """One row a quantizable layer: what the plan does to it (layer, kind, params, quantize, PLAN_FIELDS, and a
+    note saying why a layer stays float or how the layers were found).
 
     Bit columns are nullable integers: empty means FP32 (and always empty for weights of a layer
     without weights).
@@ -55,12 +56,12 @@ def plan_frame(rows: Rows, plan: cfg.LayerPlan) -> pd.DataFrame:
         kind = row["kind"] + (f" +{row['fused']}" if row["fused"] else "")
         if row.get("is_output"):
             kind += " (output: logits stay FP32)"
-        out.append({"layer": row["name"], "kind": kind,
+        out.append({"layer": row["name"], "kind": kind, "note": row.get("note", ""),
                     "params": row["params"], "quantize": spec.enabled,
                     "weight_bits": spec.weight_bits if row["has_weights"] else None,
                     "act_bits": None if row.get("is_output") else spec.act_bits, "granularity": spec.granularity, "symmetric": spec.symmetric,
                     "range_method": spec.range_method})
-    frame = pd.DataFrame(out, columns=["layer", "kind", "params", "quantize", *PLAN_FIELDS])
+    frame = pd.DataFrame(out, columns=["layer", "kind", "params", "quantize", *PLAN_FIELDS, "note"])
     return frame.astype({"weight_bits": "Int64", "act_bits": "Int64"})
 
 

@@ -293,6 +293,36 @@ MODELS: dict[str, ZooEntry] = {
 }
 
 
+TORCHVISION_OPS = {"nms": "(Tensor dets, Tensor scores, float iou_threshold) -> Tensor",
+                   "qnms": "(Tensor dets, Tensor scores, float iou_threshold) -> Tensor"}
+
+
+def import_torchvision() -> Any:
+    """``import torchvision``, also where its C++ ops cannot load.
+
+    PyPI's torchvision wheel is built against the CUDA torch; beside the CPU wheel its C++ ops do not
+    load and the import dies with ``operator torchvision::nms does not exist``. Its model definitions
+    need neither op, so the two it registers meta kernels for are declared (schema only) and the
+    import is tried again. Import it through here before ``timm`` or ``transformers``, which import it.
+    """
+    import sys
+
+    try:
+        import torchvision
+    except RuntimeError as err:
+        if "does not exist" not in str(err):
+            raise
+        for name in [m for m in sys.modules if m == "torchvision" or m.startswith("torchvision.")]:
+            del sys.modules[name]
+        for op, schema in TORCHVISION_OPS.items():
+            try:
+                torch.library.define(f"torchvision::{op}", schema)
+            except RuntimeError:  # declared already (by an earlier call)
+                pass
+        import torchvision
+    return torchvision
+
+
 def is_plugin(model_id: str) -> bool:
     return ":" in model_id
 

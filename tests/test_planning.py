@@ -32,7 +32,7 @@ def edited(rows, plan, layer: str, **cells) -> pd.DataFrame:
 def test_the_table_lists_every_layer_with_its_spec(base, rows):
     frame = planning.plan_frame(rows, base.plan)
     assert list(frame["layer"]) == [r["name"] for r in rows]
-    assert list(frame.columns) == ["layer", "kind", "params", "quantize", *planning.PLAN_FIELDS]
+    assert list(frame.columns) == ["layer", "kind", "params", "quantize", *planning.PLAN_FIELDS, "note"]
     weightless = [r["name"] for r in rows if not r["has_weights"]]
     assert weightless and frame.set_index("layer").loc[weightless, "weight_bits"].isna().all()
     assert planning.weight_layers(rows) == [r["name"] for r in rows if r["has_weights"]]
