@@ -1,6 +1,7 @@
 """Our int8.onnx against ONNX Runtime's own static quantization of the same FP32 model.
 
-For the ResNet-18-style, MobileNetV2-style and Transformer zoo models: train a quick run (a few
+For the ResNet-18-style, MobileNetV2-style and Transformer zoo models, and torchvision's own
+``resnet18`` and ``mobilenet_v2`` (3×224×224, through the plugin hook): train a quick run (a few
 steps: the weights only need to be realistic in shape, not accurate), export it, quantize its
 ``fp32.onnx`` with ``onnxruntime.quantization.quantize_static`` (QDQ, per-channel int8 weights,
 uint8 activations, calibrated on the same training data), and time the three side by side.
@@ -21,16 +22,21 @@ from pathlib import Path
 
 import numpy as np
 
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # tests.plugins: the torchvision models
+
 from qat_core import export, runner
 from qat_core.bench import machine_info, time_calls
 from qat_core.store import RunStore
 
-MODELS = ("resnet18", "mobilenetv2", "transformer")
+# zoo models, and torchvision's own definitions through the plugin hook (traced-graph preparation)
+TORCHVISION = {"tv-resnet18": "tests.plugins.third_party:resnet18_224",
+               "tv-mobilenet_v2": "tests.plugins.third_party:mobilenet_v2_224"}
+MODELS = ("resnet18", "mobilenetv2", "transformer", *TORCHVISION)
 
 
 def quick_run(store: RunStore, model: str) -> str:
     """A finished run of ``model`` trained for a handful of steps."""
-    config = runner.default_config(model)
+    config = runner.default_config(TORCHVISION.get(model, model))
     config = config.model_copy(update={
         "baseline": config.baseline.model_copy(update={"epochs": 1, "max_steps": 2}),
         "finetune": config.finetune.model_copy(update={"epochs": 1, "max_steps": 2, "calibration_batches": 2}),

@@ -93,6 +93,31 @@ def case(model_id: str, batch: int, repeats: int, inner: int) -> None:
           flush=True)
 
 
+def torchvision_case(batch: int, repeats: int, inner: int) -> None:
+    """torchvision's own resnet18 at 3×224×224: ours from its traced graph; torch.ao on torchvision's
+    fusable copy (``torchvision.models.quantization.resnet18``: fuse_model(is_qat=True), prepare_qat)."""
+    from torch.ao.quantization import get_default_qat_qconfig, prepare_qat
+
+    tv = zoo.import_torchvision()
+    torch.manual_seed(0)
+    fp32 = tv.models.resnet18(num_classes=10)
+    x, y = torch.randn(batch, 3, 224, 224), torch.randint(0, 10, (batch,))
+    ours = prepare(fp32, runner.default_config("digits-cnn").plan.model_copy(update={"overrides": {}}), x[:2])
+    train.calibrate(ours, [(x, y)], 1)
+    ours.freeze_bn()
+    ao = tv.models.quantization.resnet18(num_classes=10)
+    ao.load_state_dict(fp32.state_dict(), strict=False)
+    ao.eval().fuse_model(is_qat=True)
+    ao.qconfig = get_default_qat_qconfig("fbgemm")
+    prepare_qat(ao.train(), inplace=True)
+    ao(x[:2])
+    t = measure({"fp32": step_fn(fp32, x, y), "ours": step_fn(ours, x, y), "torch.ao": step_fn(ao, x, y)},
+                repeats, inner)
+    print(f"{'tv resnet18':<11} batch {batch:>3}: FP32 {t['fp32'] * 1e3:7.2f} ms | ours {t['ours'] * 1e3:7.2f} ms "
+          f"(x{t['ours'] / t['fp32']:.2f}) | torch.ao {t['torch.ao'] * 1e3:7.2f} ms (x{t['torch.ao'] / t['fp32']:.2f})",
+          flush=True)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--quick", action="store_true", help="fewer repeats")
@@ -104,6 +129,7 @@ def main() -> None:
     case("digits-cnn", 32, r, 20)
     case("digits-cnn", 256, r, 5)
     case("resnet18", 8, max(3, r // 3), 1)
+    torchvision_case(8, max(3, r // 3), 1)
 
 
 if __name__ == "__main__":

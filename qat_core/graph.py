@@ -34,7 +34,7 @@ import torch.nn.functional as F
 from torch import fx, nn
 from torch.fx.node import map_aggregate
 
-from qat_core.modules import DecomposedMultiheadAttention, attention
+from qat_core.modules import PLAIN_OPERATOR, DecomposedMultiheadAttention, attention
 
 MAX_LEAF_RETRIES = 32  # modules kept whole before tracing gives up
 WEIGHT_LAYERS = (nn.Conv2d, nn.Linear)
@@ -54,8 +54,6 @@ MOVING_METHODS = {"view", "reshape", "flatten", "permute", "transpose", "squeeze
                   "expand", "expand_as", "view_as", "reshape_as", "chunk", "split", "narrow", "select", "flip",
                   "roll", "t", "movedim", "swapaxes", "repeat", "unfold", "clone", "detach", "to", "float",
                   "unbind"}
-INPLACE_TO_PLAIN = {operator.iadd: operator.add, operator.isub: operator.sub, operator.imul: operator.mul,
-                    operator.itruediv: operator.truediv}
 
 
 @dataclass
@@ -323,7 +321,7 @@ def _activation_name(node: fx.Node) -> str:
 def op_kind(node: fx.Node, gm: fx.GraphModule) -> str:
     if node.op == "call_module":
         return type(gm.get_submodule(node.target)).__name__
-    target = INPLACE_TO_PLAIN.get(node.target, node.target)
+    target = PLAIN_OPERATOR.get(node.target, node.target)
     return target if isinstance(target, str) else getattr(target, "__name__", str(target)).strip("_")
 
 

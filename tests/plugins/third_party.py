@@ -45,15 +45,17 @@ def torchvision_model(name: str) -> nn.Module:
     return tv.models.get_model(name, num_classes=CLASSES)
 
 
-def _vision(name: str):
+def _vision(name: str, size: int = 32, n: int = 480):
     def factory():
-        train, test = images()
+        train, test = images(n, size)
         return torchvision_model(name), train, test
     factory.__name__ = name
     return factory
 
 
 resnet18 = _vision("resnet18")
+resnet18_224 = _vision("resnet18", 224, 96)  # latency scale, for benchmarks/bench_int8.py
+mobilenet_v2_224 = _vision("mobilenet_v2", 224, 96)
 mobilenet_v2 = _vision("mobilenet_v2")
 mobilenet_v3_small = _vision("mobilenet_v3_small")
 efficientnet_b0 = _vision("efficientnet_b0")
