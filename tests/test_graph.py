@@ -174,3 +174,21 @@ def test_hugging_face_bert_trains_exports_and_agrees_through_the_cli(tmp_path, c
     assert set(heavy) <= set(out["integer_layers"]), out["float_layers"]
     assert out["agreement"] >= 0.995 and out["sim_accuracy"] > 0.5
     assert "input" not in out["float_layers"]  # token ids are not a quantized input, and not a float layer
+
+
+def test_the_fp32_export_of_a_model_with_multihead_attention_decomposes_it_too():
+    """nn.MultiheadAttention in eval runs a fused kernel that ONNX cannot express; the FP32 export
+    decomposes it into the same numbers, as the QAT model does."""
+    from qat_core.errors import ExportError
+    from qat_core.export import to_onnx
+
+    vit, x = third_party.torchvision_model("vit").eval(), torch.randn(2, 3, 32, 32)
+    with pytest.raises(ExportError, match="_native_multi_head_attention"):
+        to_onnx(vit, x)
+    with torch.no_grad():
+        want = vit(x).numpy()
+    graph.decompose_attention(vit)
+    import onnxruntime as ort
+
+    sess = ort.InferenceSession(to_onnx(vit, x), providers=["CPUExecutionProvider"])
+    np.testing.assert_allclose(sess.run(None, {"input": x.numpy()})[0], want, atol=1e-4, rtol=1e-4)
