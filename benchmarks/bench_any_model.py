@@ -28,7 +28,7 @@ from qat_core.modules import QuantConv2d  # noqa: E402
 from qat_core.store import RunStore  # noqa: E402
 
 MODELS = ("resnet18", "mobilenet_v2", "mobilenet_v3_small", "efficientnet_b0", "vit", "bert")
-BASELINE = {"epochs": 8, "lr": 3e-3}
+BASELINE = {"epochs": 10, "lr": 3e-3}
 FINETUNE = {"epochs": 2, "lr": 1e-4, "calibration_batches": 4}
 
 

@@ -314,7 +314,7 @@ def fold_weight_quantize(model: Any, code_ranges: dict[str, tuple[int, int]], as
 
 
 def dq_past_shape_ops(model: Any) -> int:
-    """``DQ(per-tensor) → Flatten/Reshape/Transpose/Gather/Slice`` becomes ``Flatten/…(codes) → DQ``,
+    """``DQ(per-tensor) → Flatten/Reshape/Transpose/Gather/Slice/Split`` becomes ``Flatten/…(codes) → DQ``,
     through chains of them, so the ops on both sides (GlobalAveragePool and Gemm, a Q and a Gemm run on
     (B*T, D), a LayerNorm and the head that reads its class token ``x[:, 0]``, a qkv projection and
     the attention matmuls that read ``qkv.reshape(...).permute(...)[i]``) see Q/DQ next to them and
@@ -326,7 +326,8 @@ def dq_past_shape_ops(model: Any) -> int:
         before = moved
         gr = _Graph(model)
         for node in list(gr.graph.node):
-            if node.op_type not in ("Flatten", "Reshape", "Squeeze", "Unsqueeze", "Transpose", "Gather", "Slice"):
+            if node.op_type not in ("Flatten", "Reshape", "Squeeze", "Unsqueeze", "Transpose", "Gather", "Slice",
+                                    "Split"):
                 continue
             dq = gr.producer.get(node.input[0])
             if dq is None or dq.op_type != "DequantizeLinear":
@@ -334,11 +335,11 @@ def dq_past_shape_ops(model: Any) -> int:
             scale = gr.const(dq.input[1])
             if scale is None or scale.size != 1:
                 continue
-            out = node.output[0]
             node.input[0] = dq.input[0]
-            node.output[0] = out + "_codes"
-            gr.graph.node.append(helper.make_node("DequantizeLinear", [out + "_codes", *dq.input[1:]], [out],
-                                                  name=node.name + "/DequantizeLinear"))
+            for i, out in enumerate(node.output):  # Split: a DQ for each part
+                node.output[i] = out + "_codes"
+                gr.graph.node.append(helper.make_node("DequantizeLinear", [out + "_codes", *dq.input[1:]], [out],
+                                                      name=f"{node.name}/DequantizeLinear_{i}"))
             moved += 1
         cleanup(model)
     return moved

@@ -6,7 +6,7 @@ known during the trace, and the graph is found wherever the layers stand — in 
 ``nn.Sequential``, a custom ``forward``, or a library's code (torchvision, timm, transformers):
 
 - a ``Conv2d`` whose only user is a ``BatchNorm2d`` → the BN is folded into it;
-- a layer whose only user is ReLU / ReLU6 / Hardtanh / clamp with a lower bound ≥ 0 → fused:
+- a layer whose only user is ReLU / ReLU6 / Hardtanh / clamp with a lower bound of 0 → fused:
   the output quantizer sits after the activation and its range stays inside the activation's;
 - every other op that computes new float values (``+``, ``*``, ``cat``, ``@``, ``mean``, pooling,
   softmax, norms, activations, …) → a layer of its own with an output quantizer;
@@ -23,6 +23,7 @@ back to finding layers with module hooks).
 from __future__ import annotations
 
 import copy
+import inspect
 import math
 import operator
 from collections import Counter
@@ -50,6 +51,8 @@ MOVING_FUNCTIONS = {F.max_pool1d, F.max_pool2d, F.max_pool3d, F.dropout, F.dropo
                     torch.chunk, torch.split, torch.narrow, torch.select, torch.flip, torch.roll, torch.t,
                     torch.movedim, torch.swapaxes, torch.channel_shuffle, F.pixel_shuffle, F.pixel_unshuffle,
                     operator.getitem}
+# ops whose output takes only the shape of their input: masks and fills, not data
+SHAPE_ONLY = {"ones_like", "zeros_like", "full_like", "empty_like", "rand_like", "randn_like", "randint_like"}
 MOVING_METHODS = {"view", "reshape", "flatten", "permute", "transpose", "squeeze", "unsqueeze", "contiguous",
                   "expand", "expand_as", "view_as", "reshape_as", "chunk", "split", "narrow", "select", "flip",
                   "roll", "t", "movedim", "swapaxes", "repeat", "unfold", "clone", "detach", "to", "float",
@@ -125,10 +128,10 @@ class _ValueProxy(fx.Proxy):
 
 
 class _Tracer(fx.Tracer):
-    def __init__(self, example: tuple[torch.Tensor, ...], leaves: set[str]):
+    def __init__(self, example: tuple[torch.Tensor, ...], leaves: set[str], fixed: dict[str, Any]):
         super().__init__()
         self.proxy_buffer_attributes = True  # buffers sliced by traced sizes (position ids) become nodes
-        self.example, self.leaves = list(example), leaves
+        self.example, self.leaves, self.fixed = list(example), leaves, fixed
         self.values: dict[fx.Node, Any] = {}
         self.fixed_branches: list[str] = []
         self.failed_in: tuple[str, str] | None = None  # innermost module whose code failed, and why
@@ -137,7 +140,8 @@ class _Tracer(fx.Tracer):
         return _ValueProxy(node, self)
 
     def is_leaf_module(self, m: nn.Module, qualname: str) -> bool:
-        return qualname in self.leaves or super().is_leaf_module(m, qualname)
+        # a library's own Conv2d / Linear subclass (timm's) is one layer, not code to trace through
+        return qualname in self.leaves or isinstance(m, WEIGHT_LAYERS) or super().is_leaf_module(m, qualname)
 
     def call_module(self, m: nn.Module, forward: Any, args: Any, kwargs: Any) -> Any:
         try:
@@ -162,7 +166,8 @@ class _Tracer(fx.Tracer):
 
     def _run(self, kind: str, target: Any, args: tuple, kwargs: dict) -> Any:
         if kind == "placeholder":
-            return self.example.pop(0) if self.example else None
+            name = target.lstrip("*").rsplit("_", 1)[0]  # a fixed argument's placeholder is "<name>_<n>"
+            return self.fixed[name] if name in self.fixed else self.example.pop(0) if self.example else None
         if kind == "get_attr":
             return _attr(self.root, target)
         if kind == "call_function":
@@ -219,11 +224,12 @@ def trace(model: nn.Module, example: torch.Tensor) -> tuple[fx.GraphModule, dict
         if getattr(mod, "inplace", False) is True:
             mod.inplace = False
     leaves: dict[str, str] = {}
+    fixed = _fixed_arguments(net)
     for _ in range(MAX_LEAF_RETRIES):
-        tracer = _Tracer((example,), set(leaves))
+        tracer = _Tracer((example,), set(leaves), fixed)
         try:
             with torch.no_grad():
-                graph = tracer.trace(net)
+                graph = tracer.trace(net, concrete_args=fixed)
         except Exception as err:
             failed = tracer.failed_in
             if failed is None or failed[0] in leaves or not failed[0]:
@@ -235,6 +241,18 @@ def trace(model: nn.Module, example: torch.Tensor) -> tuple[fx.GraphModule, dict
         values = {node: tracer.values.get(node) for node in graph.nodes}
         return gm, values, leaves, net
     raise TracingError(f"more than {MAX_LEAF_RETRIES} modules could not be traced")
+
+
+def _fixed_arguments(net: nn.Module) -> dict[str, Any]:
+    """The forward's arguments after the input, fixed at their defaults (``attn_mask=None``,
+    ``is_causal=False``): the model is called with one tensor, so they are never given."""
+    params = list(inspect.signature(net.forward).parameters.values())[1:]
+    required = [p.name for p in params if p.default is inspect.Parameter.empty
+                and p.kind not in (inspect.Parameter.VAR_POSITIONAL, inspect.Parameter.VAR_KEYWORD)]
+    if required:
+        raise TracingError(f"forward needs more than one input ({', '.join(required)}); wrap the model so that "
+                           "forward takes one tensor")
+    return {p.name: p.default for p in params if p.default is not inspect.Parameter.empty}
 
 
 @torch.no_grad()
@@ -260,6 +278,11 @@ def _is_float(value: Any) -> bool:
     return isinstance(value, torch.Tensor) and value.is_floating_point()
 
 
+def _carries_float(value: Any) -> bool:
+    """A float tensor, or a tuple of them (``unbind``, ``chunk``, a module's outputs)."""
+    return _is_float(value) or isinstance(value, (tuple, list)) and any(_is_float(v) for v in value)
+
+
 def _tensor_inputs(node: fx.Node, values: dict[fx.Node, Any]) -> list[fx.Node]:
     return [n for n in node.all_input_nodes if isinstance(values.get(n), torch.Tensor)]
 
@@ -279,7 +302,8 @@ def _moves_values(node: fx.Node, gm: fx.GraphModule, values: dict[fx.Node, Any])
 
 
 def _activation_bounds(node: fx.Node, gm: fx.GraphModule) -> tuple[float, float | None] | None:
-    """The output range of a clipping activation (ReLU, ReLU6, Hardtanh, clamp) with lower bound ≥ 0."""
+    """The output range ``[0, upper]`` of a clipping activation (ReLU, ReLU6, Hardtanh, clamp) that
+    starts at 0: the range an unsigned quantizer with zero point 0 can hold exactly."""
     bounds: tuple[Any, Any] | None = None
     if node.op == "call_module":
         mod = gm.get_submodule(node.target)
@@ -300,7 +324,7 @@ def _activation_bounds(node: fx.Node, gm: fx.GraphModule) -> tuple[float, float 
         elif name in ("clamp", "clip", "clamp_min"):
             bounds = (node.kwargs.get("min", args[0] if args else None),
                       node.kwargs.get("max", args[1] if len(args) > 1 else None))
-    if bounds is None or not isinstance(bounds[0], (int, float)) or bounds[0] < 0:
+    if bounds is None or not isinstance(bounds[0], (int, float)) or bounds[0] != 0:
         return None
     if bounds[1] is not None and (not isinstance(bounds[1], (int, float)) or bounds[1] <= bounds[0]):
         return None
@@ -339,8 +363,9 @@ def analyze(model: nn.Module, example: torch.Tensor) -> ModelGraph:
     calls = Counter(n.target for n in graph.nodes if n.op == "call_module")
     for node in graph.nodes:
         mod = gm.get_submodule(node.target) if node.op == "call_module" else None
-        if (node.op == "placeholder" and _is_float(values.get(node))) or any(n in data for n in node.all_input_nodes) \
-                or (mod is not None and any(True for _ in mod.parameters())):
+        if _carries_float(values.get(node)) and (node.op == "placeholder" or (mod is not None and any(
+                True for _ in mod.parameters())) or (any(n in data for n in node.all_input_nodes)
+                                                     and op_kind(node, gm) not in SHAPE_ONLY)):
             data.add(node)
         if node.op not in ("call_module", "call_function", "call_method") or not _is_float(values.get(node)) \
                 or node not in data:
@@ -359,17 +384,23 @@ def analyze(model: nn.Module, example: torch.Tensor) -> ModelGraph:
             layers[owner].activation, layers[owner].bounds = node, bounds
             absorbed[node] = owner
             continue
-        if mod is not None and isinstance(mod, WEIGHT_LAYERS) and calls[node.target] == 1:
+        if mod is not None and isinstance(mod, WEIGHT_LAYERS) and calls[node.target] == 1 \
+                and _computes_like_base(mod, values.get(node.args[0]), values[node]):
             layers[node] = Layer(node.target, type(mod).__name__, node, has_weights=True)
             continue
         if _moves_values(node, gm, values):
             continue  # keeps its input's codes
+        if mod is None and any(isinstance(values.get(n), torch.Tensor) and n not in data and n.op != "get_attr"
+                               for n in node.all_input_nodes):
+            continue  # applies a mask (-inf, or a dtype's minimum): its range is the mask's; it stays float
         layers[node] = Layer("", op_kind(node, gm), node)
         if mod is not None and node.target in leaves:
             float_layers[node.target] = f"kept whole, not traced ({leaves[node.target]}): the layers inside it stay FP32"
         elif isinstance(mod, UNSUPPORTED_WEIGHTS + WEIGHT_LAYERS):
-            why = (f"{type(mod).__name__} is called more than once" if isinstance(mod, WEIGHT_LAYERS) else
-                   f"QAT Studio has no QAT layer for {type(mod).__name__}")
+            why = (f"QAT Studio has no QAT layer for {type(mod).__name__}" if not isinstance(mod, WEIGHT_LAYERS) else
+                   f"{type(mod).__name__} is called more than once" if calls[node.target] > 1 else
+                   f"{type(mod).__name__}'s forward computes something other than a plain "
+                   f"{'convolution' if isinstance(mod, nn.Conv2d) else 'linear layer'} of its weights")
             float_layers[node.target] = f"its weights stay FP32: {why}"
         elif isinstance(mod, nn.BatchNorm2d):
             float_layers[node.target] = ("BatchNorm2d does not follow a Conv2d that only it reads, so it cannot be "
@@ -379,6 +410,21 @@ def analyze(model: nn.Module, example: torch.Tensor) -> ModelGraph:
     _mark_output(ordered, graph, gm, values, absorbed)
     placeholder = next(n for n in graph.nodes if n.op == "placeholder")
     return ModelGraph(gm, ordered, _is_float(values.get(placeholder)), float_layers, leaves)
+
+
+@torch.no_grad()
+def _computes_like_base(mod: nn.Module, x: Any, y: Any) -> bool:
+    """Whether a Conv2d / Linear (or a subclass) computed the plain op of its weights on the example,
+    which its QAT layer will compute (a subclass may pad, standardize or scale its weights)."""
+    if not (isinstance(x, torch.Tensor) and isinstance(y, torch.Tensor)):
+        return False
+    if isinstance(mod, nn.Conv2d):
+        if mod.padding_mode != "zeros" or isinstance(mod.padding, str) and mod.padding != "valid":
+            return False
+        want = F.conv2d(x, mod.weight, mod.bias, mod.stride, mod.padding, mod.dilation, mod.groups)
+    else:
+        want = F.linear(x, mod.weight, mod.bias)
+    return want.shape == y.shape and torch.allclose(want, y, rtol=1e-4, atol=1e-5)
 
 
 def _module(gm: fx.GraphModule, node: fx.Node) -> nn.Module | None:
@@ -405,7 +451,9 @@ def _name_ops(layers: list[Layer], gm: fx.GraphModule, source: nn.Module) -> Non
             continue
         scope = _scope(ly.node)
         op = ly.kind.lower()
-        if scope and per_scope[scope] == 1 and not any(True for _ in source.get_submodule(scope).children()):
+        owner = source.get_submodule(scope) if scope else None
+        if owner is not None and per_scope[scope] == 1 and not any(True for _ in owner.children()) \
+                and not any(True for _ in owner.parameters()) and not any(True for _ in owner.buffers()):
             base = scope  # the op is all this module does (a model's own ``Add``): the module's name
             taken.discard(scope)
         else:

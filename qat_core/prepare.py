@@ -39,7 +39,7 @@ def layer_table(model: nn.Module, example: torch.Tensor) -> list[dict]:
     try:
         mg = graph.analyze(model, example)
     except graph.TracingError as err:
-        return _hooks.rows(model, example, str(err))
+        return _hook_rows(model, example, str(err))
     return _graph_rows(mg, example)
 
 
@@ -48,7 +48,7 @@ def prepare(model: nn.Module, plan: LayerPlan, example: torch.Tensor) -> QATMode
     try:
         mg = graph.analyze(model, example)
     except graph.TracingError as err:
-        return _hooks.prepare(model, plan, example, str(err))
+        return _hook_prepare(model, plan, example, str(err))
     rows = _graph_rows(mg, example)
     plan.check_names([r["name"] for r in rows])
     for row in rows:
@@ -106,9 +106,7 @@ def _swap_in(gm: fx.GraphModule, layer: graph.Layer, plan: LayerPlan, originals:
         _drop(layer.bn, node)
         _drop(layer.activation, node)
         return "weight bits are off in the plan" if spec.weight_bits is None else None
-    if not quantize_output and activation is None:
-        return None if layer.is_output else "activation bits are off in the plan"
-    op, args, kwargs = _op_module(node, originals)
+    op, args, kwargs = _op_module(node, originals)  # a module even when the plan leaves it float: rows ↔ modules
     gm.add_submodule(layer.name, QuantOutput(op, activation_quantizer(spec, bounds) if quantize_output else None,
                                              activation))
     with gm.graph.inserting_after(node):
@@ -151,111 +149,111 @@ def _activation_module(node: fx.Node, originals: dict[str, nn.Module]) -> nn.Mod
     return copy.deepcopy(op) if node.op == "call_module" else op
 
 
-class _hooks:  # noqa: N801 (a namespace: the fallback for models whose forward cannot be traced)
-    """Find layers with forward hooks; fuse Conv→BN(→ReLU) and Linear→ReLU only where they are
-    neighbours in an ``nn.Sequential``. Functional ops are not seen, so they stay float."""
+# --- the fallback for models whose forward cannot be traced ---------------------------------------
+# Layers are found with forward hooks; Conv→BN(→ReLU) and Linear→ReLU fuse only where they are
+# neighbours in an nn.Sequential. Functional ops are not seen, so they stay float.
 
-    ACTIVATION_OPS = (nn.AdaptiveAvgPool2d, nn.AvgPool2d, nn.LayerNorm, nn.Softmax, nn.GELU)
+HOOKED_OPS = (nn.AdaptiveAvgPool2d, nn.AvgPool2d, nn.LayerNorm, nn.Softmax, nn.GELU)
 
-    @staticmethod
-    def _fusions(model: nn.Module) -> tuple[dict[str, str], dict[str, str]]:
-        bn_of, relu_of = {}, {}
-        for seq_name, seq in model.named_modules():
-            if not isinstance(seq, nn.Sequential):
+
+def _hook_fusions(model: nn.Module) -> tuple[dict[str, str], dict[str, str]]:
+    bn_of, relu_of = {}, {}
+    for seq_name, seq in model.named_modules():
+        if not isinstance(seq, nn.Sequential):
+            continue
+        names = list(seq._modules)
+        prefix = f"{seq_name}." if seq_name else ""
+        for i, name in enumerate(names):
+            if not isinstance(seq._modules[name], WEIGHT_LAYERS):
                 continue
-            names = list(seq._modules)
-            prefix = f"{seq_name}." if seq_name else ""
-            for i, name in enumerate(names):
-                if not isinstance(seq._modules[name], WEIGHT_LAYERS):
-                    continue
-                j = i + 1
-                if isinstance(seq._modules[name], nn.Conv2d) and j < len(names) \
-                        and isinstance(seq._modules[names[j]], nn.BatchNorm2d):
-                    bn_of[prefix + name] = prefix + names[j]
-                    j += 1
-                if j < len(names) and isinstance(seq._modules[names[j]], nn.ReLU):
-                    relu_of[prefix + name] = prefix + names[j]
-        return bn_of, relu_of
+            j = i + 1
+            if isinstance(seq._modules[name], nn.Conv2d) and j < len(names) \
+                    and isinstance(seq._modules[names[j]], nn.BatchNorm2d):
+                bn_of[prefix + name] = prefix + names[j]
+                j += 1
+            if j < len(names) and isinstance(seq._modules[names[j]], nn.ReLU):
+                relu_of[prefix + name] = prefix + names[j]
+    return bn_of, relu_of
 
-    @staticmethod
-    def _trace(model: nn.Module, example: torch.Tensor) -> tuple[list[str], str | None]:
-        """Execution order of quantizable modules, and the one that produces the output."""
-        order: list[str] = []
-        produced: dict[int, str] = {}
-        handles = []
-        for name, mod in model.named_modules():
-            if isinstance(mod, WEIGHT_LAYERS + _hooks.ACTIVATION_OPS):
-                def hook(m, inp, out, name=name):
-                    if name not in order:
-                        order.append(name)
-                    produced[id(out)] = name
-                handles.append(mod.register_forward_hook(hook))
-        was_training = model.training
-        model.eval()
-        try:
-            with torch.no_grad():
-                out = model(example)
-        finally:
-            for h in handles:
-                h.remove()
-            model.train(was_training)
-        return order, produced.get(id(out))
 
-    @staticmethod
-    def rows(model: nn.Module, example: torch.Tensor, why: str) -> list[dict]:
-        order, output_layer = _hooks._trace(model, example)
-        bn_of, relu_of = _hooks._fusions(model)
-        rows = [_row("input", "input", 0, 0, 0, False, False, "",
-                     f"layers found by module hooks, not the traced graph ({why}): functional ops such as +, cat "
-                     "and @ are not quantized, and only neighbours in an nn.Sequential are fused")]
-        for name in order:
-            mod = model.get_submodule(name)
-            fused = "+".join(part for part, key in (("BN", bn_of), ("ReLU", relu_of)) if name in key)
-            weight = getattr(mod, "weight", None) if isinstance(mod, WEIGHT_LAYERS) else None
-            params = sum(p.numel() for p in mod.parameters())
-            rows.append(_row(name, type(mod).__name__, params, weight.numel() if weight is not None else 0,
-                             weight.shape[0] if weight is not None else 0, isinstance(mod, WEIGHT_LAYERS),
-                             name == output_layer, fused, ""))
-        return rows
+def _hook_order(model: nn.Module, example: torch.Tensor) -> tuple[list[str], str | None]:
+    """Execution order of quantizable modules, and the one that produces the output."""
+    order: list[str] = []
+    produced: dict[int, str] = {}
+    handles = []
+    for name, mod in model.named_modules():
+        if isinstance(mod, WEIGHT_LAYERS + HOOKED_OPS):
+            def hook(m, inp, out, name=name):
+                if name not in order:
+                    order.append(name)
+                produced[id(out)] = name
+            handles.append(mod.register_forward_hook(hook))
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            out = model(example)
+    finally:
+        for h in handles:
+            h.remove()
+        model.train(was_training)
+    return order, produced.get(id(out))
 
-    @staticmethod
-    def prepare(model: nn.Module, plan: LayerPlan, example: torch.Tensor, why: str) -> QATModel:
-        net = copy.deepcopy(model)
-        rows = _hooks.rows(net, example, why)
-        plan.check_names([r["name"] for r in rows])
-        bn_of, relu_of = _hooks._fusions(net)
-        float_layers: dict[str, str] = {}
-        for row in rows:
-            row["spec"] = plan.spec_for(row["name"]).model_dump()
-            name = row["name"]
-            if name == "input":
-                continue
-            spec = plan.spec_for(name)
-            mod = net.get_submodule(name)
-            quantize_output = spec.act_bits is not None and not row["is_output"]
-            relu = nn.ReLU() if name in relu_of else None
-            bounds = (0.0, None) if relu is not None else None
-            if isinstance(mod, nn.Conv2d):
-                bn = net.get_submodule(bn_of[name]) if name in bn_of else None
-                new = QuantConv2d.from_float(mod, bn, relu, bounds, spec, quantize_output)
-            elif isinstance(mod, nn.Linear):
-                new = QuantLinear.from_float(mod, relu, bounds, spec, quantize_output)
-            elif spec.act_bits is not None:
-                new = QuantOutput(mod, activation_quantizer(spec))
-            else:
-                float_layers[name] = "activation bits are off in the plan"
-                continue
-            if isinstance(mod, WEIGHT_LAYERS) and spec.weight_bits is None:
-                float_layers[name] = "weight bits are off in the plan"
-            _set(net, name, new)
-            for fused in (bn_of.get(name), relu_of.get(name)):
-                if fused:
-                    _set(net, fused, nn.Identity())
-        folded = {id(m.bn) for m in net.modules() if isinstance(m, QuantConv2d) and m.bn is not None}
-        for name, mod in net.named_modules():
-            if isinstance(mod, nn.BatchNorm2d) and id(mod) not in folded:
-                float_layers[name] = "BatchNorm2d does not follow a Conv2d in an nn.Sequential, so it cannot be folded"
-        return QATModel(net, activation_quantizer(plan.spec_for("input")), rows, float_layers)
+
+def _hook_rows(model: nn.Module, example: torch.Tensor, why: str) -> list[dict]:
+    order, output_layer = _hook_order(model, example)
+    bn_of, relu_of = _hook_fusions(model)
+    rows = [_row("input", "input", 0, 0, 0, False, False, "",
+                 f"layers found by module hooks, not the traced graph ({why}): functional ops such as +, cat "
+                 "and @ are not quantized, and only neighbours in an nn.Sequential are fused")]
+    for name in order:
+        mod = model.get_submodule(name)
+        fused = "+".join(part for part, key in (("BN", bn_of), ("ReLU", relu_of)) if name in key)
+        weight = getattr(mod, "weight", None) if isinstance(mod, WEIGHT_LAYERS) else None
+        params = sum(p.numel() for p in mod.parameters())
+        rows.append(_row(name, type(mod).__name__, params, weight.numel() if weight is not None else 0,
+                         weight.shape[0] if weight is not None else 0, isinstance(mod, WEIGHT_LAYERS),
+                         name == output_layer, fused, ""))
+    return rows
+
+
+def _hook_prepare(model: nn.Module, plan: LayerPlan, example: torch.Tensor, why: str) -> QATModel:
+    net = copy.deepcopy(model)
+    rows = _hook_rows(net, example, why)
+    plan.check_names([r["name"] for r in rows])
+    bn_of, relu_of = _hook_fusions(net)
+    float_layers: dict[str, str] = {}
+    for row in rows:
+        row["spec"] = plan.spec_for(row["name"]).model_dump()
+        name = row["name"]
+        if name == "input":
+            continue
+        spec = plan.spec_for(name)
+        mod = net.get_submodule(name)
+        quantize_output = spec.act_bits is not None and not row["is_output"]
+        relu = nn.ReLU() if name in relu_of else None
+        bounds = (0.0, None) if relu is not None else None
+        if isinstance(mod, nn.Conv2d):
+            bn = net.get_submodule(bn_of[name]) if name in bn_of else None
+            new = QuantConv2d.from_float(mod, bn, relu, bounds, spec, quantize_output)
+        elif isinstance(mod, nn.Linear):
+            new = QuantLinear.from_float(mod, relu, bounds, spec, quantize_output)
+        elif spec.act_bits is not None:
+            new = QuantOutput(mod, activation_quantizer(spec))
+        else:
+            float_layers[name] = "activation bits are off in the plan"
+            continue
+        if isinstance(mod, WEIGHT_LAYERS) and spec.weight_bits is None:
+            float_layers[name] = "weight bits are off in the plan"
+        _set(net, name, new)
+        for fused in (bn_of.get(name), relu_of.get(name)):
+            if fused:
+                _set(net, fused, nn.Identity())
+    folded = {id(m.bn) for m in net.modules() if isinstance(m, QuantConv2d) and m.bn is not None}
+    for name, mod in net.named_modules():
+        if isinstance(mod, nn.BatchNorm2d) and id(mod) not in folded:
+            float_layers[name] = "BatchNorm2d does not follow a Conv2d in an nn.Sequential, so it cannot be folded"
+    return QATModel(net, activation_quantizer(plan.spec_for("input")), rows, float_layers)
 
 
 def _set(model: nn.Module, name: str, module: nn.Module) -> None:

@@ -11,11 +11,12 @@ import torch.nn.functional as F
 from torch import nn
 from torch.testing import assert_close
 
-from qat_core import cli, graph, runner, train
+from qat_core import cli, graph, runner, train, zoo
 from qat_core.config import LayerPlan, RunConfig
 from qat_core.export import coverage, int8_onnx, is_heavy, optimized_graph, session
 from qat_core.modules import DecomposedMultiheadAttention, QuantConv2d, QuantOutput
 from qat_core.prepare import layer_table, prepare
+from qat_core.quantizers import quantizers
 from tests.plugins import third_party
 
 PLUGIN = "tests.plugins.third_party"
@@ -116,6 +117,10 @@ def test_sdpa_is_traced_as_quantizable_matmuls_and_softmax(tmp_path):
     rows = layer_table(model, x)
     assert sum(r["kind"] == "matmul" for r in rows) == 2 and any(r["kind"] == "softmax" for r in rows)
     qat = _prepared(model, x)
+    # the causal mask's -inf stays out of every quantizer: ranges are finite and the numbers close
+    assert all(torch.isfinite(q.scale).all() for q in quantizers(qat))
+    with torch.no_grad():
+        assert_close(qat(x), model(x), atol=0.05, rtol=0.05)
     cov, _ = _coverage(qat, x, tmp_path)
     matmuls = [r["name"] for r in qat.layers if r["kind"] == "matmul"]
     assert set(matmuls) <= set(cov["integer_layers"]) and cov["ops"].get("QLinearMatMul") == 2
@@ -192,3 +197,46 @@ def test_the_fp32_export_of_a_model_with_multihead_attention_decomposes_it_too()
 
     sess = ort.InferenceSession(to_onnx(vit, x), providers=["CPUExecutionProvider"])
     np.testing.assert_allclose(sess.run(None, {"input": x.numpy()})[0], want, atol=1e-4, rtol=1e-4)
+
+
+class _ScaledLinear(nn.Linear):
+    """A library's Linear subclass whose forward is not a plain linear layer of its weights."""
+
+    def forward(self, x):
+        return F.linear(x, self.weight * 2.0, self.bias)
+
+
+class _PlainLinear(nn.Linear):
+    def forward(self, x):  # the same numbers as nn.Linear, written out (as timm's Linear does)
+        return F.linear(x, self.weight, self.bias)
+
+
+class _Subclassed(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.plain, self.scaled = _PlainLinear(8, 8), _ScaledLinear(8, 4)
+
+    def forward(self, x, mask=None, is_causal=False):  # extra arguments with defaults, as timm's blocks have
+        h = self.plain(x)
+        return self.scaled(h if mask is None else h * mask)
+
+
+def test_weight_layer_subclasses_are_quantized_only_when_they_compute_the_plain_op():
+    mg = graph.analyze(_Subclassed(), torch.randn(4, 8))
+    weights = {ly.name for ly in mg.layers if ly.has_weights}
+    assert weights == {"plain"}
+    assert "computes something other than a plain linear layer" in mg.float_layers["scaled"]
+
+
+@pytest.mark.parametrize("name", ["vit_tiny_patch16_224", "mobilenetv3_small_050", "convnext_atto"])
+def test_timm_models_run_every_conv_linear_and_matmul_as_integer_kernels(name, tmp_path):
+    zoo.import_torchvision()  # timm imports it
+    timm = pytest.importorskip("timm")
+    kwargs = {"img_size": 32} if name.startswith("vit") else {}
+    model = timm.create_model(name, pretrained=False, num_classes=10, **kwargs).eval()
+    x = torch.randn(4, 3, 32, 32)
+    qat = _prepared(model, x)
+    assert not qat.layers[0]["note"]  # traced, not the module-hook fallback
+    cov, _ = _coverage(qat, x, tmp_path)
+    heavy = [r["name"] for r in qat.layers if is_heavy(r)]
+    assert set(heavy) <= set(cov["integer_layers"]), cov["float_layers"]

@@ -16,23 +16,26 @@ from qat_core import zoo
 CLASSES = 10
 
 
-def images(n: int = 480, size: int = 32, seed: int = 0) -> tuple[list, list]:
+def images(n: int = 800, size: int = 32, seed: int = 0) -> tuple[list, list]:
     """Class template + noise, split 3:1 into batches of 32 (train) and one test batch."""
     g = torch.Generator().manual_seed(seed)
     templates = torch.randn((CLASSES, 3, size, size), generator=g)
     y = torch.arange(n) % CLASSES
-    x = 0.6 * templates[y] + torch.randn((n, 3, size, size), generator=g)
+    x = templates[y] + torch.randn((n, 3, size, size), generator=g)
     cut = n * 3 // 4
     return [(x[i:i + 32], y[i:i + 32]) for i in range(0, cut, 32)], [(x[cut:], y[cut:])]
 
 
 def tokens(n: int = 640, length: int = 16, vocab: int = 100, seed: int = 0) -> tuple[list, list]:
-    """Random tokens 20..99 with three copies of the class's own token (10 + class) at random places."""
+    """Sequences of 8..16 random tokens 20..99, padded with 0, carrying three copies of the class's own
+    token (10 + class) at random places."""
     g = torch.Generator().manual_seed(seed)
     y = torch.arange(n) % 4
     x = torch.randint(20, vocab, (n, length), generator=g)
     for i in range(n):
-        x[i, torch.randperm(length, generator=g)[:3]] = 10 + y[i]
+        used = int(torch.randint(8, length + 1, (), generator=g))
+        x[i, torch.randperm(used, generator=g)[:3]] = 10 + y[i]
+        x[i, used:] = 0  # padding
     cut = n * 3 // 4
     return [(x[i:i + 32], y[i:i + 32]) for i in range(0, cut, 32)], [(x[cut:], y[cut:])]
 
@@ -76,8 +79,8 @@ class BertClassifier(nn.Module):
                             attn_implementation=attn_implementation)
         self.bert = BertForSequenceClassification(config)
 
-    def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
-        return self.bert(input_ids=input_ids).logits
+    def forward(self, input_ids: torch.Tensor) -> torch.Tensor:  # token 0 pads: masked out of attention
+        return self.bert(input_ids=input_ids, attention_mask=(input_ids != 0).long()).logits
 
 
 def bert():
