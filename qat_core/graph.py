@@ -107,6 +107,14 @@ class _ValueProxy(fx.Proxy):
     def _value(self) -> Any:
         return self.tracer.values.get(self.node)
 
+    def __getattr__(self, name: str) -> Any:
+        # an attribute the example value lacks is absent, as in eager code (hasattr(x, "jax") is False)
+        if name not in ("node", "tracer") and not name.startswith("__"):
+            value = self._value()
+            if value is not None and not hasattr(value, name):
+                raise AttributeError(name)
+        return super().__getattr__(name)
+
     def __iter__(self):
         value = self._value()
         if isinstance(value, (tuple, list, torch.Tensor)):
@@ -160,8 +168,12 @@ class _Tracer(fx.Tracer):
 
         concrete = map_aggregate((args, kwargs), lambda a: self.values[a.node] if isinstance(a, fx.Proxy) else
                                  self.values[a] if isinstance(a, fx.Node) else a)
-        with _maybe_revert_all_patches():
-            self.values[proxy.node] = self._run(kind, target, *concrete)
+        try:
+            with _maybe_revert_all_patches():
+                self.values[proxy.node] = self._run(kind, target, *concrete)
+        except Exception:  # a probe that fails in eager code too (hasattr(x, "jax")): not part of the graph
+            self.graph.erase_node(proxy.node)
+            raise
         return proxy
 
     def _run(self, kind: str, target: Any, args: tuple, kwargs: dict) -> Any:

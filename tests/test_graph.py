@@ -240,3 +240,21 @@ def test_timm_models_run_every_conv_linear_and_matmul_as_integer_kernels(name, t
     cov, _ = _coverage(qat, x, tmp_path)
     heavy = [r["name"] for r in qat.layers if is_heavy(r)]
     assert set(heavy) <= set(cov["integer_layers"]), cov["float_layers"]
+
+
+class _Probing(nn.Module):
+    """Library code that probes its input (``hasattr(x, "jax")``), as array-API helpers do."""
+
+    def __init__(self):
+        super().__init__()
+        self.fc = nn.Linear(4, 2)
+
+    def forward(self, x):
+        if hasattr(x, "jax"):
+            x = x * 2
+        return self.fc(x)
+
+
+def test_attribute_probes_see_what_eager_code_sees():
+    mg = graph.analyze(_Probing(), torch.randn(2, 4))
+    assert [n.op for n in mg.module.graph.nodes] == ["placeholder", "call_module", "output"]
