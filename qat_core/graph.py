@@ -385,8 +385,8 @@ def analyze(model: nn.Module, example: torch.Tensor) -> ModelGraph:
         src = node.all_input_nodes[0] if node.all_input_nodes else None
         owner = absorbed.get(src, src)
         single_user = src is not None and len(users[src]) == 1
-        if isinstance(mod, nn.BatchNorm2d) and owner in layers and isinstance(_module(gm, owner), nn.Conv2d) \
-                and src is owner and single_user and layers[owner].bn is None and calls[owner.target] == 1:
+        if isinstance(mod, nn.BatchNorm2d) and owner in layers and layers[owner].has_weights \
+                and isinstance(_module(gm, owner), nn.Conv2d) and src is owner and single_user and layers[owner].bn is None and calls[owner.target] == 1:
             layers[owner].bn = node
             absorbed[node] = owner
             continue
