@@ -156,7 +156,7 @@ class _Tracer(fx.Tracer):
             return super().call_module(m, forward, args, kwargs)
         except Exception as err:
             if self.failed_in is None:
-                self.failed_in = (self.path_of_module(m), _first_line(err))
+                self.failed_in = (self.path_of_module(m), first_line(err))
             raise
 
     def create_proxy(self, kind: str, target: Any, args: Any, kwargs: Any, name: str | None = None,
@@ -212,7 +212,7 @@ def _attr(root: nn.Module, target: str) -> Any:
     return mod.__dict__[leaf]
 
 
-def _first_line(err: BaseException) -> str:
+def first_line(err: BaseException) -> str:
     text = str(err).strip().splitlines()
     return f"{type(err).__name__}: {text[0][:200]}" if text else type(err).__name__
 
@@ -245,7 +245,7 @@ def trace(model: nn.Module, example: torch.Tensor) -> tuple[fx.GraphModule, dict
         except Exception as err:
             failed = tracer.failed_in
             if failed is None or failed[0] in leaves or not failed[0]:
-                raise TracingError(f"tracing stopped in the model's forward: {_first_line(err)}") from None
+                raise TracingError(f"tracing stopped in the model's forward: {first_line(err)}") from None
             leaves[failed[0]] = failed[1]
             continue
         gm = fx.GraphModule(net, graph, class_name=type(model).__name__)

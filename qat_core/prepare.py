@@ -17,6 +17,7 @@ from torch import fx, nn
 
 from qat_core import graph
 from qat_core.config import LayerPlan
+from qat_core.errors import PluginError
 from qat_core.modules import (
     Arg,
     FunctionalOp,
@@ -176,7 +177,7 @@ def _hook_fusions(model: nn.Module) -> tuple[dict[str, str], dict[str, str]]:
     return bn_of, relu_of
 
 
-def _hook_order(model: nn.Module, example: torch.Tensor) -> tuple[list[str], str | None]:
+def _hook_order(model: nn.Module, example: torch.Tensor, why: str) -> tuple[list[str], str | None]:
     """Execution order of quantizable modules, and the one that produces the output."""
     order: list[str] = []
     produced: dict[int, str] = {}
@@ -193,6 +194,9 @@ def _hook_order(model: nn.Module, example: torch.Tensor) -> tuple[list[str], str
     try:
         with torch.no_grad():
             out = model(example)
+    except Exception as err:  # the model's own error, with why tracing stopped too
+        raise PluginError(f"the model does not run on one batch of its data ({graph.first_line(err)}); "
+                          f"and it could not be traced: {why}") from None
     finally:
         for h in handles:
             h.remove()
@@ -201,7 +205,7 @@ def _hook_order(model: nn.Module, example: torch.Tensor) -> tuple[list[str], str
 
 
 def _hook_rows(model: nn.Module, example: torch.Tensor, why: str) -> list[dict]:
-    order, output_layer = _hook_order(model, example)
+    order, output_layer = _hook_order(model, example, why)
     bn_of, relu_of = _hook_fusions(model)
     rows = [_row("input", "input", 0, 0, 0, False, False, "",
                  f"layers found by module hooks, not the traced graph ({why}): functional ops such as +, cat "

@@ -258,3 +258,19 @@ class _Probing(nn.Module):
 def test_attribute_probes_see_what_eager_code_sees():
     mg = graph.analyze(_Probing(), torch.randn(2, 4))
     assert [n.op for n in mg.module.graph.nodes] == ["placeholder", "call_module", "output"]
+
+
+class _TwoInputs(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.fc = nn.Linear(4, 2)
+
+    def forward(self, x, y):
+        return self.fc(x + y)
+
+
+def test_a_model_with_two_required_inputs_gets_a_message_that_says_to_wrap_it():
+    from qat_core.errors import PluginError
+
+    with pytest.raises(PluginError, match=r"forward needs more than one input \(y\); wrap the model"):
+        layer_table(_TwoInputs(), torch.randn(2, 4))
