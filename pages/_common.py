@@ -173,6 +173,12 @@ def use_preset(rows: list[dict[str, Any]], preset: str) -> None:
     reset_plan_editor()
 
 
+def use_reduce_range() -> None:
+    """Button callback: every 8-bit weight of the draft's plan at 7 bits (see planning.reduce_range)."""
+    save_draft(call(planning.reduce_range, draft()))
+    reset_plan_editor()
+
+
 def reset_plan_editor() -> None:
     """Drop the editor's pending edits (after a preset), so they are not replayed over the new plan."""
     st.session_state.pop(PLAN_EDITOR, None)

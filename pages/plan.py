@@ -54,6 +54,11 @@ if new != config:
     common.save_draft(new)
     config = new
 
+advice = planning.reduce_range_advice(config.plan, rows)
+if advice:
+    st.info(advice)
+    st.button("Use 7-bit weights (reduce range)", key="reduce_range", on_click=common.use_reduce_range)
+
 size = prepare.size_bytes(rows, config.plan)
 c1, c2, c3 = st.columns(3)
 c1.metric("Predicted size", f"{size['quantized_bytes'] / 1024:,.1f} KB")

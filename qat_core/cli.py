@@ -148,13 +148,16 @@ def cmd_eval(args: argparse.Namespace) -> None:
     if args.json:
         print(json.dumps(result, indent=2))
         return
-    print(f"ORT int8 accuracy {result['accuracy']:.2%}  simulation {result['sim_accuracy']:.2%}  "
+    print(f"ORT int8 accuracy {result['accuracy']:.2%}  evaluated {result['sim_accuracy']:.2%}  "
           f"agreement {result['agreement']:.2%}  max logit diff {result['max_logit_diff']:.4g}")
+    print(f"fake-quant simulation {result['fake_quant_accuracy']:.2%} (agreement {result['fake_quant_agreement']:.2%})")
     print(f"integer kernels: {len(result['integer_layers'])} layers; float: {len(result['float_layers'])}")
     for name, why in result["float_layers"].items():
         print(f"  float: {name}: {why}")
-    if result.get("first_divergence"):
-        print(f"first layer where ORT and the simulation diverge: {result['first_divergence']}")
+    differing = sum(r["differing"] for r in result["layers"])
+    print(f"output codes compared on {len(result['layers'])} layers: {differing} differ")
+    if result.get("explanation"):
+        print(f"why they differ: {result['explanation']}")
 
 
 def cmd_bench(args: argparse.Namespace) -> None:

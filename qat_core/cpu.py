@@ -31,6 +31,9 @@ def name_and_flags() -> tuple[str, frozenset[str]]:
     return name, flags
 
 
+SAFE_INT8_WEIGHT = 64  # |w| <= 64 never saturates a pair sum: 2 * 255 * 64 = 32640 <= 32767
+
+
 def int8_weights_saturate() -> bool:
     """Whether ONNX Runtime's u8×s8 kernels can saturate here: x86 with AVX2 but without VNNI."""
     _, flags = name_and_flags()

@@ -18,8 +18,9 @@ How the int8 model is made (no re-calibration: the run's own scales and zero poi
    is mapped back to our layer names through the exporter's scope names (``/net/conv1/conv/Conv``
    is layer ``conv1.conv``), so float layers are reported by name with the reason.
 
-Activations narrower than 8 bits are stored in uint8 with their scale: ONNX Runtime does not clip
-them at the narrow range, which is why W4A4 parity may fall slightly below 100%.
+Activations narrower than 8 bits are stored in uint8 with their scale and clipped to their own codes
+(``clip_narrow_activations``). ``parity`` then compares ONNX Runtime with the run's integer
+arithmetic (``integer``): predictions and every layer's output codes.
 """
 
 from __future__ import annotations
@@ -37,9 +38,9 @@ import numpy as np
 import torch
 from torch import fx, nn
 
-from qat_core import cpu, graph
+from qat_core import cpu, graph, integer
 from qat_core.errors import ExportError, StoreError
-from qat_core.quantizers import FakeQuantizer, quantizers
+from qat_core.quantizers import INT8_UNSIGNED, FakeQuantizer, quantizers
 
 OPSET = 17  # LayerNormalization is one node; scaled_dot_product_attention exports
 INPUT_NAME, OUTPUT_NAME = "input", "logits"
@@ -51,10 +52,11 @@ INTEGER_OPS = frozenset({
     "QLinearSoftmax", "QLinearLeakyRelu", "QLinearSigmoid", "QLinearConcat", "QLinearReduceMean",
     "QLinearWhere", "QLinearConvTranspose", "QAttention", "NhwcQLinearConv",
 })
-# ops that only move or pick codes: as exact on uint8 as on float, never reported
+# ops that only move or pick codes: as exact on uint8 as on float, never reported (Clip: the narrow
+# range of a sub-8-bit activation, on its codes; see clip_narrow_activations)
 DATA_MOVEMENT = frozenset({"QuantizeLinear", "DequantizeLinear", "MaxPool", "NhwcMaxPool", "Reshape", "Flatten",
                            "Transpose", "Squeeze", "Unsqueeze", "Identity", "Shape", "Gather", "Concat", "Slice",
-                           "Relu", "Cast", "Constant"})
+                           "Relu", "Cast", "Constant", "Clip"})
 # layer kinds whose work is a matrix product of two activations (heavy, like a conv or linear)
 MATMUL_KINDS = frozenset({"matmul", "bmm", "MatMul"})
 
@@ -272,11 +274,12 @@ def static_reshapes(model: Any, batches: tuple[int, ...] = (2, 3, 5)) -> int:
 def fold_weight_quantize(model: Any, code_ranges: dict[str, tuple[int, int]], as_uint8: bool = False) -> int:
     """``QuantizeLinear(float weight initializer)`` → int8 initializer of the layer's own codes.
 
-    Codes are ``clamp(rint(w * (1/s)) + z, qmin, qmax)`` in float32 — PyTorch's fake-quant formula,
-    so the int8 weights are bit-exact with training; ``qmin/qmax`` are the layer's real code range
-    (``code_ranges``: quantizer module path → range), so narrow layers keep their exact grid.
-    ``as_uint8``: store ``codes + 128`` as uint8 with zero point ``z + 128`` — the same values, run by
-    ONNX Runtime's exact u8×u8 kernels (for CPUs where its u8×s8 kernels saturate, see ``cpu``).
+    Codes are ``integer.weight_codes`` — PyTorch's fake-quant formula, so the int8 weights are
+    bit-exact with training; ``qmin/qmax`` are the layer's real code range (``code_ranges``:
+    quantizer module path → range), so narrow layers keep their exact grid.
+    ``as_uint8``: a layer with codes beyond ±64 is stored as ``codes + 128`` in uint8 with zero point
+    ``z + 128`` — the same values, run by ONNX Runtime's exact u8×u8 kernels, for CPUs where its
+    u8×s8 kernels saturate (see ``cpu``); narrower weights cannot saturate and keep the faster kernels.
     """
     from onnx import numpy_helper
 
@@ -297,9 +300,9 @@ def fold_weight_quantize(model: Any, code_ranges: dict[str, tuple[int, int]], as
             raise ExportError(f"cannot tell which weight quantizer {node.name} belongs to; the exporter's scope "
                               "names changed — report this model to the QAT Studio maintainers")
         qmin, qmax = code_ranges[_scope(node.name)]
-        inv = np.float32(1.0) / scale.astype(np.float32)
-        codes = np.clip(np.rint(w * inv) + zp.astype(np.int32), qmin, qmax).astype(zp.dtype)
-        if as_uint8 and zp.dtype == np.int8:
+        codes = integer.weight_codes(torch.tensor(w), torch.tensor(scale), torch.tensor(zp.astype(np.float32)),
+                                     qmin, qmax, None).numpy().astype(zp.dtype)
+        if as_uint8 and zp.dtype == np.int8 and np.abs(codes.astype(np.int16)).max() > cpu.SAFE_INT8_WEIGHT:
             codes = (codes.astype(np.int16) + 128).astype(np.uint8)
             zp_u8 = node.output[0] + "_zero_point_u8"
             g.initializer.append(numpy_helper.from_array(
@@ -347,12 +350,13 @@ def dq_past_shape_ops(model: Any) -> int:
 
 def quantize_bias(model: Any) -> int:
     """A float Conv/Gemm bias beside DQ'd input and weight becomes ``DQ(int32 rint(b / (s_x s_w)))``,
-    the form ONNX Runtime needs to fuse the layer into QLinearConv/QGemm."""
+    the form ONNX Runtime needs to fuse the layer into QLinearConv/QGemm. A bias beyond int32 at that
+    scale (a tiny input scale) is clipped and its layer listed in the metadata ``qat_studio.bias_saturated``."""
     from onnx import helper, numpy_helper
 
     gr = _Graph(model)
     g = model.graph
-    added, count = [], 0
+    added, count, saturated = [], 0, []
 
     def dq_scale(name: str) -> np.ndarray | None:
         d = gr.producer.get(name)
@@ -367,7 +371,10 @@ def quantize_bias(model: Any) -> int:
         sb = (sx.astype(np.float32).reshape(()) * sw.astype(np.float32).reshape(-1)).astype(np.float32)
         if sb.size == 1:
             sb = np.full(bias.shape, sb[0], np.float32)
-        codes = np.clip(np.rint(bias.astype(np.float64) / sb.astype(np.float64)), -(2**31), 2**31 - 1).astype(np.int32)
+        exact = np.rint(bias.astype(np.float64) / sb.astype(np.float64))
+        if np.abs(exact).max() > 2**31 - 1:
+            saturated.append(_scope(node.name))
+        codes = np.clip(exact, -(2**31), 2**31 - 1).astype(np.int32)
         base = node.input[2] + "_int32"
         g.initializer.extend([numpy_helper.from_array(codes, base), numpy_helper.from_array(sb, base + "_scale"),
                               numpy_helper.from_array(np.zeros(sb.shape, np.int32), base + "_zero_point")])
@@ -377,6 +384,8 @@ def quantize_bias(model: Any) -> int:
         node.input[2] = base + "_dq"
         count += 1
     g.node.extend(added)
+    if saturated:
+        model.metadata_props.add(key="qat_studio.bias_saturated", value=json.dumps(saturated))
     return count
 
 
@@ -441,9 +450,37 @@ def cleanup(model: Any) -> None:
 
 
 def _code_ranges(model: nn.Module) -> dict[str, tuple[int, int]]:
-    """Module path of each weight quantizer → its real code range (matched to QuantizeLinear scopes)."""
-    return {name: (mod.qmin, mod.qmax) for name, mod in model.named_modules()
-            if isinstance(mod, FakeQuantizer) and mod.signed}
+    """Module path of each quantizer → its real code range (matched to QuantizeLinear scopes)."""
+    return {name: (mod.qmin, mod.qmax) for name, mod in model.named_modules(remove_duplicate=False)
+            if isinstance(mod, FakeQuantizer)}
+
+
+def clip_narrow_activations(model: Any, code_ranges: dict[str, tuple[int, int]]) -> int:
+    """``QuantizeLinear`` of an activation narrower than 8 bits → ``QuantizeLinear → Clip(qmin, qmax)``
+    on its uint8 codes, so ONNX Runtime keeps the range the model was trained with (4 bits: codes
+    0..15), not the whole uint8 range. The Clip sits between the integer kernels it separates, which
+    ONNX Runtime still fuses (``QLinearConv → Clip → QLinearConv``), and runs on codes."""
+    from onnx import helper, numpy_helper
+
+    gr = _Graph(model)
+    g = model.graph
+    clipped = 0
+    for node in list(g.node):
+        if node.op_type != "QuantizeLinear" or gr.const(node.input[0]) is not None:
+            continue  # weights are folded to their codes, which keep their narrow grid
+        qmin, qmax = code_ranges.get(_scope(node.name), INT8_UNSIGNED)
+        zp = gr.const(node.input[2]) if len(node.input) > 2 else None
+        if (qmin, qmax) == INT8_UNSIGNED or zp is None or zp.dtype != np.uint8:
+            continue
+        codes, low, high = node.output[0] + "_unclipped", node.output[0] + "_min", node.output[0] + "_max"
+        g.initializer.extend([numpy_helper.from_array(np.array(qmin, np.uint8), low),
+                              numpy_helper.from_array(np.array(qmax, np.uint8), high)])
+        g.node.append(helper.make_node("Clip", [codes, low, high], [node.output[0]],
+                                       name=node.name.rsplit("/", 1)[0] + "/Clip"))
+        node.output[0] = codes
+        clipped += 1
+    cleanup(model)
+    return clipped
 
 
 def int8_onnx(qat: nn.Module, example: torch.Tensor) -> bytes:
@@ -459,6 +496,7 @@ def int8_onnx(qat: nn.Module, example: torch.Tensor) -> bytes:
     proto = onnx.load_from_string(to_onnx(model, example))
     fold_constants(proto)
     fold_weight_quantize(proto, code_ranges, as_uint8=cpu.int8_weights_saturate())
+    clip_narrow_activations(proto, code_ranges)
     dq_past_shape_ops(proto)
     quantize_bias(proto)
     cleanup(proto)
@@ -582,13 +620,14 @@ def export_run(store: Any, run_id: str) -> dict[str, Any]:
     int8_bytes = int8_onnx(loaded.qat, example)
     atomic_write_bytes(fp32_path, fp32_bytes)
     atomic_write_bytes(int8_path, int8_bytes)
-    cov = coverage(optimized_graph(int8_path), loaded.qat.layers, loaded.qat.float_layers)
+    optimized = optimized_graph(int8_path)
+    cov = coverage(optimized, loaded.qat.layers, loaded.qat.float_layers)
     result = {
         "files": {FP32_FILE: len(fp32_bytes), INT8_FILE: len(int8_bytes)},
         "size_ratio": len(int8_bytes) / len(fp32_bytes),
         "opset": OPSET,
         **cov,
-        "notes": _notes(loaded.qat),
+        "notes": _notes(loaded.qat, optimized),
     }
     store.write_result(run_id, "export", result)
     store.update_metrics(run_id, onnx={"fp32_bytes": len(fp32_bytes), "int8_bytes": len(int8_bytes),
@@ -598,16 +637,24 @@ def export_run(store: Any, run_id: str) -> dict[str, Any]:
     return result
 
 
-def _notes(qat: nn.Module) -> list[str]:
+def _notes(qat: nn.Module, optimized: Any) -> list[str]:
     notes = []
+    names = [r["name"] for r in qat.layers]
+    for prop in optimized.metadata_props:
+        if prop.key == "qat_studio.bias_saturated":
+            layers = sorted({_layer_of(f"/{s.replace('.', '/')}/op", names) or s for s in json.loads(prop.value)})
+            notes.append(f"the bias of {', '.join(layers)} does not fit int32 at its input's scale: it is clipped, and "
+                         "ONNX Runtime's int32 sums can wrap (the evaluation computes the same); the input's "
+                         "activation range is nearly zero — recalibrate with more batches")
     narrow = sorted({q.bits for q in quantizers(qat) if not q.signed and q.bits < 8})
     if narrow:
-        notes.append(f"{'/'.join(map(str, narrow))}-bit activations are stored as uint8 with their learned scale; "
-                     "ONNX Runtime does not clip them at the narrow range, so values the simulation clips can differ")
-    if cpu.int8_weights_saturate():
+        notes.append(f"{'/'.join(map(str, narrow))}-bit activations are stored as uint8 codes and clipped to their "
+                     "own range (a Clip on the codes), as they were trained")
+    if cpu.int8_weights_saturate() and any(q.signed and q.bits == 8 for q in quantizers(qat)):
         notes.append("this CPU has AVX2 but no VNNI, where ONNX Runtime's uint8×int8 kernels add pairs of products "
-                     "in 16 bits and saturate with 8-bit weights: weights are stored as uint8 (zero point +128), "
-                     "the same values, run by its exact uint8×uint8 kernels")
+                     "in 16 bits and can saturate with 8-bit weights: layers with weights beyond ±64 are stored as "
+                     "uint8 (zero point +128), the same values, run by its exact but slower uint8×uint8 kernels; "
+                     "7-bit weights keep the fast kernels (the plan's reduce-range option)")
     return notes
 
 
@@ -618,83 +665,102 @@ def _ensure_exported(store: Any, run_id: str) -> tuple[Path, Path]:
     return fp32_path, int8_path
 
 
-def _codes(x: torch.Tensor, q: FakeQuantizer) -> np.ndarray:
-    """uint8 codes of a fake-quantized activation (what ORT's QuantizeLinear output holds)."""
-    return torch.round(x / q.scale.detach() + q.zero_point.detach().round()).clamp(0, 255).to(torch.uint8).numpy()
-
-
-def _layer_divergence(qat: nn.Module, int8_path: Path, x: np.ndarray, names: list[str]) -> list[dict[str, Any]]:
-    """Per quantized activation, in execution order: ORT's uint8 codes against the simulation's."""
-    import onnx
-
-    proto = onnx.load(str(int8_path))
-    q_outputs = {}
+def _code_outputs(proto: Any, names: list[str]) -> dict[str, str]:
+    """Layer → the tensor holding its output codes in the int8 graph (after a narrow activation's Clip)."""
+    gr = _Graph(proto)
+    outputs = {}
     for node in proto.graph.node:
         scope = _scope(node.name)
         if node.op_type == "QuantizeLinear" and (scope.endswith("act_quant") or scope == "input_quant"):
             layer = _layer_of(node.name, names)
             if layer is not None:
-                q_outputs[layer] = node.output[0]
+                clip = [c for c in gr.consumers[node.output[0]] if c.op_type == "Clip"]
+                outputs[layer] = clip[0].output[0] if clip else node.output[0]
+    return outputs
+
+
+def compare_codes(qat: nn.Module, int8_path: Path, x: np.ndarray) -> list[dict[str, Any]]:
+    """Each quantized layer's output codes, ONNX Runtime against the model's integer arithmetic
+    (``QATModel.integer_arithmetic``) on the same input codes, in execution order: how many codes
+    differ and by how much.
+
+    Every layer is fed ONNX Runtime's codes of the layers before it (its own output is compared,
+    then replaced by ONNX Runtime's), so a difference is where the arithmetic differs, not where an
+    earlier one spread to.
+    """
+    import onnx
+
+    names = [r["name"] for r in qat.layers]
+    proto = onnx.load(str(int8_path))
+    tensors = _code_outputs(proto, names)
     existing = {o.name for o in proto.graph.output}
-    for tensor in q_outputs.values():
-        if tensor not in existing:
-            proto.graph.output.append(onnx.helper.make_empty_tensor_value_info(tensor))
+    proto.graph.output.extend(onnx.helper.make_empty_tensor_value_info(t) for t in tensors.values()
+                              if t not in existing)
     with tempfile.TemporaryDirectory(prefix="qat-parity-") as tmp:
         probe = Path(tmp) / "probe.onnx"
         onnx.save(proto, str(probe))
         sess = session(probe)
-        out_names = [o.name for o in sess.get_outputs()]
-        ort_values = dict(zip(out_names, sess.run(None, {INPUT_NAME: x}), strict=True))
-    captured: dict[str, np.ndarray] = {}
-    handles = []
-    for layer in q_outputs:
-        module = qat.input_quant if layer == "input" else getattr(qat.net.get_submodule(layer), "act_quant", None)
-        if module is None:
-            continue
-        handles.append(module.register_forward_hook(
-            lambda m, inp, out, layer=layer: captured.__setitem__(layer, _codes(out, m))))
+        ort_values = dict(zip([o.name for o in sess.get_outputs()], sess.run(None, {INPUT_NAME: x}), strict=True))
+    rows: dict[str, dict[str, Any]] = {}
+
+    def compare(layer: str, out: Any) -> Any:
+        theirs = ort_values.get(tensors[layer])
+        if not isinstance(out, integer.Quantized) or theirs is None or theirs.size != out.numel():
+            return out
+        ours = out.codes().cpu().numpy().astype(np.int32).reshape(-1)
+        diff = np.abs(ours - theirs.astype(np.int32).reshape(-1))
+        rows[layer] = {"layer": layer, "codes": int(diff.size), "differing": int((diff > 0).sum()),
+                       "mismatch": float((diff > 0).mean()), "max_code_diff": int(diff.max())}
+        codes = torch.from_numpy(theirs.astype(np.float32)).reshape(out.shape).to(out.device)
+        return out.grid.values(codes)
+
+    handles = [qat.layer(layer).register_forward_hook(lambda m, i, out, layer=layer: compare(layer, out))
+               for layer in tensors if qat.layer(layer) is not None]
     try:
-        with torch.no_grad():
+        with torch.no_grad(), qat.integer_arithmetic():
             qat(torch.from_numpy(x))
     finally:
         for h in handles:
             h.remove()
-    rows = []
-    for layer in names:
-        if layer not in captured or q_outputs.get(layer) not in ort_values:
-            continue
-        sim, ort_codes = captured[layer].astype(np.int32), ort_values[q_outputs[layer]].astype(np.int32)
-        if sim.shape != ort_codes.shape:
-            continue
-        diff = np.abs(sim - ort_codes)
-        rows.append({"layer": layer, "mismatch": float((diff > 0).mean()), "max_code_diff": int(diff.max())})
-    return rows
+    return [rows[layer] for layer in names if layer in rows]
+
+
+PARITY_LAYER_SAMPLES = 64  # test samples whose codes are compared layer by layer
 
 
 def parity(store: Any, run_id: str, batch_size: int = 256) -> dict[str, Any]:
-    """ORT int8 against the PyTorch simulation on the run's test split; saved as result ``parity``.
+    """ONNX Runtime's int8 model against the run's own evaluation on its test split; saved as result
+    ``parity``.
 
-    ``agreement`` is top-1 agreement with the simulation; when it is below 1, ``layers`` compares
-    each quantized activation's codes and ``first_divergence`` names the first layer whose codes
-    differ by more than one step (or, if none, the first that differs at all).
+    ``sim_accuracy`` is the run's quantized accuracy as evaluated (its integer arithmetic, see
+    ``QATModel.integer_arithmetic``), ``agreement`` ONNX Runtime's top-1 agreement with it;
+    ``fake_quant_accuracy`` / ``fake_quant_agreement`` compare the float simulation training used.
+    ``layers`` compares every quantized layer's output codes on the first samples, each layer fed
+    ONNX Runtime's codes of the layers before it; ``first_divergence`` is the first layer whose codes
+    differ at all (None: every code equal), and ``explanation`` says why the results differ, if they do.
     """
     loaded = _load(store, run_id)
     _, int8_path = _ensure_exported(store, run_id)
     export = store.read_result(run_id, "export") or export_run(store, run_id)
     sess = session(int8_path)
-    ort_logits, sim_logits, labels = [], [], []
+    ort_logits, int_logits, fq_logits, labels, inputs = [], [], [], [], []
     with torch.no_grad():
         for x, y in loaded.data.test_loader(batch_size):
             ort_logits.append(_run_session(sess, x.numpy()))
-            sim_logits.append(loaded.qat(x).numpy())
+            fq_logits.append(loaded.qat(x).numpy())
+            with loaded.qat.integer_arithmetic():
+                int_logits.append(loaded.qat(x).as_subclass(torch.Tensor).numpy())
             labels.append(y.numpy())
+            if sum(len(i) for i in inputs) < PARITY_LAYER_SAMPLES:
+                inputs.append(x.numpy())
     if not labels:
         raise StoreError(f"run {run_id} has an empty test split; parity needs test data")
-    o, s, y = np.concatenate(ort_logits), np.concatenate(sim_logits), np.concatenate(labels)
+    o, s, f, y = (np.concatenate(v) for v in (ort_logits, int_logits, fq_logits, labels))
     if o.shape != s.shape:
         raise ExportError(f"{int8_path} gives outputs of shape {o.shape[1:]}, the run's model {s.shape[1:]}; "
                           "the file belongs to another model — run `qat-studio export RUN` again")
     agree = o.argmax(1) == s.argmax(1)
+    layers = compare_codes(loaded.qat, int8_path, np.concatenate(inputs)[:PARITY_LAYER_SAMPLES])
     result: dict[str, Any] = {
         "samples": int(len(y)),
         "accuracy": float((o.argmax(1) == y).mean()),
@@ -702,22 +768,41 @@ def parity(store: Any, run_id: str, batch_size: int = 256) -> dict[str, Any]:
         "agreement": float(agree.mean()),
         "disagreements": int((~agree).sum()),
         "max_logit_diff": float(np.abs(o - s).max()),
+        "fake_quant_accuracy": float((f.argmax(1) == y).mean()),
+        "fake_quant_agreement": float((o.argmax(1) == f.argmax(1)).mean()),
+        "layers": layers,
+        "first_divergence": next((r["layer"] for r in layers if r["differing"]), None),
         "integer_layers": export["integer_layers"],
         "float_layers": export["float_layers"],
         "float_ops": export.get("float_ops", {}),
     }
-    if not agree.all():
-        xs = torch.cat([x for x, _ in loaded.data.test_loader(batch_size)]).numpy()
-        picked = xs[~agree][:64]
-        rows = _layer_divergence(loaded.qat, int8_path, picked, [r["name"] for r in loaded.qat.layers])
-        result["layers"] = rows
-        beyond = [r["layer"] for r in rows if r["max_code_diff"] > 1]
-        anywhere = [r["layer"] for r in rows if r["max_code_diff"] > 0]
-        result["first_divergence"] = (beyond or anywhere or [None])[0]
+    result["explanation"] = explain_parity(result)
     store.write_result(run_id, "parity", result)
     store.update_metrics(run_id, parity={k: result[k] for k in ("accuracy", "sim_accuracy", "agreement",
-                                                                "max_logit_diff")})
+                                                                "max_logit_diff", "explanation")})
     return result
+
+
+def explain_parity(result: dict[str, Any]) -> str | None:
+    """Why ONNX Runtime's predictions differ from the run's evaluation (None when they agree and every
+    compared code is equal)."""
+    first = result.get("first_divergence")
+    if result["agreement"] == 1.0 and first is None:
+        return None
+    if first is None:
+        return (f"{result['disagreements']} prediction(s) differ although every compared layer's codes are equal "
+                "on the first samples: a difference in a later sample, or in float logits after the last quantizer")
+    row = next(r for r in result["layers"] if r["layer"] == first)
+    where = (f"`{first}` is the first layer whose codes differ ({row['differing']} of {row['codes']}, by up to "
+             f"{row['max_code_diff']} step(s))")
+    if first in result.get("float_ops", {}) or first in result.get("float_layers", {}):
+        return (f"{where}: it runs in float between DequantizeLinear and QuantizeLinear, where ONNX Runtime's float "
+                "kernel can round a value near a step boundary the other way")
+    if row["max_code_diff"] > 1:
+        return (f"{where}: more than a rounding step, so the int8 file does not hold this run's parameters — "
+                "run `qat-studio export RUN` again")
+    return (f"{where}: a rounding step where QAT Studio's emulation of ONNX Runtime's integer kernel differs; "
+            "report this model to the QAT Studio maintainers")
 
 
 def _run_session(sess: Any, x: np.ndarray) -> np.ndarray:

@@ -25,7 +25,6 @@ from __future__ import annotations
 import copy
 import inspect
 import math
-import operator
 from collections import Counter
 from dataclasses import dataclass, field
 from typing import Any
@@ -35,6 +34,7 @@ import torch.nn.functional as F
 from torch import fx, nn
 from torch.fx.node import map_aggregate
 
+from qat_core.integer import MOVING_FUNCTIONS, MOVING_METHODS, MOVING_MODULES
 from qat_core.modules import PLAIN_OPERATOR, DecomposedMultiheadAttention, attention
 
 MAX_LEAF_RETRIES = 32  # modules kept whole before tracing gives up
@@ -42,21 +42,8 @@ WEIGHT_LAYERS = (nn.Conv2d, nn.Linear)
 # modules with weights that QAT Studio has no QAT layer for: they run in float, by name
 UNSUPPORTED_WEIGHTS = (nn.Conv1d, nn.Conv3d, nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d, nn.Embedding,
                        nn.EmbeddingBag, nn.LSTM, nn.GRU, nn.RNN, nn.Bilinear, nn.MultiheadAttention)
-# modules and functions that only move or pick values: their output keeps the input's codes
-MOVING_MODULES = (nn.MaxPool1d, nn.MaxPool2d, nn.MaxPool3d, nn.Dropout, nn.Dropout1d, nn.Dropout2d, nn.Dropout3d,
-                  nn.AlphaDropout, nn.Identity, nn.Flatten, nn.Unflatten, nn.ChannelShuffle, nn.PixelShuffle,
-                  nn.PixelUnshuffle, nn.ZeroPad2d)
-MOVING_FUNCTIONS = {F.max_pool1d, F.max_pool2d, F.max_pool3d, F.dropout, F.dropout1d, F.dropout2d, F.dropout3d,
-                    torch.flatten, torch.reshape, torch.permute, torch.transpose, torch.squeeze, torch.unsqueeze,
-                    torch.chunk, torch.split, torch.narrow, torch.select, torch.flip, torch.roll, torch.t,
-                    torch.movedim, torch.swapaxes, torch.channel_shuffle, F.pixel_shuffle, F.pixel_unshuffle,
-                    operator.getitem}
 # ops whose output takes only the shape of their input: masks and fills, not data
 SHAPE_ONLY = {"ones_like", "zeros_like", "full_like", "empty_like", "rand_like", "randn_like", "randint_like"}
-MOVING_METHODS = {"view", "reshape", "flatten", "permute", "transpose", "squeeze", "unsqueeze", "contiguous",
-                  "expand", "expand_as", "view_as", "reshape_as", "chunk", "split", "narrow", "select", "flip",
-                  "roll", "t", "movedim", "swapaxes", "repeat", "unfold", "clone", "detach", "to", "float",
-                  "unbind"}
 
 
 @dataclass

@@ -12,15 +12,18 @@ their residual sums and attention products themselves (the zoo's do).
 from __future__ import annotations
 
 import operator
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from qat_core import integer
 from qat_core.config import QuantSpec
-from qat_core.quantizers import FakeQuantizer
+from qat_core.integer import Grid, Quantized
+from qat_core.quantizers import FakeQuantizer, quantizers
 
 Bounds = tuple[float, float | None]  # a fused activation's output range: [0, upper]
 
@@ -67,6 +70,21 @@ def _with_activation(layer: nn.Module, activation: nn.Module | None) -> nn.Modul
     return nn.Sequential(layer, activation) if activation is not None else layer
 
 
+def _integer_output(layer: nn.Module, x: Any) -> Grid | None | bool:
+    """For ONNX Runtime's integer arithmetic (``QATModel.integer_arithmetic``): the output grid of a
+    layer the export turns into one integer kernel, None for one that keeps float output (logits),
+    False when it runs in float (its input is not quantized, or an activation stays between the op
+    and its quantizer: only a fused one whose range the quantizer keeps is dropped by the export)."""
+    if layer.training or not isinstance(x, Quantized):
+        return False
+    act_quant = layer.act_quant
+    if act_quant is None:
+        return None if layer.activation is None else False
+    if layer.activation is not None and act_quant.bounds is None:
+        return False
+    return act_quant.grid()
+
+
 class QuantConv2d(nn.Module):
     """Conv2d (+ folded BatchNorm2d) (+ a fused activation) with fake-quantized weights and output.
 
@@ -107,6 +125,10 @@ class QuantConv2d(nn.Module):
         return F.conv2d(x, w, b, c.stride, c.padding, c.dilation, c.groups)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # (B, C_in, H, W) -> (B, C_out, H', W')
+        output = _integer_output(self, x)
+        if output and self.weight_quant is not None:  # QLinearConv (a float output has no integer conv)
+            w, b = self.folded()
+            return integer.conv2d(x, self.weight_quant.integer_weights(w), b, self.conv, output)
         if self.bn is not None and self.training and not self.bn_frozen:
             factor = self.bn.weight / torch.sqrt(self.bn.running_var + self.bn.eps)
             w = self.conv.weight * factor.reshape(-1, 1, 1, 1)
@@ -159,8 +181,12 @@ class QuantLinear(nn.Module):
         lead = x.shape[:-1]
         if x.dim() > 2:  # run as (N, in): exports as Gemm, which ONNX Runtime fuses into QGemm
             x = x.reshape(-1, x.shape[-1])
-        y = _activate(self.activation, F.linear(x, self.quantized_weight(), self.linear.bias))
-        y = self.act_quant(y) if self.act_quant is not None else y  # per-tensor: same before or after reshape
+        output = _integer_output(self, x)
+        if output is not False and self.weight_quant is not None:  # QGemm, integer or float output
+            y = integer.linear(x, self.weight_quant.integer_weights(self.linear.weight), self.linear.bias, output)
+        else:
+            y = _activate(self.activation, F.linear(x, self.quantized_weight(), self.linear.bias))
+            y = self.act_quant(y) if self.act_quant is not None else y  # per-tensor: same before or after reshape
         return y.reshape(*lead, y.shape[-1]) if len(lead) > 1 else y
 
     @torch.no_grad()
@@ -181,11 +207,58 @@ class QuantOutput(nn.Module):
         self.op, self.act_quant, self.activation = op, act_quant, activation
 
     def forward(self, *args: Any) -> torch.Tensor:
+        output = _integer_output(self, args[0]) if args else False
+        if output is not False and all(isinstance(a, Quantized) for a in args):
+            y = _integer_op(self.op, args, output)
+            if y is not None:
+                return y
         y = _activate(self.activation, self.op(*args))
         return self.act_quant(y) if self.act_quant is not None else y
 
     def to_float(self) -> nn.Module:
         return _with_activation(self.op, self.activation)
+
+
+def _integer_op(op: nn.Module, args: tuple[Quantized, ...], output: Grid | None) -> torch.Tensor | None:
+    """ONNX Runtime's integer kernel for ``op`` when the export gets one (QLinearAdd, QLinearMul,
+    QLinearMatMul, QLinearSoftmax, QLinearGlobalAveragePool); None: it runs in float."""
+    name, constants = _call(op)
+    if name in ("add", "mul", "matmul") and len(args) == 2 and not constants:
+        if name == "matmul":
+            return integer.matmul(args[0], args[1], output)
+        relu = isinstance(op, Add) and op.relu  # a ReLU the export drops only where the zero point is code 0
+        if output is None or (relu and output.zero_point != output.qmin):
+            return None
+        return (integer.add if name == "add" else integer.mul)(args[0], args[1], output)
+    if output is None or len(args) != 1:
+        return None
+    if name == "softmax" and set(constants) <= {"dim"} and isinstance(constants.get("dim"), int):
+        return integer.softmax(args[0], constants["dim"], output)
+    if name == "adaptive_avg_pool2d" and constants.get("output_size") in (1, (1, 1), [1, 1]) and args[0].dim() == 4:
+        return integer.global_average_pool(args[0], output)
+    return None
+
+
+_SAME_OP = {"__add__": "add", "__mul__": "mul", "__matmul__": "matmul", "bmm": "matmul", "AdaptiveAvgPool2d":
+            "adaptive_avg_pool2d", "Softmax": "softmax", "Add": "add", "MatMul": "matmul"}
+
+
+def _call(op: nn.Module) -> tuple[str, dict[str, Any]]:
+    """The op's name (``add``, ``softmax``, …) and its arguments other than its tensor inputs."""
+    if isinstance(op, FunctionalOp):
+        target = op.target if isinstance(op.target, str) else getattr(op.target, "__name__", "")
+        positional = [a for a in op.template_args if not isinstance(a, Arg)]
+        names = {"softmax": ("dim",), "adaptive_avg_pool2d": ("output_size",)}.get(target, ())
+        constants = dict(zip(names, positional, strict=False)) | dict(op.template_kwargs)
+        constants.pop("_stacklevel", None)
+        if len(positional) > len(names) or constants.pop("dtype", None) is not None:
+            constants["unknown"] = True
+        return _SAME_OP.get(target, target), constants
+    if isinstance(op, nn.Softmax):
+        return "softmax", {"dim": op.dim}
+    if isinstance(op, nn.AdaptiveAvgPool2d):
+        return "adaptive_avg_pool2d", {"output_size": op.output_size}
+    return _SAME_OP.get(type(op).__name__, type(op).__name__), {}
 
 
 class Arg(int):
@@ -339,6 +412,19 @@ class QATModel(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.net(self.input_quant(x) if self.input_quant is not None else x)
+
+    @contextmanager
+    def integer_arithmetic(self) -> Iterator[None]:
+        """Compute as ONNX Runtime will run the exported int8 model (see ``integer``), for evaluation:
+        each layer the export turns into an integer kernel computes that kernel's numbers."""
+        activations = [q for q in quantizers(self) if not q.signed]
+        for q in activations:
+            q.integer = True
+        try:
+            yield
+        finally:
+            for q in activations:
+                q.integer = False
 
     def layer(self, name: str) -> nn.Module:
         """The quantized module of a layer (``input`` is the input quantizer)."""

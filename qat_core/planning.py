@@ -16,6 +16,7 @@ from typing import Any
 import pandas as pd
 
 from qat_core import config as cfg
+from qat_core import cpu
 from qat_core.errors import ConfigError
 
 Rows = list[dict[str, Any]]
@@ -127,6 +128,32 @@ def apply_preset(base: cfg.RunConfig, rows: Rows, preset: str) -> cfg.RunConfig:
         raise ConfigError(f"unknown preset {preset!r}; choose one of {', '.join(PRESET_NAMES)}")
     weight_bits, act_bits, ends = PRESETS[preset]
     return cfg.with_uniform_plan(base, names, weight_bits, act_bits, keep_ends_8bit=ends)
+
+
+def has_8bit_weights(plan: cfg.LayerPlan, rows: Rows) -> bool:
+    return any(plan.spec_for(name).weight_bits == 8 for name in weight_layers(rows))
+
+
+def reduce_range_advice(plan: cfg.LayerPlan, rows: Rows) -> str | None:
+    """Why 7-bit weights would pay off on this CPU, when the plan has 8-bit ones and they would."""
+    if not (cpu.int8_weights_saturate() and has_8bit_weights(plan, rows)):
+        return None
+    return ("This CPU has AVX2 but no VNNI: ONNX Runtime's fast uint8×int8 kernels add pairs of products in 16 bits, "
+            "which 8-bit weights can overflow. The export keeps results exact by storing such layers as uint8 for "
+            "ONNX Runtime's slower uint8×uint8 kernels. 7-bit weights (reduce range: codes within ±64) cannot "
+            "overflow and keep the fast kernels; the parity check on the Benchmark page proves the result.")
+
+
+def reduce_range(base: cfg.RunConfig) -> cfg.RunConfig:
+    """``base`` with every 8-bit weight at 7 bits (the default and each override): the weight range
+    that ONNX Runtime's uint8×int8 kernels cannot saturate on a CPU without VNNI (see ``cpu``)."""
+    plan = base.plan
+    default = plan.default.model_copy(update={"weight_bits": 7}) if plan.default.weight_bits == 8 else plan.default
+    overrides = {name: o.model_copy(update={"weight_bits": 7}) if o.weight_bits == 8 else o
+                 for name, o in plan.overrides.items()}
+    data = base.to_dict()
+    data["plan"] = cfg.LayerPlan(default=default, overrides=overrides).model_dump(mode="json")
+    return cfg.from_dict(data)
 
 
 def with_plan(base: cfg.RunConfig, plan: cfg.LayerPlan | dict[str, Any]) -> cfg.RunConfig:

@@ -10,6 +10,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from qat_core.integer import Grid, Weights, quantize_linear, weight_codes
 from qat_core.observers import Observer
 from qat_core.quant_math import (
     EPS,
@@ -51,6 +52,7 @@ class FakeQuantizer(nn.Module):
         self.observing = False  # feed batches to the observer and refresh qparams from it
         self.enabled = True  # fake-quantize in forward (off: identity)
         self.export_int8 = False  # ONNX export: same qparams, int8/uint8 storage range
+        self.integer = False  # an activation computes as ONNX Runtime's QuantizeLinear (see integer)
         self._grad_scale: float | None = None
         self._zero_point_seen = (-1, True)  # (zero_point's version, whether it is non-zero)
         self.calibrated = False
@@ -93,6 +95,8 @@ class FakeQuantizer(nn.Module):
             self.observe(x)
         if not self.enabled:
             return x
+        if self.integer and not self.signed:
+            return quantize_linear(x, self.grid())
         if self.export_int8:
             qmin, qmax = INT8_SIGNED if self.signed else INT8_UNSIGNED
             return fake_quantize_onnx(x, self.scale.detach(), self.zero_point.detach(), qmin, qmax, self.axis)
@@ -115,6 +119,17 @@ class FakeQuantizer(nn.Module):
         if version != self._zero_point_seen[0]:
             self._zero_point_seen = (version, bool(self.zero_point.any()))
         return self.zero_point if self._zero_point_seen[1] else None
+
+    def grid(self) -> Grid:
+        """An activation's grid as the int8 model stores it (one scale and zero point)."""
+        zero_point = self.zero_point.detach().round().clamp(self.qmin, self.qmax)
+        return Grid(float(self.scale.detach().float().reshape(-1)[0]), int(zero_point.reshape(-1)[0]), self.qmin,
+                    self.qmax)
+
+    def integer_weights(self, w: torch.Tensor) -> Weights:
+        """A weight's integer codes as the int8 model stores them."""
+        codes = weight_codes(w, self.scale, self.zero_point, self.qmin, self.qmax, self.axis)
+        return Weights(codes, self.zero_point.detach().round(), self.scale.detach())
 
     def quantize_int(self, x: torch.Tensor) -> torch.Tensor:
         """Integer codes of ``x`` under the current qparams (for export and analysis)."""

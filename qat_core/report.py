@@ -158,15 +158,19 @@ def _parity_section(store: RunStore, run_id: str, m: dict[str, Any]) -> list[str
     parity = store.read_result(run_id, "parity") or m.get("parity")
     if not parity:
         return []
-    summary = {"ORT int8 accuracy": parity.get("accuracy"), "simulation accuracy": parity.get("sim_accuracy"),
-               "top-1 agreement": parity.get("agreement"), "max logit difference": parity.get("max_logit_diff")}
+    summary = {"ORT int8 accuracy": parity.get("accuracy"), "evaluated accuracy": parity.get("sim_accuracy"),
+               "top-1 agreement": parity.get("agreement"), "max logit difference": parity.get("max_logit_diff"),
+               "fake-quant simulation accuracy": parity.get("fake_quant_accuracy")}
     summary = {k: (f"{v:.4g}" if isinstance(v, float) else v) for k, v in summary.items() if v is not None}
     if "integer_layers" in parity:
         n_int, n_float = len(parity["integer_layers"]), len(parity.get("float_layers") or [])
         summary["integer-kernel coverage"] = f"{n_int}/{n_int + n_float} layers"
-    if parity.get("first_divergence"):
-        summary["first diverging layer"] = parity["first_divergence"]
-    out = ["<h2>Parity (ONNX Runtime int8 vs the PyTorch simulation)</h2>", _kv(summary)]
+    if parity.get("layers"):
+        summary["layers with differing codes"] = f"{sum(1 for r in parity['layers'] if r['differing'])}/" \
+                                                 f"{len(parity['layers'])}"
+    if parity.get("explanation"):
+        summary["why they differ"] = parity["explanation"]
+    out = ["<h2>Parity (ONNX Runtime int8 vs the run's evaluation)</h2>", _kv(summary)]
     reasons = float_reasons(parity.get("float_layers"))
     if reasons:
         out.append("<p>Runs in float in ONNX Runtime: " + html.escape("; ".join(f"{k}: {v}" for k, v in reasons.items()))

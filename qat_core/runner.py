@@ -131,7 +131,7 @@ def execute(config: RunConfig, store: RunStore, run_id: str | None = None, on_ev
         rows = layer_table(fp32, data.example().to(next(fp32.parameters()).device))
         train.seed_everything(config.seed)
         ptq = _quantize(fp32, data, config)
-        ptq_metrics = train.evaluate(ptq, data.test_loader())
+        ptq_metrics = train.quantized_metrics(ptq, data.test_loader())
         emit({"phase": "ptq", "done": True, "test_accuracy": ptq_metrics["accuracy"]})
         train.seed_everything(config.seed)
         qat = _quantize(fp32, data, config)  # prepare copies: fp32 stays the baseline

@@ -6,6 +6,7 @@ config objects, so the same functions serve the CLI, the pages and the tests.
 
 from __future__ import annotations
 
+import contextlib
 import math
 import random
 import time
@@ -47,18 +48,23 @@ def device_of(model: nn.Module) -> torch.device:
 
 
 @torch.no_grad()
-def evaluate(model: nn.Module, loader: Iterable[Batch]) -> dict[str, float]:
-    """Top-1 accuracy (a fraction) and mean cross-entropy of ``model`` on ``loader``."""
+def evaluate(model: nn.Module, loader: Iterable[Batch], integer: bool = False) -> dict[str, float]:
+    """Top-1 accuracy (a fraction) and mean cross-entropy of ``model`` on ``loader``.
+
+    ``integer``: a QAT model computes as ONNX Runtime will run its int8 export (see
+    ``QATModel.integer_arithmetic``), so the accuracy is the deployed model's.
+    """
     was = model.training
     model.eval()
     device = device_of(model)
     correct, total, loss = 0, 0, 0.0
-    for x, y in loader:
-        x, y = x.to(device), y.to(device)
-        logits = model(x)
-        loss += float(F.cross_entropy(logits, y, reduction="sum"))
-        correct += int((logits.argmax(dim=1) == y).sum())
-        total += len(y)
+    with model.integer_arithmetic() if integer and isinstance(model, QATModel) else contextlib.nullcontext():
+        for x, y in loader:
+            x, y = x.to(device), y.to(device)
+            logits = model(x)
+            loss += float(F.cross_entropy(logits, y, reduction="sum"))
+            correct += int((logits.argmax(dim=1) == y).sum())
+            total += len(y)
     model.train(was)
     if total == 0:
         raise TrainingError("the test set is empty; use a larger test_fraction or give the plugin a test_loader")
@@ -207,8 +213,17 @@ def finetune(model: QATModel, train_loader: Iterable[Batch], test_loader: Iterab
     optimizer = make_optimizer(model, cfg.optimizer, cfg.lr, cfg.weight_decay)
     try:
         _fit(model, train_loader, cfg.epochs, cfg.max_steps, optimizer, "qat", on_event, cancel,
-             lambda: evaluate(model, test_loader), cfg.eval_every_epochs, hooks, lambda: clamp_learned(model))
+             lambda: evaluate(model, test_loader, integer=True), cfg.eval_every_epochs, hooks,
+             lambda: clamp_learned(model))
     finally:
         for q in quantizers(model):
             q.observing = False
-    return evaluate(model, test_loader)
+    return quantized_metrics(model, test_loader)
+
+
+def quantized_metrics(model: QATModel, test_loader: Iterable[Batch]) -> dict[str, float]:
+    """A quantized model's test metrics as deployed (ONNX Runtime's integer arithmetic), and the
+    accuracy of its fake-quantized float simulation beside them (what training sees)."""
+    metrics = evaluate(model, test_loader, integer=True)
+    metrics["fake_quant_accuracy"] = evaluate(model, test_loader)["accuracy"]
+    return metrics

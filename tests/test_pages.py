@@ -246,3 +246,14 @@ def test_a_failed_export_reaches_the_user_as_a_message(workspace, digits_run, mo
     at.button(key="bench_run").click().run()
     assert not at.exception
     assert any("ONNX cannot express this op" in e.value for e in at.error), [e.value for e in at.error]
+
+
+def test_plan_offers_7bit_weights_on_a_cpu_without_vnni(workspace, monkeypatch):
+    monkeypatch.setattr("qat_core.cpu.int8_weights_saturate", lambda: True)
+    at = ok(app("plan"))
+    at.button(key="preset_All 8-bit").click().run()
+    assert any("no VNNI" in i.value for i in at.info)
+    at.button(key="reduce_range").click().run()
+    ok(at)
+    assert draft_of(at, workspace).plan.default.weight_bits == 7
+    assert not any("no VNNI" in i.value for i in at.info)

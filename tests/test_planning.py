@@ -112,3 +112,22 @@ def test_with_plan_makes_an_unnamed_draft(base, rows):
         assert new.plan == plan and new.name == "" and new.model == base.model
     with pytest.raises(ConfigError, match="weight_bits"):
         planning.with_plan(base, {"default": {"weight_bits": 99}})
+
+
+@pytest.mark.parametrize("saturates", [True, False])
+def test_reduce_range_is_offered_only_where_8bit_weights_can_saturate(base, rows, monkeypatch, saturates):
+    monkeypatch.setattr(planning.cpu, "int8_weights_saturate", lambda: saturates)
+    assert (planning.reduce_range_advice(base.plan, rows) is not None) is saturates
+    reduced = planning.reduce_range(base)
+    assert planning.reduce_range_advice(reduced.plan, rows) is None  # nothing left to reduce
+    assert {reduced.plan.spec_for(n).weight_bits for n in planning.weight_layers(rows)} == {7}
+
+
+def test_reduce_range_leaves_narrower_and_float_weights_alone(base, rows):
+    names = planning.weight_layers(rows)
+    w4 = planning.apply_preset(planning.apply_preset(base, rows, "W4A4"), rows, planning.FIRST_LAST_8)
+    frame = edited(rows, w4.plan, names[1], quantize=False)
+    mixed = planning.plan_from_frame(w4, rows, frame)
+    reduced = planning.reduce_range(mixed.model_copy(update={"name": "mine"}))
+    assert [reduced.plan.spec_for(n).weight_bits for n in names] == [7, None, 4, 7]
+    assert reduced.name == "mine" and reduced.plan.default.act_bits == 4

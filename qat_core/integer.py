@@ -1,0 +1,270 @@
+"""ONNX Runtime's integer arithmetic, in torch: what the exported int8 model computes, code for code.
+
+The QAT model trains with fake quantization: float ops on dequantized values, rounded to the
+output grid. ONNX Runtime's CPU kernels compute differently — an exact int32 sum, then one float32
+multiply and a round — so near a rounding boundary the two differ by one code, and over a deep
+network an image can flip. These functions compute what the kernels compute, so a run's evaluation
+(``QATModel.integer_arithmetic``) reports the accuracy the int8 model will have once deployed.
+
+Each formula follows ONNX Runtime's CPU kernels on x86-64 (MLAS; checked bit for bit against
+onnxruntime 1.32 on AVX2): ``f32(·)`` rounds to float32, ``rne`` rounds half to even.
+
+    QuantizeLinear       q = clamp(rne(f32(x / s)) + z, 0, 255)                (a division, not x * (1/s))
+    DequantizeLinear     x = f32((q - z) * s)
+    requantize           q = clamp(rne(f32(f32(acc) * M)) + z_y, 0, 255)      (acc: the exact int32 sum)
+    QLinearConv, QGemm   M = f32(f32(s_x * s_w) / s_y), acc = sum (x - z_x)(w - z_w) + bias (int32)
+    QGemm, float output  y = f32(f32(acc) * f32(s_x * s_w))
+    QLinearMatMul        as QGemm, without bias
+    QLinearAdd           r_a = f32(s_a / s_c), r_b = f32(s_b / s_c),
+                         k = f32(z_c - fma(r_a, z_a, f32(r_b * z_b))), q = rne(fma(a, r_a, fma(b, r_b, k)))
+    QLinearMul           q = rne(f32(f32((a - z_a)(b - z_b) * f32(f32(s_a * s_b) / s_c)) + z_c))
+    QLinearGlobalAvgPool acc = sum x - z_x * N, M = f32(s_x / f32(s_y * N))
+    QLinearSoftmax       a table of exp over code differences, summed in order, scaled by floor(1/s_y)
+
+An activation narrower than 8 bits is then clipped to its own codes (``Clip`` after QuantizeLinear
+in the export). Ops without an integer kernel (LayerNorm, GELU, a mean over tokens) run in float
+between DequantizeLinear and QuantizeLinear, as they do here; their float rounding can differ from
+ONNX Runtime's by a unit in the last place. Weights are exact: the export stores them as the codes
+computed here, and on a CPU without VNNI stores any that could saturate its 16-bit pair sums as
+uint8 (see ``cpu``), so every accumulation is exact.
+"""
+
+from __future__ import annotations
+
+import math
+import operator
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+UINT8 = (0, 255)  # activations are stored as uint8 whatever their width
+
+# modules and functions that only move or pick values: their output keeps the input's codes
+MOVING_MODULES = (nn.MaxPool1d, nn.MaxPool2d, nn.MaxPool3d, nn.Dropout, nn.Dropout1d, nn.Dropout2d, nn.Dropout3d,
+                  nn.AlphaDropout, nn.Identity, nn.Flatten, nn.Unflatten, nn.ChannelShuffle, nn.PixelShuffle,
+                  nn.PixelUnshuffle, nn.ZeroPad2d)
+MOVING_FUNCTIONS = {F.max_pool1d, F.max_pool2d, F.max_pool3d, F.dropout, F.dropout1d, F.dropout2d, F.dropout3d,
+                    torch.flatten, torch.reshape, torch.permute, torch.transpose, torch.squeeze, torch.unsqueeze,
+                    torch.chunk, torch.split, torch.narrow, torch.select, torch.flip, torch.roll, torch.t,
+                    torch.movedim, torch.swapaxes, torch.channel_shuffle, F.pixel_shuffle, F.pixel_unshuffle,
+                    operator.getitem}
+MOVING_METHODS = {"view", "reshape", "flatten", "permute", "transpose", "squeeze", "unsqueeze", "contiguous",
+                  "expand", "expand_as", "view_as", "reshape_as", "chunk", "split", "narrow", "select", "flip",
+                  "roll", "t", "movedim", "swapaxes", "repeat", "unfold", "clone", "detach", "to", "float",
+                  "unbind"}
+
+
+@dataclass(frozen=True)
+class Grid:
+    """One activation's quantization: ``x = (q - zero_point) * scale`` for codes ``qmin <= q <= qmax``."""
+
+    scale: float  # a float32 value
+    zero_point: int
+    qmin: int
+    qmax: int
+
+    def codes(self, x: torch.Tensor) -> torch.Tensor:
+        """QuantizeLinear, then the Clip of a narrow activation: codes as a float tensor."""
+        q = torch.round(x.float() / self.scale) + self.zero_point
+        return q.clamp_(*UINT8).clamp_(self.qmin, self.qmax)
+
+    def values(self, q: torch.Tensor) -> Quantized:
+        """DequantizeLinear of codes ``q`` (already on this grid)."""
+        return Quantized.wrap((q - self.zero_point) * _f32(self.scale), self)
+
+    def requantize(self, acc: torch.Tensor, multiplier: torch.Tensor) -> Quantized:
+        """An exact integer sum ``acc`` (float64) → this grid's codes: one float32 multiply, then round."""
+        f = acc.to(torch.float32) * multiplier
+        return self.values((torch.round(f) + self.zero_point).clamp_(*UINT8).clamp_(self.qmin, self.qmax))
+
+
+class Quantized(torch.Tensor):
+    """An activation as the int8 model holds it: its values are ``(q - z) * s`` of codes ``q`` on
+    ``grid``. Ops that only move values (views, slicing, max-pool) keep the grid; any other op
+    returns a plain tensor."""
+
+    grid: Grid
+
+    @staticmethod
+    def wrap(values: torch.Tensor, grid: Grid) -> Quantized:
+        t = values.as_subclass(Quantized)
+        t.grid = grid
+        return t
+
+    def codes(self) -> torch.Tensor:
+        """The codes, as a float tensor (exact: ``x / s`` of ``x = (q - z) * s`` rounds back to ``q - z``)."""
+        with torch._C.DisableTorchFunctionSubclass():
+            return torch.round(self / self.grid.scale) + self.grid.zero_point
+
+    @classmethod
+    def __torch_function__(cls, func: Any, types: Any, args: tuple = (), kwargs: dict | None = None) -> Any:
+        with torch._C.DisableTorchFunctionSubclass():
+            out = func(*args, **(kwargs or {}))
+        source = next((a for a in args if isinstance(a, Quantized)), None)
+        if source is None or not _moves_values(func, source, out):
+            return out
+        if isinstance(out, torch.Tensor):
+            return cls.wrap(out, source.grid)
+        if isinstance(out, (tuple, list)) and all(isinstance(o, torch.Tensor) for o in out):
+            return type(out)(cls.wrap(o, source.grid) for o in out)
+        return out
+
+
+def _moves_values(func: Any, source: torch.Tensor, out: Any) -> bool:
+    if func in MOVING_FUNCTIONS:
+        return True
+    name = getattr(func, "__name__", "")
+    if name == "__getitem__" or (name in MOVING_METHODS and getattr(torch.Tensor, name, None) is func):
+        return not isinstance(out, torch.Tensor) or out.dtype == source.dtype
+    return isinstance(out, torch.Tensor) and out.dtype == source.dtype and \
+        out.untyped_storage().data_ptr() == source.untyped_storage().data_ptr()  # dropout in eval, identity
+
+
+def _f32(v: float | torch.Tensor) -> torch.Tensor:
+    return torch.as_tensor(v, dtype=torch.float32)
+
+
+def quantize_linear(x: torch.Tensor, grid: Grid) -> Quantized:
+    """ONNX Runtime's QuantizeLinear of a float tensor (then a narrow activation's Clip)."""
+    return grid.values(grid.codes(x))
+
+
+def weight_codes(w: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor, qmin: int, qmax: int,
+                 axis: int | None) -> torch.Tensor:
+    """The integer weights the export stores: ``clamp(rint(w * (1/s)) + z, qmin, qmax)`` in float32 —
+    PyTorch's fake-quantization formula, so they are the weights the model trained with."""
+    s, z = scale.detach().float(), zero_point.detach().round()
+    if axis is not None:
+        shape = [1] * w.dim()
+        shape[axis] = -1
+        s, z = s.reshape(shape), z.reshape(shape)
+    return (torch.round(w.detach().float() * (1.0 / s)) + z).clamp(qmin, qmax)
+
+
+def bias_codes(bias: torch.Tensor, input_scale: float, weight_scale: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The int32 bias of an integer conv or gemm, and its scale ``f32(s_x * s_w)`` (one per channel)."""
+    scale = _f32(input_scale) * weight_scale.detach().float().reshape(-1)
+    scale = scale.expand(bias.shape[0]) if scale.numel() == 1 else scale
+    codes = torch.round(bias.detach().double() / scale.double()).clamp(-(2**31), 2**31 - 1)
+    return codes, scale
+
+
+@dataclass(frozen=True)
+class Weights:
+    """A layer's integer weights: codes, zero points and scales (per tensor, or one per output channel)."""
+
+    codes: torch.Tensor
+    zero_point: torch.Tensor
+    scale: torch.Tensor
+
+    def centred(self) -> torch.Tensor:  # (C_out, ...) float64: w - z_w
+        z = self.zero_point.detach().round().double().reshape([-1] + [1] * (self.codes.dim() - 1))
+        return self.codes.double() - z
+
+    def channel(self, dims: int) -> list[int]:
+        return [1, -1] + [1] * (dims - 2)
+
+
+def _multiplier(input_scale: float, weights: Weights, output: Grid | None, dims: int) -> torch.Tensor:
+    m = _f32(input_scale) * weights.scale.detach().float().reshape(-1)
+    if output is not None:
+        m = m / _f32(output.scale)
+    return m.reshape(weights.channel(dims)) if m.numel() > 1 else m.reshape(())
+
+
+def _accumulate(x: Quantized, weights: Weights, bias: torch.Tensor | None, compute: Any) -> torch.Tensor:
+    """``compute((x - z_x), (w - z_w))`` in float64, which holds every int32 sum exactly, plus the
+    int32 bias, wrapped as int32."""
+    acc = compute(x.codes().double() - x.grid.zero_point, weights.centred())
+    if bias is not None:
+        codes, _ = bias_codes(bias, x.grid.scale, weights.scale)
+        acc = acc + codes.reshape(weights.channel(acc.dim()))
+    return torch.remainder(acc + 2.0**31, 2.0**32) - 2.0**31  # int32 arithmetic wraps (a bias near its limit)
+
+
+def conv2d(x: Quantized, weights: Weights, bias: torch.Tensor | None, conv: nn.Conv2d, output: Grid) -> Quantized:
+    """QLinearConv (padding holds the input's zero point, i.e. 0 after centring)."""
+    acc = _accumulate(x, weights, bias, lambda a, w: F.conv2d(a, w, None, conv.stride, conv.padding, conv.dilation,
+                                                              conv.groups))
+    return output.requantize(acc, _multiplier(x.grid.scale, weights, output, acc.dim()))
+
+
+def linear(x: Quantized, weights: Weights, bias: torch.Tensor | None, output: Grid | None) -> torch.Tensor:
+    """QGemm of ``x`` (N, in): requantized to ``output``, or float logits when ``output`` is None."""
+    acc = _accumulate(x, weights, bias, lambda a, w: a @ w.T)
+    m = _multiplier(x.grid.scale, weights, output, 2)
+    if output is None:
+        return acc.to(torch.float32) * m
+    return output.requantize(acc, m)
+
+
+def matmul(a: Quantized, b: Quantized, output: Grid | None) -> torch.Tensor:
+    """QLinearMatMul (MatMulIntegerToFloat when the output stays float)."""
+    acc = (a.codes().double() - a.grid.zero_point) @ (b.codes().double() - b.grid.zero_point)
+    m = _f32(a.grid.scale) * _f32(b.grid.scale)
+    if output is None:
+        return acc.to(torch.float32) * m
+    return output.requantize(acc, m / _f32(output.scale))
+
+
+def _fma(a: torch.Tensor, b: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
+    """``a * b + c`` rounded once to float32 (the float32 product is exact in float64)."""
+    return (a.double() * b.double() + c.double()).to(torch.float32)
+
+
+def add(a: Quantized, b: Quantized, output: Grid) -> Quantized:
+    """QLinearAdd: both inputs rescaled to the output's step with fused multiply-adds (AVX2 kernel).
+
+    The kernel runs over spans of the output; an input broadcast within a span is its second operand.
+    """
+    if a.numel() < b.numel():
+        a, b = b, a
+    ra, rb = _f32(a.grid.scale) / output.scale, _f32(b.grid.scale) / output.scale
+    za, zb = _f32(a.grid.zero_point), _f32(b.grid.zero_point)
+    fixed = _f32(output.zero_point) - _fma(ra, za, rb * zb)
+    v = _fma(a.codes(), ra, _fma(b.codes(), rb, fixed))
+    return output.values(torch.round(v).clamp_(*UINT8).clamp_(output.qmin, output.qmax))
+
+
+def mul(a: Quantized, b: Quantized, output: Grid) -> Quantized:
+    """QLinearMul: the exact product of centred codes, one float32 rescale, the zero point added in float."""
+    r = (_f32(a.grid.scale) * _f32(b.grid.scale)) / _f32(output.scale)
+    p = (a.codes() - a.grid.zero_point) * (b.codes() - b.grid.zero_point)  # |p| <= 255^2: exact in float32
+    v = p * r + output.zero_point
+    return output.values(torch.round(v).clamp_(*UINT8).clamp_(output.qmin, output.qmax))
+
+
+def global_average_pool(x: Quantized, output: Grid) -> Quantized | None:
+    """QLinearGlobalAveragePool of (B, C, H, W) → (B, C, 1, 1); None where its rescale factor is out of
+    the kernel's range, so the export runs it in float (see ``export.guard_global_average_pool``)."""
+    n = x.shape[-1] * x.shape[-2]
+    m = _f32(x.grid.scale) / (_f32(output.scale) * float(n))
+    if not 2.0**-32 <= float(m) < 256.0:
+        return None
+    acc = x.codes().double().sum(dim=(-2, -1), keepdim=True) - x.grid.zero_point * n
+    return output.requantize(acc, m)
+
+
+def softmax(x: Quantized, dim: int, output: Grid) -> Quantized:
+    """QLinearSoftmax along ``dim``: exp of code differences from a 256-entry table built in double,
+    a row sum in order (float32), each ``e * floor(1/s_y) / sum`` computed in double and rounded.
+
+    The output step is in effect ``1 / floor(1/s_y)``, not ``s_y``: the kernel's, reproduced here.
+    """
+    x = x.movedim(dim, -1)
+    d = x.shape[-1]
+    s = float(x.grid.scale)
+    # log of float32 values in float32 (logf), the rest in double, as the kernel builds its table
+    shift = max(0.0, float(_f32(math.log(float(_f32(torch.finfo(torch.float32).max) / _f32(float(d)))))) - 5.0) / s
+    table = torch.tensor([math.exp((i - 255 + shift) * s) for i in range(256)], dtype=torch.float64)
+    codes = x.codes().long()
+    e = table.to(torch.float32).to(codes.device)[codes + 255 - codes.amax(dim=-1, keepdim=True)]  # (..., D)
+    total = torch.zeros(e.shape[:-1], dtype=torch.float32, device=e.device)
+    for j in range(d):  # the kernel's order: a sum in float32, one term after another
+        total = total + e[..., j]
+    steps = torch.floor(torch.tensor(1.0, dtype=torch.float32) / _f32(output.scale))
+    q = torch.round((e.double() * steps.double()) / total[..., None].double()) + output.zero_point  # in double
+    return output.values(q.clamp_(*UINT8).clamp_(output.qmin, output.qmax).movedim(-1, dim))
