@@ -66,7 +66,9 @@ def runs() -> list[dict[str, Any]]:
 
 def run_label(record: dict[str, Any]) -> str:
     qat = record["metrics"].get("qat", {}).get("accuracy")
+    ort = record["metrics"].get("parity", {}).get("accuracy")
     acc = f" · QAT {qat:.1%}" if qat is not None else ""
+    acc += f" (ONNX Runtime {ort:.1%})" if ort is not None else ""
     return f"{record['id']} · {record['model']} · {planning.plan_summary(record['config'])} · {record['status']}{acc}"
 
 

@@ -4,7 +4,7 @@ curves and Cancel. The job lives in the run store, so a reload or a second tab f
 import streamlit as st
 
 from pages import _common as common
-from qat_core import planning, runner
+from qat_core import planning, report, runner
 
 st.title("Fine-tune")
 config = common.draft()
@@ -56,9 +56,21 @@ def show_run(run_id: str, was_running: bool) -> None:
         c2.metric("PTQ accuracy", f"{m['ptq']['accuracy']:.2%}",
                   f"{(m['ptq']['accuracy'] - m['fp32']['accuracy']) * 100:+.2f} pt")
         c3.metric("QAT accuracy", f"{m['qat']['accuracy']:.2%}",
-                  f"{(m['qat']['accuracy'] - m['fp32']['accuracy']) * 100:+.2f} pt")
+                  f"{(m['qat']['accuracy'] - m['fp32']['accuracy']) * 100:+.2f} pt",
+                  help="Computed as ONNX Runtime will compute the int8 model (integer arithmetic)"
+                  + (f"; the fake-quantized float simulation gives {m['qat']['fake_quant_accuracy']:.2%}"
+                     if "fake_quant_accuracy" in m["qat"] else ""))
         c4.metric("Size", f"{m['size']['quantized_bytes'] / 1024:,.1f} KB",
                   help=f"{m['size']['ratio']:.2f}× of the FP32 model ({m['size']['fp32_bytes'] / 1024:,.1f} KB)")
+        out = report.deployed(m)
+        if out is None:
+            st.caption("Deployed accuracy: not measured yet — **Benchmark** runs the int8 model in ONNX Runtime.")
+        elif out["same"]:
+            st.success(f"Deployed: the int8 model in ONNX Runtime scores {out['accuracy']:.2%}, the same predictions "
+                       "as this evaluation.")
+        else:
+            st.warning(f"Deployed: the int8 model in ONNX Runtime scores {out['accuracy']:.2%} (evaluated "
+                       f"{out['evaluated']:.2%}). {out['why']}")
         if m.get("float_layers"):
             st.warning("Layers left in float: " + "; ".join(f"{k}: {v}" for k, v in m["float_layers"].items()))
     elif record["status"] == "cancelled":

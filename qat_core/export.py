@@ -725,7 +725,7 @@ def compare_codes(qat: nn.Module, int8_path: Path, x: np.ndarray) -> list[dict[s
     return [rows[layer] for layer in names if layer in rows]
 
 
-PARITY_LAYER_SAMPLES = 64  # test samples whose codes are compared layer by layer
+PARITY_LAYER_SAMPLES = 64  # test samples whose codes are compared layer by layer (those that disagree first)
 
 
 def parity(store: Any, run_id: str, batch_size: int = 256) -> dict[str, Any]:
@@ -735,9 +735,10 @@ def parity(store: Any, run_id: str, batch_size: int = 256) -> dict[str, Any]:
     ``sim_accuracy`` is the run's quantized accuracy as evaluated (its integer arithmetic, see
     ``QATModel.integer_arithmetic``), ``agreement`` ONNX Runtime's top-1 agreement with it;
     ``fake_quant_accuracy`` / ``fake_quant_agreement`` compare the float simulation training used.
-    ``layers`` compares every quantized layer's output codes on the first samples, each layer fed
-    ONNX Runtime's codes of the layers before it; ``first_divergence`` is the first layer whose codes
-    differ at all (None: every code equal), and ``explanation`` says why the results differ, if they do.
+    ``layers`` compares every quantized layer's output codes on up to 64 samples (those that disagree
+    first), each layer fed ONNX Runtime's codes of the layers before it; ``first_divergence`` is the
+    first layer whose codes differ at all (None: every code equal), and ``explanation`` says why the
+    results differ, if they do.
     """
     loaded = _load(store, run_id)
     _, int8_path = _ensure_exported(store, run_id)
@@ -751,8 +752,7 @@ def parity(store: Any, run_id: str, batch_size: int = 256) -> dict[str, Any]:
             with loaded.qat.integer_arithmetic():
                 int_logits.append(loaded.qat(x).as_subclass(torch.Tensor).numpy())
             labels.append(y.numpy())
-            if sum(len(i) for i in inputs) < PARITY_LAYER_SAMPLES:
-                inputs.append(x.numpy())
+            inputs.append(x.numpy())
     if not labels:
         raise StoreError(f"run {run_id} has an empty test split; parity needs test data")
     o, s, f, y = (np.concatenate(v) for v in (ort_logits, int_logits, fq_logits, labels))
@@ -760,7 +760,8 @@ def parity(store: Any, run_id: str, batch_size: int = 256) -> dict[str, Any]:
         raise ExportError(f"{int8_path} gives outputs of shape {o.shape[1:]}, the run's model {s.shape[1:]}; "
                           "the file belongs to another model — run `qat-studio export RUN` again")
     agree = o.argmax(1) == s.argmax(1)
-    layers = compare_codes(loaded.qat, int8_path, np.concatenate(inputs)[:PARITY_LAYER_SAMPLES])
+    order = np.argsort(agree, kind="stable")[:PARITY_LAYER_SAMPLES]  # the samples that disagree first
+    layers = compare_codes(loaded.qat, int8_path, np.concatenate(inputs)[np.sort(order)])
     result: dict[str, Any] = {
         "samples": int(len(y)),
         "accuracy": float((o.argmax(1) == y).mean()),
@@ -790,8 +791,8 @@ def explain_parity(result: dict[str, Any]) -> str | None:
     if result["agreement"] == 1.0 and first is None:
         return None
     if first is None:
-        return (f"{result['disagreements']} prediction(s) differ although every compared layer's codes are equal "
-                "on the first samples: a difference in a later sample, or in float logits after the last quantizer")
+        return (f"{result['disagreements']} prediction(s) differ although every quantized layer's codes are equal "
+                "on them: the float ops after the last quantizer (the logits) decide it")
     row = next(r for r in result["layers"] if r["layer"] == first)
     where = (f"`{first}` is the first layer whose codes differ ({row['differing']} of {row['codes']}, by up to "
              f"{row['max_code_diff']} step(s))")

@@ -70,6 +70,19 @@ def _with_activation(layer: nn.Module, activation: nn.Module | None) -> nn.Modul
     return nn.Sequential(layer, activation) if activation is not None else layer
 
 
+def _int32_bias(bias: torch.Tensor | None, input_quant: FakeQuantizer | None,
+                weight_quant: FakeQuantizer | None) -> torch.Tensor | None:
+    """The bias as the export stores it: rounded to the int32 grid ``s_x * s_w`` of the integer kernel
+    (straight-through: the float bias keeps its gradient). Coarse at low bit widths — a W2A2 layer's
+    bias step can be a tenth of its output step — so training must see it, not only the export."""
+    if bias is None or input_quant is None or weight_quant is None or not (input_quant.enabled and
+                                                                           weight_quant.enabled):
+        return bias
+    scale = input_quant.scale.detach().float().reshape(()) * weight_quant.scale.detach().float().reshape(-1)
+    codes = torch.round(bias.detach().double() / scale.double()).clamp(-(2**31), 2**31 - 1)
+    return bias + ((codes * scale.double()).to(bias.dtype) - bias).detach()
+
+
 def _integer_output(layer: nn.Module, x: Any) -> Grid | None | bool:
     """For ONNX Runtime's integer arithmetic (``QATModel.integer_arithmetic``): the output grid of a
     layer the export turns into one integer kernel, None for one that keeps float output (logits),
@@ -99,6 +112,11 @@ class QuantConv2d(nn.Module):
         self.conv, self.bn, self.activation = conv, bn, activation
         self.weight_quant, self.act_quant = weight_quant, act_quant
         self.bn_frozen = False
+        self.link_input_quantizer(None)
+
+    def link_input_quantizer(self, quantizer: FakeQuantizer | None) -> None:
+        """The quantizer of this layer's input (another layer's, not a submodule): sets the bias grid."""
+        object.__setattr__(self, "input_quant", quantizer)
 
     @classmethod
     def from_float(cls, conv: nn.Conv2d, bn: nn.BatchNorm2d | None, activation: nn.Module | None,
@@ -139,7 +157,8 @@ class QuantConv2d(nn.Module):
             y = self.bn(y)  # batch statistics; updates the running ones
         else:
             w, b = self.folded()
-            y = self._conv(x, self.weight_quant(w) if self.weight_quant is not None else w, b)
+            w = self.weight_quant(w) if self.weight_quant is not None else w
+            y = self._conv(x, w, _int32_bias(b, self.input_quant, self.weight_quant))
         y = _activate(self.activation, y)
         return self.act_quant(y) if self.act_quant is not None else y
 
@@ -163,6 +182,9 @@ class QuantLinear(nn.Module):
         super().__init__()
         self.linear, self.activation = linear, activation
         self.weight_quant, self.act_quant = weight_quant, act_quant
+        self.link_input_quantizer(None)
+
+    link_input_quantizer = QuantConv2d.link_input_quantizer
 
     @classmethod
     def from_float(cls, linear: nn.Linear, activation: nn.Module | None, bounds: Bounds | None, spec: QuantSpec,
@@ -185,7 +207,9 @@ class QuantLinear(nn.Module):
         if output is not False and self.weight_quant is not None:  # QGemm, integer or float output
             y = integer.linear(x, self.weight_quant.integer_weights(self.linear.weight), self.linear.bias, output)
         else:
-            y = _activate(self.activation, F.linear(x, self.quantized_weight(), self.linear.bias))
+            w = self.quantized_weight()
+            y = _activate(self.activation, F.linear(x, w, _int32_bias(self.linear.bias, self.input_quant,
+                                                                      self.weight_quant)))
             y = self.act_quant(y) if self.act_quant is not None else y  # per-tensor: same before or after reshape
         return y.reshape(*lead, y.shape[-1]) if len(lead) > 1 else y
 

@@ -11,11 +11,12 @@ Anything that stays in float is reported by name with the reason.
 from __future__ import annotations
 
 import copy
+from typing import Any
 
 import torch
 from torch import fx, nn
 
-from qat_core import graph
+from qat_core import graph, integer
 from qat_core.config import LayerPlan
 from qat_core.errors import PluginError
 from qat_core.modules import (
@@ -27,6 +28,7 @@ from qat_core.modules import (
     QuantOutput,
     activation_quantizer,
 )
+from qat_core.quantizers import FakeQuantizer
 
 WEIGHT_LAYERS = graph.WEIGHT_LAYERS
 
@@ -66,7 +68,31 @@ def prepare(model: nn.Module, plan: LayerPlan, example: torch.Tensor) -> QATMode
     input_quant = activation_quantizer(plan.spec_for("input")) if mg.input_is_float else None
     if not mg.input_is_float:
         float_layers["input"] = "the model's input is not floating point (token ids): nothing to quantize"
+    _link_input_quantizers(gm, input_quant)
     return QATModel(gm, input_quant, rows, float_layers)
+
+
+def _link_input_quantizers(gm: fx.GraphModule, input_quant: FakeQuantizer | None) -> None:
+    """Tell each conv and linear layer which quantizer produced its input (through ops that only move
+    values), so that it rounds its bias to the int32 grid ``s_x * s_w`` the export gives it."""
+    def producer(node: Any) -> FakeQuantizer | None:
+        while isinstance(node, fx.Node):
+            if node.op == "placeholder":
+                return input_quant
+            mod = gm.get_submodule(node.target) if node.op == "call_module" else None
+            if isinstance(mod, (QuantConv2d, QuantLinear, QuantOutput)):
+                return mod.act_quant
+            moving = (isinstance(mod, integer.MOVING_MODULES) or (node.op == "call_function" and node.target in
+                      integer.MOVING_FUNCTIONS) or (node.op == "call_method" and node.target in integer.MOVING_METHODS))
+            if not moving or not node.args:
+                return None
+            node = node.args[0]
+        return None
+
+    for node in gm.graph.nodes:
+        mod = gm.get_submodule(node.target) if node.op == "call_module" else None
+        if isinstance(mod, (QuantConv2d, QuantLinear)) and node.args:
+            mod.link_input_quantizer(producer(node.args[0]))
 
 
 def _graph_rows(mg: graph.ModelGraph, example: torch.Tensor) -> list[dict]:

@@ -45,9 +45,21 @@ def _pct(section: dict[str, Any] | None) -> float:
     return section["accuracy"] * 100 if section and "accuracy" in section else math.nan
 
 
+def deployed(metrics: dict[str, Any]) -> dict[str, Any] | None:
+    """The int8 model's accuracy in ONNX Runtime beside the run's (QAT) accuracy, once parity measured
+    it: ``{"accuracy", "evaluated", "same", "why"}`` (``why``: the reason when they differ), else None."""
+    parity = metrics.get("parity")
+    if not parity or "accuracy" not in parity:
+        return None
+    same = parity["accuracy"] == parity.get("sim_accuracy") and parity.get("agreement") == 1.0
+    return {"accuracy": parity["accuracy"], "evaluated": parity.get("sim_accuracy"), "same": same,
+            "why": None if same else parity.get("explanation") or "ONNX Runtime's predictions differ from the run's"}
+
+
 def runs_frame(store: RunStore, records: list[dict[str, Any]] | None = None) -> pd.DataFrame:
     """One row a run (``records`` from ``store.list()``, default all): status, model, plan, accuracy (%)
-    of FP32/PTQ/QAT, predicted size (KB, ratio), ONNX Runtime latency at batch 1 (ms), error."""
+    of FP32/PTQ/QAT and of the int8 model in ONNX Runtime (once measured), predicted size (KB, ratio),
+    ONNX Runtime latency at batch 1 (ms), error."""
     records = store.list() if records is None else records
     out = []
     for r in records:
@@ -56,14 +68,15 @@ def runs_frame(store: RunStore, records: list[dict[str, Any]] | None = None) -> 
         size = m.get("size", {})
         out.append({"run": r["id"], "status": r["status"], "model": r["model"], "plan": plan_summary(r["config"]),
                     "FP32 acc %": _pct(m.get("fp32")), "PTQ acc %": _pct(m.get("ptq")), "QAT acc %": _pct(m.get("qat")),
+                    "ORT int8 acc %": _pct(m.get("parity")),
                     "size KB": size.get("quantized_bytes", math.nan) / 1024,
                     "size ratio": size.get("ratio", math.nan),
                     "int8 latency ms": latency_ms(bench, "int8"), "fp32 latency ms": latency_ms(bench, "fp32"),
                     "error": r["error"] or ""})
-    columns = ["run", "status", "model", "plan", "FP32 acc %", "PTQ acc %", "QAT acc %", "size KB", "size ratio",
-               "int8 latency ms", "fp32 latency ms", "error"]
+    columns = ["run", "status", "model", "plan", "FP32 acc %", "PTQ acc %", "QAT acc %", "ORT int8 acc %", "size KB",
+               "size ratio", "int8 latency ms", "fp32 latency ms", "error"]
     return pd.DataFrame(out, columns=columns).round({
-        "FP32 acc %": 2, "PTQ acc %": 2, "QAT acc %": 2, "size KB": 1, "size ratio": 3,
+        "FP32 acc %": 2, "PTQ acc %": 2, "QAT acc %": 2, "ORT int8 acc %": 2, "size KB": 1, "size ratio": 3,
         "int8 latency ms": 4, "fp32 latency ms": 4})
 
 
@@ -103,7 +116,17 @@ def _accuracy_section(m: dict[str, Any]) -> list[str]:
     rows = [{"model": STAGE_TITLES[s], "test accuracy %": m[s]["accuracy"] * 100,
              "vs FP32 (pt)": (m[s]["accuracy"] - fp32) * 100 if fp32 is not None else math.nan,
              "loss": m[s].get("loss", math.nan)} for s in stages]
-    return ["<h2>Accuracy</h2>", _table(pd.DataFrame(rows), "%.2f")]
+    out = deployed(m)
+    if out is not None:
+        rows.append({"model": "int8 in ONNX Runtime (deployed)", "test accuracy %": out["accuracy"] * 100,
+                     "vs FP32 (pt)": (out["accuracy"] - fp32) * 100 if fp32 is not None else math.nan,
+                     "loss": math.nan})
+    parts = ["<h2>Accuracy</h2>",
+             "<p>PTQ and QAT accuracies are computed with ONNX Runtime's integer arithmetic: what the int8 model "
+             "predicts once deployed.</p>", _table(pd.DataFrame(rows), "%.2f")]
+    if out is not None and out["why"]:
+        parts.append(f"<p>ONNX Runtime differs from the evaluation: {html.escape(out['why'])}</p>")
+    return parts
 
 
 def _size_section(m: dict[str, Any], exported: dict[str, Any] | None) -> list[str]:

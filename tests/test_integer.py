@@ -15,7 +15,7 @@ import pytest
 import torch
 from onnx import TensorProto, helper, numpy_helper
 
-from qat_core import integer, runner
+from qat_core import integer, modules, runner
 from qat_core.export import parity
 from qat_core.integer import Grid, Quantized, Weights
 from tests.conftest import quick_config
@@ -232,3 +232,18 @@ def test_deployed_equals_evaluated_on_every_layer(workspace, spec):
     assert [r["layer"] for r in result["layers"]] == ["input", "conv1.conv", "conv2.conv", "conv3.conv", "gap"]
     assert all(r["differing"] == 0 for r in result["layers"]) and result["first_divergence"] is None
     assert result["explanation"] is None
+    # training's fake-quantized simulation rounds biases to the same int32 grid: it predicts alike
+    assert abs(result["fake_quant_accuracy"] - result["accuracy"]) <= 0.005
+
+
+def test_each_layer_knows_the_quantizer_of_its_input_for_its_bias_grid(digits_run, workspace):
+    qat = runner.load(workspace, digits_run).qat
+    assert qat.layer("conv1.conv").input_quant is qat.input_quant
+    assert qat.layer("conv3.conv").input_quant is qat.layer("conv2.conv").act_quant  # through max-pool
+    assert qat.layer("fc").input_quant is qat.layer("gap").act_quant  # through flatten
+    conv = qat.layer("conv2.conv")
+    _, bias = conv.folded()
+    step = conv.input_quant.scale * conv.weight_quant.scale  # per output channel
+    simulated = modules._int32_bias(bias, conv.input_quant, conv.weight_quant)
+    assert torch.equal(simulated, (torch.round(bias.double() / step.double()) * step.double()).float())
+    assert not torch.equal(simulated, bias)

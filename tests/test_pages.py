@@ -13,6 +13,7 @@ from pathlib import Path
 import pytest
 import yaml
 
+from qat_core import export
 from qat_core.errors import ConfigError, QATError
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -141,6 +142,10 @@ def test_finetune_launched_from_the_page_completes_with_curves_and_metrics(works
     spec = plotly_specs(at)[0]
     names = [t["name"] for t in spec["data"]]
     assert any("QAT" in n and "loss" in n for n in names) and any("test accuracy" in n for n in names), names
+    assert any("not measured yet" in c.value for c in at.caption)
+    export.parity(workspace, run_id)  # what the Benchmark page runs: the deployed accuracy joins the headline
+    at.run()
+    assert any("in ONNX Runtime scores" in s.value and labels["QAT accuracy"] in s.value for s in at.success)
 
 
 def test_cancel_reaches_the_user_as_a_message(workspace, digits_run):

@@ -84,3 +84,17 @@ def test_cli_report_writes_the_file(workspace, digits_run, measured_failed_run, 
     assert "no run 'nope'" in capsys.readouterr().err
     with pytest.raises(StoreError):
         report.report_html(workspace, "nope")
+
+
+def test_the_deployed_accuracy_stands_beside_the_evaluated_one(workspace, digits_run):
+    from qat_core.export import parity
+
+    result = parity(workspace, digits_run)
+    row = report.runs_frame(workspace, [workspace.get(digits_run)]).iloc[0]
+    assert row["ORT int8 acc %"] == round(result["accuracy"] * 100, 2) == row["QAT acc %"]
+    page = report.report_html(workspace, digits_run).decode("utf-8")
+    assert "int8 in ONNX Runtime (deployed)" in page and "differs from the evaluation" not in page
+    assert report.deployed({"qat": {"accuracy": 0.9}}) is None  # not measured yet
+    differs = report.deployed({"parity": {"accuracy": 0.88, "sim_accuracy": 0.9, "agreement": 0.97,
+                                          "explanation": "`conv2` differs"}})
+    assert differs == {"accuracy": 0.88, "evaluated": 0.9, "same": False, "why": "`conv2` differs"}
