@@ -4,8 +4,9 @@ torchvision ``resnet18``, ``mobilenet_v2``, ``mobilenet_v3_small``, ``efficientn
 ``VisionTransformer`` (3×32×32 class templates + noise) and a tiny Hugging Face BERT classifier
 (token sequences), random init, through the plugin hook (``tests/plugins/third_party.py``), the
 same runner, export and parity the app uses. Prints per model: conv/linear/matmul layers that run
-as integer kernels, BatchNorms folded, top-1 agreement of ORT int8 with the simulation, the
-accuracies, and every conv/linear/matmul left in float with its reason.
+as integer kernels, BatchNorms folded, top-1 agreement of ORT int8 with the run's evaluation, the
+accuracies (``fq``: the fake-quantized float simulation), output codes that differ from ONNX
+Runtime's (integer kernels / float ops), and every conv/linear/matmul left in float with its reason.
 
     .venv/bin/python benchmarks/bench_any_model.py [--models resnet18 bert ...]
 """
@@ -49,6 +50,9 @@ def bench(store: RunStore, model: str) -> dict:
     return {"model": model, "heavy": len(heavy), "integer": len(set(heavy) & set(parity["integer_layers"])),
             "bn": bns, "folded": folded, "agreement": parity["agreement"], "fp32": metrics["fp32"]["accuracy"],
             "ptq": metrics["ptq"]["accuracy"], "qat": metrics["qat"]["accuracy"], "ort": parity["accuracy"],
+            "fq": parity["fake_quant_accuracy"],
+            "codes": [sum(r["differing"] for r in parity["layers"] if (r["layer"] in parity["integer_layers"]) == kind)
+                      for kind in (True, False)],
             "float": {k: v for k, v in parity["float_layers"].items() if k in heavy},
             "seconds": time.perf_counter() - started}
 
@@ -58,14 +62,15 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--models", nargs="+", choices=MODELS, default=list(MODELS))
     args = p.parse_args(argv)
     print(f"{'model':<19} {'int/heavy':>9} {'cover':>6} {'BN fold':>8} {'agree':>7} {'FP32':>6} {'PTQ':>6} "
-          f"{'QAT':>6} {'ORT':>6} {'s':>5}")
+          f"{'QAT':>6} {'ORT':>6} {'fq':>6} {'codes≠':>9} {'s':>5}")
     with tempfile.TemporaryDirectory(prefix="qat-any-") as tmp:
         store = RunStore(Path(tmp))
         for model in args.models:
             r = bench(store, model)
             print(f"{model:<19} {r['integer']:>4}/{r['heavy']:<4} {r['integer'] / r['heavy']:6.1%} "
                   f"{r['folded']:>3}/{r['bn']:<4} {r['agreement']:7.2%} {r['fp32']:6.1%} {r['ptq']:6.1%} "
-                  f"{r['qat']:6.1%} {r['ort']:6.1%} {r['seconds']:5.0f}", flush=True)
+                  f"{r['qat']:6.1%} {r['ort']:6.1%} {r['fq']:6.1%} {r['codes'][0]:>4}/{r['codes'][1]:<4} "
+                  f"{r['seconds']:5.0f}", flush=True)
             for name, why in r["float"].items():
                 print(f"    float: {name}: {why}")
     return 0

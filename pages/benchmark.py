@@ -81,5 +81,5 @@ with right:
         machine = result.get("machine", {})
         if machine:
             st.caption(f"CPU: {machine.get('cpu', '?')} · cores {machine.get('cores', '?')} · flags "
-                       + ", ".join(machine.get("flags", [])))
+                       + (", ".join(report.cpu_flags(machine)) or "none of AVX2, AVX-512, VNNI"))
 st.page_link(common.PAGES["export"], label="Next: download the models and a report →", icon="📦")

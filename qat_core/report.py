@@ -92,6 +92,12 @@ def speedup(result: dict[str, Any]) -> dict[str, Any] | None:
     return comparisons[0] if comparisons else None
 
 
+def cpu_flags(machine: dict[str, Any]) -> list[str]:
+    """The SIMD flags a benchmark's CPU has (saved as {flag: present}; older results as a list)."""
+    flags = machine.get("flags", [])
+    return [f for f, on in flags.items() if on] if isinstance(flags, dict) else list(flags)
+
+
 def float_reasons(float_layers: Any) -> dict[str, str]:
     """Layers left in float → why (parity and export give a dict; older results a list of names)."""
     if isinstance(float_layers, dict):
@@ -170,8 +176,7 @@ def _bench_section(store: RunStore, run_id: str, m: dict[str, Any]) -> list[str]
         out.append(f"<p>Note: {html.escape(result['note'])}</p>")
     machine = result.get("machine") or {}
     if machine:
-        flags = machine.get("flags", [])
-        flags = [f for f, on in flags.items() if on] if isinstance(flags, dict) else flags
+        flags = cpu_flags(machine)
         out.append(f"<p>CPU: {html.escape(str(machine.get('cpu', '?')))}, {machine.get('cores', '?')} cores"
                    + (f", {html.escape(', '.join(map(str, flags)))}" if flags else "") + "</p>")
     return out

@@ -187,7 +187,12 @@ def test_benchmark_exports_and_shows_parity_beside_latency(workspace, digits_run
     labels = {m.label for m in at.metric}
     assert {"Agreement", "Integer-kernel coverage", "Speed-up of int8 (ORT, median)"} <= labels, labels
     assert workspace.artifact(digits_run, "int8.onnx").exists()
-    assert any("CPU:" in c.value for c in at.caption)
+    cpu_line = next(c.value for c in at.caption if "CPU:" in c.value)
+    from qat_core import bench
+
+    present = [f for f, on in bench.machine_info()["flags"].items() if on]
+    absent = [f for f, on in bench.machine_info()["flags"].items() if not on]
+    assert all(f in cpu_line for f in present) and not any(f"{f}," in cpu_line + "," for f in absent), cpu_line
 
 
 def test_compare_lists_runs_and_draws_pareto(digits_run, digits_run_w4a4):

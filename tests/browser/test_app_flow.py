@@ -111,6 +111,8 @@ def test_first_time_user_flow(app_server, page):
     page.get_by_text("Speed-up of int8 (ORT, median)").wait_for(timeout=60_000)
     no_exception(page)
     shot(page, "benchmark")
+    nav(page, "Fine-tune")  # the deployed accuracy now stands beside the evaluated one
+    page.get_by_text("in ONNX Runtime scores").wait_for(timeout=30_000)
 
     nav(page, "Export")
     with page.expect_download() as download:
