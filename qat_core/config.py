@@ -2,16 +2,35 @@
 
 A config is plain data (pydantic models, ``extra="forbid"``): it is saved with every run, rebuilt
 from widgets, and read/written as YAML or JSON. Every error names the field and what is allowed.
+
+Reading is bounded and total: input size, nesting depth and the values that YAML aliases expand to
+are limited while parsing (before anything is built), and every message quotes at most a short
+excerpt of the input. Whatever the text, ``parse`` returns a ``RunConfig`` or raises ``ConfigError``.
 """
 
 from __future__ import annotations
 
 import json
+import os
+import reprlib
+import stat
+from collections.abc import Hashable, Iterable
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_serializer, field_validator, model_validator
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Field,
+    ValidationError,
+    field_serializer,
+    field_validator,
+    model_validator,
+)
+from pydantic_core import ErrorDetails
 
 from qat_core.errors import ConfigError
 
@@ -20,6 +39,71 @@ MIN_BITS, MAX_BITS = 2, 8
 RangeMethod = Literal["minmax", "moving_average", "percentile", "mse", "lsq"]
 RANGE_METHODS: tuple[str, ...] = RangeMethod.__args__
 Granularity = Literal["per_tensor", "per_channel"]
+# the zoo's data sets (``zoo.ZooEntry.dataset``); plugins bring their own data and ignore this field
+Dataset = Literal["digits", "generated-images", "generated-sequences"]
+DATASETS: tuple[str, ...] = Dataset.__args__
+MAX_SEED = 2**32 - 1  # NumPy and PyTorch seeds are 32-bit
+
+# Input limits: a real config is a few KB, four levels deep, with a few hundred values.
+MAX_INPUT_SIZE = 1_000_000  # characters of text, bytes of a file
+MAX_DEPTH = 64
+MAX_VALUES = 100_000  # counted with each alias (*name) standing for the whole node it repeats
+MAX_NUMBER_CHARS = 100  # int() on longer YAML numbers is slow (1:2:3:… is base 60) or refused (> 4300 digits)
+EXCERPT_CHARS = 80  # the most of the user's input a message quotes
+MAX_LISTED_ERRORS = 5  # with each line clipped, keeps a message under 2 KB whatever the input
+
+
+def _clip(text: str, limit: int = EXCERPT_CHARS) -> str:
+    return text if len(text) <= limit else text[: limit - 1] + "…"
+
+
+class _ExcerptRepr(reprlib.Repr):
+    """``repr`` that looks at a few items of a few levels only: cheap for any input, even a huge one."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.maxlevel, self.maxdict, self.maxlist, self.maxtuple, self.maxset = 3, 4, 4, 4, 4
+        self.maxstring = self.maxother = EXCERPT_CHARS
+
+    def repr_int(self, x: int, level: int) -> str:
+        # repr() of an int over 4300 digits raises ValueError
+        return super().repr_int(x, level) if x.bit_length() <= 1000 else f"<a {x.bit_length()}-bit number>"
+
+
+def _excerpt(value: Any) -> str:
+    """A short quote of a user's value for a message."""
+    return _clip(_ExcerptRepr().repr(value))
+
+
+def _names(names: list[str], limit: int = 600) -> str:
+    """Names joined by commas, as many as fit in ``limit`` characters, then how many were left out."""
+    shown: list[str] = []
+    size = 0
+    for name in map(_clip, names):
+        size += len(name) + 2
+        if size > limit:
+            break
+        shown.append(name)
+    rest = len(names) - len(shown)
+    return ", ".join(shown) + (f" and {rest} more" if rest else "")
+
+
+def _not_bool(value: Any) -> Any:
+    """YAML ``true`` is not the number 1 (pydantic's lax mode would read it as one)."""
+    if isinstance(value, bool):
+        raise ValueError(f"must be a number, not {str(value).lower()}")
+    return value
+
+
+def _seed_range(value: int) -> int:
+    if not 0 <= value <= MAX_SEED:
+        raise ValueError(f"must be from 0 to {MAX_SEED} (NumPy and PyTorch seeds are 32-bit); got {_excerpt(value)}")
+    return value
+
+
+Int = Annotated[int, BeforeValidator(_not_bool)]
+Float = Annotated[float, BeforeValidator(_not_bool)]
+Seed = Annotated[int, BeforeValidator(_not_bool), AfterValidator(_seed_range)]
 
 
 class _Strict(BaseModel):
@@ -31,9 +115,9 @@ def _check_bits(value: Any) -> int | None:
     if value is None or value is False or (isinstance(value, str) and value.lower() == "off"):
         return None
     if isinstance(value, bool) or not isinstance(value, int):
-        raise ValueError(f"must be a whole number from {MIN_BITS} to {MAX_BITS}, or off; got {value!r}")
+        raise ValueError(f"must be a whole number from {MIN_BITS} to {MAX_BITS}, or off; got {_excerpt(value)}")
     if not MIN_BITS <= value <= MAX_BITS:
-        raise ValueError(f"must be from {MIN_BITS} to {MAX_BITS} bits, or off; got {value}")
+        raise ValueError(f"must be from {MIN_BITS} to {MAX_BITS} bits, or off; got {_excerpt(value)}")
     return value
 
 
@@ -45,7 +129,7 @@ class QuantSpec(_Strict):
     granularity: Granularity = "per_channel"  # weight scales: one per tensor or per output channel
     symmetric: bool = True  # zero point fixed at 0 (weights) / mid-range (signed activations)
     range_method: RangeMethod = "lsq"  # how ranges are found (observers) or learned (LSQ)
-    percentile: float = Field(99.99, gt=50.0, le=100.0)  # used by range_method="percentile"
+    percentile: Float = Field(99.99, gt=50.0, le=100.0)  # used by range_method="percentile"
 
     @field_validator("weight_bits", "act_bits", mode="before")
     @classmethod
@@ -65,7 +149,7 @@ class QuantOverride(_Strict):
     granularity: Granularity | None = None
     symmetric: bool | None = None
     range_method: RangeMethod | None = None
-    percentile: float | None = Field(None, gt=50.0, le=100.0)
+    percentile: Float | None = Field(None, gt=50.0, le=100.0)
 
     @field_validator("weight_bits", "act_bits", mode="before")
     @classmethod
@@ -100,47 +184,47 @@ class LayerPlan(_Strict):
         unknown = sorted(set(self.overrides) - set(layer_names))
         if unknown:
             raise ConfigError(
-                f"plan.overrides names layer(s) {', '.join(unknown)} that the model does not have; "
-                f"its quantizable layers are: {', '.join(layer_names)}"
+                f"plan.overrides names layer(s) {_names(unknown)} that the model does not have; "
+                f"its quantizable layers are: {_names(layer_names)}"
             )
 
 
 class DataConfig(_Strict):
-    dataset: str = "digits"  # zoo data set id (ignored for plugins, which bring their own loaders)
-    test_fraction: float = Field(0.25, gt=0.0, lt=1.0)  # share of samples held out for testing
-    split_seed: int = 0  # seed of the train/test split (independent of the training seed)
+    dataset: Dataset = "digits"  # zoo data set id (ignored for plugins, which bring their own loaders)
+    test_fraction: Float = Field(0.25, gt=0.0, lt=1.0)  # share of samples held out for testing
+    split_seed: Seed = 0  # seed of the train/test split (independent of the training seed)
 
 
 class BaselineConfig(_Strict):
     """How the FP32 baseline is trained (once per model, data and seed, then reused)."""
 
-    epochs: int = Field(20, ge=1, le=1000)
-    batch_size: int = Field(128, ge=1, le=65536)
-    lr: float = Field(1e-2, gt=0.0, le=10.0)
-    max_steps: int | None = Field(None, ge=1)  # cap for the large zoo models on generated data
+    epochs: Int = Field(20, ge=1, le=1000)
+    batch_size: Int = Field(128, ge=1, le=65536)
+    lr: Float = Field(1e-2, gt=0.0, le=10.0)
+    max_steps: Int | None = Field(None, ge=1)  # cap for the large zoo models on generated data
 
 
 class FineTuneConfig(_Strict):
     """The QAT fine-tune after calibration."""
 
-    epochs: float = Field(6, ge=0, le=1000)  # 0 = PTQ only
-    max_steps: int | None = Field(None, ge=1)  # stop after this many steps even mid-epoch
-    batch_size: int = Field(64, ge=1, le=65536)
+    epochs: Float = Field(6, ge=0, le=1000)  # 0 = PTQ only
+    max_steps: Int | None = Field(None, ge=1)  # stop after this many steps even mid-epoch
+    batch_size: Int = Field(64, ge=1, le=65536)
     optimizer: Literal["adam", "adamw", "sgd"] = "adam"
-    lr: float = Field(1e-3, gt=0.0, le=10.0)  # weights; LSQ scales use the same rate
-    weight_decay: float = Field(0.0, ge=0.0, le=1.0)
-    calibration_batches: int = Field(8, ge=1, le=10000)  # batches seen by observers before training
+    lr: Float = Field(1e-3, gt=0.0, le=10.0)  # weights; LSQ scales use the same rate
+    weight_decay: Float = Field(0.0, ge=0.0, le=1.0)
+    calibration_batches: Int = Field(8, ge=1, le=10000)  # batches seen by observers before training
     # stop updating BN statistics from this epoch; 0: BN folded with frozen statistics from the start
     # (fine-tuning a trained model: the simulated network is the deployed one at every step)
-    freeze_bn_epoch: float | None = Field(0, ge=0)
-    freeze_ranges_epoch: float | None = Field(None, ge=0)  # stop observers / LSQ scale updates from this epoch
-    eval_every_epochs: float = Field(1.0, gt=0)  # how often test accuracy is measured during the fine-tune
+    freeze_bn_epoch: Float | None = Field(0, ge=0)
+    freeze_ranges_epoch: Float | None = Field(None, ge=0)  # stop observers / LSQ scale updates from this epoch
+    eval_every_epochs: Float = Field(1.0, gt=0)  # how often test accuracy is measured during the fine-tune
 
 
 class RunConfig(_Strict):
     """Everything that defines a run; saved with it, so the run can be reproduced."""
 
-    version: int = SCHEMA_VERSION
+    version: Int = SCHEMA_VERSION
     name: str = ""  # a label for people; not part of identity
     model: str = "digits-cnn"  # zoo id, or a plugin path "package.module:factory"
     checkpoint: str | None = None  # optional state_dict file (loaded with weights_only=True)
@@ -148,14 +232,14 @@ class RunConfig(_Strict):
     plan: LayerPlan = LayerPlan()
     baseline: BaselineConfig = BaselineConfig()
     finetune: FineTuneConfig = FineTuneConfig()
-    seed: int = Field(0, ge=0)
+    seed: Seed = 0
     device: Literal["cpu", "cuda", "auto"] = "cpu"  # where training runs; "auto": CUDA when present
 
     @field_validator("version")
     @classmethod
     def _version(cls, v: int) -> int:
         if v != SCHEMA_VERSION:
-            raise ValueError(f"this QAT Studio reads config version {SCHEMA_VERSION}; the file says {v}")
+            raise ValueError(f"this QAT Studio reads config version {SCHEMA_VERSION}; the file says {_excerpt(v)}")
         return v
 
     @model_validator(mode="after")
@@ -176,18 +260,20 @@ class RunConfig(_Strict):
 
 
 def _describe(err: ValidationError) -> str:
-    lines = []
-    for e in err.errors():
-        where = ".".join(str(p) for p in e["loc"]) or "config"
-        if e["type"] == "extra_forbidden":
-            lines.append(f"{where}: unknown key; remove it or check its spelling")
-        elif e["type"] == "literal_error":
-            lines.append(f"{where}: {e['msg'].replace('Input should be', 'must be')}; got {e['input']!r}")
-        elif e["type"].startswith("value_error"):
-            lines.append(f"{where}: {e['msg'].removeprefix('Value error, ')}")
-        else:
-            lines.append(f"{where}: {e['msg'].replace('Input should be', 'must be')}; got {e['input']!r}")
+    errors = err.errors(include_url=False)
+    lines = [_describe_one(e) for e in errors[:MAX_LISTED_ERRORS]]
+    if len(errors) > MAX_LISTED_ERRORS:
+        lines.append(f"… and {len(errors) - MAX_LISTED_ERRORS} more problems; fix these first")
     return "invalid config:\n  " + "\n  ".join(lines)
+
+
+def _describe_one(e: ErrorDetails) -> str:
+    where = _clip(".".join(str(p) for p in e["loc"]), 100) or "config"
+    if e["type"] == "extra_forbidden":
+        return f"{where}: unknown key; remove it or check its spelling"
+    if e["type"].startswith("value_error"):
+        return f"{where}: {_clip(e['msg'].removeprefix('Value error, '), 240)}"
+    return f"{where}: {_clip(e['msg'].replace('Input should be', 'must be'), 160)}; got {_excerpt(e['input'])}"
 
 
 def from_dict(data: Any) -> RunConfig:
@@ -199,28 +285,153 @@ def from_dict(data: Any) -> RunConfig:
         raise ConfigError(_describe(err)) from None
 
 
+class _LimitExceeded(yaml.MarkedYAMLError):
+    """Valid YAML, but larger or deeper than any config: refused before it is built."""
+
+
+def _check_limits(events: Iterable[yaml.Event]) -> None:
+    """Walk the parser's events (nothing built yet) and refuse a document deeper than ``MAX_DEPTH``
+    or holding more than ``MAX_VALUES`` values, each alias (*name) counting the values it repeats:
+    a "billion laughs" document is refused after a few hundred bytes, never expanded."""
+    depth = values = 0
+    open_nodes: list[tuple[str | None, int]] = []  # (anchor, values before it) per open mapping/sequence
+    anchored: dict[str, int] = {}  # anchor → values in its node, aliases inside it counted in full
+    for event in events:
+        if isinstance(event, yaml.CollectionStartEvent):
+            depth += 1
+            if depth > MAX_DEPTH:
+                raise _LimitExceeded(None, None, f"it nests more than {MAX_DEPTH} levels deep (a config needs 4)",
+                                     event.start_mark)
+            open_nodes.append((event.anchor, values))
+            values += 1
+        elif isinstance(event, yaml.CollectionEndEvent):
+            depth -= 1
+            anchor, before = open_nodes.pop()
+            if anchor is not None:
+                anchored[anchor] = values - before
+        elif isinstance(event, yaml.ScalarEvent):
+            values += 1
+            if event.anchor is not None:
+                anchored[event.anchor] = 1
+        elif isinstance(event, yaml.AliasEvent):
+            if event.anchor not in anchored:  # undefined, or inside the very node it names (a loop)
+                raise _LimitExceeded(None, None, f"alias *{_clip(event.anchor)} does not follow a complete "
+                                     f"&{_clip(event.anchor)} node; define the anchor first, outside the alias",
+                                     event.start_mark)
+            values += anchored[event.anchor]
+        if values > MAX_VALUES:
+            raise _LimitExceeded(None, None, f"it holds more than {MAX_VALUES:,} values, counting each alias "
+                                 "(*name) as the values it repeats; a config has a few hundred", event.start_mark)
+
+
+class _Loader(getattr(yaml, "CSafeLoader", yaml.SafeLoader)):  # libyaml if built: pure Python takes seconds a MB
+    """PyYAML's safe loader, stricter: a key given twice in one mapping is an error (not a silent
+    last-wins), too long a number is refused before ``int()`` sees it, and a value that does not fit
+    its type (the date 2001-13-45) is a YAML error with its line."""
+
+    def construct_object(self, node: yaml.Node, deep: bool = False) -> Any:
+        try:  # always deep: a collection is filled here, inside the try, so its errors carry its line
+            return super().construct_object(node, deep=True)
+        except (ValueError, TypeError, LookupError, AttributeError, ArithmeticError) as err:
+            # PyYAML's own errors when a value does not fit its type: 2001-13-45, `!!bool maybe`
+            what = _excerpt(node.value) if isinstance(node, yaml.ScalarNode) else f"this {node.id}"
+            why = f": {_clip(str(err), 120)}" if isinstance(err, ValueError) else ""
+            problem = f"{what} is not a valid {node.tag.replace('tag:yaml.org,2002:', '!!')}{why}"
+            raise yaml.constructor.ConstructorError(None, None, problem, node.start_mark) from None
+
+    def construct_mapping(self, node: yaml.Node, deep: bool = False) -> dict[Any, Any]:
+        if isinstance(node, yaml.MappingNode):  # PyYAML refuses any other node with its own message
+            self._check_unique_keys(node)
+        return super().construct_mapping(node, deep)
+
+    def _check_unique_keys(self, node: yaml.MappingNode) -> None:
+        first_line: dict[Any, int] = {}
+        for key_node, _ in node.value:
+            if not isinstance(key_node, yaml.ScalarNode) or key_node.tag == "tag:yaml.org,2002:merge":
+                continue  # `<<: *base` merges may repeat keys on purpose
+            key = self.construct_object(key_node)
+            if not isinstance(key, Hashable):
+                continue  # PyYAML refuses it with its own message
+            if key in first_line:
+                raise yaml.constructor.ConstructorError(
+                    None, None, f"key {_excerpt(key)} is given twice in one mapping (first at line "
+                    f"{first_line[key] + 1}); keep one: YAML would silently use the last", key_node.start_mark)
+            first_line[key] = key_node.start_mark.line
+
+
+def _construct_int(loader: _Loader, node: yaml.ScalarNode) -> int:
+    if len(node.value) > MAX_NUMBER_CHARS:
+        raise _LimitExceeded(None, None, f"a number of {len(node.value):,} characters (a config's numbers have "
+                             f"at most {MAX_NUMBER_CHARS})", node.start_mark)
+    return yaml.constructor.SafeConstructor.construct_yaml_int(loader, node)
+
+
+_Loader.add_constructor("tag:yaml.org,2002:int", _construct_int)
+
+
+def _where(err: yaml.YAMLError, text: str) -> str:
+    mark = getattr(err, "problem_mark", None)
+    if mark is None:
+        return ""
+    line, column = mark.line, mark.column
+    if mark.index >= len(text):  # libyaml puts the end of a text without a final newline on a line after it
+        line, column = text.count("\n"), len(text) - text.rfind("\n") - 1
+    return f" at line {line + 1}, column {column + 1}"
+
+
 def parse(text: str, source: str = "config") -> RunConfig:
     """Parse YAML or JSON text (JSON is YAML) into a validated config."""
+    source = _clip(source, 200)
+    if len(text) > MAX_INPUT_SIZE:
+        raise ConfigError(f"{source} has {len(text):,} characters; a config has at most {MAX_INPUT_SIZE:,} "
+                          "(a few thousand is usual): is it the right file?")
     try:
-        data = yaml.safe_load(text)
+        _check_limits(yaml.parse(text, Loader=_Loader))
+        data = yaml.load(text, Loader=_Loader)
+    except _LimitExceeded as err:
+        raise ConfigError(f"{source} is refused{_where(err, text)}: {err.problem}") from None
     except yaml.YAMLError as err:
-        mark = getattr(err, "problem_mark", None)
-        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
-        raise ConfigError(f"{source} is not valid YAML/JSON{where}: {getattr(err, 'problem', err)}") from None
+        problem = _clip(str(getattr(err, "problem", err)), 200)
+        raise ConfigError(f"{source} is not valid YAML/JSON{_where(err, text)}: {problem}") from None
+    except UnicodeEncodeError as err:  # libyaml reads UTF-8; only a str built in Python can hold these
+        raise ConfigError(f"{source} is not valid text: character {err.start + 1:,} is a lone surrogate, "
+                          "which UTF-8 cannot hold") from None
     if data is None:
         raise ConfigError(f"{source} is empty; start from `qat-studio config init --model digits-cnn`")
     return from_dict(data)
 
 
+def _read_text(path: Path) -> str:
+    """A small regular file's text. Opened without blocking and checked before reading: a FIFO would
+    hang the read and /dev/zero never ends."""
+    name = _clip(str(path), 200)
+    try:
+        fd = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0))
+    except FileNotFoundError:
+        raise ConfigError(f"config file {name} does not exist") from None
+    except OSError as err:
+        raise ConfigError(f"config file {name} cannot be opened: {err.strerror}") from None
+    except ValueError:  # a NUL character in the name
+        raise ConfigError(f"config file name {name!r} is not a valid path") from None
+    mode = os.fstat(fd).st_mode
+    if not stat.S_ISREG(mode):
+        os.close(fd)
+        what = ("a directory; give the config file (YAML or JSON) inside it" if stat.S_ISDIR(mode)
+                else "not a regular file (a device, pipe or socket); a config is a YAML or JSON file")
+        raise ConfigError(f"{name} is {what}")
+    with os.fdopen(fd, "rb") as f:
+        data = f.read(MAX_INPUT_SIZE + 1)  # one byte more than allowed tells a file that is too large
+    if len(data) > MAX_INPUT_SIZE:
+        raise ConfigError(f"{name} is over {MAX_INPUT_SIZE:,} bytes; a config is a few KB: is it the right file?")
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError:
+        raise ConfigError(f"{name} is not a text file; a config is YAML or JSON") from None
+
+
 def load(path: str | Path) -> RunConfig:
     path = Path(path)
-    try:
-        text = path.read_text(encoding="utf-8")
-    except FileNotFoundError:
-        raise ConfigError(f"config file {path} does not exist") from None
-    except UnicodeDecodeError:
-        raise ConfigError(f"{path} is not a text file; a config is YAML or JSON") from None
-    return parse(text, source=str(path))
+    return parse(_read_text(path), source=str(path))
 
 
 def save(config: RunConfig, path: str | Path) -> None:
