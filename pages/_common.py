@@ -65,6 +65,8 @@ def runs() -> list[dict[str, Any]]:
 
 
 def run_label(record: dict[str, Any]) -> str:
+    if record["status"] == "damaged":  # its config and metrics could not be read
+        return f"{record['id']} · {record['model']} · damaged"
     qat = record["metrics"].get("qat", {}).get("accuracy")
     ort = record["metrics"].get("parity", {}).get("accuracy")
     acc = f" · QAT {qat:.1%}" if qat is not None else ""
@@ -224,6 +226,9 @@ def config_payload(run_id: str, fmt: str) -> bytes:
 
 def parse_upload(name: str, data: bytes) -> cfg.RunConfig:
     """An uploaded config file → RunConfig. Only parsed as YAML/JSON text: never unpickled or executed."""
+    if len(data) > cfg.MAX_INPUT_SIZE:  # before decoding: a large upload is refused, not read
+        raise ConfigError(f"{name} is {len(data) / 1e6:.1f} MB; a config file is at most "
+                          f"{cfg.MAX_INPUT_SIZE / 1e6:g} MB (a real one is a few KB)")
     try:
         text = data.decode("utf-8")
     except UnicodeDecodeError:

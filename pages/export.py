@@ -46,7 +46,7 @@ else:
 st.divider()
 st.subheader("Import a config")
 upload = st.file_uploader("A config file (YAML or JSON) from `qat-studio config init` or a download above",
-                          type=["yaml", "yml", "json"], key="upload")
+                          type=["yaml", "yml", "json"], key="upload", max_upload_size=1)
 if upload is None:
     st.stop()
 config = common.call(common.parse_upload, upload.name, upload.getvalue())

@@ -5,6 +5,7 @@ import streamlit as st
 
 from pages import _common as common
 from qat_core import planning, report, runner
+from qat_core.store import STATUSES
 
 st.title("Fine-tune")
 config = common.draft()
@@ -30,7 +31,7 @@ records = common.runs()
 if not records:
     st.info("No runs yet: press **Start fine-tune**.")
     st.stop()
-run_id = common.run_picker(records, statuses=("running", "done", "failed", "cancelled"))
+run_id = common.run_picker(records, statuses=STATUSES)
 record = next(r for r in records if r["id"] == run_id)
 
 
@@ -75,6 +76,8 @@ def show_run(run_id: str, was_running: bool) -> None:
             st.warning("Layers left in float: " + "; ".join(f"{k}: {v}" for k, v in m["float_layers"].items()))
     elif record["status"] == "cancelled":
         st.warning(f"Run cancelled: {record['error']}. Its partial weights were discarded; start a new run.")
+    elif record["status"] == "damaged":
+        st.error(f"Run damaged: {record['error']}. The other runs are unaffected.")
     else:
         st.error(f"Run failed: {record['error']}")
     if events:

@@ -1,21 +1,27 @@
 """``qat-studio``: the command line over the same functions the pages call.
 
 Contract users script against: the last line of ``train``'s stdout is the run id; ``--json``
-output is machine-readable; errors are one message on stderr and a non-zero exit code.
+output is machine-readable; errors are one message on stderr (never a traceback) and a non-zero
+exit code: 2 for a problem the user can fix, 70 for a bug in QAT Studio.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import time
 from pathlib import Path
 from typing import Any
 
-from qat_core.errors import QATError
+from qat_core.errors import QATError, StoreError
 
 EXIT_USER_ERROR = 2
+EXIT_INTERNAL_ERROR = 70  # EX_SOFTWARE: a bug, reported in one line (QAT_STUDIO_DEBUG=1 shows the traceback)
+EXIT_BROKEN_PIPE = 141  # as a shell reports a command whose reader went away (`qat-studio runs | head -1`)
+DEBUG_ENV = "QAT_STUDIO_DEBUG"
+MAX_MESSAGE = 2000  # characters of an error message: a quote of bad input never floods the terminal
 
 
 class ProgressBar:
@@ -68,6 +74,8 @@ def cmd_train(args: argparse.Namespace) -> None:
 
     config = cfg.load(args.config)
     store = _store(args)
+    if args.run_id:
+        _check_prepared(store, args.run_id)
     run_id = args.run_id or store.create_run(config)
     print(f"run {run_id} in {store.run_dir(run_id)}", file=sys.stderr)
     execute(config, store, run_id, on_event=None if args.quiet else ProgressBar())
@@ -76,6 +84,14 @@ def cmd_train(args: argparse.Namespace) -> None:
     print(f"FP32 {m['fp32']['accuracy']:.2%}  PTQ {m['ptq']['accuracy']:.2%}  QAT {m['qat']['accuracy']:.2%}",
           file=sys.stderr)
     print(run_id)
+
+
+def _check_prepared(store, run_id: str) -> None:
+    """``--run-id`` (how the app starts a run it created) trains only a run that nothing has trained yet."""
+    record = store.get(run_id)
+    if record["status"] != "running" or record["metrics"] or store.events(run_id):
+        raise StoreError(f"run {run_id} is {record['status']} and already has results; --run-id only starts a run "
+                         "the app created and nothing has trained yet. Train a new run without --run-id")
 
 
 def cmd_runs(args: argparse.Namespace) -> None:
@@ -87,7 +103,8 @@ def cmd_runs(args: argparse.Namespace) -> None:
     for r in records:
         qat = r["metrics"].get("qat", {}).get("accuracy")
         acc = f"{qat:.2%}" if qat is not None else "-"
-        print(f"{r['id']}  {r['status']:<9} {r['model']:<14} QAT {acc}")
+        damage = f"  ({r['error']})" if r["status"] == "damaged" else ""
+        print(f"{r['id']}  {r['status']:<9} {r['model']:<14} QAT {acc}{damage}")
 
 
 def cmd_show(args: argparse.Namespace) -> None:
@@ -281,16 +298,31 @@ def _bits(text: str) -> int | None:
     return value
 
 
+def _short(err: BaseException) -> str:
+    text = str(err)
+    return text if len(text) <= MAX_MESSAGE else text[:MAX_MESSAGE - 1] + "…"
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parser().parse_args(argv)
     try:
         args.func(args)
+        sys.stdout.flush()  # a closed pipe shows here, inside the handlers, not at exit
     except QATError as err:
-        print(f"error: {err}", file=sys.stderr)
+        print(f"error: {_short(err)}", file=sys.stderr)
         return EXIT_USER_ERROR
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
+    except BrokenPipeError:  # the reader stopped reading (`| head`): not an error worth a message
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # nothing left to flush at exit
+        return EXIT_BROKEN_PIPE
+    except Exception as err:
+        if os.environ.get(DEBUG_ENV):
+            raise
+        print(f"internal error: {type(err).__name__}: {_short(err)}. This is a bug in QAT Studio; "
+              f"rerun with {DEBUG_ENV}=1 for the traceback and report it", file=sys.stderr)
+        return EXIT_INTERNAL_ERROR
     return 0
 
 

@@ -28,5 +28,9 @@ class StoreError(QATError):
     """A run is missing, unfinished, or its files are damaged."""
 
 
+class DiskFullError(StoreError):
+    """The workspace's disk is full: nothing was written, and nothing saved before was changed."""
+
+
 class ExportError(QATError):
     """A model cannot be exported to ONNX or run by ONNX Runtime."""

@@ -19,6 +19,7 @@ import pandas as pd
 import plotly.graph_objects as go
 
 from qat_core import analysis, plots
+from qat_core.errors import StoreError
 from qat_core.planning import plan_frame, plan_summary
 from qat_core.runner import Loaded, load
 from qat_core.store import RunStore, atomic_write_bytes
@@ -64,15 +65,20 @@ def runs_frame(store: RunStore, records: list[dict[str, Any]] | None = None) -> 
     out = []
     for r in records:
         m = r["metrics"]
-        bench = store.read_result(r["id"], "bench") if "bench" in m else None
+        error = r["error"] or ""
+        try:
+            bench = store.read_result(r["id"], "bench") if "bench" in m else None
+        except StoreError as err:  # one damaged file costs its run a column, not the table
+            bench, error = None, str(err)
         size = m.get("size", {})
-        out.append({"run": r["id"], "status": r["status"], "model": r["model"], "plan": plan_summary(r["config"]),
+        plan = plan_summary(r["config"]) if r["status"] != "damaged" else ""
+        out.append({"run": r["id"], "status": r["status"], "model": r["model"], "plan": plan,
                     "FP32 acc %": _pct(m.get("fp32")), "PTQ acc %": _pct(m.get("ptq")), "QAT acc %": _pct(m.get("qat")),
                     "ORT int8 acc %": _pct(m.get("parity")),
                     "size KB": size.get("quantized_bytes", math.nan) / 1024,
                     "size ratio": size.get("ratio", math.nan),
                     "int8 latency ms": latency_ms(bench, "int8"), "fp32 latency ms": latency_ms(bench, "fp32"),
-                    "error": r["error"] or ""})
+                    "error": error})
     columns = ["run", "status", "model", "plan", "FP32 acc %", "PTQ acc %", "QAT acc %", "ORT int8 acc %", "size KB",
                "size ratio", "int8 latency ms", "fp32 latency ms", "error"]
     return pd.DataFrame(out, columns=columns).round({

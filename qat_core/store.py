@@ -1,19 +1,27 @@
-"""Runs on disk: an SQLite index plus one folder a run. The only module that owns run files.
+"""Runs on disk: one folder a run, and an SQLite index over them. The only module that owns run files.
 
 Layout of a workspace::
 
-    index.sqlite               one row a run: id, status, error, config, metrics
-    runs/<id>/                 config.yaml, events.jsonl, fp32.pt, qat.pt, results/*.json, *.onnx
+    index.sqlite               one row a run: id, status, error, config, metrics (a cache of the folders)
+    runs/<id>/                 config.yaml, run.json, events.jsonl, fp32.pt, qat.pt, results/*.json, *.onnx
     baselines/<key>.pt         FP32 baselines, reused across runs of the same model, data and seed
     drafts/<id>.yaml           configs being edited in the app (one a browser tab), not yet runs
 
 Every file is written to a temporary name and renamed into place, and a run is ``done`` only
 after all of its files are: a crash or a cancel leaves a run marked failed/cancelled (or a
 ``running`` row whose process is gone, which listing marks ``failed``), never a half-written one.
+
+Damage is contained to the run it hits. Each row is also kept as ``run.json`` in its run's folder,
+so a damaged row is repaired from it and a damaged or deleted index is rebuilt from the folders;
+a run that cannot be read either way is listed as ``damaged`` with the reason, and every other
+run stays usable. A full disk is reported as such, and leaves what was saved before untouched.
 """
 
 from __future__ import annotations
 
+import contextlib
+import errno
+import fcntl
 import json
 import os
 import re
@@ -22,39 +30,102 @@ import shutil
 import sqlite3
 import tempfile
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal, TypeVar
 
 import torch
+from pydantic import BaseModel, ConfigDict, Json, TypeAdapter, ValidationError
 
 from qat_core.config import RunConfig
 from qat_core.config import load as load_config
-from qat_core.errors import StoreError
+from qat_core.errors import DiskFullError, QATError, StoreError
 
 WORKSPACE_ENV = "QAT_STUDIO_HOME"
-STATUSES = ("running", "done", "failed", "cancelled")
+STATUSES = ("running", "done", "failed", "cancelled", "damaged")
 CANCEL_FLAG = "CANCEL"
+RECORD_FILE = "run.json"  # the run's index row, kept in its folder: the index can be rebuilt from the folders
 DRAFT_ID = re.compile(r"^[A-Za-z0-9_-]{1,64}$")  # a draft id: safe as a file name and in a URL
+RUN_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_-]{0,63}$")
+COLUMNS = ("id", "created", "updated", "name", "model", "status", "error", "pid", "config", "metrics")
+SCHEMA_VERSION = 1  # 1: run.json beside each run (older workspaces get theirs when first opened)
+_SELECT = f"SELECT {', '.join(COLUMNS)} FROM runs"  # by name: an extra column added by hand is ignored
+_INSERT = f"INSERT INTO runs ({', '.join(COLUMNS)}) VALUES ({', '.join('?' * len(COLUMNS))})"
+NO_TABLE = "it has no table of runs"
+STALE_TMP_SECONDS = 3600  # a temporary file without a live writer's pid is left over from a crash after this
+T = TypeVar("T")
 
 
 def default_workspace() -> Path:
     return Path(os.environ.get(WORKSPACE_ENV) or Path.home() / ".qat-studio")
 
 
-def atomic_write_bytes(path: Path, data: bytes) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+def is_disk_full(err: BaseException, where: Path | None = None) -> bool:
+    """Whether an error means the disk is full. SQLite says so (SQLITE_FULL) when its database grows, but
+    only "disk I/O error" when it cannot size its shared-memory file: then the free space tells."""
+    if isinstance(err, OSError):
+        return err.errno in (errno.ENOSPC, errno.EDQUOT)
+    if not isinstance(err, sqlite3.OperationalError):
+        return False
+    if "full" in str(err):
+        return True
     try:
-        with os.fdopen(fd, "wb") as f:
+        return "I/O error" in str(err) and where is not None and shutil.disk_usage(where).free < 1 << 20
+    except OSError:
+        return False
+
+
+def is_damaged_index(err: sqlite3.Error) -> bool:
+    """SQLITE_CORRUPT and SQLITE_NOTADB (plain DatabaseError), or a table without the columns asked for."""
+    return type(err) is sqlite3.DatabaseError or str(err).startswith(("no such table", "no such column"))
+
+
+def disk_full(what: str | Path) -> DiskFullError:
+    return DiskFullError(f"disk full: could not write {what}. Free some space on that disk and try again; "
+                         "what was saved before is unchanged")
+
+
+@contextmanager
+def _disk_errors(what: str | Path) -> Iterator[None]:
+    """An error writing ``what`` (a full disk, a folder in the way, no permission) becomes one plain message."""
+    try:
+        yield
+    except (OSError, sqlite3.OperationalError) as err:
+        if is_disk_full(err):
+            raise disk_full(what) from None
+        if isinstance(err, OSError):
+            raise StoreError(f"cannot write {what}: {err.strerror or err}") from None
+        raise
+
+
+def _temp_path(path: Path) -> Path:
+    """A fresh temporary name beside ``path``; the pid in it lets a later cleanup know its writer died."""
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.{os.getpid()}.", suffix=".tmp")
+    os.close(fd)
+    return Path(tmp)
+
+
+def _write_atomically(path: Path, write: Callable[[Path], None]) -> None:
+    with _disk_errors(path):
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = _temp_path(path)
+        try:
+            write(tmp)
+            os.replace(tmp, path)
+        except BaseException:
+            tmp.unlink(missing_ok=True)
+            raise
+
+
+def atomic_write_bytes(path: Path, data: bytes) -> None:
+    def write(tmp: Path) -> None:
+        with tmp.open("wb") as f:
             f.write(data)
             f.flush()
             os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+
+    _write_atomically(path, write)
 
 
 def atomic_write_text(path: Path, text: str) -> None:
@@ -66,11 +137,110 @@ def _pid_alive(pid: int | None) -> bool:
         return False
     try:
         os.kill(pid, 0)
-    except ProcessLookupError:
+    except (ProcessLookupError, OverflowError, ValueError):
         return False
     except PermissionError:
         return True
     return True
+
+
+def _first_error(err: ValidationError) -> str:
+    e = err.errors()[0]
+    where = ".".join(str(p) for p in e["loc"])
+    return f"{where}: {e['msg']}"[:300]
+
+
+# --- what a run's row and result files must look like to be used ---------------------------------
+class _Loose(BaseModel):
+    model_config = ConfigDict(extra="allow")
+
+
+class _Accuracy(_Loose):
+    accuracy: float
+
+
+class _Metrics(_Loose):
+    """The metric sections that listings and pages read; other sections pass as they are."""
+
+    fp32: _Accuracy | None = None
+    ptq: _Accuracy | None = None
+    qat: _Accuracy | None = None
+    parity: _Accuracy | None = None
+    size: dict[str, float] | None = None
+    bench: dict[str, Any] | None = None
+
+
+class _Row(BaseModel):
+    id: str
+    created: float
+    updated: float
+    name: str | None
+    model: str
+    status: Literal[STATUSES]  # type: ignore[valid-type]
+    error: str | None
+    pid: int | None
+    config: Json[dict[str, Any]]
+    metrics: Json[_Metrics]
+
+
+class _BenchRow(_Loose):
+    backend: str
+    batch: int
+    threads: int
+    median_ms: float
+    p90_ms: float
+    p99_ms: float
+    throughput: float
+
+
+class _Comparison(_Loose):
+    batch: int
+    threads: int
+    speedup: float
+    overhead_bound: bool = False
+
+
+class _Bench(_Loose):
+    machine: dict[str, Any]
+    rows: list[_BenchRow]
+    comparisons: list[_Comparison]
+    note: str | None = None
+
+
+class _ParityLayer(_Loose):
+    layer: str
+    differing: int
+
+
+class _Parity(_Loose):
+    accuracy: float
+    agreement: float
+    layers: list[_ParityLayer] = []
+    integer_layers: list[str] = []
+    float_layers: dict[str, str] | list[str] = {}
+    explanation: str | None = None
+
+
+class _Export(_Loose):
+    files: dict[str, int]
+    size_ratio: float
+    integer_layers: list[str]
+    float_layers: dict[str, str] | list[str]
+    notes: list[str] = []
+
+
+class _Layer(_Loose):
+    name: str
+    kind: str
+    has_weights: bool
+    params: int
+
+
+RESULT_SHAPES: dict[str, TypeAdapter] = {
+    "bench": TypeAdapter(_Bench), "parity": TypeAdapter(_Parity), "export": TypeAdapter(_Export),
+    "layers": TypeAdapter(list[_Layer]),
+}
+ANY_RESULT = TypeAdapter(dict[str, Any] | list[Any])  # tables and suggestions the pages save
 
 
 class RunStore:
@@ -78,86 +248,329 @@ class RunStore:
 
     def __init__(self, root: str | Path | None = None):
         self.root = Path(root) if root is not None else default_workspace()
+        self.index = self.root / "index.sqlite"
+        if "\x00" in str(self.root):  # no file system takes one; Python raises ValueError at first use
+            raise StoreError(f"workspace path {str(self.root)[:200]!r} contains a NUL character")
         try:
+            self._check_workspace()
             (self.root / "runs").mkdir(parents=True, exist_ok=True)
             (self.root / "baselines").mkdir(exist_ok=True)
         except OSError as err:
+            if is_disk_full(err):
+                raise disk_full(self.root) from None
             raise StoreError(f"cannot use workspace {self.root}: {err.strerror}; choose another with "
                              f"--workspace or ${WORKSPACE_ENV}") from None
-        with self._db() as db:
+        try:
+            self._open_index()
+        except DiskFullError:  # until there is room again, runs are read from their folders (see _rows)
+            pass
+        self.remove_orphan_temp_files()
+
+    def _check_workspace(self) -> None:
+        """Refuse to scatter a workspace's files into a folder that holds other things (``/``, a home)."""
+        if not self.root.is_dir() or self.index.exists() or (self.root / "runs").is_dir():
+            return
+        if next(self.root.iterdir(), None) is not None:
+            raise StoreError(f"{self.root} holds other files and is not a QAT Studio workspace; give "
+                             f"--workspace (or ${WORKSPACE_ENV}) a new or empty folder, e.g. {self.root / 'qat-studio'}")
+
+    # --- the index ------------------------------------------------------------------------------
+    def _connect(self) -> sqlite3.Connection:
+        db = sqlite3.connect(self.index, timeout=30, isolation_level=None)  # transactions are explicit
+        db.execute("PRAGMA journal_mode=WAL")
+        return db
+
+    def _open_index(self) -> None:
+        """Check the index when the store opens: create, migrate, or rebuild it from the run folders."""
+        problem = self._index_problem()
+        if problem == NO_TABLE and not self._run_folders():
+            self._create_table()
+        elif problem is not None:
+            self._rebuild_index(problem)
+        elif self._transaction(lambda db: db.execute("PRAGMA user_version").fetchone()[0]) < SCHEMA_VERSION:
+            self._write_missing_record_files()
+
+    def _index_problem(self) -> str | None:
+        """None for a usable index, else what is wrong with it (``NO_TABLE`` for a new one)."""
+        if not self.index.exists():
+            return NO_TABLE
+        try:
+            db = self._connect()
+            try:
+                check = db.execute("PRAGMA quick_check").fetchone()[0]
+                columns = {r[1] for r in db.execute("PRAGMA table_info(runs)")}
+            finally:
+                db.close()
+        except sqlite3.DatabaseError as err:
+            if is_damaged_index(err):
+                return f"it is damaged: {err}"
+            raise self._index_error(err) from None
+        if check != "ok":
+            return f"it is damaged: {check[:200]}"
+        if not columns:
+            return NO_TABLE
+        missing = [c for c in COLUMNS if c not in columns]
+        return f"its table lacks the columns {', '.join(missing)}" if missing else None
+
+    def _create_table(self, db: sqlite3.Connection | None = None) -> None:
+        own = db is None
+        db = db or self._connect()
+        try:
             db.execute("""CREATE TABLE IF NOT EXISTS runs (
                 id TEXT PRIMARY KEY, created REAL, updated REAL, name TEXT, model TEXT,
                 status TEXT, error TEXT, pid INTEGER, config TEXT, metrics TEXT)""")
+            db.execute(f"PRAGMA user_version={SCHEMA_VERSION}")
+        finally:
+            if own:
+                db.close()
+
+    def _run_folders(self) -> list[Path]:
+        return sorted(p for p in (self.root / "runs").iterdir() if p.is_dir() and RUN_ID.match(p.name))
 
     @contextmanager
-    def _db(self) -> Iterator[sqlite3.Connection]:
-        db = sqlite3.connect(self.root / "index.sqlite", timeout=30)
+    def _index_lock(self) -> Iterator[None]:
+        """One process at a time rebuilds the index (others wait, then find it rebuilt)."""
+        with (self.root / ".index.lock").open("a") as f:
+            fcntl.flock(f, fcntl.LOCK_EX)
+            try:
+                yield
+            finally:
+                fcntl.flock(f, fcntl.LOCK_UN)
+
+    def _rebuild_index(self, reason: str) -> None:
+        """Move a damaged index aside (kept for inspection) and rebuild it from the run folders."""
+        with self._index_lock(), _disk_errors(self.index):
+            if self._index_problem() is None:  # another process rebuilt it while this one waited
+                return
+            stamp = time.strftime("%Y%m%d-%H%M%S")
+            for suffix in ("", "-wal", "-shm"):
+                part = Path(f"{self.index}{suffix}")
+                if part.exists():
+                    os.replace(part, part.with_name(f"{part.name}.damaged-{stamp}"))
+            db = self._connect()
+            try:
+                db.execute("BEGIN IMMEDIATE")
+                self._create_table(db)
+                for folder in self._run_folders():
+                    db.execute(_INSERT,
+                               self._row_from_folder(folder, f"the index was rebuilt ({reason})"))
+                db.execute("COMMIT")
+            finally:
+                db.close()
+
+    def _row_from_folder(self, folder: Path, why: str) -> tuple:
+        """An index row from a run's folder: its ``run.json`` and ``config.yaml``; damaged if they cannot be read."""
+        run_id = folder.name
+        saved: dict[str, Any] = {}
+        problem = None
         try:
-            db.execute("PRAGMA journal_mode=WAL")
-            with db:
-                yield db
-        finally:
-            db.close()
+            saved = json.loads((folder / RECORD_FILE).read_text(encoding="utf-8"))
+            _Row.model_validate(saved | {"config": "{}", "metrics": json.dumps(saved.get("metrics"))})
+        except FileNotFoundError:
+            problem = f"{why}, and the run's {RECORD_FILE} is missing"
+        except (OSError, ValueError, TypeError, ValidationError) as err:
+            problem = f"{why}, and the run's {RECORD_FILE} is damaged ({type(err).__name__})"
+        config = "{}"
+        try:
+            config = load_config(folder / "config.yaml").to_json()
+        except (QATError, OSError) as err:
+            problem = problem or f"its config.yaml cannot be used: {str(err)[:300]}"
+        if problem:
+            mtime = folder.stat().st_mtime
+            return (run_id, mtime, mtime, None, json.loads(config).get("model", "?"), "damaged", problem, None, config,
+                    "{}")
+        return (run_id, saved["created"], saved["updated"], saved["name"], saved["model"], saved["status"],
+                saved["error"], saved["pid"], config, json.dumps(saved["metrics"]))
+
+    def _write_missing_record_files(self) -> None:
+        """Workspaces from before ``run.json``: write each run's, so its index can be rebuilt later."""
+        def migrate(db: sqlite3.Connection) -> None:
+            for (run_id,) in db.execute("SELECT id FROM runs").fetchall():
+                if isinstance(run_id, str) and RUN_ID.match(run_id) and self.run_dir(run_id).is_dir() \
+                        and not (self.run_dir(run_id) / RECORD_FILE).exists():
+                    with contextlib.suppress(ValueError, TypeError):  # a damaged row: listing names it
+                        self._write_record_file(db, run_id)
+            db.execute(f"PRAGMA user_version={SCHEMA_VERSION}")
+
+        self._transaction(migrate, write=True)
+
+    def _transaction(self, work: Callable[[sqlite3.Connection], T], write: bool = False) -> T:
+        """Run ``work`` in one transaction; a damaged index is rebuilt from the run folders and ``work`` retried."""
+        for attempt in range(2):
+            try:
+                db = self._connect()
+                try:
+                    db.execute("BEGIN IMMEDIATE" if write else "BEGIN")
+                    result = work(db)
+                    db.execute("COMMIT")
+                    return result
+                finally:
+                    db.close()  # without COMMIT: rolled back
+            except OSError as err:
+                if is_disk_full(err):
+                    raise disk_full(err.filename) from None
+                raise
+            except sqlite3.DatabaseError as err:
+                if attempt == 1 or not is_damaged_index(err):
+                    raise self._index_error(err) from None
+                self._rebuild_index(str(err))
+        raise AssertionError("unreachable")
+
+    def _index_error(self, err: sqlite3.DatabaseError) -> StoreError:
+        if is_disk_full(err, self.root):
+            return disk_full(self.index)
+        return StoreError(f"the run index {self.index} cannot be used ({err}); close other QAT Studio processes, "
+                          "or move it aside to have it rebuilt from the run folders")
+
+    def _write_record_file(self, db: sqlite3.Connection, run_id: str) -> None:
+        row = db.execute(_SELECT + " WHERE id=?", (run_id,)).fetchone()
+        saved = dict(zip(COLUMNS, row))
+        saved.pop("config")
+        saved["metrics"] = json.loads(saved["metrics"])
+        atomic_write_text(self.run_dir(run_id) / RECORD_FILE, json.dumps(saved, indent=1))
+
+    def _update(self, run_id: str, change: Callable[[sqlite3.Connection], None]) -> None:
+        """Change a run's row and its ``run.json`` together (the row only if the file was written)."""
+        def work(db: sqlite3.Connection) -> None:
+            if db.execute("SELECT 1 FROM runs WHERE id=?", (run_id,)).fetchone() is None:
+                raise StoreError(f"no run {run_id!r} in workspace {self.root}")
+            try:
+                change(db)
+                if self.run_dir(run_id).is_dir():
+                    self._write_record_file(db, run_id)
+            except (ValueError, TypeError):  # its row cannot be read: listing repairs it or names the damage
+                raise StoreError(f"run {run_id} is damaged; `qat-studio runs` says why") from None
+
+        self._transaction(work, write=True)
 
     # --- runs ---------------------------------------------------------------------------------
     def create_run(self, config: RunConfig, pid: int | None = None) -> str:
         run_id = time.strftime("%Y%m%d-%H%M%S") + "-" + secrets.token_hex(3)
         folder = self.run_dir(run_id)
-        folder.mkdir(parents=True)
-        atomic_write_text(folder / "config.yaml", config.to_yaml())
-        now = time.time()
-        with self._db() as db:
-            db.execute("INSERT INTO runs VALUES (?,?,?,?,?,?,?,?,?,?)",
-                       (run_id, now, now, config.name, config.model, "running", None, pid or os.getpid(),
-                        config.to_json(), "{}"))
+        try:
+            with _disk_errors(folder):
+                folder.mkdir(parents=True)
+            atomic_write_text(folder / "config.yaml", config.to_yaml())
+            now = time.time()
+
+            def insert(db: sqlite3.Connection) -> None:
+                db.execute(_INSERT,
+                           (run_id, now, now, config.name, config.model, "running", None, pid or os.getpid(),
+                            config.to_json(), "{}"))
+                self._write_record_file(db, run_id)
+
+            self._transaction(insert, write=True)
+        except BaseException:
+            shutil.rmtree(folder, ignore_errors=True)
+            raise
         return run_id
 
     def set_pid(self, run_id: str, pid: int) -> None:
-        with self._db() as db:
-            db.execute("UPDATE runs SET pid=? WHERE id=?", (pid, run_id))
+        self._update(run_id, lambda db: db.execute("UPDATE runs SET pid=? WHERE id=?", (pid, run_id)))
 
     def run_dir(self, run_id: str) -> Path:
-        if not run_id or "/" in run_id or run_id.startswith("."):
-            raise StoreError(f"{run_id!r} is not a run id")
+        if not isinstance(run_id, str) or not RUN_ID.match(run_id):
+            raise StoreError(f"{str(run_id)[:80]!r} is not a run id; `qat-studio runs` lists them")
         return self.root / "runs" / run_id
 
-    def _row_to_record(self, row: tuple) -> dict[str, Any]:
-        run_id, created, updated, name, model, status, error, pid, config, metrics = row
-        if status == "running" and not _pid_alive(pid):
+    def _record(self, raw: tuple) -> dict[str, Any]:
+        """A row as a record; a row that cannot be used is repaired from its folder, else marked damaged."""
+        values = dict(zip(COLUMNS, raw))
+        try:
+            row = _Row.model_validate(values)
+            folder = self.run_dir(row.id)
+        except (ValidationError, StoreError) as err:
+            reason = _first_error(err) if isinstance(err, ValidationError) else str(err)
+            return self._repair(values, f"its index row is damaged ({reason})")
+        if not folder.is_dir():
+            return self._damaged(values, f"its folder {folder} is missing (deleted or moved)")
+        try:
+            RunConfig.model_validate(row.config)
+        except ValidationError as err:  # saved by an older QAT Studio, or edited by hand
+            return self._damaged(values, f"its config is no longer valid ({_first_error(err)}); start a new run "
+                                         "from an edited copy of its config.yaml")
+        status, error = row.status, row.error
+        if status == "running" and not _pid_alive(row.pid):
             status, error = "failed", "the process running it stopped before it finished (crash or shutdown)"
-            self._set_status(run_id, status, error)
-        return {"id": run_id, "path": str(self.run_dir(run_id)), "status": status, "error": error,
-                "name": name, "model": model, "created": created, "updated": updated,
-                "config": json.loads(config), "metrics": json.loads(metrics)}
+            with contextlib.suppress(DiskFullError):  # recorded when there is room; listed as failed anyway
+                self._set_status(row.id, status, error)
+        return {"id": row.id, "path": str(folder), "status": status, "error": error, "name": row.name,
+                "model": row.model, "created": row.created, "updated": row.updated,
+                "config": row.config, "metrics": json.loads(values["metrics"])}
+
+    def _repair(self, values: dict[str, Any], why: str) -> dict[str, Any]:
+        """Rewrite a damaged row from its run's folder; a ``damaged`` record when the folder cannot say either."""
+        run_id = values.get("id")
+        if not isinstance(run_id, str) or not RUN_ID.match(run_id) or not self.run_dir(run_id).is_dir():
+            return self._damaged(values, why)
+        row = self._row_from_folder(self.run_dir(run_id), why)
+        if row[5] == "damaged":
+            return self._damaged(values, row[6])
+
+        def rewrite(db: sqlite3.Connection) -> None:
+            db.execute("DELETE FROM runs WHERE id=?", (run_id,))
+            db.execute(_INSERT, row)
+
+        with contextlib.suppress(DiskFullError):  # repaired when there is room; listed from the folder anyway
+            self._transaction(rewrite, write=True)
+        return self._record(row)
+
+    def _damaged(self, values: dict[str, Any], reason: str) -> dict[str, Any]:
+        def text(v: Any, default: str = "?") -> str:
+            return v if isinstance(v, str) else default
+
+        def number(v: Any) -> float:
+            return float(v) if isinstance(v, (int, float)) and not isinstance(v, bool) else 0.0
+
+        run_id = text(values.get("id"), repr(values.get("id"))[:80])
+        return {"id": run_id, "path": str(self.root / "runs" / run_id) if RUN_ID.match(run_id) else "",
+                "status": "damaged", "error": reason, "name": None, "model": text(values.get("model")),
+                "created": number(values.get("created")), "updated": number(values.get("updated")),
+                "config": {}, "metrics": {}}
+
+    def _rows(self, run_id: str | None = None) -> list[tuple]:
+        """Index rows, all or one run's; read from the run folders when a full disk leaves SQLite no room
+        even to open the index (it needs a shared-memory file)."""
+        try:
+            if run_id is None:
+                return self._transaction(lambda db: db.execute(_SELECT).fetchall())
+            return self._transaction(lambda db: db.execute(_SELECT + " WHERE id=?", (run_id,)).fetchall())
+        except DiskFullError:
+            folders = self._run_folders() if run_id is None else [self.run_dir(run_id)]
+            return [self._row_from_folder(f, "the disk is full") for f in folders if f.is_dir()]
 
     def get(self, run_id: str) -> dict[str, Any]:
-        with self._db() as db:
-            row = db.execute("SELECT * FROM runs WHERE id=?", (run_id,)).fetchone()
-        if row is None:
-            raise StoreError(f"no run {run_id!r} in workspace {self.root}; `qat-studio runs` lists them")
-        return self._row_to_record(row)
+        rows = self._rows(run_id)
+        if not rows:
+            raise StoreError(f"no run {str(run_id)[:80]!r} in workspace {self.root}; `qat-studio runs` lists them")
+        return self._record(rows[0])
 
     def list(self) -> list[dict[str, Any]]:
-        with self._db() as db:
-            rows = db.execute("SELECT * FROM runs ORDER BY created DESC").fetchall()
-        return [self._row_to_record(r) for r in rows]
+        """Every run, newest first; damaged ones too (status ``damaged``, the reason as ``error``)."""
+        records = [self._record(r) for r in self._rows()]
+        return sorted(records, key=lambda r: r["created"], reverse=True)
 
     def config(self, run_id: str) -> RunConfig:
-        return RunConfig.model_validate(self.get(run_id)["config"])
+        record = self.get(run_id)
+        if record["status"] == "damaged":
+            raise StoreError(f"run {run_id} is damaged: {record['error']}")
+        return RunConfig.model_validate(record["config"])
 
     def _set_status(self, run_id: str, status: str, error: str | None) -> None:
-        with self._db() as db:
-            db.execute("UPDATE runs SET status=?, error=?, updated=? WHERE id=?", (status, error, time.time(), run_id))
+        self._update(run_id, lambda db: db.execute("UPDATE runs SET status=?, error=?, updated=? WHERE id=?",
+                                                   (status, error, time.time(), run_id)))
 
     def update_metrics(self, run_id: str, **sections: Any) -> dict[str, Any]:
         """Merge sections (``fp32=…``, ``bench=…``) into the run's metrics."""
-        with self._db() as db:
-            row = db.execute("SELECT metrics FROM runs WHERE id=?", (run_id,)).fetchone()
-            if row is None:
-                raise StoreError(f"no run {run_id!r}")
-            metrics = json.loads(row[0]) | sections
-            db.execute("UPDATE runs SET metrics=?, updated=? WHERE id=?", (json.dumps(metrics), time.time(), run_id))
-        return metrics
+        merged: dict[str, Any] = {}
+
+        def merge(db: sqlite3.Connection) -> None:
+            (current,) = db.execute("SELECT metrics FROM runs WHERE id=?", (run_id,)).fetchone()
+            merged.update(json.loads(current) | sections)
+            db.execute("UPDATE runs SET metrics=?, updated=? WHERE id=?", (json.dumps(merged), time.time(), run_id))
+
+        self._update(run_id, merge)
+        return merged
 
     def finish(self, run_id: str) -> None:
         self._set_status(run_id, "done", None)
@@ -170,8 +583,7 @@ class RunStore:
 
     def delete(self, run_id: str) -> None:
         self.get(run_id)
-        with self._db() as db:
-            db.execute("DELETE FROM runs WHERE id=?", (run_id,))
+        self._transaction(lambda db: db.execute("DELETE FROM runs WHERE id=?", (run_id,)), write=True)
         shutil.rmtree(self.run_dir(run_id), ignore_errors=True)
 
     def require_done(self, run_id: str) -> dict[str, Any]:
@@ -180,6 +592,22 @@ class RunStore:
             why = f": {record['error']}" if record["error"] else ""
             raise StoreError(f"run {run_id} is {record['status']}{why}; only finished runs have a model to use")
         return record
+
+    def remove_orphan_temp_files(self) -> int:
+        """Delete temporary files whose writer died (kill -9, power loss); returns how many."""
+        removed = 0
+        now = time.time()
+        for pattern in (".*.tmp", "*/.*.tmp", "*/*/.*.tmp", "*/*/*/.*.tmp"):
+            for tmp in self.root.glob(pattern):
+                pid = re.search(r"\.(\d+)\.\w+\.tmp$", tmp.name)
+                try:
+                    orphan = not _pid_alive(int(pid.group(1))) if pid else now - tmp.stat().st_mtime > STALE_TMP_SECONDS
+                    if orphan:
+                        tmp.unlink()
+                        removed += 1
+                except OSError:  # gone already, or not ours to delete
+                    pass
+        return removed
 
     # --- cancel -------------------------------------------------------------------------------
     def request_cancel(self, run_id: str) -> None:
@@ -190,15 +618,7 @@ class RunStore:
 
     # --- files of a run -----------------------------------------------------------------------
     def save_state(self, run_id: str, name: str, state: dict[str, torch.Tensor]) -> None:
-        path = self.run_dir(run_id) / name
-        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{name}.", suffix=".tmp")
-        os.close(fd)
-        try:
-            torch.save(state, tmp)
-            os.replace(tmp, path)
-        except BaseException:
-            Path(tmp).unlink(missing_ok=True)
-            raise
+        _write_atomically(self.run_dir(run_id) / name, lambda tmp: torch.save(state, tmp))
 
     def load_state(self, run_id: str, name: str) -> dict[str, torch.Tensor]:
         path = self.run_dir(run_id) / name
@@ -215,28 +635,40 @@ class RunStore:
         return path
 
     def read_result(self, run_id: str, name: str) -> Any | None:
+        """A result the run saved (``bench``, ``parity``, …), checked to have the shape its readers use;
+        None if never saved, StoreError if damaged."""
         path = self.run_dir(run_id) / "results" / f"{name}.json"
-        if not path.exists():
-            return None
         try:
-            return json.loads(path.read_text(encoding="utf-8"))
-        except json.JSONDecodeError:
-            raise StoreError(f"{path} is damaged; run that step again") from None
+            data = json.loads(path.read_text(encoding="utf-8"))
+            RESULT_SHAPES.get(name, ANY_RESULT).validate_python(data)
+        except FileNotFoundError:
+            return None
+        except ValidationError as err:
+            raise StoreError(f"{path} is damaged ({_first_error(err)}); {REDO.get(name, 'run that step again')}") from None
+        except (OSError, ValueError, RecursionError) as err:  # unreadable, not UTF-8, not JSON
+            raise StoreError(f"{path} is damaged ({type(err).__name__}); {REDO.get(name, 'run that step again')}") \
+                from None
+        return data
 
     def artifact(self, run_id: str, name: str) -> Path:
         """Path for a file the run owns (ONNX models, reports); write it with ``atomic_write_bytes``."""
         return self.run_dir(run_id) / name
 
     def events(self, run_id: str, since: int = 0) -> list[dict[str, Any]]:
-        """Progress events of a run (steps, losses, accuracies), from line ``since`` on."""
+        """Progress events of a run (steps, losses, accuracies), from line ``since`` on.
+
+        A damaged line (a disk error, an edit) is skipped: the curve loses one point, not the run.
+        """
         path = self.run_dir(run_id) / "events.jsonl"
         if not path.exists():
             return []
         out = []
-        with path.open(encoding="utf-8") as f:
+        with path.open(encoding="utf-8", errors="replace") as f:
             for i, line in enumerate(f):
                 if i >= since and line.endswith("\n"):  # a line still being written is left for later
-                    out.append(json.loads(line))
+                    event = _event(line)
+                    if event is not None:
+                        out.append(event)
         return out
 
     def event_log(self, run_id: str) -> EventLog:
@@ -281,11 +713,27 @@ class RunStore:
             return None
 
     def save_baseline(self, key: str, payload: dict[str, Any]) -> None:
-        path = self.baseline_path(key)
-        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-        os.close(fd)
-        torch.save(payload, tmp)
-        os.replace(tmp, path)
+        _write_atomically(self.baseline_path(key), lambda tmp: torch.save(payload, tmp))
+
+
+REDO = {"bench": "benchmark the run again", "parity": "evaluate the run again (qat-studio eval)",
+        "export": "export the run again", "layers": "train the run again"}
+
+
+def _event(line: str) -> dict[str, Any] | None:
+    """One events.jsonl line, or None when it is not an event the curves can use."""
+    try:
+        event = json.loads(line)
+    except (ValueError, RecursionError):
+        return None
+    if not isinstance(event, dict) or not isinstance(event.get("phase"), str):
+        return None
+    numbers = ("step", "total", "loss", "epoch", "test_accuracy", "elapsed")
+    if any(k in event and (isinstance(event[k], bool) or not isinstance(event[k], (int, float))) for k in numbers):
+        return None
+    if "step" in event and not ("total" in event and "loss" in event):
+        return None
+    return event
 
 
 class RunCancel:
@@ -317,6 +765,6 @@ class EventLog:
 
     def flush(self) -> None:
         if self._buffer:
-            with self.path.open("a", encoding="utf-8") as f:
+            with _disk_errors(self.path), self.path.open("a", encoding="utf-8") as f:
                 f.write("".join(self._buffer))
             self._buffer.clear()

@@ -56,7 +56,7 @@ def test_errors_are_one_line_on_stderr_without_traceback(tmp_path):
     assert "weight_bits: must be from 2 to 8 bits" in result.stderr
     assert "Traceback" not in result.stderr and result.stdout == ""
 
-    missing = cli("show", "no-such-run", workspace=tmp_path)
+    missing = cli("show", "no-such-run", workspace=tmp_path / "ws")
     assert missing.returncode == 2 and "no run 'no-such-run'" in missing.stderr
 
     bits = cli("config", "init", "--model", "digits-cnn", "--weight-bits", "1")

@@ -236,11 +236,39 @@ def test_report_download_is_the_engines_report(workspace, digits_run):
     ("c.yaml", b"[1, 2]", "must be a mapping"),
     ("c.yaml", b"model: digits-cnn\nbogus: 1", "bogus: unknown key"),
     ("c.json", b"{not json", "not valid YAML/JSON"),
+    ("big.yaml", b"\xff" * 1_500_000, r"big.yaml is 1.5 MB; a config file is at most 1 MB"),  # refused before decoding
 ])
 def test_bad_uploads_are_clear_errors(name, data, message):
     with pytest.raises(ConfigError, match=message):
         common.parse_upload(name, data)
     assert issubclass(ConfigError, QATError)
+
+
+def test_a_damaged_run_is_shown_as_damaged_and_hides_no_other(workspace, digits_run, tmp_path, monkeypatch):
+    import shutil
+    import sqlite3
+
+    from qat_core.store import RunStore
+
+    root = tmp_path / "ws"
+    shutil.copytree(workspace.root, root, ignore=shutil.ignore_patterns("*.onnx", "analysis", "index.sqlite-*"))
+    store = RunStore(root)
+    victim = store.create_run(workspace.config(digits_run))
+    store.fail(victim, "stopped")
+    with sqlite3.connect(root / "index.sqlite") as db:
+        db.execute("UPDATE runs SET metrics='{oops' WHERE id=?", (victim,))
+    (root / "runs" / victim / "run.json").write_text("{oops")
+    monkeypatch.setenv("QAT_STUDIO_HOME", str(root))
+
+    home = ok(app())
+    table = home.dataframe[0].value.set_index("run")
+    assert table.loc[victim, "status"] == "damaged" and "index row is damaged" in table.loc[victim, "error"]
+    assert len(table) == min(10, len(store.list())) and (table.drop(victim)["status"] != "damaged").all()
+    at = AppTest.from_file(str(ROOT / "app.py"), default_timeout=60)
+    at.switch_page(common.PAGES["finetune"])
+    at.query_params[common.RUN_PARAM] = victim
+    ok(at.run())
+    assert any("Run damaged: its index row is damaged" in e.value for e in at.error)
 
 
 def test_a_failed_export_reaches_the_user_as_a_message(workspace, digits_run, monkeypatch):

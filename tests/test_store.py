@@ -29,11 +29,11 @@ def test_unknown_run_and_damaged_files(tmp_path):
     with pytest.raises(StoreError, match="no run 'nope'"):
         store.get("nope")
     run_id = store.create_run(RunConfig())
-    store.write_result(run_id, "bench", {"x": 1})
-    assert store.read_result(run_id, "bench") == {"x": 1}
-    (store.run_dir(run_id) / "results" / "bench.json").write_text("{trunc")
+    store.write_result(run_id, "notes", {"x": 1})
+    assert store.read_result(run_id, "notes") == {"x": 1}
+    (store.run_dir(run_id) / "results" / "notes.json").write_text("{trunc")
     with pytest.raises(StoreError, match="damaged"):
-        store.read_result(run_id, "bench")
+        store.read_result(run_id, "notes")
     (store.run_dir(run_id) / "qat.pt").write_bytes(b"not a torch file")
     with pytest.raises(StoreError, match="damaged"):
         store.load_state(run_id, "qat.pt")

@@ -114,7 +114,8 @@ def test_cancel_stops_the_run_and_keeps_nothing_half_written(workspace, digits_r
         runner.execute(quick_config(), workspace, cancel=CancelAfter(5))
     record = workspace.list()[0]
     assert record["status"] == "cancelled"
-    assert sorted(p.name for p in workspace.run_dir(record["id"]).iterdir()) == ["config.yaml", "events.jsonl"]
+    assert sorted(p.name for p in workspace.run_dir(record["id"]).iterdir()) == ["config.yaml", "events.jsonl",
+                                                                                  "run.json"]
 
 
 def test_float_layers_are_reported_by_name(digits):
