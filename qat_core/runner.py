@@ -19,8 +19,9 @@ from typing import Any
 import torch
 from torch import nn
 
+from qat_core import config as cfg
 from qat_core import train, zoo
-from qat_core.config import RunConfig, with_uniform_plan
+from qat_core.config import MAX_SEED, RunConfig, with_uniform_plan
 from qat_core.errors import CancelledError, ConfigError, QATError
 from qat_core.modules import QATModel
 from qat_core.prepare import layer_table, prepare, size_bytes
@@ -42,7 +43,7 @@ def cached_baseline(config: RunConfig, store: RunStore) -> dict[str, float] | No
 
 def default_config(model_id: str, weight_bits: int | None = 8, act_bits: int | None = 8) -> RunConfig:
     """A sensible starting config for a model: first and last layer at 8 bits, the rest as chosen."""
-    base = RunConfig(model=model_id)
+    base = cfg.from_dict({"model": model_id})
     entry = zoo.MODELS.get(model_id)
     if entry is not None:
         base = base.model_copy(update={
@@ -52,7 +53,7 @@ def default_config(model_id: str, weight_bits: int | None = 8, act_bits: int | N
         })
     model, data = zoo.build(model_id, base.data)
     names = [r["name"] for r in layer_table(model, data.example()) if r["has_weights"]]
-    return RunConfig.model_validate(with_uniform_plan(base, names, weight_bits, act_bits).to_dict())
+    return cfg.from_dict(with_uniform_plan(base, names, weight_bits, act_bits).to_dict())
 
 
 @dataclass
@@ -136,8 +137,8 @@ def execute(config: RunConfig, store: RunStore, run_id: str | None = None, on_ev
         train.seed_everything(config.seed)
         qat = _quantize(fp32, data, config)  # prepare copies: fp32 stays the baseline
         ft = config.finetune
-        qat_metrics = train.finetune(qat, data.train_loader(ft.batch_size, True, config.seed + 1), data.test_loader(),
-                                     ft, emit, cancel)
+        loader = data.train_loader(ft.batch_size, True, (config.seed + 1) % (MAX_SEED + 1))  # not the calibration order
+        qat_metrics = train.finetune(qat, loader, data.test_loader(), ft, emit, cancel, ptq_metrics["accuracy"])
         store.save_state(run_id, "fp32.pt", fp32.state_dict())
         store.save_state(run_id, "ptq.pt", ptq.state_dict())  # "before the fine-tune", for comparisons
         store.save_state(run_id, "qat.pt", qat.state_dict())

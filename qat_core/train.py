@@ -109,10 +109,39 @@ def make_optimizer(model: nn.Module, name: str, lr: float, weight_decay: float) 
     return cls(groups, lr=lr, weight_decay=weight_decay, fused=True)  # one kernel a group: fewer tiny ops
 
 
-def _check_finite(loss: torch.Tensor, step: int, lr: float) -> None:
-    if not torch.isfinite(loss):
-        raise TrainingError(f"training diverged at step {step}: the loss is {loss.item()}. "
-                            f"Lower the learning rate (now {lr:g}) or quantize fewer layers below 4 bits")
+# A loss this many times above chance level (ln C: a uniform guess over C classes), or above the
+# first step's when higher, is past recovery: weights were thrown far from any trained state.
+EXPLODED_LOSS = 100.0
+# A fine-tune that started this far above chance and ends within COLLAPSE_MARGIN of it has collapsed.
+MEANINGFUL_START = 0.2
+COLLAPSE_MARGIN = 0.05
+
+_FIX = "Lower the learning rate (now {lr:g}) or quantize fewer layers below 4 bits"
+
+
+def _check_loss(loss: float, first: float, classes: int, step: int, lr: float) -> None:
+    """Stop a diverging run early, with the reason: a NaN/inf loss, or one that exploded."""
+    if not math.isfinite(loss):
+        raise TrainingError(f"training diverged at step {step}: the loss is {loss}. " + _FIX.format(lr=lr))
+    limit = EXPLODED_LOSS * max(math.log(max(classes, 2)), first)
+    if loss > limit:
+        raise TrainingError(f"training diverged at step {step}: the loss exploded to {loss:.4g} (it started at "
+                            f"{first:.4g}; guessing uniformly gives {math.log(max(classes, 2)):.3g}). "
+                            + _FIX.format(lr=lr))
+
+
+def chance_accuracy(loader: Iterable[Batch]) -> float:
+    """The accuracy of always predicting the test set's most common class: what a collapsed model scores."""
+    counts = torch.bincount(torch.cat([y.reshape(-1).long().cpu() for _, y in loader]))
+    return float(counts.max() / counts.sum()) if counts.numel() else 0.0
+
+
+def check_not_collapsed(accuracy: float, start: float, chance: float, where: str, lr: float) -> None:
+    """A fine-tune that starts well above chance must not end at it: the run would look "done"."""
+    if start - chance >= MEANINGFUL_START and accuracy <= chance + COLLAPSE_MARGIN:
+        raise TrainingError(f"the fine-tune collapsed to chance {where}: test accuracy {accuracy:.1%}, from "
+                            f"{start:.1%} before it (always predicting the most common class scores {chance:.1%}). "
+                            + _FIX.format(lr=lr))
 
 
 def _fit(model: nn.Module, loader: Iterable[Batch], epochs: float, max_steps: int | None, optimizer: torch.optim.Optimizer,
@@ -133,7 +162,7 @@ def _fit(model: nn.Module, loader: Iterable[Batch], epochs: float, max_steps: in
     pending = sorted((hooks or {}).items())
     next_eval = eval_every * steps_per_epoch
     device = device_of(model)
-    start, step = time.perf_counter(), 0
+    start, step, first_loss = time.perf_counter(), 0, None
     model.train()
     while step < total:
         for x, y in loader:
@@ -144,8 +173,11 @@ def _fit(model: nn.Module, loader: Iterable[Batch], epochs: float, max_steps: in
             for g, base in zip(optimizer.param_groups, base_lrs):
                 g["lr"] = base * 0.5 * (1 + math.cos(math.pi * step / total))
             x, y = x.to(device), y.to(device)
-            loss = F.cross_entropy(model(x), y)
-            _check_finite(loss, step, base_lrs[0])
+            logits = model(x)
+            loss = F.cross_entropy(logits, y)
+            value = loss.item()
+            first_loss = value if first_loss is None else first_loss
+            _check_loss(value, first_loss, logits.shape[-1], step, base_lrs[0])
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
@@ -153,7 +185,7 @@ def _fit(model: nn.Module, loader: Iterable[Batch], epochs: float, max_steps: in
                 after_step()
             step += 1
             event: Event = {"phase": phase, "step": step, "total": total, "epoch": step / steps_per_epoch,
-                            "loss": loss.item(), "elapsed": time.perf_counter() - start}
+                            "loss": value, "elapsed": time.perf_counter() - start}
             if evaluate_fn is not None and (step >= next_eval or step == total):
                 event["test_accuracy"] = evaluate_fn()["accuracy"]
                 next_eval += eval_every * steps_per_epoch
@@ -201,8 +233,19 @@ def _track_during_training(q: FakeQuantizer) -> bool:
 
 
 def finetune(model: QATModel, train_loader: Iterable[Batch], test_loader: Iterable[Batch], cfg: FineTuneConfig,
-             on_event: OnEvent, cancel: Cancel = NeverCancel()) -> dict[str, float]:
-    """QAT fine-tune of a calibrated model; returns its test metrics."""
+             on_event: OnEvent, cancel: Cancel = NeverCancel(), start_accuracy: float | None = None) -> dict[str, float]:
+    """QAT fine-tune of a calibrated model; returns its test metrics.
+
+    ``start_accuracy`` (the calibrated model's, i.e. PTQ's): a fine-tune that falls from it to chance
+    level raises TrainingError at the evaluation that sees it, instead of ending "done" and useless.
+    """
+    chance = chance_accuracy(test_loader) if start_accuracy is not None else 0.0
+
+    def checked(metrics: dict[str, float], where: str) -> dict[str, float]:
+        if start_accuracy is not None:
+            check_not_collapsed(metrics["accuracy"], start_accuracy, chance, where, cfg.lr)
+        return metrics
+
     for q in quantizers(model):
         q.observing = _track_during_training(q)
     hooks: dict[float, Callable[[], None]] = {}
@@ -213,12 +256,11 @@ def finetune(model: QATModel, train_loader: Iterable[Batch], test_loader: Iterab
     optimizer = make_optimizer(model, cfg.optimizer, cfg.lr, cfg.weight_decay)
     try:
         _fit(model, train_loader, cfg.epochs, cfg.max_steps, optimizer, "qat", on_event, cancel,
-             lambda: evaluate(model, test_loader, integer=True), cfg.eval_every_epochs, hooks,
-             lambda: clamp_learned(model))
+             lambda: checked(evaluate(model, test_loader, integer=True), "during training"), cfg.eval_every_epochs, hooks, lambda: clamp_learned(model))
     finally:
         for q in quantizers(model):
             q.observing = False
-    return quantized_metrics(model, test_loader)
+    return checked(quantized_metrics(model, test_loader), "by the end")
 
 
 def quantized_metrics(model: QATModel, test_loader: Iterable[Batch]) -> dict[str, float]:

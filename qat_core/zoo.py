@@ -327,17 +327,36 @@ def is_plugin(model_id: str) -> bool:
     return ":" in model_id
 
 
+_loading_plugin = False  # a plugin whose factory loads a plugin again (QAT Studio's own CLI, say) would recurse
+
+
 def load_plugin(path: str) -> tuple[nn.Module, Data]:
     """Call ``package.module:factory``; it returns ``(model, train_loader, test_loader)``.
 
     ``train_loader``/``test_loader`` are re-iterable sequences of ``(inputs, labels)`` batches.
+    A plugin cannot end the process: ``sys.exit`` in it becomes a PluginError like any other failure.
     """
+    global _loading_plugin
     module_name, _, attr = path.partition(":")
     if not module_name or not attr:
         raise PluginError(f"plugin path {path!r} must look like 'package.module:factory'")
+    if module_name.split(".")[0] == __name__.split(".")[0]:
+        raise PluginError(f"plugin {path!r} is part of QAT Studio itself; a plugin is your own module whose "
+                          "factory returns (model, train_loader, test_loader)")
+    if _loading_plugin:
+        raise PluginError(f"plugin {path!r} was asked for while another plugin's factory was running; a factory "
+                          "must build its model and loaders, not start QAT Studio again")
+    _loading_plugin = True
+    try:
+        return _call_plugin(path, module_name, attr)
+    finally:
+        _loading_plugin = False
+
+
+def _call_plugin(path: str, module_name: str, attr: str) -> tuple[nn.Module, Data]:
     try:
         module = importlib.import_module(module_name)
-    except Exception as err:  # any import-time failure is the plugin's, reported with its cause
+    except (Exception, SystemExit) as err:  # any import-time failure is the plugin's, reported with its cause
         raise PluginError(f"cannot import plugin module {module_name!r}: {type(err).__name__}: {err}. "
                           "Check the name and that its package is installed or on PYTHONPATH") from None
     factory = getattr(module, attr, None)
@@ -345,6 +364,9 @@ def load_plugin(path: str) -> tuple[nn.Module, Data]:
         raise PluginError(f"plugin module {module_name!r} has no callable {attr!r}")
     try:
         result = factory()
+    except SystemExit as err:
+        raise PluginError(f"plugin factory {path} tried to end the process (SystemExit: {err.code!r}); it must "
+                          "return (model, train_loader, test_loader)") from None
     except Exception as err:
         raise PluginError(f"plugin factory {path} raised {type(err).__name__}: {err}") from None
     if not (isinstance(result, tuple) and len(result) == 3 and isinstance(result[0], nn.Module)):
@@ -374,8 +396,11 @@ def _out_features(model: nn.Module, x: torch.Tensor) -> int:
 def load_checkpoint(model: nn.Module, path: str | Path) -> None:
     """Load a user's state_dict safely (``weights_only=True``: nothing in the file is executed)."""
     path = Path(path)
+    if path.is_dir():
+        raise PluginError(f"checkpoint {path} is a folder; give the file saved with torch.save(model.state_dict(), path)")
     if not path.is_file():
-        raise PluginError(f"checkpoint {path} does not exist")
+        raise PluginError(f"checkpoint {path} does not exist" if not path.exists() else
+                          f"checkpoint {path} is not a regular file")
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as err:
@@ -399,5 +424,8 @@ def build(model_id: str, data_cfg: DataConfig) -> tuple[nn.Module, Data]:
     if entry is None:
         raise ConfigError(f"model {model_id!r} is not in the zoo ({', '.join(MODELS)}) "
                           "and is not a plugin path 'package.module:factory'")
+    if data_cfg.dataset != entry.dataset:
+        raise ConfigError(f"model {model_id} is built for the {entry.dataset} data set, not {data_cfg.dataset}; "
+                          f"set data.dataset: {entry.dataset}")
     data = entry.data(data_cfg)
     return entry.model(num_classes=data.num_classes), data

@@ -4,6 +4,7 @@ import json
 import subprocess
 import sys
 
+import pytest
 import yaml
 
 from qat_core.cli import main
@@ -67,3 +68,57 @@ def test_workspace_from_the_environment(tmp_path, monkeypatch, capsys):
     monkeypatch.setenv("QAT_STUDIO_HOME", str(tmp_path / "envws"))
     assert main(["runs"]) == 0
     assert (tmp_path / "envws" / "index.sqlite").exists()
+
+
+def test_a_closed_pipe_is_not_a_traceback(tmp_path):
+    """`qat-studio runs | head -0`: the reader is gone before anything is written."""
+    proc = subprocess.Popen([sys.executable, "-m", "qat_core.cli", "--workspace", str(tmp_path / "ws"), "models"],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    proc.stdout.close()
+    stderr = proc.stderr.read().decode()
+    assert proc.wait(timeout=60) == 141 and stderr == ""
+
+
+def test_run_id_only_starts_a_run_nothing_has_trained(workspace, digits_run, tmp_path, capsys):
+    before = workspace.get(digits_run)
+    config = tmp_path / "c.yaml"
+    config.write_text(yaml.safe_dump(workspace.config(digits_run).to_dict()))
+    code = main(["--workspace", str(workspace.root), "train", str(config), "--run-id", digits_run])
+    err = capsys.readouterr().err
+    assert code == 2 and f"run {digits_run} is done and already has results; --run-id only starts" in err
+    assert workspace.get(digits_run) == before
+
+
+def test_plugins_cannot_end_the_process_or_recurse(tmp_path, capsys):
+    for plugin, message in [("sys:exit", "tried to end the process (SystemExit: None)"),
+                            ("qat_core.cli:main", "is part of QAT Studio itself")]:
+        config = tmp_path / "plugin.yaml"
+        config.write_text(f"model: '{plugin}'\n")
+        code = main(["--workspace", str(tmp_path / "ws"), "train", str(config), "--quiet"])
+        assert code == 2 and message in capsys.readouterr().err
+    from qat_core.store import RunStore
+
+    runs = RunStore(tmp_path / "ws").list()
+    assert [r["status"] for r in runs] == ["failed", "failed"]  # one failed run each, none left "running"
+
+
+def test_bad_checkpoints_and_mismatched_data_name_the_fix(tmp_path, capsys):
+    (tmp_path / "ckpt").mkdir()
+    for body, message in [("model: digits-cnn\ncheckpoint: " + str(tmp_path / "ckpt"), "is a folder; give the file"),
+                          ("model: resnet18\ndata: {dataset: digits}", "set data.dataset: generated-images")]:
+        config = tmp_path / "c.yaml"
+        config.write_text(body + "\n")
+        assert main(["--workspace", str(tmp_path / "ws"), "train", str(config), "--quiet"]) == 2
+        assert message in capsys.readouterr().err
+
+
+def test_a_bug_is_one_line_with_the_way_to_its_traceback(monkeypatch, capsys):
+    import qat_core.zoo
+
+    monkeypatch.setattr(qat_core.zoo, "MODELS", None)  # `models` now fails inside QAT Studio
+    assert main(["models"]) == 70
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.startswith("internal error: AttributeError") and "QAT_STUDIO_DEBUG=1" in err
+    monkeypatch.setenv("QAT_STUDIO_DEBUG", "1")
+    with pytest.raises(AttributeError):
+        main(["models"])

@@ -1,6 +1,7 @@
 """The fine-tune engine on real data: BN folding, PTQ vs QAT, determinism, divergence, cancel."""
 
 import copy
+import re
 import sys
 from pathlib import Path
 
@@ -98,6 +99,35 @@ def test_diverging_finetune_stops_with_a_clear_message_and_a_failed_run(workspac
     failed = [r for r in workspace.list() if r["status"] == "failed"]
     assert failed and "diverged" in failed[0]["error"]
     assert not (workspace.run_dir(failed[0]["id"]) / "qat.pt").exists()
+
+
+@pytest.mark.parametrize("lr, message", [
+    (10.0, r"diverged at step \d+: the loss exploded to .* guessing uniformly gives 2.3"),  # was "done" at 10%
+    (0.1, r"collapsed to chance during training: test accuracy \d+.\d%, from 99.\d% .* most common class scores 10"),
+])
+def test_a_finetune_that_explodes_or_collapses_to_chance_fails_with_the_reason(workspace, digits_run, lr, message):
+    with pytest.raises(TrainingError, match=message + f".*Lower the learning rate \\(now {lr:g}\\)"):
+        runner.execute(quick_config(lr=lr), workspace)
+    record = workspace.list()[0]
+    assert record["status"] == "failed" and re.search(message, record["error"])
+
+
+def test_only_a_start_well_above_chance_can_collapse(digits):
+    """W2A2 PTQ can start near chance, and a short fine-tune may stay there: that is no collapse."""
+    fp32 = _trained_cnn(digits, steps=5)
+    chance = train.chance_accuracy(digits.test_loader())
+    assert 0.09 < chance < 0.12  # digits: ten nearly balanced classes
+
+    def finetune_w2a2(start_accuracy: float) -> dict[str, float]:
+        qat = prepare(fp32, LayerPlan(default=QuantSpec(weight_bits=2, act_bits=2)), digits.example())
+        train.calibrate(qat, digits.train_loader(64), 2)
+        return train.finetune(qat, digits.train_loader(64), digits.test_loader(), FineTuneConfig(max_steps=1, lr=1e-9),
+                              lambda e: None, start_accuracy=start_accuracy)
+
+    metrics = finetune_w2a2(start_accuracy=chance + 0.1)
+    assert metrics["accuracy"] < chance + train.COLLAPSE_MARGIN  # at chance, yet not called a collapse
+    with pytest.raises(TrainingError, match="collapsed to chance"):
+        finetune_w2a2(start_accuracy=0.99)
 
 
 class CancelAfter:
