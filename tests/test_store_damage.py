@@ -243,3 +243,9 @@ def test_a_folder_with_other_files_is_not_made_a_workspace(tmp_path, capsys):
     code, _, err = run_cli(capsys, tmp_path, "runs")
     assert code == cli.EXIT_USER_ERROR and "holds other files and is not a QAT Studio workspace" in err
     assert sorted(p.name for p in tmp_path.iterdir()) == ["notes.txt"]  # nothing written into it
+
+
+@pytest.mark.skipif(Path("/runs").is_dir() or Path("/index.sqlite").exists(), reason="/ looks like a workspace here")
+def test_the_root_folder_is_not_made_a_workspace(capsys):
+    code, _, err = run_cli(capsys, Path("/"), "runs")
+    assert code == cli.EXIT_USER_ERROR and "/ holds other files" in err and not Path("/index.sqlite").exists()
