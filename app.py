@@ -1,8 +1,8 @@
-"""QAT Studio: the browser app. One page per task; the pages call ``qat_core`` (see pages/_common.py)."""
+"""QAT Studio: the browser app. One page per task; the pages call ``qat_core`` (see app_pages/_common.py)."""
 
 import streamlit as st
 
-from pages._common import PAGES
+from app_pages._common import PAGES
 
 st.set_page_config(page_title="QAT Studio", page_icon="🧮", layout="wide")
 

@@ -17,9 +17,9 @@ from qat_core import export
 from qat_core.errors import ConfigError, QATError
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))  # `pages._common`, as the app imports it
+sys.path.insert(0, str(ROOT))  # `app_pages._common`, as the app imports it
 
-from pages import _common as common  # noqa: E402
+from app_pages import _common as common  # noqa: E402
 
 logging.getLogger("streamlit.runtime.scriptrunner_utils.script_run_context").setLevel(logging.ERROR)
 AppTest = pytest.importorskip("streamlit.testing.v1").AppTest

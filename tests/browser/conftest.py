@@ -7,6 +7,7 @@ the CI env var is set, in which case they fail.
 """
 from __future__ import annotations
 
+import contextlib
 import os
 import socket
 import subprocess
@@ -14,6 +15,7 @@ import sys
 import time
 import urllib.error
 import urllib.request
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -75,12 +77,10 @@ def _healthy(url: str) -> bool:
         return False
 
 
-@pytest.fixture(scope="session")
-def app_server(tmp_path_factory):
-    """Start `streamlit run app.py` on a free loopback port; yield its base URL."""
+@contextlib.contextmanager
+def running_server(home: Path, log_path: Path) -> Iterator[str]:
+    """`streamlit run app.py` on a free loopback port with workspace ``home``; yields its base URL."""
     _require_chromium()  # no point starting a server nobody can open
-    home = tmp_path_factory.mktemp("qat_studio_home")
-    log_path = tmp_path_factory.mktemp("streamlit_log") / "server.log"
     port = _free_port()
     base_url = f"http://127.0.0.1:{port}"
     cmd = [
@@ -125,6 +125,21 @@ def app_server(tmp_path_factory):
             proc.kill()
             proc.wait(timeout=10)
         log.close()
+
+
+@pytest.fixture(scope="session")
+def app_server(tmp_path_factory):
+    """One server for the session; its base URL."""
+    with running_server(tmp_path_factory.mktemp("qat_studio_home"),
+                        tmp_path_factory.mktemp("streamlit_log") / "server.log") as url:
+        yield url
+
+
+@pytest.fixture
+def fresh_server(tmp_path):
+    """A server nobody has visited yet (as after a restart)."""
+    with running_server(tmp_path / "home", tmp_path / "server.log") as url:
+        yield url
 
 
 @pytest.fixture(scope="session")

@@ -3,7 +3,7 @@ sensitivity and a mixed-precision suggestion that becomes a new plan in one clic
 
 import streamlit as st
 
-from pages import _common as common
+from app_pages import _common as common
 from qat_core import analysis, plots, report
 
 st.title("Inspect")

@@ -3,7 +3,7 @@ curves and Cancel. The job lives in the run store, so a reload or a second tab f
 
 import streamlit as st
 
-from pages import _common as common
+from app_pages import _common as common
 from qat_core import planning, report, runner
 from qat_core.store import STATUSES
 

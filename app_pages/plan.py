@@ -3,7 +3,7 @@ and the predicted model size. Every edit is validated on the server before it is
 
 import streamlit as st
 
-from pages import _common as common
+from app_pages import _common as common
 from qat_core import planning, prepare
 from qat_core.config import RANGE_METHODS
 from qat_core.errors import ConfigError

@@ -2,7 +2,7 @@
 
 import streamlit as st
 
-from pages import _common as common
+from app_pages import _common as common
 from qat_core import runner
 
 st.title("QAT Studio")

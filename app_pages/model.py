@@ -3,7 +3,7 @@
 import pandas as pd
 import streamlit as st
 
-from pages import _common as common
+from app_pages import _common as common
 from qat_core import runner, zoo
 
 st.title("Model & data")

@@ -3,7 +3,7 @@
 
 import streamlit as st
 
-from pages import _common as common
+from app_pages import _common as common
 from qat_core import bench, export, report
 
 st.title("Benchmark")

@@ -3,7 +3,7 @@ import a config file to start a new run from it."""
 
 import streamlit as st
 
-from pages import _common as common
+from app_pages import _common as common
 from qat_core import export, planning, runner
 
 st.title("Export")

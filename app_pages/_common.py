@@ -33,9 +33,9 @@ PLAN_EDITOR = "plan_editor"  # st.data_editor of the quantization plan
 DEFAULT_MODEL = "digits-cnn"
 POLL_SECONDS = 0.5
 PAGES = {  # page files, for st.navigation (app.py) and st.switch_page / st.page_link
-    "home": "pages/home.py", "model": "pages/model.py", "plan": "pages/plan.py",
-    "finetune": "pages/finetune.py", "inspect": "pages/inspect_run.py", "benchmark": "pages/benchmark.py",
-    "compare": "pages/compare.py", "export": "pages/export.py",
+    "home": "app_pages/home.py", "model": "app_pages/model.py", "plan": "app_pages/plan.py",
+    "finetune": "app_pages/finetune.py", "inspect": "app_pages/inspect_run.py", "benchmark": "app_pages/benchmark.py",
+    "compare": "app_pages/compare.py", "export": "app_pages/export.py",
 }
 
 
