@@ -690,12 +690,14 @@ def _avg_bits(rows: list[dict], plan: LayerPlan) -> float:
 
 
 def _pareto_mask(size: np.ndarray, acc: np.ndarray) -> np.ndarray:
-    """Points not dominated (another is no larger and more accurate, or smaller and as accurate)."""
-    mask = np.ones(len(size), dtype=bool)
-    for i in range(len(size)):
-        dominated = (size <= size[i]) & (acc >= acc[i]) & ((size < size[i]) | (acc > acc[i]))
-        mask[i] = not dominated.any()
-    return mask
+    """Points on the size/accuracy front: no other point is as small and as accurate and strictly better
+    in one of them. Equal points are all on it; a point with a NaN is never on it and dominates nothing
+    (comparisons with NaN are false, which used to leave such points on the front)."""
+    size, acc = np.asarray(size, dtype=float), np.asarray(acc, dtype=float)
+    known = ~(np.isnan(size) | np.isnan(acc))
+    s, a = size[:, None], acc[:, None]  # row i: the point judged; column j: the other point
+    dominated = ((size <= s) & (acc >= a) & ((size < s) | (acc > a)) & known).any(axis=1)
+    return known & ~dominated
 
 
 def suggest_plan(loaded: Loaded, sens: pd.DataFrame, budget_bytes: float | None = None,

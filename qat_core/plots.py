@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import html
 import math
-from collections.abc import Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from typing import TYPE_CHECKING
 
 import numpy as np
@@ -26,6 +26,7 @@ PLOTLY_JS = "plotly.min.js"
 STAGE_COLORS = {"ptq": "#636EFA", "qat": "#EF553B", "": "#636EFA", "fp32": "#00A000"}
 STAGE_NAMES = {"ptq": "before fine-tune (PTQ)", "qat": "after fine-tune (QAT)", "": "", "fp32": "FP32"}
 MAX_GRID_LINES = 512  # grids with more levels are drawn with every n-th line
+MAX_TICK_DECIMALS = 4
 
 
 def _need(df: pd.DataFrame, columns: Sequence[str], what: str) -> None:
@@ -38,6 +39,61 @@ def _need(df: pd.DataFrame, columns: Sequence[str], what: str) -> None:
 
 def _label(stage: str) -> str:
     return STAGE_NAMES.get(stage, stage)
+
+
+def _finite(values: Iterable[float]) -> np.ndarray:
+    v = np.asarray(list(values), dtype=float)
+    return v[np.isfinite(v)]
+
+
+def accuracy_tickformat(span: float, percent: bool = False) -> dict[str, str]:
+    """Tick format for an accuracy axis showing ``span`` (fractions, or percent when ``percent``) whose
+    labels all differ: plotly's automatic tick step is at least span/10 rounded up to 2, 5 or 10 × 10^k,
+    so ``d`` decimals (of a percent) suffice once the span exceeds 5·10^-d points."""
+    points = span * (1 if percent else 100)
+    decimals = 0
+    if math.isfinite(points) and points > 0:  # no span to go by: whole points
+        while decimals < MAX_TICK_DECIMALS and points <= 5.000001 * 10.0 ** -decimals:  # at the edge: one more
+            decimals += 1
+    return {"tickformat": f".{decimals}f", "ticksuffix": "%"} if percent else {"tickformat": f".{decimals}%"}
+
+
+def _accuracy_axis(values: Iterable[float], percent: bool = False) -> dict:
+    """Axis settings for accuracies: a range padded around ``values`` (within 0..100 %, at least a point
+    wide so one value still gets a readable axis) and the tick format that keeps labels distinct there."""
+    full = 100.0 if percent else 1.0
+    v = _finite(values)
+    lo, hi = (float(v.min()), float(v.max())) if len(v) else (0.0, full)
+    pad = max(0.1 * (hi - lo), 0.005 * full)
+    lo, hi = max(0.0, lo - pad), min(full, hi + pad)
+    return {"range": [lo, hi], **accuracy_tickformat(hi - lo, percent)}
+
+
+def _nonnegative_range(values: Iterable[float]) -> list[float] | None:
+    """A range for sizes and latencies: never below 0 (plotly's autorange goes negative around a single
+    point), padded so end points fit; one value (or all equal) is shown as 0 .. 1.2× it."""
+    v = _finite(values)
+    if not len(v):
+        return None
+    lo, hi = float(v.min()), float(v.max())
+    if hi <= lo:
+        return [0.0, 1.2 * hi if hi > 0 else 1.0]
+    pad = 0.1 * (hi - lo)
+    return [max(0.0, lo - pad), hi + pad]
+
+
+def _inward_positions(x: Sequence[float], y: Sequence[float], x_range: Sequence[float],
+                      y_range: Sequence[float]) -> list[str]:
+    """A ``textposition`` per point that puts its label toward the middle of the plot, so labels of
+    points near an edge are not cut off: below points in the upper half, left of those in the right
+    third, right of those in the left third."""
+    out = []
+    for xi, yi in zip(x, y):
+        fx = (xi - x_range[0]) / ((x_range[1] - x_range[0]) or 1)
+        fy = (yi - y_range[0]) / ((y_range[1] - y_range[0]) or 1)
+        side = "right" if fx < 1 / 3 else "left" if fx > 2 / 3 else "center"
+        out.append(f"{'bottom' if fy > 0.5 else 'top'} {side}")
+    return out
 
 
 def histogram_figure(hists: Sequence[Histogram], log_y: bool = False) -> go.Figure:
@@ -158,8 +214,9 @@ def sensitivity_figure(sens: pd.DataFrame, metric: str = "loss_increase") -> go.
     unit = "loss increase (nats per sample)" if metric == "loss_increase" else "accuracy drop (fraction)"
     fig.update_layout(title="Sensitivity: one layer quantized at a time, the rest FP32", barmode="group",
                       xaxis_title=unit, yaxis_title="layer (most sensitive on top)")
-    if metric == "accuracy_drop":
-        fig.update_xaxes(tickformat=".1%")
+    if metric == "accuracy_drop":  # bars start at 0, so the axis spans from 0 to the extreme drops
+        drops = np.append(_finite(sens[metric]), 0.0)
+        fig.update_xaxes(**accuracy_tickformat(drops.max() - drops.min()))
     return fig
 
 
@@ -185,14 +242,36 @@ def pareto_figure(candidates: pd.DataFrame) -> go.Figure:
                                      marker={"symbol": symbol, "size": size}, customdata=custom(part),
                                      hovertemplate=hover))
     fig.update_layout(title="Mixed precision: model size vs accuracy (calibrated, before fine-tune)",
-                      xaxis_title="model size (bytes)", yaxis_title="test accuracy", yaxis_tickformat=".0%")
+                      xaxis_title="model size (bytes)", yaxis_title="test accuracy")
+    fig.update_xaxes(range=_nonnegative_range(df["size_bytes"]))
+    fig.update_yaxes(**_accuracy_axis(df["accuracy"]))
+    fig.update_traces(cliponaxis=False)  # points on the padded range's edge stay whole
     return fig
 
 
-def training_figure(curves: pd.DataFrame) -> go.Figure:
-    """Loss and test accuracy against step, one colour per phase (FP32 baseline, QAT fine-tune)."""
+def _references(reference: Mapping[str, float | None] | None) -> dict[str, float]:
+    """The reference accuracies worth a line: None and NaN are skipped; a value outside 0..1 is refused
+    (a percent passed for a fraction would stretch the axis 100×)."""
+    refs = {}
+    for label, value in (reference or {}).items():
+        if value is None or math.isnan(value := float(value)):
+            continue
+        if not 0 <= value <= 1:
+            raise ConfigError(f"reference accuracy {label!r} must be a fraction 0..1, got {value:g}")
+        refs[str(label)] = value
+    return refs
+
+
+def training_figure(curves: pd.DataFrame, *, reference: Mapping[str, float | None] | None = None) -> go.Figure:
+    """Loss and test accuracy against step, one colour per phase (FP32 baseline, QAT fine-tune).
+
+    ``reference`` maps a label (e.g. ``"FP32"``, ``"PTQ"``) to an accuracy fraction, drawn as a dashed,
+    labelled horizontal line on the accuracy plot; None or NaN values are skipped."""
     _need(curves, ["phase", "step", "loss", "test_accuracy"], "training_figure")
-    fig = make_subplots(rows=2, cols=1, shared_xaxes=False, vertical_spacing=0.2,
+    refs = _references(reference)
+    # one shared step axis, labelled under the accuracy plot only: the loss plot's own axis title sat
+    # where the "test accuracy" subplot title is drawn
+    fig = make_subplots(rows=2, cols=1, shared_xaxes=True, vertical_spacing=0.12,
                         subplot_titles=("training loss", "test accuracy"))
     for phase, part in curves.groupby("phase", sort=False):
         color = STAGE_COLORS.get(phase)
@@ -212,10 +291,21 @@ def training_figure(curves: pd.DataFrame) -> go.Figure:
         title += " (no step events: the FP32 baseline came from the cache and the fine-tune had 0 steps)"
     elif "fp32" not in set(curves["phase"]):
         title += " (FP32 baseline reused from the cache: only the fine-tune is shown)"
-    fig.update_layout(title=title, hovermode="x unified")
-    fig.update_xaxes(title_text="step (optimizer updates in the phase)")
+    acc_axis = _accuracy_axis([*curves["test_accuracy"], *refs.values()])
+    middle = sum(acc_axis["range"]) / 2
+    for i, (label, value) in enumerate(sorted(refs.items(), key=lambda kv: kv[1])):
+        color = STAGE_COLORS.get(label.lower(), "#555")
+        # labels sit on the plot's inner side of their line (none spills over the subplot title), and
+        # neighbouring lines label opposite ends, so close values do not print over each other
+        where = f"{'bottom' if value > middle else 'top'} {'left' if i % 2 else 'right'}"
+        fig.add_hline(y=value, row=2, col=1, exclude_empty_subplots=False, line={"dash": "dash", "color": color,
+                      "width": 1}, annotation_text=f"{html.escape(label)} {value:.2%}", annotation_position=where,
+                      annotation_font_color=color)
+    # the top margin holds the figure title above the "training loss" subplot title
+    fig.update_layout(title=title, hovermode="x unified", height=560, margin={"t": 80, "b": 60})
+    fig.update_xaxes(title_text="step (optimizer updates in the phase)", row=2, col=1)
     fig.update_yaxes(title_text="cross-entropy (nats)", row=1, col=1)
-    fig.update_yaxes(title_text="accuracy", tickformat=".0%", row=2, col=1)
+    fig.update_yaxes(title_text="accuracy", row=2, col=1, **acc_axis)
     return fig
 
 
@@ -236,18 +326,20 @@ def page(figures: Sequence[go.Figure], title: str) -> str:
 def runs_pareto_figure(runs: pd.DataFrame, x: str, title: str) -> go.Figure:
     """QAT accuracy of runs against ``x`` (a column of ``report.runs_frame``, smaller is better: size,
     latency); the Pareto-optimal runs joined by a dashed line, each point labelled with its plan."""
+    from qat_core.analysis import _pareto_mask  # the one front rule; lazy, as analysis imports plots lazily
+
     _need(runs, ["run", "plan", "QAT acc %", x], "runs_pareto_figure")
-    data = runs.dropna(subset=[x, "QAT acc %"]).sort_values(x)
-    front, best = [], -math.inf
-    for _, row in data.iterrows():
-        if row["QAT acc %"] > best:
-            front.append(row)
-            best = row["QAT acc %"]
+    data = runs.dropna(subset=[x, "QAT acc %"]).sort_values([x, "QAT acc %"], ascending=[True, False])
+    xs, acc = data[x].to_numpy(dtype=float), data["QAT acc %"].to_numpy(dtype=float)
+    x_range, y_axis = _nonnegative_range(xs), _accuracy_axis(acc, percent=True)
     fig = go.Figure()
-    fig.add_scatter(x=data[x], y=data["QAT acc %"], mode="markers+text", text=data["plan"], textposition="top center",
-                    name="runs", customdata=data["run"], hovertemplate="%{customdata}<br>%{x:.2f}<br>%{y:.2f}%")
-    if front:
-        f = pd.DataFrame(front)
-        fig.add_scatter(x=f[x], y=f["QAT acc %"], mode="lines", name="Pareto front", line={"dash": "dash"})
+    fig.add_scatter(x=xs, y=acc, mode="markers+text", text=data["plan"], name="runs", customdata=data["run"],
+                    textposition=_inward_positions(xs, acc, x_range, y_axis["range"]) if len(data) else None,
+                    cliponaxis=False, hovertemplate="%{customdata}<br>%{x:.2f}<br>%{y:.2f}%")
+    on_front = _pareto_mask(xs, acc)
+    if on_front.any():
+        fig.add_scatter(x=xs[on_front], y=acc[on_front], mode="lines", name="Pareto front", line={"dash": "dash"})
     fig.update_layout(title=title, xaxis_title=x, yaxis_title="QAT test accuracy (%)", height=380)
+    fig.update_xaxes(range=x_range)
+    fig.update_yaxes(**y_axis)
     return fig

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import math
+
+import numpy as np
 import pandas as pd
 import plotly.graph_objects as go
 import pytest
@@ -63,7 +66,9 @@ def test_table_figures(workspace, digits_run, loaded):
     assert [t.name for t in fig.data] == ["4-bit", "2-bit"]
     top = sens[sens["bits"] == 2].sort_values("rank").iloc[0]["layer"]
     assert fig.data[1].y[-1] == top  # horizontal bars: the most sensitive on top
-    assert plots.sensitivity_figure(sens, "accuracy_drop").layout.xaxis.tickformat == ".1%"
+    drops = [*sens["accuracy_drop"], 0.0]  # the bars start at 0
+    assert plots.sensitivity_figure(sens, "accuracy_drop").layout.xaxis.tickformat == \
+        plots.accuracy_tickformat(max(drops) - min(drops))["tickformat"]
 
     sug = analysis.suggest_plan(loaded, sens, average_bits=4, measure=1, top=1)
     fig = plots.pareto_figure(sug.candidates)
@@ -74,7 +79,10 @@ def test_table_figures(workspace, digits_run, loaded):
     assert set(curves["phase"]) >= {"qat"} and curves["loss"].notna().all()
     fig = plots.training_figure(curves)
     assert fig.layout.title.text.startswith("Training curves")
-    assert fig.layout.yaxis.title.text == "cross-entropy (nats)" and fig.layout.yaxis2.tickformat == ".0%"
+    assert fig.layout.yaxis.title.text == "cross-entropy (nats)"
+    lo, hi = fig.layout.yaxis2.range
+    assert fig.layout.yaxis2.tickformat == plots.accuracy_tickformat(hi - lo)["tickformat"]
+    assert lo <= curves["test_accuracy"].min() and curves["test_accuracy"].max() <= hi
     empty = plots.training_figure(analysis.training_curves([]))
     assert "no step events" in empty.layout.title.text
 
@@ -89,3 +97,133 @@ def test_figures_reject_tables_they_cannot_draw():
         plots.pareto_figure([1, 2])
     with pytest.raises(ConfigError, match="at least one histogram"):
         plots.histogram_figure([])
+
+
+# --- chart defects a first-time user reported ------------------------------------------------------
+
+def _curves(accuracies: list[float]) -> pd.DataFrame:
+    """Synthetic step events: a QAT phase whose test accuracy moves within a narrow band."""
+    n = len(accuracies)
+    return pd.DataFrame({"phase": ["qat"] * n, "step": list(range(n)), "epoch": [0] * n,
+                         "loss": [0.1] * n, "test_accuracy": accuracies})
+
+
+def _runs(rows: list[tuple[str, float, float]], x: str = "int8 latency ms") -> pd.DataFrame:
+    return pd.DataFrame([{"run": r, "plan": f"W8A8 {r}", "QAT acc %": acc, x: v} for r, v, acc in rows])
+
+
+def _auto_tick_labels(lo: float, hi: float, nt: float, ticks: dict) -> list[str]:
+    """The labels plotly.js draws on a linear axis over [lo, hi] with ``nt`` ticks wanted: its step is
+    range/nt rounded up to 2, 5 or 10 × 10^k, formatted with the axis' tickformat (fixed decimals)."""
+    rough = (hi - lo) / nt
+    base = 10 ** math.floor(math.log10(rough))
+    step = next(m for m in (2, 5, 10) if m * base >= rough) * base
+    fmt = ticks["tickformat"]
+    scale = 100 if fmt.endswith("%") else 1
+    decimals = int(fmt.strip(".f%"))
+    values = [k * step for k in range(math.ceil(lo / step), math.floor(hi / step) + 1)]
+    return [f"{v * scale:.{decimals}f}" for v in values]
+
+
+@pytest.mark.parametrize("percent", [False, True])
+def test_accuracy_tick_labels_differ_at_any_span(percent):
+    full = 100.0 if percent else 1.0
+    for span in np.logspace(-5, 0, 41) * full:
+        ticks = plots.accuracy_tickformat(span, percent=percent)
+        assert ticks.get("ticksuffix", "") == ("%" if percent else "")
+        for lo in (0.0, 0.5 * full, full - span, 0.991 * full - span / 3):
+            for nt in np.linspace(5, 10, 11):  # plotly wants 5..10 ticks, depending on the axis length
+                labels = _auto_tick_labels(lo, lo + span, nt, ticks)
+                assert len(set(labels)) == len(labels), (span, lo, nt, ticks, labels)
+    assert plots.accuracy_tickformat(0.007) == {"tickformat": ".1%"}  # 99.1–99.8 %: one decimal
+    assert plots.accuracy_tickformat(0.5) == {"tickformat": ".0%"}
+
+
+def test_every_accuracy_axis_gets_distinct_ticks():
+    narrow = [0.991, 0.993, 0.995, 0.998]
+    fig = plots.training_figure(_curves(narrow))
+    assert fig.layout.yaxis2.tickformat == ".1%"  # was ".0%": 99%, 99%, 99%
+    lo, hi = fig.layout.yaxis2.range
+    assert lo < min(narrow) and max(narrow) < hi <= 1
+
+    cand = pd.DataFrame({"kind": ["front", "front", "suggested"], "widths": ["a:4", "a:6", "a:8"],
+                         "size_bytes": [1000, 1500, 2000], "average_bits": [4.0, 6.0, 8.0],
+                         "accuracy": [0.991, 0.995, 0.998], "pareto": [True, True, True]})
+    fig = plots.pareto_figure(cand)
+    assert fig.layout.yaxis.tickformat == ".1%"
+
+    fig = plots.runs_pareto_figure(_runs([("a", 10.0, 99.1), ("b", 20.0, 99.8)], "size KB"), "size KB", "t")
+    assert fig.layout.yaxis.tickformat == ".1f" and fig.layout.yaxis.ticksuffix == "%"
+
+
+def test_training_figure_draws_reference_lines():
+    curves = _curves([0.95, 0.97])
+    assert not plots.training_figure(curves).layout.shapes  # no reference: as before
+    fig = plots.training_figure(curves, reference={"FP32": 0.99, "PTQ": 0.9, "QAT": float("nan"), "x": None})
+    lines = {s.y0: s for s in fig.layout.shapes}
+    assert set(lines) == {0.99, 0.9}  # NaN / None are skipped
+    assert all(s.line.dash == "dash" and s.yref == "y2" and s.y0 == s.y1 for s in lines.values())
+    texts = [a.text for a in fig.layout.annotations if a.yref == "y2"]
+    assert any(t.startswith("FP32") for t in texts) and any(t.startswith("PTQ") for t in texts)
+    lo, hi = fig.layout.yaxis2.range
+    assert lo < 0.9 and 0.99 < hi  # the lines are inside the accuracy plot
+    empty = plots.training_figure(analysis.training_curves([]), reference={"FP32": 0.99})
+    assert [s.y0 for s in empty.layout.shapes] == [0.99]  # drawn even before any step event
+    with pytest.raises(ConfigError, match="fraction"):
+        plots.training_figure(curves, reference={"FP32": 99.0})
+
+
+def test_training_figure_text_does_not_overlap():
+    fig = plots.training_figure(_curves([0.9, 0.95]))
+    # the loss plot shares the step axis: no tick labels or title under it, where "test accuracy" sits
+    assert fig.layout.xaxis.title.text is None and fig.layout.xaxis.showticklabels is False
+    assert fig.layout.xaxis2.title.text
+    plot_px = fig.layout.height - fig.layout.margin.t - fig.layout.margin.b
+    title = next(a for a in fig.layout.annotations if a.text == "test accuracy")
+    assert title.y == fig.layout.yaxis2.domain[1] and title.yanchor == "bottom"
+    gap_px = (fig.layout.yaxis.domain[0] - fig.layout.yaxis2.domain[1]) * plot_px
+    assert gap_px >= 1.5 * title.font.size  # room for the subplot title between the plots
+    top = next(a for a in fig.layout.annotations if a.text == "training loss")
+    assert top.y == 1 and fig.layout.margin.t >= 2 * top.font.size + 20  # figure title above it
+
+
+def test_runs_pareto_axes_never_go_below_zero():
+    one = plots.runs_pareto_figure(_runs([("a", 0.25, 98.0)]), "int8 latency ms", "latency")
+    assert list(one.layout.xaxis.range) == pytest.approx([0, 0.3])
+    same = plots.runs_pareto_figure(_runs([("a", 0.5, 98.0), ("b", 0.5, 97.0)]), "int8 latency ms", "latency")
+    assert list(same.layout.xaxis.range) == pytest.approx([0, 0.6])
+    many = plots.runs_pareto_figure(_runs([("a", 0.01, 98.0), ("b", 2.0, 99.0)]), "int8 latency ms", "latency")
+    lo, hi = many.layout.xaxis.range
+    assert lo == 0 and hi > 2.0
+    y_lo, y_hi = one.layout.yaxis.range
+    assert 0 <= y_lo < 98.0 < y_hi <= 100
+
+
+def test_pareto_mask_drops_dominated_tied_and_nan_points():
+    size = np.array([1.0, 2.0, 2.0, 3.0, 3.0, np.nan, 1.0, 3.0])
+    acc = np.array([0.9, 0.95, 0.95, 0.94, 0.99, 0.99, np.nan, 0.97])
+    # 3 is beaten by 1 (smaller, more accurate), 7 by 4 (same size, more accurate); 1 and 2 tie: both
+    # stay; a NaN anywhere is never on the front and beats nothing (0 stays despite 6's smaller size)
+    assert analysis._pareto_mask(size, acc).tolist() == [True, True, True, False, True, False, False, False]
+    assert analysis._pareto_mask(np.array([]), np.array([])).tolist() == []
+
+
+def test_runs_pareto_front_has_no_dominated_run():
+    runs = _runs([("a", 10.0, 95.0), ("b", 10.0, 97.0), ("c", 20.0, 96.0), ("d", 30.0, 98.0), ("e", 5.0, np.nan)],
+                 "size KB")
+    fig = plots.runs_pareto_figure(runs, "size KB", "size")
+    front = next(t for t in fig.data if t.name == "Pareto front")
+    assert list(zip(front.x, front.y)) == [(10.0, 97.0), (30.0, 98.0)]  # a: as small as b but less accurate
+
+
+def test_runs_pareto_labels_stay_inside():
+    runs = _runs([("a", 10.0, 95.0), ("b", 20.0, 97.0), ("c", 30.0, 99.5)], "size KB")
+    fig = plots.runs_pareto_figure(runs, "size KB", "size")
+    points = next(t for t in fig.data if t.name == "runs")
+    assert points.cliponaxis is False
+    where = dict(zip(points.customdata, points.textposition))
+    assert where["a"].endswith("right") and where["c"].endswith("left")  # toward the middle
+    assert where["a"].startswith("top") and where["c"].startswith("bottom")  # the top run's label below it
+    x_lo, x_hi = fig.layout.xaxis.range
+    y_lo, y_hi = fig.layout.yaxis.range
+    assert x_lo < 10.0 and x_hi > 30.0 and y_lo < 95.0 and y_hi > 99.5
