@@ -9,6 +9,7 @@ URL (``?draft=<id>``), so a reload or a second tab finds it again.
 from __future__ import annotations
 
 import json
+import math
 import os
 import secrets
 from collections.abc import Callable
@@ -71,7 +72,7 @@ def run_label(record: dict[str, Any]) -> str:
     ort = record["metrics"].get("parity", {}).get("accuracy")
     acc = f" · QAT {qat:.1%}" if qat is not None else ""
     acc += f" (ONNX Runtime {ort:.1%})" if ort is not None else ""
-    return f"{record['id']} · {record['model']} · {planning.plan_summary(record['config'])} · {record['status']}{acc}"
+    return f"{planning.run_title(record['config'])} · {record['model']} · {record['status']}{acc} · {record['id']}"
 
 
 def selected_run_id(records: list[dict[str, Any]]) -> str | None:
@@ -159,28 +160,68 @@ def save_draft(config: cfg.RunConfig, did: str | None = None) -> None:
     call(store().save_draft, did or draft_id(), config)
 
 
-def update_draft(config: cfg.RunConfig, **sections: dict[str, Any]) -> cfg.RunConfig:
-    """Merge widget values into sections of the draft (``finetune={...}``), validate, save if changed."""
+def _merged(config: cfg.RunConfig, sections: dict[str, Any]) -> dict[str, Any]:
     data = config.to_dict()
     for name, values in sections.items():
-        data[name] = data[name] | values
-    new = call(cfg.from_dict, data)
+        data[name] = data[name] | values if isinstance(values, dict) else values
+    return data
+
+
+def update_draft(config: cfg.RunConfig, **sections: Any) -> cfg.RunConfig:
+    """Merge widget values into the draft (``finetune={...}``, ``name=...``), validate, save if changed."""
+    new = call(cfg.from_dict, _merged(config, sections))
     if new != config:
         save_draft(new)
     return new
 
 
+def parse_number(text: str) -> float | str:
+    """A number typed as text ("1e-3", "0.0005"); the text itself when it is not one (the config says why)."""
+    try:
+        return float(text.strip())
+    except ValueError:
+        return text
+
+
+def form_problems(config: cfg.RunConfig, sections: dict[str, Any]) -> dict[str, str]:
+    """What is wrong with a form's values, by config field (``finetune.lr`` → message), before anything starts:
+    the config's own limits, then what the model's data cannot honour (a batch larger than the training set)."""
+    data = _merged(config, sections)
+    problems = cfg.field_errors(data)
+    if not problems and not zoo.is_plugin(config.model):
+        problems = runner.data_problems(cfg.from_dict(data), call(model_info, config.model)["train"])
+    return problems
+
+
 # --- the plan editor (the table itself is qat_core.planning) -------------------------------------
+UNDO_KEY = "plan_undo"  # (what replaced it, the draft before) for one Undo on the Plan page
+
+
+def replace_plan(config: cfg.RunConfig, what: str) -> None:
+    """Make ``config`` the draft (a preset, a suggestion: the whole plan at once), keeping the draft it
+    replaces for one Undo."""
+    before = draft()
+    if config != before:
+        st.session_state[UNDO_KEY] = (what, before.to_dict())
+        save_draft(config)
+    reset_plan_editor()
+
+
+def undo_plan() -> None:
+    """Button callback: back to the draft before the last :func:`replace_plan`."""
+    _, before = st.session_state.pop(UNDO_KEY)
+    save_draft(cfg.from_dict(before))
+    reset_plan_editor()
+
+
 def use_preset(rows: list[dict[str, Any]], preset: str) -> None:
     """Button callback (runs before the page, so one rerun shows the new plan): apply a preset to the draft."""
-    save_draft(call(planning.apply_preset, draft(), rows, preset))
-    reset_plan_editor()
+    replace_plan(call(planning.apply_preset, draft(), rows, preset), f"preset {preset}")
 
 
 def use_reduce_range() -> None:
     """Button callback: every 8-bit weight of the draft's plan at 7 bits (see planning.reduce_range)."""
-    save_draft(call(planning.reduce_range, draft()))
-    reset_plan_editor()
+    replace_plan(call(planning.reduce_range, draft()), "7-bit weights")
 
 
 def reset_plan_editor() -> None:
@@ -190,22 +231,44 @@ def reset_plan_editor() -> None:
 
 # --- progress and curves --------------------------------------------------------------------------
 def curves_figure(events: list[dict[str, Any]]) -> go.Figure:
-    """Loss and test accuracy per step, one colour a phase, sized for the Fine-tune page."""
-    fig = plots.training_figure(analysis.training_curves(events))
+    """Loss and test accuracy per step, one colour a phase, with the FP32 and PTQ accuracies as reference
+    lines once known; sized for the Fine-tune page."""
+    curves = analysis.training_curves(events)
+    finals = curves.attrs["final_accuracy"]
+    fig = plots.training_figure(curves, reference={"FP32": finals.get("fp32"), "PTQ": finals.get("ptq")})
     fig.update_layout(height=560, margin={"t": 70})
     return fig
 
 
+STAGES = {"fp32": "training the FP32 baseline", "ptq": "calibrating (PTQ)", "qat": "QAT fine-tune"}
+
+
 def progress_of(events: list[dict[str, Any]]) -> tuple[float, str]:
-    """Overall progress 0..1 and a one-line description from a run's events."""
+    """Overall progress 0..1 and the stage a running job is in (of: FP32 baseline, PTQ, QAT fine-tune)."""
+    done = {e["phase"] for e in events if e.get("done")}
     steps = [e for e in events if "step" in e]
-    if not steps:
-        return 0.0, "starting the worker (loading PyTorch and the data)…"
-    last = steps[-1]
-    phase = {"fp32": "training the FP32 baseline", "qat": "QAT fine-tune"}.get(last["phase"], last["phase"])
-    frac = last["step"] / last["total"]
-    overall = 0.5 * frac if last["phase"] == "fp32" else 0.5 + 0.5 * frac
-    return min(overall, 1.0), f"{phase}: step {last['step']}/{last['total']}, loss {last['loss']:.4f}"
+    last = steps[-1] if steps else None
+    if last is not None and last["phase"] not in done:
+        frac = last["step"] / last["total"]
+        stage, overall = (1, 0.4 * frac) if last["phase"] == "fp32" else (3, 0.5 + 0.5 * frac)
+        return min(overall, 1.0), (f"Stage {stage} of 3 · {STAGES.get(last['phase'], last['phase'])}: step "
+                                   f"{last['step']}/{last['total']}, loss {last['loss']:.4f}")
+    if "ptq" in done:
+        return 0.5, "Stage 3 of 3 · QAT fine-tune: preparing the model and calibrating…"
+    if "fp32" in done:
+        return 0.45, "Stage 2 of 3 · calibrating and measuring PTQ (the FP32 baseline is ready)…"
+    return 0.0, "Stage 1 of 3 · starting: loading PyTorch, the data and the FP32 baseline…"
+
+
+STORED_SIZE_NOTE = ("In int8.onnx the weights take about {kb:,.1f} KB: ONNX has no type narrower than 8 bits, so "
+                    "2..7-bit weights are stored one per byte (their values stay on the narrow grid).")
+
+
+def points_delta(value: float, reference: float) -> tuple[str, str]:
+    """``st.metric``'s delta and colour for an accuracy against a reference, in percentage points:
+    no arrow colour for a change that rounds to zero (a green "+0.00 pt" reads as a gain)."""
+    points = round((value - reference) * 100, 2)
+    return (f"{points:+.2f} pt", "normal") if points else ("±0.00 pt", "off")
 
 
 def show_plot(fig: go.Figure, key: str | None = None) -> None:
@@ -215,6 +278,21 @@ def show_plot(fig: go.Figure, key: str | None = None) -> None:
 # --- runs as tables (qat_core.report) ------------------------------------------------------------
 def runs_frame(records: list[dict[str, Any]]) -> pd.DataFrame:
     return report.runs_frame(store(), records)
+
+
+def cell_text(value: Any) -> str:
+    """A table cell as people read it: "—" when missing, numbers without float noise."""
+    if value is None or value is pd.NA or (isinstance(value, float) and math.isnan(value)):
+        return "—"
+    return f"{value:,.6g}" if isinstance(value, float) else str(value)
+
+
+def show_table(frame: pd.DataFrame, headers: dict[str, str] | None = None, **kwargs: Any) -> None:
+    """A table for people: human column labels, numbers without float noise, and "—" where a value is
+    missing (Streamlit would print None or <NA>). Sorting still uses the numbers."""
+    shown = frame.rename(columns=headers or {})
+    st.dataframe(shown.style.format(cell_text, na_rep="—"), hide_index=kwargs.pop("hide_index", True), width="stretch",
+                 **kwargs)
 
 
 # --- download payloads ----------------------------------------------------------------------------

@@ -3,7 +3,7 @@
 import streamlit as st
 
 from app_pages import _common as common
-from qat_core import plots
+from qat_core import plots, report
 
 st.title("Compare runs")
 records = common.runs()
@@ -12,22 +12,31 @@ if not records:
     st.stop()
 
 frame = common.runs_frame(records)
-st.dataframe(frame, hide_index=True, width="stretch")
+common.show_table(frame, report.RUN_HEADERS)
 
 done = frame[frame["status"] == "done"]
-picked = st.multiselect("Runs side by side", list(done["run"]), default=list(done["run"][:4]), key="compare_runs")
+picked = st.multiselect("Runs side by side", list(done["run"]), default=list(done["run"][:4]), key="compare_runs",
+                        format_func=dict(zip(done["run"], done["name"], strict=True)).get)
 if not picked:
     st.info("Pick finished runs above to compare them.")
     st.stop()
 chosen = done[done["run"].isin(picked)]
-st.dataframe(chosen.drop(columns=["status", "error"]).set_index("run").T.astype(str), width="stretch")
+side = chosen.drop(columns=["status", "error"]).rename(columns=report.RUN_HEADERS).set_index("run").T
+common.show_table(side.map(common.cell_text), hide_index=False)  # one column a run: values of every kind
 
 c1, c2 = st.columns(2)
 with c1:
-    common.show_plot(plots.runs_pareto_figure(chosen, "size KB", "Accuracy vs model size"), key="pareto_size")
+    common.show_plot(plots.runs_pareto_figure(chosen, "size KB", "Accuracy vs model size (bit-packed)"),
+                     key="pareto_size")
 with c2:
-    if chosen["int8 latency ms"].notna().any():
-        common.show_plot(plots.runs_pareto_figure(chosen, "int8 latency ms", "Accuracy vs int8 latency (ORT, batch 1)"),
+    timed = chosen[chosen["int8 latency ms"].notna()]
+    batches = sorted(timed["latency batch"].dropna().unique())
+    if len(batches) == 1:
+        common.show_plot(plots.runs_pareto_figure(timed, "int8 latency ms",
+                                                  f"Accuracy vs int8 latency (ORT, batch {batches[0]})"),
                          key="pareto_latency")
+    elif batches:
+        st.info(f"These runs were benchmarked at different batch sizes ({', '.join(map(str, batches))}); "
+                "latencies compare only at one batch size. Benchmark them at the same batch to see the chart.")
     else:
         st.info("No benchmarks yet for these runs: open **Benchmark** to measure latency.")

@@ -10,19 +10,30 @@ from qat_core.store import STATUSES
 st.title("Fine-tune")
 config = common.draft()
 
-with st.expander(f"New run from this tab's draft: {config.model} · {planning.plan_summary(config)}",
-                 expanded=True):
+with st.expander(f"New run from this tab's draft: {config.model} · {planning.run_title(config)}", expanded=True):
     ft = config.finetune
+    name = st.text_input("Run name (optional)", value=config.name, key="ft_name", max_chars=80,
+                         placeholder=planning.plan_summary(config), help="Shown in Compare, the run picker and the report")
     c1, c2, c3, c4 = st.columns(4)
-    epochs = c1.number_input("Fine-tune epochs", 0.0, 1000.0, float(ft.epochs), 1.0, key="ft_epochs",
+    # No min/max on the inputs: the browser would silently replace an out-of-range value. Every value
+    # reaches the server, which says what is wrong beside the control and keeps Start disabled.
+    epochs = c1.number_input("Fine-tune epochs", value=float(ft.epochs), step=1.0, key="ft_epochs",
                              help="0 = PTQ only (calibrate, no training)")
-    lr = c2.number_input("Learning rate", 1e-6, 1.0, float(ft.lr), format="%.0e", key="ft_lr")
-    batch = c3.number_input("Batch size", 1, 4096, int(ft.batch_size), key="ft_batch")
-    base_epochs = c4.number_input("Baseline epochs", 1, 1000, int(config.baseline.epochs), key="ft_base_epochs",
+    lr_text = c2.text_input("Learning rate", value=f"{ft.lr:g}", key="ft_lr", help="e.g. 1e-3 or 0.0005")
+    batch = c3.number_input("Batch size", value=int(ft.batch_size), step=1, key="ft_batch")
+    base_epochs = c4.number_input("Baseline epochs", value=int(config.baseline.epochs), step=1, key="ft_base_epochs",
                                   help="FP32 baseline training (cached and reused once trained)")
-    config = common.update_draft(config, finetune={"epochs": epochs, "lr": lr, "batch_size": int(batch)},
-                                 baseline={"epochs": int(base_epochs)})
-    if st.button("Start fine-tune", type="primary", key="start"):
+    values = {"name": name.strip(), "finetune": {"epochs": epochs, "lr": common.parse_number(lr_text),
+                                                 "batch_size": batch}, "baseline": {"epochs": base_epochs}}
+    problems = common.form_problems(config, values)
+    for column, field in zip((c1, c2, c3, c4), ("finetune.epochs", "finetune.lr", "finetune.batch_size",
+                                                 "baseline.epochs"), strict=True):
+        if field in problems:
+            column.error(problems[field], icon="⚠️")
+    if not problems:
+        config = common.update_draft(config, **values)
+    if st.button("Start fine-tune", type="primary", key="start", disabled=bool(problems),
+                 help="Fix the values marked above first" if problems else None):
         run_id = common.call(runner.launch, config, common.store())
         common.select_run(run_id)
         st.rerun()
@@ -53,16 +64,20 @@ def show_run(run_id: str, was_running: bool) -> None:
     elif record["status"] == "done":
         m = record["metrics"]
         c1, c2, c3, c4 = st.columns(4)
-        c1.metric("FP32 accuracy", f"{m['fp32']['accuracy']:.2%}")
-        c2.metric("PTQ accuracy", f"{m['ptq']['accuracy']:.2%}",
-                  f"{(m['ptq']['accuracy'] - m['fp32']['accuracy']) * 100:+.2f} pt")
-        c3.metric("QAT accuracy", f"{m['qat']['accuracy']:.2%}",
-                  f"{(m['qat']['accuracy'] - m['fp32']['accuracy']) * 100:+.2f} pt",
-                  help="Computed as ONNX Runtime will compute the int8 model (integer arithmetic)"
+        fp32, ptq, qat = (m[phase]["accuracy"] for phase in ("fp32", "ptq", "qat"))
+        c1.metric("FP32 accuracy", f"{fp32:.2%}")
+        c2.metric("PTQ accuracy", f"{ptq:.2%}", *common.points_delta(ptq, fp32), help="vs FP32")
+        c3.metric("QAT accuracy", f"{qat:.2%}", *common.points_delta(qat, fp32),
+                  help="vs FP32. Computed as ONNX Runtime will compute the int8 model (integer arithmetic)"
                   + (f"; the fake-quantized float simulation gives {m['qat']['fake_quant_accuracy']:.2%}"
                      if "fake_quant_accuracy" in m["qat"] else ""))
-        c4.metric("Size", f"{m['size']['quantized_bytes'] / 1024:,.1f} KB",
-                  help=f"{m['size']['ratio']:.2f}× of the FP32 model ({m['size']['fp32_bytes'] / 1024:,.1f} KB)")
+        size = m["size"]
+        c4.metric("Size (bit-packed)", f"{size['quantized_bytes'] / 1024:,.1f} KB",
+                  help=f"{size['ratio']:.2f}× of the FP32 model ({size['fp32_bytes'] / 1024:,.1f} KB). "
+                  + (common.STORED_SIZE_NOTE.format(kb=size["stored_bytes"] / 1024) if "stored_bytes" in size else ""))
+        if qat < ptq - 0.0005:
+            st.info(f"The fine-tune ended below PTQ ({ptq:.2%} → {qat:.2%}): for this plan, calibration alone "
+                    "was better. Keep the PTQ result, or retry with a lower learning rate or fewer epochs.")
         out = report.deployed(m)
         if out is None:
             st.caption("Deployed accuracy: not measured yet — **Benchmark** runs the int8 model in ONNX Runtime.")
@@ -80,7 +95,7 @@ def show_run(run_id: str, was_running: bool) -> None:
         st.error(f"Run damaged: {record['error']}. The other runs are unaffected.")
     else:
         st.error(f"Run failed: {record['error']}")
-    if events:
+    if any("step" in e for e in events):  # no empty axes while the job starts
         common.show_plot(common.curves_figure(events), key="curves")
     if record["status"] == "done":
         st.page_link(common.PAGES["benchmark"], label="Next: export and benchmark it →", icon="⏱️")

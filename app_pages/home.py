@@ -3,12 +3,12 @@
 import streamlit as st
 
 from app_pages import _common as common
-from qat_core import runner
+from qat_core import report, runner
 
 st.title("QAT Studio")
 st.markdown(
-    "Make a model **int8** without losing accuracy: plan which layers get how many bits, fine-tune with "
-    "quantization in the loop (QAT), see what changed, export ONNX and measure it on this CPU.")
+    "Make a model **int8** and see what it costs: plan which layers get how many bits, fine-tune with "
+    "quantization in the loop (QAT) to win back accuracy, see what changed, export ONNX and measure it on this CPU.")
 
 st.subheader("First time? Three clicks to a fine-tuned int8 model with a benchmark")
 st.markdown(
@@ -29,5 +29,7 @@ st.subheader("Recent runs")
 if not records:
     st.info("No runs yet in this workspace. Press **Quick start**, or begin with **Model & data**.")
     st.stop()
-st.dataframe(common.runs_frame(records[:10]), hide_index=True, width="stretch")
+recent = common.runs_frame(records[:10])
+common.show_table(recent[["name", "status", "model", "QAT acc %", "ORT int8 acc %", "size KB", "int8 latency ms",
+                          "error", "run"]], report.RUN_HEADERS)
 st.caption(f"Workspace: `{common.store().root}` (set `QAT_STUDIO_HOME` to use another).")

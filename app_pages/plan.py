@@ -24,19 +24,20 @@ if cols[4].button("Suggestion from analysis", key="preset_suggest", width="stret
                   help="The newest mixed-precision suggestion for this model (made on Inspect)."):
     if suggestion is None:
         st.switch_page(common.PAGES["inspect"])
-    common.save_draft(common.call(common.plan_config, suggestion["run"], suggestion["plan"]))
-    common.reset_plan_editor()
+    common.replace_plan(common.call(common.plan_config, suggestion["run"], suggestion["plan"]), "the suggestion")
     st.rerun()
+if common.UNDO_KEY in st.session_state:
+    st.button(f"Undo {st.session_state[common.UNDO_KEY][0]}: back to the plan before it", key="undo_plan",
+              on_click=common.undo_plan, icon="↩️")
 
 column_config = {
     "layer": st.column_config.TextColumn("layer", disabled=True),
     "kind": st.column_config.TextColumn("kind", disabled=True),
     "params": st.column_config.NumberColumn("params", disabled=True, format="%d"),
     "quantize": st.column_config.CheckboxColumn("quantize", help="Untick to keep the layer in FP32"),
-    "weight_bits": st.column_config.NumberColumn("weight bits", min_value=2, max_value=8, step=1,
-                                                 help="2..8; empty = FP32 weights"),
-    "act_bits": st.column_config.NumberColumn("act bits", min_value=2, max_value=8, step=1,
-                                              help="2..8; empty = FP32 output activations"),
+    # no min/max: the grid would drop a value outside them without a word; the server says why instead
+    "weight_bits": st.column_config.NumberColumn("weight bits", step=1, help="2..8; empty = FP32 weights"),
+    "act_bits": st.column_config.NumberColumn("act bits", step=1, help="2..8; empty = FP32 output activations"),
     "granularity": st.column_config.SelectboxColumn("granularity", options=["per_channel", "per_tensor"]),
     "symmetric": st.column_config.CheckboxColumn("symmetric"),
     "range_method": st.column_config.SelectboxColumn("range method", options=list(RANGE_METHODS)),
@@ -48,7 +49,7 @@ edited = st.data_editor(planning.plan_frame(rows, config.plan), key=common.PLAN_
 try:
     new = planning.plan_from_frame(config, rows, edited)
 except ConfigError as err:
-    st.error(f"This edit was not saved: {err}")
+    st.error(f"This edit was not saved: {err}. Change the cell back, or press a preset.", icon="⚠️")
     st.stop()
 if new != config:
     common.save_draft(new)
@@ -60,8 +61,11 @@ if advice:
     st.button("Use 7-bit weights (reduce range)", key="reduce_range", on_click=common.use_reduce_range)
 
 size = prepare.size_bytes(rows, config.plan)
-c1, c2, c3 = st.columns(3)
-c1.metric("Predicted size", f"{size['quantized_bytes'] / 1024:,.1f} KB")
-c2.metric("FP32 size", f"{size['fp32_bytes'] / 1024:,.1f} KB")
-c3.metric("Ratio", f"{size['ratio']:.2f}×")
+c1, c2, c3, c4 = st.columns(4)
+c1.metric("Predicted size (bit-packed)", f"{size['quantized_bytes'] / 1024:,.1f} KB",
+          help="Each weight at its width, plus a scale per channel; biases and float layers at 4 bytes")
+c2.metric("In int8.onnx", f"{size['stored_bytes'] / 1024:,.1f} KB",
+          help=common.STORED_SIZE_NOTE.format(kb=size["stored_bytes"] / 1024) + " The file adds its graph.")
+c3.metric("FP32 size", f"{size['fp32_bytes'] / 1024:,.1f} KB", help="BatchNorm folded into its convolution")
+c4.metric("Ratio", f"{size['ratio']:.2f}×", help="bit-packed size / FP32 size")
 st.page_link(common.PAGES["finetune"], label="Next: fine-tune this plan →", icon="🏋️")

@@ -276,6 +276,20 @@ def _describe_one(e: ErrorDetails) -> str:
     return f"{where}: {_clip(e['msg'].replace('Input should be', 'must be'), 160)}; got {_excerpt(e['input'])}"
 
 
+def field_errors(data: dict[str, Any]) -> dict[str, str]:
+    """What is wrong with each field of a config given as a mapping (``{"finetune.lr": "must be greater
+    than 0; got 0.0"}``), empty when it is valid: for forms that show each message beside its control."""
+    try:
+        RunConfig.model_validate(data)
+    except ValidationError as err:
+        out: dict[str, str] = {}
+        for e in err.errors(include_url=False):
+            where, _, message = _describe_one(e).partition(": ")
+            out.setdefault(where, message)
+        return out
+    return {}
+
+
 def from_dict(data: Any) -> RunConfig:
     if not isinstance(data, dict):
         raise ConfigError(f"a config must be a mapping of keys to values, got {type(data).__name__}")

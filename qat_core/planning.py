@@ -36,12 +36,36 @@ def weight_layers(rows: Rows) -> list[str]:
     return [r["name"] for r in rows if r["has_weights"]]
 
 
+def _widths(weight_bits: int | None, act_bits: int | None) -> str:
+    return f"W{weight_bits or 'fp'}A{act_bits or 'fp'}"
+
+
 def plan_summary(config: dict[str, Any] | cfg.RunConfig) -> str:
-    """``W8A8``, ``W4Afp +2 override(s)``: the plan's default widths and how many layers differ."""
+    """The plan in a few words, the one way every page, table and report names it: ``W8A8``,
+    ``W2A4, 2 layers W8A8`` (layers that differ from the default, by their widths), ``W4A4, 3 layers differ``."""
     plan = (config if isinstance(config, cfg.RunConfig) else cfg.RunConfig.model_validate(config)).plan
-    d = plan.default
-    text = f"W{d.weight_bits or 'fp'}A{d.act_bits or 'fp'}"
-    return text + (f" +{len(plan.overrides)} override(s)" if plan.overrides else "")
+    text = _widths(plan.default.weight_bits, plan.default.act_bits)
+    if not plan.overrides:
+        return text
+    count = len(plan.overrides)
+    layers = f"{count} layer{'s' if count > 1 else ''}"
+    widths = {_widths(plan.spec_for(name).weight_bits, plan.spec_for(name).act_bits) for name in plan.overrides}
+    if len(widths) == 1 and text not in widths:
+        return f"{text}, {layers} {widths.pop()}"
+    return f"{text}, {layers} differ"
+
+
+def run_title(config: dict[str, Any] | cfg.RunConfig) -> str:
+    """A run's name for people: the name the user gave it, else its plan."""
+    name = config.name if isinstance(config, cfg.RunConfig) else config.get("name", "")
+    return name or plan_summary(config)
+
+
+def _most_common(values: list[Any], current: Any) -> Any:
+    """The most frequent value; ``current`` when it is among the most frequent (or there are no values)."""
+    if not values or values.count(current) == max(map(values.count, values)):
+        return current
+    return max(dict.fromkeys(values), key=values.count)
 
 
 def plan_frame(rows: Rows, plan: cfg.LayerPlan) -> pd.DataFrame:
@@ -100,7 +124,10 @@ def plan_from_frame(base: cfg.RunConfig, rows: Rows, frame: pd.DataFrame) -> cfg
             if spec["weight_bits"] is not None:
                 raise ConfigError(f"layer {name} ({by_name[name]['kind']}) has no weights: leave its weight bits empty")
             spec["weight_bits"] = default["weight_bits"]  # not used by the layer; keep the plan compact
-        if by_name[name].get("is_output"):  # its logits stay FP32: the (empty) cell changes nothing
+        if by_name[name].get("is_output"):  # its logits stay FP32: the cell is empty and stays so
+            if spec["act_bits"] is not None:
+                raise ConfigError(f"layer {name} is the model's output: its logits stay FP32, so activation bits do "
+                                  "not apply; leave the cell empty")
             spec["act_bits"] = base.plan.spec_for(name).act_bits
         if not quantize:
             spec["weight_bits"] = spec["act_bits"] = None
@@ -110,12 +137,38 @@ def plan_from_frame(base: cfg.RunConfig, rows: Rows, frame: pd.DataFrame) -> cfg
     data = base.to_dict()
     data["plan"] = {"default": default, "overrides": overrides}
     try:
-        return cfg.from_dict(data)
+        return _with_plain_default(cfg.from_dict(data), rows)
     except ConfigError as err:  # a cell the config rejects (an unknown range method): name layer and column
         text = str(err).removeprefix("invalid config:").strip()
         for name in overrides:
             text = text.replace(f"plan.overrides.{name}.", f"layer {name}: ")
         raise ConfigError(text) from None
+
+
+def _with_plain_default(config: cfg.RunConfig, rows: Rows) -> cfg.RunConfig:
+    """The same plan with the widths most layers use as its default, so its name says what it is: every
+    layer set to 2 bits in the table over a W4 default is a W2 plan, not "W4 with 4 overrides". The first
+    and last weight layers do not vote when there are others (they are often kept at 8 bits)."""
+    plan = config.plan
+    names = weight_layers(rows)
+    voters = names[1:-1] or names
+    acts = [r["name"] for r in rows if not r.get("is_output")]
+    weight_bits = _most_common([plan.spec_for(n).weight_bits for n in voters], plan.default.weight_bits)
+    act_bits = _most_common([plan.spec_for(n).act_bits for n in acts if n in voters or n not in names],
+                            plan.default.act_bits)
+    if (weight_bits, act_bits) == (plan.default.weight_bits, plan.default.act_bits):
+        return config
+    default = plan.default.model_copy(update={"weight_bits": weight_bits, "act_bits": act_bits})
+    overrides = {}
+    for row in rows:
+        spec = plan.spec_for(row["name"]).model_dump()
+        changes = {k: ("off" if v is None and k.endswith("_bits") else v) for k, v in spec.items()
+                   if v != getattr(default, k) and not (k == "weight_bits" and not row["has_weights"])}
+        if changes:
+            overrides[row["name"]] = changes
+    data = config.to_dict()
+    data["plan"] = {"default": default.model_dump(mode="json"), "overrides": overrides}
+    return cfg.from_dict(data)
 
 
 def apply_preset(base: cfg.RunConfig, rows: Rows, preset: str) -> cfg.RunConfig:

@@ -325,7 +325,7 @@ def page(figures: Sequence[go.Figure], title: str) -> str:
 
 def runs_pareto_figure(runs: pd.DataFrame, x: str, title: str) -> go.Figure:
     """QAT accuracy of runs against ``x`` (a column of ``report.runs_frame``, smaller is better: size,
-    latency); the Pareto-optimal runs joined by a dashed line, each point labelled with its plan."""
+    latency); the Pareto-optimal runs joined by a dashed line, each point labelled with its name."""
     from qat_core.analysis import _pareto_mask  # the one front rule; lazy, as analysis imports plots lazily
 
     _need(runs, ["run", "plan", "QAT acc %", x], "runs_pareto_figure")
@@ -333,7 +333,8 @@ def runs_pareto_figure(runs: pd.DataFrame, x: str, title: str) -> go.Figure:
     xs, acc = data[x].to_numpy(dtype=float), data["QAT acc %"].to_numpy(dtype=float)
     x_range, y_axis = _nonnegative_range(xs), _accuracy_axis(acc, percent=True)
     fig = go.Figure()
-    fig.add_scatter(x=xs, y=acc, mode="markers+text", text=data["plan"], name="runs", customdata=data["run"],
+    labels = data["name"] if "name" in data else data["plan"]  # the user's name for a run, else its plan
+    fig.add_scatter(x=xs, y=acc, mode="markers+text", text=labels, name="runs", customdata=data["run"],
                     textposition=_inward_positions(xs, acc, x_range, y_axis["range"]) if len(data) else None,
                     cliponaxis=False, hovertemplate="%{customdata}<br>%{x:.2f}<br>%{y:.2f}%")
     on_front = _pareto_mask(xs, acc)

@@ -292,18 +292,25 @@ def _set(model: nn.Module, name: str, module: nn.Module) -> None:
 
 
 def size_bytes(layers: list[dict], plan: LayerPlan) -> dict[str, float]:
-    """Model size at each layer's weight width (bit-packed), against FP32, for the plan table.
+    """Model size at each layer's weight width, against FP32: the one size model every page shows.
 
-    Quantized weights cost ``bits/8`` bytes each plus a 4-byte scale per channel (or tensor);
-    biases and float layers cost 4 bytes a parameter.
+    ``quantized_bytes`` is bit-packed: ``bits/8`` bytes a quantized weight plus a 4-byte scale per
+    channel (or tensor). ``stored_bytes`` is what int8.onnx holds: ONNX has no type narrower than
+    8 bits, so a 2..7-bit weight takes a byte too, plus a scale and a zero point per channel.
+    Biases and float layers cost 4 bytes a parameter in both; ``fp32_bytes`` counts the deployed
+    layers' parameters (BatchNorm folded into its convolution).
     """
-    fp32 = quant = 0.0
+    fp32 = packed = stored = 0.0
     for row in layers:
         fp32 += 4 * row["params"]
         spec = plan.spec_for(row["name"])
         if row["has_weights"] and spec.weight_bits is not None:
             scales = row["out_channels"] if spec.granularity == "per_channel" else 1
-            quant += row["weight_params"] * spec.weight_bits / 8 + 4 * scales + 4 * (row["params"] - row["weight_params"])
+            rest = 4 * (row["params"] - row["weight_params"])
+            packed += row["weight_params"] * spec.weight_bits / 8 + 4 * scales + rest
+            stored += row["weight_params"] + 5 * scales + rest
         else:
-            quant += 4 * row["params"]
-    return {"fp32_bytes": fp32, "quantized_bytes": quant, "ratio": quant / fp32 if fp32 else 1.0}
+            packed += 4 * row["params"]
+            stored += 4 * row["params"]
+    return {"fp32_bytes": fp32, "quantized_bytes": packed, "stored_bytes": stored,
+            "ratio": packed / fp32 if fp32 else 1.0}

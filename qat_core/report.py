@@ -20,7 +20,7 @@ import plotly.graph_objects as go
 
 from qat_core import analysis, plots
 from qat_core.errors import StoreError
-from qat_core.planning import plan_frame, plan_summary
+from qat_core.planning import plan_frame, plan_summary, run_title
 from qat_core.runner import Loaded, load
 from qat_core.store import RunStore, atomic_write_bytes
 
@@ -29,6 +29,11 @@ BENCH_COLUMNS = ["backend", "batch", "threads", "median_ms", "p90_ms", "p99_ms",
 ERROR_COLUMNS = ["layer", "kind", "weight_bits", "act_bits", "granularity", "weight_sqnr_db", "act_sqnr_db",
                  "weight_share_clipped", "act_share_clipped", "size_bytes", "output_sqnr_db",
                  "output_sqnr_vs_baseline_db"]  # the columns people read first; the CSV has them all
+ERROR_HEADERS = {"layer": "layer", "kind": "kind", "weight_bits": "weight bits", "act_bits": "act bits",
+                 "granularity": "granularity", "weight_sqnr_db": "weight SQNR (dB)", "act_sqnr_db": "activation SQNR (dB)",
+                 "weight_share_clipped": "weights clipped", "act_share_clipped": "activations clipped",
+                 "size_bytes": "size (bytes)", "output_sqnr_db": "network output SQNR (dB)",
+                 "output_sqnr_vs_baseline_db": "output SQNR vs FP32 (dB)"}
 BENCH_HEADERS = {"median_ms": "median (ms)", "p90_ms": "p90 (ms)", "p99_ms": "p99 (ms)",
                  "throughput": "throughput (samples/s)"}
 STAGES = ("fp32", "ptq", "qat")
@@ -36,7 +41,7 @@ STAGE_TITLES = {"fp32": "FP32 baseline", "ptq": "PTQ (calibrated, before fine-tu
 
 
 # --- runs as tables ------------------------------------------------------------------------------
-def latency_ms(bench: dict[str, Any] | None, backend: str = "int8", batch: int = 1) -> float | None:
+def latency_ms(bench: dict[str, Any] | None, backend: str = "int8", batch: int | None = 1) -> float | None:
     """Fastest median latency (ms) of ONNX Runtime ``backend`` ("int8", "fp32") at ``batch`` in a bench result."""
     rows = [r for r in (bench or {}).get("rows", []) if r.get("backend") == f"ort_{backend}" and r.get("batch") == batch]
     return min((float(r["median_ms"]) for r in rows), default=None)
@@ -58,9 +63,10 @@ def deployed(metrics: dict[str, Any]) -> dict[str, Any] | None:
 
 
 def runs_frame(store: RunStore, records: list[dict[str, Any]] | None = None) -> pd.DataFrame:
-    """One row a run (``records`` from ``store.list()``, default all): status, model, plan, accuracy (%)
-    of FP32/PTQ/QAT and of the int8 model in ONNX Runtime (once measured), predicted size (KB, ratio),
-    ONNX Runtime latency at batch 1 (ms), error."""
+    """One row a run (``records`` from ``store.list()``, default all): its name (the user's, else its
+    plan), status, model, plan, fine-tune settings, accuracy (%) of FP32/PTQ/QAT and of the int8 model
+    in ONNX Runtime (once measured), size (KB bit-packed and as stored in int8.onnx, ratio), ONNX
+    Runtime latency (ms) at the smallest batch benchmarked, error."""
     records = store.list() if records is None else records
     out = []
     for r in records:
@@ -71,19 +77,29 @@ def runs_frame(store: RunStore, records: list[dict[str, Any]] | None = None) -> 
         except StoreError as err:  # one damaged file costs its run a column, not the table
             bench, error = None, str(err)
         size = m.get("size", {})
-        plan = plan_summary(r["config"]) if r["status"] != "damaged" else ""
-        out.append({"run": r["id"], "status": r["status"], "model": r["model"], "plan": plan,
+        damaged = r["status"] == "damaged"
+        ft = r["config"].get("finetune", {})
+        batch = min((row["batch"] for row in (bench or {}).get("rows", [])), default=None)
+        out.append({"run": r["id"], "name": "" if damaged else run_title(r["config"]), "status": r["status"],
+                    "model": r["model"], "plan": "" if damaged else plan_summary(r["config"]),
+                    "lr": ft.get("lr", math.nan), "epochs": ft.get("epochs", math.nan),
+                    "batch size": ft.get("batch_size", math.nan),
                     "FP32 acc %": _pct(m.get("fp32")), "PTQ acc %": _pct(m.get("ptq")), "QAT acc %": _pct(m.get("qat")),
                     "ORT int8 acc %": _pct(m.get("parity")),
                     "size KB": size.get("quantized_bytes", math.nan) / 1024,
+                    "stored KB": size.get("stored_bytes", math.nan) / 1024,
                     "size ratio": size.get("ratio", math.nan),
-                    "int8 latency ms": latency_ms(bench, "int8"), "fp32 latency ms": latency_ms(bench, "fp32"),
-                    "error": error})
-    columns = ["run", "status", "model", "plan", "FP32 acc %", "PTQ acc %", "QAT acc %", "ORT int8 acc %", "size KB",
-               "size ratio", "int8 latency ms", "fp32 latency ms", "error"]
-    return pd.DataFrame(out, columns=columns).round({
-        "FP32 acc %": 2, "PTQ acc %": 2, "QAT acc %": 2, "ORT int8 acc %": 2, "size KB": 1, "size ratio": 3,
-        "int8 latency ms": 4, "fp32 latency ms": 4})
+                    "int8 latency ms": latency_ms(bench, "int8", batch), "fp32 latency ms": latency_ms(bench, "fp32", batch),
+                    "latency batch": batch, "error": error})
+    return pd.DataFrame(out, columns=RUN_COLUMNS).astype({"latency batch": "Int64"}).round({
+        "FP32 acc %": 2, "PTQ acc %": 2, "QAT acc %": 2, "ORT int8 acc %": 2, "size KB": 1, "stored KB": 1,
+        "size ratio": 3, "int8 latency ms": 4, "fp32 latency ms": 4})
+
+
+RUN_COLUMNS = ["run", "name", "status", "model", "plan", "lr", "epochs", "batch size", "FP32 acc %", "PTQ acc %",
+               "QAT acc %", "ORT int8 acc %", "size KB", "stored KB", "size ratio", "int8 latency ms",
+               "fp32 latency ms", "latency batch", "error"]
+RUN_HEADERS = {"size KB": "size KB (packed)", "stored KB": "KB in int8.onnx", "latency batch": "at batch"}
 
 
 def bench_frame(result: dict[str, Any]) -> pd.DataFrame:
@@ -160,7 +176,7 @@ def _size_section(m: dict[str, Any], exported: dict[str, Any] | None) -> list[st
 def _errors_section(loaded: Loaded) -> tuple[list[str], go.Figure]:
     errors = pd.concat([analysis.error_table(loaded, stage) for stage in ("ptq", "qat")], ignore_index=True)
     qat = errors[errors["stage"] == "qat"]
-    table = qat[[c for c in ERROR_COLUMNS if c in qat.columns]]
+    table = qat[[c for c in ERROR_COLUMNS if c in qat.columns]].rename(columns=ERROR_HEADERS)
     return (["<h2>Per-layer error (after fine-tune)</h2>",
              "<p>SQNR in dB (higher is better) of each layer's quantized weights and output activations against "
              "float, share of values clipped, and the network output's SQNR against the FP32 model.</p>",
@@ -231,14 +247,17 @@ def report_html(store: RunStore, run_id: str, loaded: Loaded | None = None) -> b
     parts += _size_section(m, store.read_result(run_id, "export"))
     events = store.events(run_id)
     if events:
-        parts += ["<h2>Training curves</h2>", plots.training_figure(analysis.training_curves(events))]
+        curves = analysis.training_curves(events)
+        reference = {"FP32": m.get("fp32", {}).get("accuracy"), "PTQ": m.get("ptq", {}).get("accuracy")}
+        parts += ["<h2>Training curves</h2>", plots.training_figure(curves, reference=reference)]
     if record["status"] == "done":
         section, fig = _errors_section(loaded or load(store, run_id))
         parts += [*section, fig]
     layers = store.read_result(run_id, "layers")
     if layers:
         plan = plan_frame(layers, config.plan).astype({"weight_bits": "object", "act_bits": "object"})
-        parts += ["<h2>Layer plan</h2>", _table(plan.fillna("FP32"))]
+        headers = {c: c.replace("_", " ") for c in plan.columns}
+        parts += ["<h2>Layer plan</h2>", _table(plan.fillna("FP32").rename(columns=headers))]
     parts += _bench_section(store, run_id, m)
     parts += _parity_section(store, run_id, m)
     parts += ["<h2>Config</h2>", "<p>Reproduce the run with <code>qat-studio train config.yaml</code>.</p>",

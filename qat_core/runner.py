@@ -76,9 +76,24 @@ def training_device(config: RunConfig) -> torch.device:
     return torch.device("cuda" if config.device == "cuda" or (config.device == "auto" and cuda) else "cpu")
 
 
+def data_problems(config: RunConfig, train_samples: int) -> dict[str, str]:
+    """Settings that the data cannot honour, by field (as ``config.field_errors``): a batch larger than
+    the training set would silently become one short batch an epoch."""
+    problems = {}
+    for section in ("finetune", "baseline"):
+        size = getattr(config, section).batch_size
+        if train_samples and size > train_samples:
+            problems[f"{section}.batch_size"] = (f"{size:,} is more than the {train_samples:,} training samples; "
+                                                 f"use at most {train_samples:,}")
+    return problems
+
+
 def _build_fp32(config: RunConfig) -> tuple[nn.Module, zoo.Data]:
     train.seed_everything(config.seed)
     model, data = zoo.build(config.model, config.data)
+    problems = data_problems(config, len(data.train_x) if not zoo.is_plugin(config.model) else 0)
+    if problems:
+        raise ConfigError("; ".join(f"{field}: {why}" for field, why in problems.items()))
     if config.checkpoint:
         zoo.load_checkpoint(model, config.checkpoint)
     return model, data

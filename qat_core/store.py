@@ -45,6 +45,7 @@ from qat_core.errors import DiskFullError, QATError, StoreError
 WORKSPACE_ENV = "QAT_STUDIO_HOME"
 STATUSES = ("running", "done", "failed", "cancelled", "damaged")
 CANCEL_FLAG = "CANCEL"
+WORKSPACE_PARTS = ("index.sqlite", "runs", "baselines", "drafts")  # any of them: a workspace already
 RECORD_FILE = "run.json"  # the run's index row, kept in its folder: the index can be rebuilt from the folders
 DRAFT_ID = re.compile(r"^[A-Za-z0-9_-]{1,64}$")  # a draft id: safe as a file name and in a URL
 RUN_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_-]{0,63}$")
@@ -268,7 +269,7 @@ class RunStore:
 
     def _check_workspace(self) -> None:
         """Refuse to scatter a workspace's files into a folder that holds other things (``/``, a home)."""
-        if not self.root.is_dir() or self.index.exists() or (self.root / "runs").is_dir():
+        if not self.root.is_dir() or any((self.root / part).exists() for part in WORKSPACE_PARTS):
             return
         if next(self.root.iterdir(), None) is not None:
             raise StoreError(f"{self.root} holds other files and is not a QAT Studio workspace; give "

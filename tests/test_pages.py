@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import logging
+import shutil
 import sys
 import time
 from pathlib import Path
@@ -13,8 +14,9 @@ from pathlib import Path
 import pytest
 import yaml
 
-from qat_core import export
+from qat_core import export, planning
 from qat_core.errors import ConfigError, QATError
+from qat_core.store import RunStore
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))  # `app_pages._common`, as the app imports it
@@ -89,7 +91,7 @@ def test_plan_edit_is_validated_on_the_server(workspace):
     at = ok(app("plan"))
     table = at.get("arrow_data_editor")[0] if at.get("arrow_data_editor") else None
     assert table is not None or at.session_state  # the editor renders (its proto type varies by version)
-    size_before = next(m.value for m in at.metric if m.label == "Predicted size")
+    size_before = next(m.value for m in at.metric if m.label == "Predicted size (bit-packed)")
     rows = common.model_info("digits-cnn")["rows"]
     conv2 = [r["name"] for r in rows].index("conv2.conv")
     # an out-of-range width (the browser would block it; a seeded edit does not): rejected, not saved
@@ -110,8 +112,60 @@ def test_plan_edit_is_validated_on_the_server(workspace):
     ok(at)
     assert not at.error
     assert draft_of(at, workspace).plan.spec_for("conv2.conv").weight_bits == 4
-    size_after = next(m.value for m in at.metric if m.label == "Predicted size")
+    size_after = next(m.value for m in at.metric if m.label == "Predicted size (bit-packed)")
     assert size_after != size_before
+
+
+def test_plan_grid_says_why_a_value_was_not_taken(workspace):
+    """Issue 11: weight bits 1 and output-layer act bits 4 typed into the grid vanished without a word."""
+    at = ok(app("plan"))
+    rows = common.model_info("digits-cnn")["rows"]
+    names = [r["name"] for r in rows]
+    for edit, words in [({names.index("conv2.conv"): {"weight_bits": 1}}, "weight bits must be a whole number from 2"),
+                        ({names.index("fc"): {"act_bits": 4}}, "fc is the model's output: its logits stay FP32")]:
+        at.session_state[common.PLAN_EDITOR] = {"edited_rows": edit, "added_rows": [], "deleted_rows": []}
+        at.run()
+        assert any(words in e.value for e in at.error), [e.value for e in at.error]
+    assert draft_of(at, workspace).plan == common.default_config("digits-cnn").plan  # nothing was saved
+
+
+def test_a_preset_can_be_undone(workspace):
+    at = ok(app("plan"))
+    before = draft_of(at, workspace)
+    at.button(key="preset_W4A4").click().run()
+    assert draft_of(at, workspace).plan != before.plan
+    at.button(key="undo_plan").click().run()
+    ok(at)
+    assert draft_of(at, workspace) == before and "undo_plan" not in [b.key for b in at.button]
+
+
+@pytest.mark.parametrize(("key", "value", "message"), [
+    ("ft_lr", "0", "must be greater than 0; got 0"),  # was launched with lr 0.001
+    ("ft_lr", "fast", "must be a valid number"),
+    ("ft_batch", 5000, "5,000 is more than the 1,347 training samples"),  # 100,000 made 6 optimizer steps
+    ("ft_epochs", -1.0, "must be greater than or equal to 0"),
+])
+def test_finetune_refuses_invalid_values_beside_the_control(workspace, key, value, message):
+    at = ok(app("finetune"))
+    widget = at.text_input(key=key) if key == "ft_lr" else at.number_input(key=key)
+    widget.set_value(value).run()
+    ok(at)
+    assert any(message in e.value for e in at.error), [e.value for e in at.error]
+    assert at.button(key="start").disabled
+    assert draft_of(at, workspace).finetune == common.default_config("digits-cnn").finetune  # nothing saved
+
+
+def test_a_w2a4_run_is_named_by_its_widths(workspace):
+    config = common.default_config("digits-cnn")
+    rows = common.model_info("digits-cnn")["rows"]
+    w2a4 = planning.apply_preset(planning.apply_preset(config, rows, "W4A4"), rows, planning.FIRST_LAST_8)
+    table = planning.plan_frame(rows, w2a4.plan)
+    table.loc[table["layer"].isin(planning.weight_layers(rows)[1:-1]), "weight_bits"] = 2
+    at = app("plan")
+    common.save_draft(planning.plan_from_frame(w2a4, rows, table), at.query_params[common.DRAFT_PARAM])
+    at.switch_page(common.PAGES["finetune"]).run()
+    ok(at)
+    assert at.expander[0].label.endswith("digits-cnn · W2A4, 2 layers W8A8"), at.expander[0].label
 
 
 def test_plan_presets_change_the_draft(workspace):
@@ -129,15 +183,19 @@ def test_finetune_launched_from_the_page_completes_with_curves_and_metrics(works
     at = ok(app("finetune"))
     at.number_input(key="ft_epochs").set_value(1.0)
     at.number_input(key="ft_base_epochs").set_value(20)  # the session's cached baseline (tests/conftest.py)
+    at.text_input(key="ft_name").set_value("one epoch")
     at.button(key="start").click().run()
     ok(at)
     run_id = at.query_params[common.RUN_PARAM]
     assert workspace.get(run_id)["config"]["finetune"]["epochs"] == 1
+    assert workspace.get(run_id)["config"]["name"] == "one epoch"
+    if not workspace.events(run_id):  # still starting: stages, not "no step events" over empty axes
+        assert any(p.proto.text.startswith("Stage 1 of 3") for p in at.get("progress")) and not plotly_specs(at)
     wait_done(workspace, run_id)  # the worker is a process: join it, then redraw (run_every never fires here)
     at.run()
     ok(at)
     labels = {m.label: m.value for m in at.metric}
-    assert {"FP32 accuracy", "PTQ accuracy", "QAT accuracy", "Size"} <= set(labels)
+    assert {"FP32 accuracy", "PTQ accuracy", "QAT accuracy", "Size (bit-packed)"} <= set(labels)
     assert float(labels["QAT accuracy"].rstrip("%")) > 80
     spec = plotly_specs(at)[0]
     names = [t["name"] for t in spec["data"]]
@@ -202,7 +260,30 @@ def test_compare_lists_runs_and_draws_pareto(digits_run, digits_run_w4a4):
     at.multiselect(key="compare_runs").set_value([digits_run, digits_run_w4a4]).run()
     ok(at)
     titles = [s["layout"]["title"]["text"] for s in plotly_specs(at)]
-    assert "Accuracy vs model size" in titles
+    assert "Accuracy vs model size (bit-packed)" in titles
+
+
+def test_compare_shows_a_named_run_its_settings_and_a_batch_64_benchmark(workspace, digits_run, tmp_path,
+                                                                          monkeypatch):
+    from qat_core import bench, runner
+    from tests.conftest import quick_config
+
+    root = tmp_path / "ws"  # its own workspace: other tests read the shared one's batch-1 benchmarks
+    shutil.copytree(workspace.root / "baselines", root / "baselines")
+    store = RunStore(root)
+    named = runner.execute(quick_config(lr=5e-4, batch_size=32).model_copy(update={"name": "careful lr"}), store)
+    bench.bench_run(store, named, batch_sizes=[64], threads=[1], warmup=1, iters=3)
+    monkeypatch.setenv("QAT_STUDIO_HOME", str(root))
+    at = ok(app("compare"))
+    at.multiselect(key="compare_runs").set_value([named]).run()
+    ok(at)
+    side = at.dataframe[1].value
+    column = side[named]
+    assert column["name"] == "careful lr" and column["lr"] == "0.0005" and column["batch size"] == "32"
+    assert column["epochs"] == "2" and column["at batch"] == "64"
+    titles = [s["layout"]["title"]["text"] for s in plotly_specs(at)]
+    assert "Accuracy vs int8 latency (ORT, batch 64)" in titles  # it said "No benchmarks yet"
+    assert not any("No benchmarks yet" in i.value for i in at.info)
 
 
 def test_export_page_offers_downloads(digits_run):

@@ -99,9 +99,25 @@ def test_every_preset_round_trips_through_the_table(base, rows):
     first, *_, last = planning.weight_layers(rows)
     assert ends.plan.spec_for(first).weight_bits == 8 and ends.plan.spec_for(last).weight_bits == 8
     assert ends.plan.spec_for("conv2.conv").weight_bits == 4
-    assert planning.plan_summary(ends).startswith("W4A4 +")
+    assert planning.plan_summary(ends) == "W4A4, 2 layers W8A8"
     with pytest.raises(ConfigError, match="unknown preset 'W1A1'; choose one of All 8-bit, W4A8"):
         planning.apply_preset(base, rows, "W1A1")
+
+
+def test_a_plan_is_named_by_the_widths_most_layers_use(base, rows):
+    """Issue 11: a W2A4 plan (first/last at 8) edited in the table over a W4A4 default was "W4A4 +4 override(s)"."""
+    ends = planning.apply_preset(planning.apply_preset(base, rows, "W4A4"), rows, planning.FIRST_LAST_8)
+    table = planning.plan_frame(rows, ends.plan)
+    inner = table["layer"].isin(planning.weight_layers(rows)[1:-1])
+    table.loc[inner, "weight_bits"] = 2
+    w2a4 = planning.plan_from_frame(ends, rows, table)
+    assert planning.plan_summary(w2a4) == "W2A4, 2 layers W8A8"
+    assert w2a4.plan.default.weight_bits == 2 and len(w2a4.plan.overrides) == 2
+    again = planning.plan_frame(rows, w2a4.plan)  # the same plan as the table, only written more plainly
+    for column in ("weight_bits", "act_bits"):
+        assert again[column].equals(table[column])
+    assert planning.run_title(w2a4) == "W2A4, 2 layers W8A8"
+    assert planning.run_title(w2a4.model_copy(update={"name": "low-bit try"})) == "low-bit try"
 
 
 def test_with_plan_makes_an_unnamed_draft(base, rows):

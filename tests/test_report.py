@@ -21,7 +21,7 @@ def test_report_of_a_finished_run_is_self_contained(workspace, digits_run):
     assert f"{m['size']['quantized_bytes'] / 1024:,.1f} KB" in page
     for heading in ("Accuracy", "Training curves", "Per-layer error (after fine-tune)", "Layer plan", "Config"):
         assert f"<h2>{heading}</h2>" in page
-    assert "conv2.conv" in page and "weight_sqnr_db" in page  # the per-layer error table
+    assert "conv2.conv" in page and "weight SQNR (dB)" in page  # the per-layer error table
     assert page.count(plots.plotly_js()) == 1  # plotly.js inlined once, shared by every figure
     assert page.count('class="plotly-graph-div"') == 2  # training curves, SQNR
     assert not re.search(r"<script[^>]*\ssrc\s*=", page)  # nothing fetched from elsewhere
