@@ -132,6 +132,7 @@ def test_the_cli_keeps_its_contract_for_any_arguments(places, capsys):
 
     check()
     growth_mb = (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before) / 1024
+    print(f"\n[cli properties] {len(cases)} command lines, peak memory grew {growth_mb:.0f} MB")
     assert len(cases) >= 300 and growth_mb < MAX_GROWTH_MB
     # the finished run is untouched by all of it
     assert RunStore(places["ws"]).get(places["done"])["status"] == "done"
