@@ -289,10 +289,9 @@ def cell_text(value: Any) -> str:
 
 def show_table(frame: pd.DataFrame, headers: dict[str, str] | None = None, **kwargs: Any) -> None:
     """A table for people: human column labels, numbers without float noise, and "—" where a value is
-    missing (Streamlit would print None or <NA>). Sorting still uses the numbers."""
-    shown = frame.rename(columns=headers or {})
-    st.dataframe(shown.style.format(cell_text, na_rep="—"), hide_index=kwargs.pop("hide_index", True), width="stretch",
-                 **kwargs)
+    missing. The cells are text: the browser draws a missing number as "None" whatever a Styler says."""
+    shown = frame.rename(columns=headers or {}).map(cell_text)
+    st.dataframe(shown, hide_index=kwargs.pop("hide_index", True), width="stretch", **kwargs)
 
 
 # --- download payloads ----------------------------------------------------------------------------

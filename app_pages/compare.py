@@ -22,7 +22,7 @@ if not picked:
     st.stop()
 chosen = done[done["run"].isin(picked)]
 side = chosen.drop(columns=["status", "error"]).rename(columns=report.RUN_HEADERS).set_index("run").T
-common.show_table(side.map(common.cell_text), hide_index=False)  # one column a run: values of every kind
+common.show_table(side, hide_index=False)  # one column a run
 
 c1, c2 = st.columns(2)
 with c1:

@@ -37,8 +37,7 @@ with error_tab:
     stage = st.radio("Model", ["qat", "ptq"], horizontal=True, key="error_stage",
                      format_func={"qat": "after fine-tune (QAT)", "ptq": "before fine-tune (PTQ)"}.get)
     errors = common.call(common.error_table, root, run_id, stage)
-    st.dataframe(errors[[c for c in report.ERROR_COLUMNS if c in errors.columns]].round(4), hide_index=True,
-                 width="stretch")
+    common.show_table(errors[[c for c in report.ERROR_COLUMNS if c in errors.columns]].round(4), report.ERROR_HEADERS)
     st.caption("SQNR in dB (higher is better); clipped shares are fractions of the values seen. "
                "The CSV has every column (scales, zero points, MSE).")
     st.download_button("Download CSV", analysis.to_csv(errors), f"{run_id}-{stage}-errors.csv", "text/csv",
@@ -67,8 +66,17 @@ with sens_tab:
     c1, c2 = st.columns(2)
     avg = c1.number_input("Average weight bits (budget)", 2.0, 8.0, 3.0, 0.25, key="sug_bits")
     if c2.button("Suggest a plan", key="sug_run"):
-        with st.spinner("Trying candidate plans…"):
-            sug = common.call(analysis.suggest_plan, loaded, sens, average_bits=avg, measure=4)
+        sug_bar = st.progress(0.0, text="Ranking plans by predicted damage…")
+
+        def on_suggest(p):
+            if p["done"] < p["total"]:
+                why = {"fits": "best predicted within the budget", "front": "on the predicted trade-off"}
+                sug_bar.progress(p["done"] / p["total"], text=f"Measuring candidate plan {p['done'] + 1} of "
+                                 f"{p['total']} ({why.get(p['candidate'], p['candidate'])}): calibrating and "
+                                 "evaluating…")
+
+        sug = common.call(analysis.suggest_plan, loaded, sens, average_bits=avg, measure=4, on_progress=on_suggest)
+        sug_bar.empty()
         common.save_frame(run_id, "suggestion_page", sug.candidates)
         common.store().write_result(run_id, "suggested_plan_page", {
             "plan": sug.plan.model_dump(mode="json"), "widths": sug.widths, "size_bytes": sug.size_bytes,
@@ -85,6 +93,5 @@ with sens_tab:
     if candidates is not None and not candidates.empty:
         common.show_plot(plots.pareto_figure(candidates), key="suggest_pareto")
     if st.button("Use this suggestion as a new plan", type="primary", key="use_suggestion"):
-        common.save_draft(common.call(common.plan_config, run_id, suggestion["plan"]))
-        common.reset_plan_editor()
+        common.replace_plan(common.call(common.plan_config, run_id, suggestion["plan"]), "the suggestion")
         st.switch_page(common.PAGES["plan"])

@@ -719,6 +719,12 @@ def suggest_plan(loaded: Loaded, sens: pd.DataFrame, budget_bytes: float | None 
        the held-out batches.
     4. The suggestion is the measured plan within budget with the lowest held-out loss;
        ``candidates`` (``pareto`` marks the front) is the measured size/accuracy trade-off.
+
+    Progress (step 3 takes nearly all the time): ``on_progress({"task": "suggestion", "done", "total",
+    "candidate", "widths", "layer": "", "bits": None})`` before each distinct plan is measured (``done`` of
+    ``total`` measured so far; ``candidate``: why it is measured — "fits", "uniform 4-bit", "front";
+    ``widths``: "layer:bits ..."), then once with ``done == total``. ``cancel.is_set()`` stops with
+    CancelledError. Without them nothing changes.
     """
     if (budget_bytes is None) == (average_bits is None):
         raise ConfigError("give exactly one budget: budget_bytes (model size) or average_bits (mean weight width)")
@@ -805,13 +811,14 @@ def suggest_plan(loaded: Loaded, sens: pd.DataFrame, budget_bytes: float | None 
     named += [("front", choice[i]) for i in picks]
     held = _held_out(loaded, batches)
     cal = calibration_batches(loaded)
+    todo: dict[tuple, str] = {}  # each distinct plan once, named by the first reason it was picked
+    for kind, ch in named:
+        todo.setdefault(tuple(int(v) for v in ch), kind)
     seen: dict[tuple, dict[str, Any]] = {}
-    for k, (kind, ch) in enumerate(named):
-        key = tuple(int(v) for v in ch)
-        if key in seen:
-            continue
-        _progress(on_progress, cancel, "suggestion", done=k, total=len(named), layer="", bits=None)
+    for k, (key, kind) in enumerate(todo.items()):
         bits = {n: widths[w] for n, w in zip(varied, key)}
+        _progress(on_progress, cancel, "suggestion", done=k, total=len(todo), layer="", bits=None, candidate=kind,
+                  widths=" ".join(f"{n}:{b}" for n, b in bits.items()))
         plan = _width_plan(config.plan, varied, bits)
         model = prepare(loaded.fp32, plan, loaded.data.example())
         train.calibrate(model, cal, max(1, len(cal)), cancel or train.NeverCancel())
@@ -821,7 +828,8 @@ def suggest_plan(loaded: Loaded, sens: pd.DataFrame, budget_bytes: float | None 
                      "predicted_loss_increase": float(damage[idx, np.array(key)].sum()),
                      "accuracy": m["accuracy"], "loss": m["loss"], "within_budget": bool(cost[idx, np.array(key)].sum()
                                                                                         <= limit + 1e-9)}
-    _progress(on_progress, None, "suggestion", done=len(named), total=len(named), layer="", bits=None)
+    _progress(on_progress, None, "suggestion", done=len(todo), total=len(todo), layer="", bits=None, candidate="",
+              widths="")
     # 4. the choice: the measured plan within budget with the lowest held-out loss
     fits = [k for k, c in seen.items() if c["within_budget"]]
     pick = min(fits, key=lambda k: (seen[k]["loss"], seen[k]["predicted_loss_increase"]))
