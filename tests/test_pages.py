@@ -5,11 +5,8 @@ and the download payloads."""
 from __future__ import annotations
 
 import json
-import logging
 import shutil
-import sys
 import time
-from pathlib import Path
 
 import pytest
 import yaml
@@ -17,32 +14,13 @@ import yaml
 from qat_core import export, planning
 from qat_core.errors import ConfigError, QATError
 from qat_core.store import RunStore
-
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))  # `app_pages._common`, as the app imports it
-
-from app_pages import _common as common  # noqa: E402
-
-logging.getLogger("streamlit.runtime.scriptrunner_utils.script_run_context").setLevel(logging.ERROR)
-AppTest = pytest.importorskip("streamlit.testing.v1").AppTest
+from tests.apptest import ROOT, AppTest, app, common, ok
 
 
 @pytest.fixture(autouse=True)
 def _workspace(workspace, monkeypatch):
     """The pages use the tests' session workspace (shared with tests/conftest.py's runs)."""
     monkeypatch.setenv("QAT_STUDIO_HOME", str(workspace.root))
-
-
-def app(page: str | None = None) -> AppTest:
-    at = AppTest.from_file(str(ROOT / "app.py"), default_timeout=60)
-    if page:
-        at.switch_page(common.PAGES[page])
-    return at.run()
-
-
-def ok(at: AppTest) -> AppTest:
-    assert not at.exception, [e.value for e in at.exception]
-    return at
 
 
 def wait_done(store, run_id: str, timeout: float = 120) -> dict:

@@ -4,24 +4,16 @@ stages) and the progress of Inspect's plan suggestion (analysis.suggest_plan's c
 from __future__ import annotations
 
 import io
-import logging
-import sys
 import time
-from pathlib import Path
 
 import pandas as pd
 import pytest
 import torch
 
 from qat_core import analysis, prepare, runner, train
+from tests import apptest
+from tests.apptest import AppTest, common, ok
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))  # `app_pages._common`, as the app imports it
-
-from app_pages import _common as common  # noqa: E402
-
-logging.getLogger("streamlit.runtime.scriptrunner_utils.script_run_context").setLevel(logging.ERROR)
-AppTest = pytest.importorskip("streamlit.testing.v1").AppTest
 MISSING = {"None", "nan", "NaN", "<NA>", "NaT"}
 
 
@@ -32,15 +24,7 @@ def _workspace(workspace, monkeypatch):
 
 
 def app(page: str | None = None) -> AppTest:
-    at = AppTest.from_file(str(ROOT / "app.py"), default_timeout=120)
-    if page:
-        at.switch_page(common.PAGES[page])
-    return at.run()
-
-
-def ok(at: AppTest) -> AppTest:
-    assert not at.exception, [e.value for e in at.exception]
-    return at
+    return apptest.app(page, timeout=120)  # a baseline trains inside one of these runs
 
 
 def metric(at: AppTest, label: str):
