@@ -264,11 +264,13 @@ STORED_SIZE_NOTE = ("In int8.onnx the weights take about {kb:,.1f} KB: ONNX has 
                     "2..7-bit weights are stored one per byte (their values stay on the narrow grid).")
 
 
-def points_delta(value: float, reference: float) -> tuple[str, str]:
-    """``st.metric``'s delta and colour for an accuracy against a reference, in percentage points:
-    no arrow colour for a change that rounds to zero (a green "+0.00 pt" reads as a gain)."""
+def points_delta(value: float, reference: float) -> dict[str, str]:
+    """``st.metric``'s delta for an accuracy against a reference, in percentage points: no arrow and no
+    colour for a change that rounds to zero (a green "+0.00 pt" reads as a gain)."""
     points = round((value - reference) * 100, 2)
-    return (f"{points:+.2f} pt", "normal") if points else ("±0.00 pt", "off")
+    if not points:
+        return {"delta": "±0.00 pt", "delta_color": "off", "delta_arrow": "off"}
+    return {"delta": f"{points:+.2f} pt", "delta_color": "normal", "delta_arrow": "auto"}
 
 
 def show_plot(fig: go.Figure, key: str | None = None) -> None:
@@ -283,15 +285,23 @@ def runs_frame(records: list[dict[str, Any]]) -> pd.DataFrame:
 def cell_text(value: Any) -> str:
     """A table cell as people read it: "—" when missing, numbers without float noise."""
     if value is None or value is pd.NA or (isinstance(value, float) and math.isnan(value)):
-        return "—"
+        return MISSING
     return f"{value:,.6g}" if isinstance(value, float) else str(value)
 
 
+MISSING = "—"  # what a table shows for a missing value (Streamlit's default is "None")
+
+
 def show_table(frame: pd.DataFrame, headers: dict[str, str] | None = None, **kwargs: Any) -> None:
-    """A table for people: human column labels, numbers without float noise, and "—" where a value is
-    missing. The cells are text: the browser draws a missing number as "None" whatever a Styler says."""
-    shown = frame.rename(columns=headers or {}).map(cell_text)
-    st.dataframe(shown, hide_index=kwargs.pop("hide_index", True), width="stretch", **kwargs)
+    """A table for people: human column labels and "—" where a value is missing (numbers stay numbers,
+    so columns sort as numbers)."""
+    st.dataframe(frame.rename(columns=headers or {}), hide_index=kwargs.pop("hide_index", True), width="stretch",
+                 placeholder=MISSING, **kwargs)
+
+
+def rows_height(frame: pd.DataFrame) -> int:
+    """A table height in pixels that shows every row without a scroll bar (Streamlit's rows are 35 px)."""
+    return 35 * (len(frame) + 1) + 3
 
 
 # --- download payloads ----------------------------------------------------------------------------

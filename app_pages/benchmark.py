@@ -70,16 +70,17 @@ with right:
     if result is None:
         st.info("Press **Export and benchmark** to time it.")
     else:
-        st.dataframe(report.bench_frame(result), hide_index=True, width="stretch")
         comparison = report.speedup(result)
         if comparison is not None:
             st.metric("Speed-up of int8 (ORT, median)", f"{comparison['speedup']:.2f}×",
                       help=f"FP32 latency / int8 latency at batch {comparison['batch']}, {comparison['threads']} thread(s)")
         if result.get("overhead_bound"):
-            st.warning("Overhead-bound: " + result.get("note", "this model is too small for int8 to pay off here.")
-                       + " Try resnet18 or mobilenetv2 for real gains.")
+            note = result.get("note", "this model is too small for int8 to pay off here").rstrip(".")
+            st.warning(f"Overhead-bound: {note}. Try resnet18 or mobilenetv2 for real gains.")
         machine = result.get("machine", {})
         if machine:
             st.caption(f"CPU: {machine.get('cpu', '?')} · cores {machine.get('cores', '?')} · flags "
                        + (", ".join(report.cpu_flags(machine)) or "none of AVX2, AVX-512, VNNI"))
+if result is not None:  # full width: every column on screen
+    common.show_table(report.bench_frame(result))
 st.page_link(common.PAGES["export"], label="Next: download the models and a report →", icon="📦")

@@ -12,7 +12,9 @@ if not records:
     st.stop()
 
 frame = common.runs_frame(records)
-common.show_table(frame, report.RUN_HEADERS)
+common.show_table(frame[report.RUN_SUMMARY], report.RUN_HEADERS)
+with st.expander("Every column (FP32 and PTQ accuracy, stored size, FP32 latency, errors)"):
+    common.show_table(frame, report.RUN_HEADERS)
 
 done = frame[frame["status"] == "done"]
 picked = st.multiselect("Runs side by side", list(done["run"]), default=list(done["run"][:4]), key="compare_runs",
@@ -22,7 +24,8 @@ if not picked:
     st.stop()
 chosen = done[done["run"].isin(picked)]
 side = chosen.drop(columns=["status", "error"]).rename(columns=report.RUN_HEADERS).set_index("run").T
-common.show_table(side, hide_index=False)  # one column a run
+# one column a run, values of every kind in it: as text
+common.show_table(side.map(common.cell_text), hide_index=False, height=common.rows_height(side))
 
 c1, c2 = st.columns(2)
 with c1:

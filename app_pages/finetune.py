@@ -66,8 +66,8 @@ def show_run(run_id: str, was_running: bool) -> None:
         c1, c2, c3, c4 = st.columns(4)
         fp32, ptq, qat = (m[phase]["accuracy"] for phase in ("fp32", "ptq", "qat"))
         c1.metric("FP32 accuracy", f"{fp32:.2%}")
-        c2.metric("PTQ accuracy", f"{ptq:.2%}", *common.points_delta(ptq, fp32), help="vs FP32")
-        c3.metric("QAT accuracy", f"{qat:.2%}", *common.points_delta(qat, fp32),
+        c2.metric("PTQ accuracy", f"{ptq:.2%}", **common.points_delta(ptq, fp32), help="vs FP32")
+        c3.metric("QAT accuracy", f"{qat:.2%}", **common.points_delta(qat, fp32),
                   help="vs FP32. Computed as ONNX Runtime will compute the int8 model (integer arithmetic)"
                   + (f"; the fake-quantized float simulation gives {m['qat']['fake_quant_accuracy']:.2%}"
                      if "fake_quant_accuracy" in m["qat"] else ""))

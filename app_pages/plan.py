@@ -44,7 +44,7 @@ column_config = {
     "note": st.column_config.TextColumn("note", disabled=True, help="Why a layer stays float, or how layers were found"),
 }
 edited = st.data_editor(planning.plan_frame(rows, config.plan), key=common.PLAN_EDITOR, hide_index=True,
-                        column_config=column_config, num_rows="fixed", width="stretch")
+                        column_config=column_config, num_rows="fixed", width="stretch", placeholder=common.MISSING)
 
 try:
     new = planning.plan_from_frame(config, rows, edited)

@@ -34,6 +34,7 @@ ERROR_HEADERS = {"layer": "layer", "kind": "kind", "weight_bits": "weight bits",
                  "weight_share_clipped": "weights clipped", "act_share_clipped": "activations clipped",
                  "size_bytes": "size (bytes)", "output_sqnr_db": "network output SQNR (dB)",
                  "output_sqnr_vs_baseline_db": "output SQNR vs FP32 (dB)"}
+BACKEND_NAMES = {"ort_fp32": "ONNX Runtime FP32", "ort_int8": "ONNX Runtime int8", "torch_fp32": "PyTorch FP32 (eager)"}
 BENCH_HEADERS = {"median_ms": "median (ms)", "p90_ms": "p90 (ms)", "p99_ms": "p99 (ms)",
                  "throughput": "throughput (samples/s)"}
 STAGES = ("fp32", "ptq", "qat")
@@ -99,12 +100,16 @@ def runs_frame(store: RunStore, records: list[dict[str, Any]] | None = None) -> 
 RUN_COLUMNS = ["run", "name", "status", "model", "plan", "lr", "epochs", "batch size", "FP32 acc %", "PTQ acc %",
                "QAT acc %", "ORT int8 acc %", "size KB", "stored KB", "size ratio", "int8 latency ms",
                "fp32 latency ms", "latency batch", "error"]
+RUN_SUMMARY = ["name", "status", "plan", "QAT acc %", "ORT int8 acc %", "size KB", "int8 latency ms", "lr", "epochs",
+               "batch size", "run"]  # what fits a screen, most telling first
 RUN_HEADERS = {"size KB": "size KB (packed)", "stored KB": "KB in int8.onnx", "latency batch": "at batch"}
 
 
 def bench_frame(result: dict[str, Any]) -> pd.DataFrame:
     """A bench result's timings (``bench.bench_run``): backend, batch, threads, latency percentiles, throughput."""
     frame = pd.DataFrame(result.get("rows", []))
+    if "backend" in frame:
+        frame["backend"] = frame["backend"].map(lambda b: BACKEND_NAMES.get(b, b))
     return frame[[c for c in BENCH_COLUMNS if c in frame.columns]].rename(columns=BENCH_HEADERS)
 
 

@@ -255,8 +255,7 @@ def test_compare_shows_a_named_run_its_settings_and_a_batch_64_benchmark(workspa
     at = ok(app("compare"))
     at.multiselect(key="compare_runs").set_value([named]).run()
     ok(at)
-    side = at.dataframe[1].value
-    column = side[named]
+    column = next(d.value[named] for d in at.dataframe if named in d.value.columns)  # the side-by-side table
     assert column["name"] == "careful lr" and column["lr"] == "0.0005" and column["batch size"] == "32"
     assert column["epochs"] == "2" and column["at batch"] == "64"
     titles = [s["layout"]["title"]["text"] for s in plotly_specs(at)]
@@ -323,6 +322,7 @@ def test_a_damaged_run_is_shown_as_damaged_and_hides_no_other(workspace, digits_
     table = home.dataframe[0].value.set_index("run")
     assert table.loc[victim, "status"] == "damaged" and "index row is damaged" in table.loc[victim, "error"]
     assert len(table) == min(10, len(store.list())) and (table.drop(victim)["status"] != "damaged").all()
+    assert home.dataframe[0].proto.placeholder == "—"  # missing numbers read "—", not Streamlit's "None"
     at = AppTest.from_file(str(ROOT / "app.py"), default_timeout=60)
     at.switch_page(common.PAGES["finetune"])
     at.query_params[common.RUN_PARAM] = victim
