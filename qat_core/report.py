@@ -110,6 +110,7 @@ def bench_frame(result: dict[str, Any]) -> pd.DataFrame:
     frame = pd.DataFrame(result.get("rows", []))
     if "backend" in frame:
         frame["backend"] = frame["backend"].map(lambda b: BACKEND_NAMES.get(b, b))
+    frame = frame.round({"median_ms": 4, "p90_ms": 4, "p99_ms": 4, "throughput": 0})
     return frame[[c for c in BENCH_COLUMNS if c in frame.columns]].rename(columns=BENCH_HEADERS)
 
 
