@@ -30,7 +30,7 @@ config = common.draft()
 source = st.radio("Model source", ["Zoo", "Plugin"], horizontal=True, key="model_source",
                   index=1 if zoo.is_plugin(config.model) else 0)
 if source == "Zoo":
-    ids = list(zoo.MODELS)
+    ids = [m for m, entry in zoo.MODELS.items() if entry.dataset != "table"]  # tables: CLI only, for now
     model_id = st.selectbox("Zoo model", ids, index=ids.index(config.model) if config.model in ids else 0,
                             format_func=lambda m: f"{m} — {zoo.MODELS[m].description}", key="zoo_model")
 else:

@@ -75,7 +75,7 @@ def case(model_id: str, batch: int, repeats: int, inner: int) -> None:
     torch.manual_seed(0)
     entry = zoo.MODELS[model_id]
     data = entry.data(DataConfig())
-    fp32 = entry.model(num_classes=data.num_classes)
+    fp32 = entry.model(data)
     x = data.train_x[:batch]
     if len(x) < batch:
         x = x.repeat((batch + len(x) - 1) // len(x), *[1] * (x.dim() - 1))[:batch]

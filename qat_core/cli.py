@@ -65,7 +65,8 @@ def cmd_models(args: argparse.Namespace) -> None:
 def cmd_config_init(args: argparse.Namespace) -> None:
     from qat_core.runner import default_config
 
-    print(default_config(args.model, args.weight_bits, args.act_bits).to_yaml(), end="")
+    data = {k: v for k, v in (("path", args.data), ("label_column", args.label_column)) if v is not None}
+    print(default_config(args.model, args.weight_bits, args.act_bits, data).to_yaml(), end="")
 
 
 def cmd_train(args: argparse.Namespace) -> None:
@@ -226,6 +227,8 @@ def parser() -> argparse.ArgumentParser:
     init.add_argument("--model", required=True, help="zoo id (see `qat-studio models`) or package.module:factory")
     init.add_argument("--weight-bits", type=_bits, default=8, help="weight bits for inner layers: 2..8 or off")
     init.add_argument("--act-bits", type=_bits, default=8, help="activation bits for inner layers: 2..8 or off")
+    init.add_argument("--data", default=None, help="a CSV or Parquet table, for table-mlp (data.path)")
+    init.add_argument("--label-column", default=None, help="the table's label column (default: label)")
     init.set_defaults(func=cmd_config_init)
 
     tr = sub.add_parser("train", help="train a run from a config; prints the run id last")

@@ -40,7 +40,7 @@ RangeMethod = Literal["minmax", "moving_average", "percentile", "mse", "lsq"]
 RANGE_METHODS: tuple[str, ...] = RangeMethod.__args__
 Granularity = Literal["per_tensor", "per_channel"]
 # the zoo's data sets (``zoo.ZooEntry.dataset``); plugins bring their own data and ignore this field
-Dataset = Literal["digits", "generated-images", "generated-sequences"]
+Dataset = Literal["digits", "generated-images", "generated-sequences", "table"]
 DATASETS: tuple[str, ...] = Dataset.__args__
 MAX_SEED = 2**32 - 1  # NumPy and PyTorch seeds are 32-bit
 
@@ -191,8 +191,19 @@ class LayerPlan(_Strict):
 
 class DataConfig(_Strict):
     dataset: Dataset = "digits"  # zoo data set id (ignored for plugins, which bring their own loaders)
+    path: str | None = Field(None, max_length=4096)  # the file of dataset "table": CSV, or Parquet (.parquet)
+    label_column: str = Field("label", min_length=1, max_length=256)  # dataset "table": the class of each row
+    max_samples: Int | None = Field(None, ge=4)  # a seeded random subset, for short fine-tunes on a CPU
     test_fraction: Float = Field(0.25, gt=0.0, lt=1.0)  # share of samples held out for testing
     split_seed: Seed = 0  # seed of the train/test split (independent of the training seed)
+
+    @model_validator(mode="after")
+    def _path_for_files_only(self) -> DataConfig:
+        if self.dataset == "table" and not self.path:
+            raise ValueError("dataset table needs data.path: a CSV or Parquet file with a label column")
+        if self.dataset != "table" and self.path:
+            raise ValueError(f"data.path is for dataset table only; dataset {self.dataset} is built in")
+        return self
 
 
 class BaselineConfig(_Strict):

@@ -41,16 +41,16 @@ def cached_baseline(config: RunConfig, store: RunStore) -> dict[str, float] | No
     return None if cached is None else cached["metrics"]
 
 
-def default_config(model_id: str, weight_bits: int | None = 8, act_bits: int | None = 8) -> RunConfig:
-    """A sensible starting config for a model: first and last layer at 8 bits, the rest as chosen."""
-    base = cfg.from_dict({"model": model_id})
+def default_config(model_id: str, weight_bits: int | None = 8, act_bits: int | None = 8,
+                   data: dict[str, Any] | None = None) -> RunConfig:
+    """A sensible starting config for a model: first and last layer at 8 bits, the rest as chosen.
+    ``data``: data settings over the model's own (a table's ``path`` and ``label_column``)."""
     entry = zoo.MODELS.get(model_id)
+    settings: dict[str, Any] = {"model": model_id, "data": data or {}}
     if entry is not None:
-        base = base.model_copy(update={
-            "baseline": base.baseline.model_copy(update=entry.baseline_defaults),
-            "finetune": base.finetune.model_copy(update=entry.finetune_defaults),
-            "data": base.data.model_copy(update={"dataset": entry.dataset}),
-        })
+        settings |= {"baseline": entry.baseline_defaults, "finetune": entry.finetune_defaults,
+                     "data": {"dataset": entry.dataset} | settings["data"]}
+    base = cfg.from_dict(settings)
     model, data = zoo.build(model_id, base.data)
     names = [r["name"] for r in layer_table(model, data.example()) if r["has_weights"]]
     return cfg.from_dict(with_uniform_plan(base, names, weight_bits, act_bits).to_dict())

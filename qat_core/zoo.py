@@ -124,6 +124,63 @@ def _generated(shape: tuple[int, ...], n: int, cfg: DataConfig, classes: int = 1
                 description=f"generated {shape} samples (class template + noise); accuracy is not meaningful")
 
 
+def _subset(x: torch.Tensor, y: torch.Tensor, cfg: DataConfig) -> tuple[torch.Tensor, torch.Tensor]:
+    """At most ``cfg.max_samples`` rows, drawn at random (seeded by the split seed) before the split."""
+    if cfg.max_samples is None or len(y) <= cfg.max_samples:
+        return x, y
+    keep = torch.randperm(len(y), generator=torch.Generator().manual_seed(cfg.split_seed))[:cfg.max_samples]
+    return x[keep], y[keep]
+
+
+def table(cfg: DataConfig) -> Data:
+    """A CSV or Parquet table: one row a sample, numeric feature columns and a label column (any values,
+    mapped to classes 0..C-1 in sorted order). Features are standardised with the training split's mean
+    and standard deviation; rows with a missing value are skipped and counted."""
+    import pandas as pd
+
+    path = Path(cfg.path or "")
+    kind = "Parquet" if path.suffix.lower() in (".parquet", ".pq") else "CSV"
+    if not path.is_file():
+        raise ConfigError(f"data.path {path}: no such file; give a {kind} table with a label column")
+    try:
+        frame = pd.read_parquet(path) if kind == "Parquet" else pd.read_csv(path)
+    except Exception as err:  # pandas raises many kinds: the file is not a table it can read
+        raise ConfigError(f"data.path {path} cannot be read as a {kind} table ({type(err).__name__}: "
+                          f"{str(err)[:200]})") from None
+    label = cfg.label_column
+    if label not in frame.columns:
+        shown = ", ".join(map(str, frame.columns[:12])) + (", …" if len(frame.columns) > 12 else "")
+        raise ConfigError(f"{path} has no label column {label!r}; its columns are {shown}. Set data.label_column")
+    features = frame.drop(columns=[label])
+    text = [str(c) for c in features.columns if not pd.api.types.is_numeric_dtype(features[c])
+            or pd.api.types.is_bool_dtype(features[c])]
+    if text:
+        raise ConfigError(f"{path}: feature columns must be numbers; {', '.join(text[:8])} "
+                          f"{'is' if len(text) == 1 else 'are'} not. Encode them as numbers or drop them")
+    if features.shape[1] == 0:
+        raise ConfigError(f"{path} has only the label column; a model needs at least one feature column")
+    complete = features.notna().all(axis=1) & frame[label].notna()
+    skipped = int((~complete).sum())
+    features, labels = features[complete], frame[label][complete]
+    classes = sorted(labels.unique(), key=str)
+    if len(classes) < 2:
+        raise ConfigError(f"{path}: the label column {label!r} has {len(classes)} class(es) in its complete rows; "
+                          "classification needs at least 2")
+    x = torch.tensor(features.to_numpy(dtype=np.float32))
+    y = torch.tensor(labels.map({c: i for i, c in enumerate(classes)}).to_numpy(dtype=np.int64))
+    x, y = _subset(x, y, cfg)
+    tr_x, tr_y, te_x, te_y = _split(x, y, cfg)
+    if len(te_y) == 0 or len(tr_y) == 0:
+        raise ConfigError(f"{path}: {len(y)} rows are too few to hold out a test split; add rows or raise "
+                          "data.test_fraction")
+    mean, std = tr_x.mean(dim=0), tr_x.std(dim=0).clamp_min(1e-6)
+    tr_x, te_x = (tr_x - mean) / std, (te_x - mean) / std
+    note = f", {skipped} row(s) with a missing value skipped" if skipped else ""
+    return Data(tr_x, tr_y, te_x, te_y, len(classes), generated=False,
+                description=f"{path.name}: {len(y)} rows, {x.shape[1]} features (standardised), {len(classes)} "
+                            f"classes from column {label!r}{note}")
+
+
 def images224(cfg: DataConfig) -> Data:
     return _generated((3, 224, 224), 160, cfg)
 
@@ -155,12 +212,13 @@ def digits_cnn(num_classes: int = 10) -> nn.Module:
     ))
 
 
-def digits_mlp(num_classes: int = 10) -> nn.Module:
+def mlp(num_classes: int = 10, in_features: int = 64, hidden: tuple[int, int] = (256, 128)) -> nn.Module:
+    """Flatten, two ReLU layers, a linear head: digits' MLP, and any table's (sized by its features)."""
     return nn.Sequential(OrderedDict(
-        flatten=nn.Flatten(),  # (B, 64)
-        fc1=nn.Sequential(OrderedDict(linear=nn.Linear(64, 256), relu=nn.ReLU())),
-        fc2=nn.Sequential(OrderedDict(linear=nn.Linear(256, 128), relu=nn.ReLU())),
-        fc3=nn.Linear(128, num_classes),
+        flatten=nn.Flatten(),  # (B, in_features)
+        fc1=nn.Sequential(OrderedDict(linear=nn.Linear(in_features, hidden[0]), relu=nn.ReLU())),
+        fc2=nn.Sequential(OrderedDict(linear=nn.Linear(hidden[0], hidden[1]), relu=nn.ReLU())),
+        fc3=nn.Linear(hidden[1], num_classes),
     ))
 
 
@@ -271,7 +329,7 @@ class TransformerClassifier(nn.Module):
 
 @dataclass(frozen=True)
 class ZooEntry:
-    model: Callable[[int], nn.Module]
+    model: Callable[[Data], nn.Module]  # sized by the data: its classes (and features, for tables)
     data: Callable[[DataConfig], Data]
     description: str
     dataset: str
@@ -280,14 +338,17 @@ class ZooEntry:
 
 
 MODELS: dict[str, ZooEntry] = {
-    "digits-cnn": ZooEntry(digits_cnn, digits, "3-conv CNN + BN on 8×8 digits", "digits"),
-    "digits-mlp": ZooEntry(digits_mlp, digits, "3-layer MLP on 8×8 digits", "digits"),
-    "resnet18": ZooEntry(resnet18, images224, "ResNet-18-style CNN, 3×224×224 (generated data)", "generated-images",
+    "digits-cnn": ZooEntry(lambda d: digits_cnn(d.num_classes), digits, "3-conv CNN + BN on 8×8 digits", "digits"),
+    "digits-mlp": ZooEntry(lambda d: mlp(d.num_classes), digits, "3-layer MLP on 8×8 digits", "digits"),
+    "table-mlp": ZooEntry(lambda d: mlp(d.num_classes, d.train_x.shape[1], (64, 32)), table,
+                          "3-layer MLP for a CSV/Parquet table (data.path, data.label_column)", "table",
+                          {"epochs": 60, "batch_size": 64, "lr": 3e-3}, {"epochs": 4, "batch_size": 64}),
+    "resnet18": ZooEntry(lambda d: resnet18(d.num_classes), images224, "ResNet-18-style CNN, 3×224×224 (generated data)", "generated-images",
                          {"epochs": 1, "batch_size": 16, "max_steps": 6, "lr": 1e-3}, {"epochs": 1, "batch_size": 8, "max_steps": 4}),
-    "mobilenetv2": ZooEntry(mobilenetv2, images224, "MobileNetV2-style CNN, 3×224×224 (generated data)",
+    "mobilenetv2": ZooEntry(lambda d: mobilenetv2(d.num_classes), images224, "MobileNetV2-style CNN, 3×224×224 (generated data)",
                             "generated-images", {"epochs": 1, "batch_size": 16, "max_steps": 6, "lr": 1e-3},
                             {"epochs": 1, "batch_size": 8, "max_steps": 4}),
-    "transformer": ZooEntry(TransformerClassifier, sequences, "Transformer encoder classifier, 128×64 sequences "
+    "transformer": ZooEntry(lambda d: TransformerClassifier(num_classes=d.num_classes), sequences, "Transformer encoder classifier, 128×64 sequences "
                             "(generated data)", "generated-sequences", {"epochs": 2, "batch_size": 32, "lr": 1e-3},
                             {"epochs": 1, "batch_size": 32, "lr": 1e-4}),
 }
@@ -428,4 +489,4 @@ def build(model_id: str, data_cfg: DataConfig) -> tuple[nn.Module, Data]:
         raise ConfigError(f"model {model_id} is built for the {entry.dataset} data set, not {data_cfg.dataset}; "
                           f"set data.dataset: {entry.dataset}")
     data = entry.data(data_cfg)
-    return entry.model(num_classes=data.num_classes), data
+    return entry.model(data), data

@@ -31,3 +31,18 @@ def digits_run(workspace) -> str:
 @pytest.fixture(scope="session")
 def digits_run_w4a4(workspace) -> str:
     return runner.execute(quick_config(weight_bits=4, act_bits=4), workspace)
+
+
+def write_table(path, rows: int | None = None):
+    """scikit-learn's breast-cancer table (569 rows, 30 numeric features) as a CSV with a text label
+    column "diagnosis": a real table no one on the team made, shipped with scikit-learn."""
+    from sklearn.datasets import load_breast_cancer
+
+    frame = load_breast_cancer(as_frame=True).frame
+    frame["diagnosis"] = frame.pop("target").map({0: "malignant", 1: "benign"})
+    frame = frame if rows is None else frame.head(rows)
+    if str(path).endswith(".parquet"):
+        frame.to_parquet(path, index=False)
+    else:
+        frame.to_csv(path, index=False)
+    return path

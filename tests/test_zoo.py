@@ -10,6 +10,7 @@ import torch
 from qat_core import zoo
 from qat_core.config import DataConfig
 from qat_core.errors import ConfigError, PluginError
+from tests.conftest import write_table
 
 sys.path.insert(0, str(Path(__file__).parent / "plugins"))
 
@@ -25,13 +26,14 @@ def test_digits_split_is_real_and_reproducible():
 
 
 @pytest.mark.parametrize("model_id", list(zoo.MODELS))
-def test_every_zoo_model_runs_on_its_data(model_id):
+def test_every_zoo_model_runs_on_its_data(model_id, tmp_path):
     entry = zoo.MODELS[model_id]
-    data = entry.data(DataConfig())
-    model = entry.model(num_classes=data.num_classes).eval()
+    table = {"dataset": "table", "path": str(write_table(tmp_path / "t.csv")), "label_column": "diagnosis"}
+    data = entry.data(DataConfig.model_validate(table) if entry.dataset == "table" else DataConfig())
+    model = entry.model(data).eval()
     with torch.no_grad():
         assert model(data.example(1)).shape == (1, data.num_classes)
-    assert data.generated == (entry.dataset != "digits")
+    assert data.generated == entry.dataset.startswith("generated")
 
 
 def test_unknown_model_lists_the_zoo():
@@ -57,10 +59,10 @@ def test_bad_plugins_say_what_is_wrong(path, expected):
 
 
 def test_checkpoint_round_trip_and_bad_files(tmp_path):
-    model = zoo.digits_mlp()
+    model = zoo.mlp()
     good = tmp_path / "good.pt"
     torch.save(model.state_dict(), good)
-    fresh = zoo.digits_mlp()
+    fresh = zoo.mlp()
     zoo.load_checkpoint(fresh, good)
     assert all(torch.equal(a, b) for a, b in zip(model.state_dict().values(), fresh.state_dict().values()))
 
