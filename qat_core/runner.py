@@ -50,6 +50,9 @@ def default_config(model_id: str, weight_bits: int | None = 8, act_bits: int | N
     if entry is not None:
         settings |= {"baseline": entry.baseline_defaults, "finetune": entry.finetune_defaults,
                      "data": {"dataset": entry.dataset} | settings["data"]}
+    elif zoo.library_of(model_id):  # torchvision, timm: image classifiers
+        settings |= {"baseline": zoo.VISION_BASELINE, "finetune": zoo.VISION_FINETUNE,
+                     "data": {"dataset": "generated-images"} | settings["data"]}
     base = cfg.from_dict(settings)
     model, data = zoo.build(model_id, base.data)
     names = [r["name"] for r in layer_table(model, data.example()) if r["has_weights"]]

@@ -7,6 +7,7 @@ accuracy only shows that training ran, never how good the architecture is.
 
 from __future__ import annotations
 
+import difflib
 import importlib
 import importlib.util
 import math
@@ -337,17 +338,20 @@ class ZooEntry:
     finetune_defaults: dict[str, Any] = field(default_factory=dict)
 
 
+# settings that keep a 224×224 CNN on generated data to seconds on a CPU (its accuracy means nothing)
+VISION_BASELINE = {"epochs": 1, "batch_size": 16, "max_steps": 6, "lr": 1e-3}
+VISION_FINETUNE = {"epochs": 1, "batch_size": 8, "max_steps": 4}
+
 MODELS: dict[str, ZooEntry] = {
     "digits-cnn": ZooEntry(lambda d: digits_cnn(d.num_classes), digits, "3-conv CNN + BN on 8×8 digits", "digits"),
     "digits-mlp": ZooEntry(lambda d: mlp(d.num_classes), digits, "3-layer MLP on 8×8 digits", "digits"),
     "table-mlp": ZooEntry(lambda d: mlp(d.num_classes, d.train_x.shape[1], (64, 32)), table,
                           "3-layer MLP for a CSV/Parquet table (data.path, data.label_column)", "table",
                           {"epochs": 60, "batch_size": 64, "lr": 3e-3}, {"epochs": 4, "batch_size": 64}),
-    "resnet18": ZooEntry(lambda d: resnet18(d.num_classes), images224, "ResNet-18-style CNN, 3×224×224 (generated data)", "generated-images",
-                         {"epochs": 1, "batch_size": 16, "max_steps": 6, "lr": 1e-3}, {"epochs": 1, "batch_size": 8, "max_steps": 4}),
+    "resnet18": ZooEntry(lambda d: resnet18(d.num_classes), images224, "ResNet-18-style CNN, 3×224×224 (generated data)",
+                         "generated-images", VISION_BASELINE, VISION_FINETUNE),
     "mobilenetv2": ZooEntry(lambda d: mobilenetv2(d.num_classes), images224, "MobileNetV2-style CNN, 3×224×224 (generated data)",
-                            "generated-images", {"epochs": 1, "batch_size": 16, "max_steps": 6, "lr": 1e-3},
-                            {"epochs": 1, "batch_size": 8, "max_steps": 4}),
+                            "generated-images", VISION_BASELINE, VISION_FINETUNE),
     "transformer": ZooEntry(lambda d: TransformerClassifier(num_classes=d.num_classes), sequences, "Transformer encoder classifier, 128×64 sequences "
                             "(generated data)", "generated-sequences", {"epochs": 2, "batch_size": 32, "lr": 1e-3},
                             {"epochs": 1, "batch_size": 32, "lr": 1e-4}),
@@ -384,8 +388,67 @@ def import_torchvision() -> Any:
     return torchvision
 
 
+DATASETS: dict[str, Callable[[DataConfig], Data]] = {  # data.dataset → its loader
+    "digits": digits, "generated-images": images224, "generated-sequences": sequences, "table": table,
+}
+LIBRARIES = {"torchvision": "vision", "timm": "vision"}  # model id prefix → the extra that installs it
+
+
+def library_of(model_id: str) -> str | None:
+    """``torchvision`` for ``torchvision:resnet18``: a model library's architecture by name, or None."""
+    prefix, sep, _ = model_id.partition(":")
+    return prefix if sep and prefix in LIBRARIES else None
+
+
 def is_plugin(model_id: str) -> bool:
-    return ":" in model_id
+    return ":" in model_id and library_of(model_id) is None
+
+
+def _library(prefix: str) -> Any:
+    try:
+        if prefix == "torchvision":
+            return import_torchvision()
+        import_torchvision()  # timm imports it
+        import timm
+
+        return timm
+    except ImportError:
+        raise ConfigError(f"model ids {prefix}:NAME need the {prefix} package; install it with "
+                          f"pip install -e \".[{LIBRARIES[prefix]}]\"") from None
+
+
+def _unknown_name(library: str, name: str, names: list[str]) -> ConfigError:
+    close = difflib.get_close_matches(name, names, n=4, cutoff=0.5)
+    hint = f"; did you mean {', '.join(close)}?" if close else f"; it has {len(names)}, e.g. {', '.join(names[:4])}"
+    return ConfigError(f"{library} has no classification model {name!r}{hint}")
+
+
+def library_model(model_id: str, data: Data) -> nn.Module:
+    """A library's architecture by name, randomly initialised, its head sized for the data's classes
+    (``checkpoint`` then loads the user's trained weights into it)."""
+    prefix, _, name = model_id.partition(":")
+    lib = _library(prefix)
+    if prefix == "torchvision":
+        names = lib.models.list_models(module=lib.models)  # the classification models only
+        if name not in names:
+            raise _unknown_name("torchvision", name, names)
+        return lib.models.get_model(name, weights=None, num_classes=data.num_classes)
+    if not lib.is_model(name):
+        raise _unknown_name("timm", name, lib.list_models())
+    return lib.create_model(name, pretrained=False, num_classes=data.num_classes)
+
+
+def _check_fits(model: nn.Module, data: Data, model_id: str, dataset: str) -> None:
+    """A model and data that do not fit (channels, sizes) fail here with both named, not mid-training."""
+    x = data.example(2)
+    try:
+        out = _out_features(model, x)
+    except Exception as err:  # whatever the model's forward raises on a wrong input
+        raise ConfigError(f"{model_id} cannot run on {dataset} inputs of shape {tuple(x.shape[1:])} "
+                          f"({type(err).__name__}: {str(err)[:200]}); choose data that fits it, e.g. "
+                          "data.dataset: generated-images for an image model") from None
+    if out != data.num_classes:
+        raise ConfigError(f"{model_id} gives {out} outputs for {data.num_classes} classes")
 
 
 _loading_plugin = False  # a plugin whose factory loads a plugin again (QAT Studio's own CLI, say) would recurse
@@ -446,12 +509,13 @@ def _call_plugin(path: str, module_name: str, attr: str) -> tuple[nn.Module, Dat
 
 
 def _out_features(model: nn.Module, x: torch.Tensor) -> int:
-    with torch.no_grad():
-        was = model.training
-        model.eval()
-        out = model(x[:2])
+    was = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            return model(x[:2]).shape[-1]
+    finally:
         model.train(was)
-    return out.shape[-1]
 
 
 def load_checkpoint(model: nn.Module, path: str | Path) -> None:
@@ -471,16 +535,31 @@ def load_checkpoint(model: nn.Module, path: str | Path) -> None:
         state = state["state_dict"]
     if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
         raise PluginError(f"checkpoint {path} is not a state_dict (a mapping of names to tensors)")
-    try:
-        model.load_state_dict(state)
-    except RuntimeError as err:
-        raise PluginError(f"checkpoint {path} does not fit the model: {str(err).splitlines()[0]}") from None
+    expected = model.state_dict()
+    missing = [k for k in expected if k not in state]
+    unexpected = [k for k in state if k not in expected]
+    reshaped = [f"{k} is {tuple(state[k].shape)} in the file, {tuple(v.shape)} in the model"
+                for k, v in expected.items() if k in state and state[k].shape != v.shape]
+    if missing or unexpected or reshaped:
+        def first(keys: list[str]) -> str:
+            return ", ".join(keys[:3]) + (f" … ({len(keys)} in all)" if len(keys) > 3 else "")
+
+        problems = ([f"missing {first(missing)}"] if missing else []) + \
+                   ([f"unexpected {first(unexpected)}"] if unexpected else []) + reshaped[:2]
+        raise PluginError(f"checkpoint {path} does not fit the model (is it for another architecture, or another "
+                          f"number of classes?): {'; '.join(problems)}")
+    model.load_state_dict(state)
 
 
 def build(model_id: str, data_cfg: DataConfig) -> tuple[nn.Module, Data]:
-    """The float model and its data for a config's ``model`` (zoo id or plugin path)."""
+    """The float model and its data for a config's ``model`` (zoo id, library architecture, plugin path)."""
     if is_plugin(model_id):
         return load_plugin(model_id)
+    if library_of(model_id):
+        data = DATASETS[data_cfg.dataset](data_cfg)
+        model = library_model(model_id, data)
+        _check_fits(model, data, model_id, data_cfg.dataset)
+        return model, data
     entry = MODELS.get(model_id)
     if entry is None:
         raise ConfigError(f"model {model_id!r} is not in the zoo ({', '.join(MODELS)}) "
