@@ -107,10 +107,11 @@ def run_picker(records: list[dict[str, Any]], statuses: tuple[str, ...] = ("done
 
 # --- models ---------------------------------------------------------------------------------------
 @st.cache_data(show_spinner="Reading the model…", max_entries=32)
-def model_info(model_id: str) -> dict[str, Any]:
-    """Layers (execution order), parameter count and data description of a zoo model or plugin."""
-    entry = zoo.MODELS.get(model_id)
-    data_cfg = cfg.DataConfig(dataset=entry.dataset) if entry else cfg.DataConfig()
+def model_info(model_id: str, data_json: str | None = None) -> dict[str, Any]:
+    """Layers (execution order), parameter count and data description of a model on its data: the draft's
+    (``config.data.model_dump_json()``, e.g. a table's path), else the model's default data set."""
+    data_cfg = cfg.from_dict({"model": model_id, "data": json.loads(data_json) if data_json else
+                              {"dataset": zoo.default_dataset(model_id)}}).data
     model, data = zoo.build(model_id, data_cfg)
     rows = prepare.layer_table(model, data.example())
     return {"rows": rows, "params": sum(p.numel() for p in model.parameters()), "data": data.description,
@@ -189,7 +190,8 @@ def form_problems(config: cfg.RunConfig, sections: dict[str, Any]) -> dict[str, 
     data = _merged(config, sections)
     problems = cfg.field_errors(data)
     if not problems and not zoo.is_plugin(config.model):
-        problems = runner.data_problems(cfg.from_dict(data), call(model_info, config.model)["train"])
+        problems = runner.data_problems(cfg.from_dict(data), call(model_info, config.model,
+                                                                   config.data.model_dump_json())["train"])
     return problems
 
 

@@ -27,18 +27,25 @@ PROGRESS_SECONDS = 0.2  # at most ~5 progress updates a second: each one is a me
 st.title("Model & data")
 config = common.draft()
 
-source = st.radio("Model source", ["Zoo", "Plugin"], horizontal=True, key="model_source",
-                  index=1 if zoo.is_plugin(config.model) else 0)
+if zoo.MODELS.get(config.model) is not None and zoo.MODELS[config.model].dataset == "table":
+    st.info(f"This draft trains **{config.model}** on the table {config.data.path}: tables are set up with "
+            "`qat-studio config init --model table-mlp --data FILE` for now; its plan and fine-tune work here.")
+    st.stop()
+external = ":" in config.model  # a plugin, or a library's architecture by name
+source = st.radio("Model source", ["Zoo", "Plugin or library"], horizontal=True, key="model_source",
+                  index=1 if external else 0)
 if source == "Zoo":
     ids = [m for m, entry in zoo.MODELS.items() if entry.dataset != "table"]  # tables: CLI only, for now
     model_id = st.selectbox("Zoo model", ids, index=ids.index(config.model) if config.model in ids else 0,
                             format_func=lambda m: f"{m} — {zoo.MODELS[m].description}", key="zoo_model")
 else:
-    path = st.text_input("Plugin path", value=config.model if zoo.is_plugin(config.model) else "",
-                         placeholder="package.module:factory", key="plugin_path",
-                         help="A function returning (model, train_loader, test_loader); its package must be importable.")
+    path = st.text_input("Plugin path or library model", value=config.model if external else "",
+                         placeholder="package.module:factory, torchvision:NAME or timm:NAME", key="plugin_path",
+                         help="A plugin: a function returning (model, train_loader, test_loader), its package "
+                              "importable. A library model: torchvision's or timm's architecture by name.")
     if not path:
-        st.info("Enter `package.module:factory`: a function that returns `(model, train_loader, test_loader)`.")
+        st.info("Enter `package.module:factory` (a function that returns `(model, train_loader, test_loader)`), "
+                "or an architecture by name: `torchvision:mobilenet_v3_small`, `timm:resnet10t`.")
         st.stop()
     model_id = path
 

@@ -46,13 +46,11 @@ def default_config(model_id: str, weight_bits: int | None = 8, act_bits: int | N
     """A sensible starting config for a model: first and last layer at 8 bits, the rest as chosen.
     ``data``: data settings over the model's own (a table's ``path`` and ``label_column``)."""
     entry = zoo.MODELS.get(model_id)
-    settings: dict[str, Any] = {"model": model_id, "data": data or {}}
+    settings: dict[str, Any] = {"model": model_id, "data": {"dataset": zoo.default_dataset(model_id)} | (data or {})}
     if entry is not None:
-        settings |= {"baseline": entry.baseline_defaults, "finetune": entry.finetune_defaults,
-                     "data": {"dataset": entry.dataset} | settings["data"]}
+        settings |= {"baseline": entry.baseline_defaults, "finetune": entry.finetune_defaults}
     elif zoo.library_of(model_id):  # torchvision, timm: image classifiers
-        settings |= {"baseline": zoo.VISION_BASELINE, "finetune": zoo.VISION_FINETUNE,
-                     "data": {"dataset": "generated-images"} | settings["data"]}
+        settings |= {"baseline": zoo.VISION_BASELINE, "finetune": zoo.VISION_FINETUNE}
     base = cfg.from_dict(settings)
     model, data = zoo.build(model_id, base.data)
     names = [r["name"] for r in layer_table(model, data.example()) if r["has_weights"]]

@@ -404,6 +404,13 @@ def is_plugin(model_id: str) -> bool:
     return ":" in model_id and library_of(model_id) is None
 
 
+def default_dataset(model_id: str) -> str:
+    """The data set a model trains on unless the config says otherwise: a zoo model's own, image data for
+    a library's (image classifiers), digits otherwise (plugins bring their own data)."""
+    entry = MODELS.get(model_id)
+    return entry.dataset if entry else "generated-images" if library_of(model_id) else "digits"
+
+
 def _library(prefix: str) -> Any:
     try:
         if prefix == "torchvision":

@@ -59,10 +59,39 @@ def test_model_page_shows_layers_and_params():
 
 def test_bad_plugin_path_is_a_message_not_a_traceback():
     at = ok(app("model"))
-    at.radio(key="model_source").set_value("Plugin").run()
+    at.radio(key="model_source").set_value("Plugin or library").run()
     at.text_input(key="plugin_path").input("no_such_package.models:make").run()
     ok(at)
     assert any("cannot import plugin module 'no_such_package.models'" in e.value for e in at.error)
+
+
+def test_a_library_model_by_name_from_the_model_page(workspace):
+    at = ok(app("model"))
+    at.radio(key="model_source").set_value("Plugin or library").run()
+    at.text_input(key="plugin_path").input("torchvision:mobilenet_v3_small").run()
+    ok(at)
+    config = draft_of(at, workspace)
+    assert config.model == "torchvision:mobilenet_v3_small" and config.data.dataset == "generated-images"
+    assert {"Parameters", "Quantizable layers", "FP32 size", "Classes"} <= {m.label for m in at.metric}
+    at.run()  # a rerun keeps the library model (it was reset to the zoo's first model)
+    assert draft_of(at, workspace).model == "torchvision:mobilenet_v3_small"
+
+
+def test_a_table_draft_works_on_plan_and_finetune(workspace, tmp_path):
+    """A config for a table (made with `config init --data`, uploaded) is planned and fine-tuned in the app."""
+    from qat_core import runner
+    from tests.conftest import write_table
+
+    csv = write_table(tmp_path / "t.csv")
+    at = app("plan")
+    config = runner.default_config("table-mlp", data={"path": str(csv), "label_column": "diagnosis"})
+    common.save_draft(config, at.query_params[common.DRAFT_PARAM])
+    for page in ("plan", "finetune", "model"):
+        ok(at.switch_page(common.PAGES[page]).run())
+        assert not at.error, [e.value for e in at.error]
+    at.switch_page(common.PAGES["finetune"]).run()
+    at.number_input(key="ft_batch").set_value(1000).run()  # the table's 427 training rows, not digits' 1,347
+    assert any("1,000 is more than the 427 training samples" in e.value for e in at.error), [e.value for e in at.error]
 
 
 def test_plan_edit_is_validated_on_the_server(workspace):
