@@ -21,7 +21,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from qat_core import runner, train, zoo
+from qat_core import library, runner, train, zoo
 from qat_core.config import DataConfig
 from qat_core.prepare import prepare
 
@@ -98,7 +98,7 @@ def torchvision_case(batch: int, repeats: int, inner: int) -> None:
     fusable copy (``torchvision.models.quantization.resnet18``: fuse_model(is_qat=True), prepare_qat)."""
     from torch.ao.quantization import get_default_qat_qconfig, prepare_qat
 
-    tv = zoo.import_torchvision()
+    tv = library.import_torchvision()
     torch.manual_seed(0)
     fp32 = tv.models.resnet18(num_classes=10)
     x, y = torch.randn(batch, 3, 224, 224), torch.randint(0, 10, (batch,))

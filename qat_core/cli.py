@@ -65,8 +65,12 @@ def cmd_models(args: argparse.Namespace) -> None:
 def cmd_config_init(args: argparse.Namespace) -> None:
     from qat_core.runner import default_config
 
-    data = {k: v for k, v in (("path", args.data), ("label_column", args.label_column)) if v is not None}
-    print(default_config(args.model, args.weight_bits, args.act_bits, data).to_yaml(), end="")
+    data = {k: v for k, v in (("path", args.data), ("label_column", args.label_column),
+                              ("image_size", args.image_size), ("max_samples", args.max_samples)) if v is not None}
+    if args.data is not None:
+        data["dataset"] = "image-folder" if Path(args.data).is_dir() else "table"
+    print(default_config(args.model, args.weight_bits, args.act_bits, data, args.weights, args.checkpoint).to_yaml(),
+          end="")
 
 
 def cmd_train(args: argparse.Namespace) -> None:
@@ -227,8 +231,16 @@ def parser() -> argparse.ArgumentParser:
     init.add_argument("--model", required=True, help="zoo id (see `qat-studio models`) or package.module:factory")
     init.add_argument("--weight-bits", type=_bits, default=8, help="weight bits for inner layers: 2..8 or off")
     init.add_argument("--act-bits", type=_bits, default=8, help="activation bits for inner layers: 2..8 or off")
-    init.add_argument("--data", default=None, help="a CSV or Parquet table, for table-mlp (data.path)")
+    init.add_argument("--data", default=None, help="data.path: a folder with one sub-folder of images per class, or "
+                                                   "a CSV or Parquet table (for table-mlp)")
     init.add_argument("--label-column", default=None, help="the table's label column (default: label)")
+    init.add_argument("--image-size", type=int, default=None, help="an image folder's crop side in pixels "
+                                                                   "(default: what the model's weights expect)")
+    init.add_argument("--max-samples", type=int, default=None, help="use a seeded random subset of this many samples")
+    init.add_argument("--weights", default=None, help="a library model's pretrained weights by name, from the "
+                                                      "local cache (DEFAULT, IMAGENET1K_V1, …)")
+    init.add_argument("--checkpoint", default=None, help="your trained state_dict file (a head for another number "
+                                                         "of classes is replaced)")
     init.set_defaults(func=cmd_config_init)
 
     tr = sub.add_parser("train", help="train a run from a config; prints the run id last")

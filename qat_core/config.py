@@ -40,7 +40,10 @@ RangeMethod = Literal["minmax", "moving_average", "percentile", "mse", "lsq"]
 RANGE_METHODS: tuple[str, ...] = RangeMethod.__args__
 Granularity = Literal["per_tensor", "per_channel"]
 # the zoo's data sets (``zoo.ZooEntry.dataset``); plugins bring their own data and ignore this field
-Dataset = Literal["digits", "generated-images", "generated-sequences", "table"]
+Dataset = Literal["digits", "generated-images", "generated-sequences", "table", "image-folder", "text-table"]
+FROM_DISK = ("table", "image-folder", "text-table")  # data sets read from data.path
+IMAGE_FIELDS = ("image_size", "resize_size", "mean", "std")  # an image folder's preprocessing
+TEXT_FIELDS = ("text_column", "max_length")  # a text table's
 DATASETS: tuple[str, ...] = Dataset.__args__
 MAX_SEED = 2**32 - 1  # NumPy and PyTorch seeds are 32-bit
 
@@ -104,6 +107,7 @@ def _seed_range(value: int) -> int:
 Int = Annotated[int, BeforeValidator(_not_bool)]
 Float = Annotated[float, BeforeValidator(_not_bool)]
 Seed = Annotated[int, BeforeValidator(_not_bool), AfterValidator(_seed_range)]
+Positive = Annotated[float, BeforeValidator(_not_bool), Field(gt=0)]
 
 
 class _Strict(BaseModel):
@@ -191,18 +195,35 @@ class LayerPlan(_Strict):
 
 class DataConfig(_Strict):
     dataset: Dataset = "digits"  # zoo data set id (ignored for plugins, which bring their own loaders)
-    path: str | None = Field(None, max_length=4096)  # the file of dataset "table": CSV, or Parquet (.parquet)
-    label_column: str = Field("label", min_length=1, max_length=256)  # dataset "table": the class of each row
+    path: str | None = Field(None, max_length=4096)  # (text-)table: a CSV or Parquet file; image-folder: a folder
+    label_column: str = Field("label", min_length=1, max_length=256)  # (text-)table: the class of each row
+    text_column: str = Field("text", min_length=1, max_length=256)  # text-table: the text of each row
+    max_length: Int = Field(128, ge=2, le=8192)  # text-table: tokens a text is cut to
     max_samples: Int | None = Field(None, ge=4)  # a seeded random subset, for short fine-tunes on a CPU
     test_fraction: Float = Field(0.25, gt=0.0, lt=1.0)  # share of samples held out for testing
     split_seed: Seed = 0  # seed of the train/test split (independent of the training seed)
+    # image-folder preprocessing (resize the shorter side, center-crop, normalise); None: from the model's
+    # weights metadata when it has some, else ImageNet's 256 → 224 and mean/std
+    image_size: Int | None = Field(None, ge=8, le=1024)  # side of the center crop the model sees
+    resize_size: Int | None = Field(None, ge=8, le=2048)  # the shorter side before the crop
+    mean: tuple[Float, Float, Float] | None = None  # per RGB channel, of pixel values in [0, 1]
+    std: tuple[Positive, Positive, Positive] | None = None
 
     @model_validator(mode="after")
     def _path_for_files_only(self) -> DataConfig:
-        if self.dataset == "table" and not self.path:
-            raise ValueError("dataset table needs data.path: a CSV or Parquet file with a label column")
-        if self.dataset != "table" and self.path:
-            raise ValueError(f"data.path is for dataset table only; dataset {self.dataset} is built in")
+        what = {"table": "a CSV or Parquet file with a label column",
+                "image-folder": "a folder with one sub-folder of images per class",
+                "text-table": "a CSV or Parquet file with a text column and a label column"}
+        if self.dataset in FROM_DISK and not self.path:
+            raise ValueError(f"dataset {self.dataset} needs data.path: {what[self.dataset]}")
+        if self.dataset not in FROM_DISK and self.path:
+            raise ValueError(f"data.path is for datasets {', '.join(FROM_DISK)}; dataset {self.dataset} is built in")
+        image_fields = [f for f in IMAGE_FIELDS if getattr(self, f) is not None]
+        if image_fields and self.dataset != "image-folder":
+            raise ValueError(f"data.{image_fields[0]} is for dataset image-folder only")
+        if self.image_size and self.resize_size and self.resize_size < self.image_size:
+            raise ValueError(f"data.resize_size {self.resize_size} is smaller than the {self.image_size}-pixel crop; "
+                             "make it at least data.image_size")
         return self
 
 
@@ -239,6 +260,9 @@ class RunConfig(_Strict):
     name: str = ""  # a label for people; not part of identity
     model: str = "digits-cnn"  # zoo id, or a plugin path "package.module:factory"
     checkpoint: str | None = None  # optional state_dict file (loaded with weights_only=True)
+    # a library model's pretrained weights by name (torchvision: DEFAULT, IMAGENET1K_V1, …; timm: DEFAULT),
+    # read from the local cache only; a head for another number of classes is replaced
+    weights: str | None = Field(None, min_length=1, max_length=128)
     data: DataConfig = DataConfig()
     plan: LayerPlan = LayerPlan()
     baseline: BaselineConfig = BaselineConfig()
@@ -257,6 +281,9 @@ class RunConfig(_Strict):
     def _model_id(self) -> RunConfig:
         if not self.model.strip():
             raise ValueError("model must be a zoo id or a plugin path 'package.module:factory'")
+        if self.weights and self.checkpoint:
+            raise ValueError("give weights (a library's pretrained weights by name) or checkpoint (your own file), "
+                             "not both")
         return self
 
     # --- serialisation -------------------------------------------------------------------------

@@ -100,6 +100,10 @@ class _ValueProxy(fx.Proxy):
             value = self._value()
             if value is not None and not hasattr(value, name):
                 raise AttributeError(name)
+            if name == "dtype" and isinstance(value, torch.Tensor):
+                # fixed, like the model's dtype: a weight read only for its dtype (transformers' ViT casts its
+                # input to the patch projection's) then leaves the graph instead of pinning a swapped-out weight
+                return value.dtype
         return super().__getattr__(name)
 
     def __iter__(self):
@@ -235,6 +239,8 @@ def trace(model: nn.Module, example: torch.Tensor) -> tuple[fx.GraphModule, dict
                 raise TracingError(f"tracing stopped in the model's forward: {first_line(err)}") from None
             leaves[failed[0]] = failed[1]
             continue
+        for node in [n for n in graph.nodes if n.op == "get_attr" and not n.users]:
+            graph.erase_node(node)  # read for metadata only (see _ValueProxy)
         gm = fx.GraphModule(net, graph, class_name=type(model).__name__)
         _check_traced(model, gm, example, tracer.fixed_branches)
         values = {node: tracer.values.get(node) for node in graph.nodes}

@@ -40,10 +40,12 @@ def layer_table(model: nn.Module, example: torch.Tensor) -> list[dict]:
     (why a layer is special: weights left in float, or how the layers were found).
     """
     try:
-        mg = graph.analyze(model, example)
+        rows = _graph_rows(graph.analyze(model, example), example)
     except graph.TracingError as err:
-        return _hook_rows(model, example, str(err))
-    return _graph_rows(mg, example)
+        rows = _hook_rows(model, example, str(err))
+    notes = getattr(model, "layer_notes", {})  # set where a model was built (a replaced head, say)
+    return [r | {"note": "; ".join(filter(None, (r["note"], notes[r["name"]])))} if r["name"] in notes else r
+            for r in rows]
 
 
 def prepare(model: nn.Module, plan: LayerPlan, example: torch.Tensor) -> QATModel:

@@ -20,8 +20,9 @@ import torch
 from torch import nn
 
 from qat_core import config as cfg
-from qat_core import train, zoo
+from qat_core import library, train, zoo
 from qat_core.config import MAX_SEED, RunConfig, with_uniform_plan
+from qat_core.data import Data, data_fingerprint
 from qat_core.errors import CancelledError, ConfigError, QATError
 from qat_core.modules import QATModel
 from qat_core.prepare import layer_table, prepare, size_bytes
@@ -30,8 +31,16 @@ from qat_core.store import RunStore
 
 
 def _baseline_key(config: RunConfig) -> str:
-    identity = {"model": config.model, "checkpoint": config.checkpoint, "data": config.data.model_dump(),
+    unset = cfg.DataConfig()  # fields added after baselines were first cached count only when set
+    data = {k: v for k, v in config.data.model_dump().items()
+            if k not in cfg.IMAGE_FIELDS + cfg.TEXT_FIELDS or v != getattr(unset, k)}
+    identity = {"model": config.model, "checkpoint": config.checkpoint, "data": data,
                 "baseline": config.baseline.model_dump(), "seed": config.seed, "torch": torch.__version__}
+    if config.weights:  # keys of baselines cached before these settings existed stay as they were
+        identity["weights"] = config.weights
+    files = data_fingerprint(config.data)
+    if files:  # data from disk: edited files mean another baseline
+        identity["files"] = files
     return hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()[:16]
 
 
@@ -42,17 +51,26 @@ def cached_baseline(config: RunConfig, store: RunStore) -> dict[str, float] | No
 
 
 def default_config(model_id: str, weight_bits: int | None = 8, act_bits: int | None = 8,
-                   data: dict[str, Any] | None = None) -> RunConfig:
+                   data: dict[str, Any] | None = None, weights: str | None = None,
+                   checkpoint: str | None = None) -> RunConfig:
     """A sensible starting config for a model: first and last layer at 8 bits, the rest as chosen.
-    ``data``: data settings over the model's own (a table's ``path`` and ``label_column``)."""
+    ``data``: data settings over the model's own (a table's or image folder's ``path``, …); an image
+    folder's preprocessing is filled in from the model's weights metadata, so the config records it."""
     entry = zoo.MODELS.get(model_id)
-    settings: dict[str, Any] = {"model": model_id, "data": {"dataset": zoo.default_dataset(model_id)} | (data or {})}
-    if entry is not None:
+    settings: dict[str, Any] = {"model": model_id, "weights": weights, "checkpoint": checkpoint,
+                                "data": {"dataset": zoo.default_dataset(model_id)} | (data or {})}
+    if settings["data"]["dataset"] in ("image-folder", "text-table"):  # real data: train the head (or more) properly
+        settings |= {"baseline": zoo.USER_DATA_BASELINE, "finetune": zoo.USER_DATA_FINETUNE}
+    elif entry is not None:
         settings |= {"baseline": entry.baseline_defaults, "finetune": entry.finetune_defaults}
-    elif zoo.library_of(model_id):  # torchvision, timm: image classifiers
+    elif library.library_of(model_id):  # torchvision, timm: image classifiers
         settings |= {"baseline": zoo.VISION_BASELINE, "finetune": zoo.VISION_FINETUNE}
     base = cfg.from_dict(settings)
-    model, data = zoo.build(model_id, base.data)
+    base = base.model_copy(update={"data": library.resolve_data(model_id, base.data, weights)})
+    model, data = zoo.build(model_id, base.data, weights, checkpoint)
+    if not zoo.is_plugin(model_id):  # a small data set: batches no larger than its training split
+        base = base.model_copy(update={s: getattr(base, s).model_copy(update={"batch_size": min(
+            getattr(base, s).batch_size, len(data.train_x))}) for s in ("baseline", "finetune")})
     names = [r["name"] for r in layer_table(model, data.example()) if r["has_weights"]]
     return cfg.from_dict(with_uniform_plan(base, names, weight_bits, act_bits).to_dict())
 
@@ -66,7 +84,7 @@ class Loaded:
     fp32: nn.Module
     ptq: QATModel
     qat: QATModel
-    data: zoo.Data
+    data: Data
 
 
 def training_device(config: RunConfig) -> torch.device:
@@ -89,19 +107,17 @@ def data_problems(config: RunConfig, train_samples: int) -> dict[str, str]:
     return problems
 
 
-def _build_fp32(config: RunConfig) -> tuple[nn.Module, zoo.Data]:
+def _build_fp32(config: RunConfig) -> tuple[nn.Module, Data]:
     train.seed_everything(config.seed)
-    model, data = zoo.build(config.model, config.data)
+    model, data = zoo.build(config.model, config.data, config.weights, config.checkpoint)
     problems = data_problems(config, len(data.train_x) if not zoo.is_plugin(config.model) else 0)
     if problems:
         raise ConfigError("; ".join(f"{field}: {why}" for field, why in problems.items()))
-    if config.checkpoint:
-        zoo.load_checkpoint(model, config.checkpoint)
     return model, data
 
 
 def baseline(config: RunConfig, store: RunStore, on_event: train.OnEvent = lambda e: None,
-             cancel: train.Cancel = train.NeverCancel()) -> tuple[nn.Module, zoo.Data, dict[str, float]]:
+             cancel: train.Cancel = train.NeverCancel()) -> tuple[nn.Module, Data, dict[str, float]]:
     """The trained FP32 model for a config: from the cache, or trained now and cached."""
     model, data = _build_fp32(config)
     model.to(training_device(config))
@@ -110,7 +126,7 @@ def baseline(config: RunConfig, store: RunStore, on_event: train.OnEvent = lambd
     if cached is not None:
         model.load_state_dict(cached["state"])
         return model, data, cached["metrics"]
-    if config.checkpoint:  # the user's trained weights are the baseline
+    if (config.checkpoint or config.weights) and not library.new_head(model):  # trained weights are the baseline
         metrics = train.evaluate(model, data.test_loader())
     else:
         b = config.baseline
@@ -120,7 +136,7 @@ def baseline(config: RunConfig, store: RunStore, on_event: train.OnEvent = lambd
     return model, data, metrics
 
 
-def _quantize(fp32: nn.Module, data: zoo.Data, config: RunConfig) -> QATModel:
+def _quantize(fp32: nn.Module, data: Data, config: RunConfig) -> QATModel:
     device = next(fp32.parameters()).device
     model = prepare(fp32, config.plan, data.example().to(device)).to(device)
     ft = config.finetune

@@ -1,196 +1,30 @@
-"""Built-in models and data sets, all offline, and the plugin hook for a user's own model.
+"""Built-in models, the plugin hook for a user's own model, and ``build``: a config's model and data.
 
-``digits`` is scikit-learn's real ``load_digits`` (1,797 8×8 images). The latency-scale models
-(ResNet-18-style, MobileNetV2-style, Transformer encoder) train on generated data: their
-accuracy only shows that training ran, never how good the architecture is.
+The zoo's models are small factories sized by their data. A model id is a zoo id, a library's
+architecture by name (``library.py``) or a plugin path ``package.module:factory``.
 """
 
 from __future__ import annotations
 
-import difflib
 import importlib
-import importlib.util
 import math
 from collections import OrderedDict
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 from torch import nn
 
 from qat_core.config import DataConfig
+from qat_core.data import DATASETS, Data, digits, images224, sequences, table
 from qat_core.errors import ConfigError, PluginError
+from qat_core.library import head, hf_task, library_data, library_model, library_of, note_new_head, resolve_data
 from qat_core.modules import Add, MatMul
 
-Batch = tuple[torch.Tensor, torch.Tensor]
-
-
-class TensorLoader:
-    """Batches from in-memory tensors; reshuffled each epoch from its own seeded generator."""
-
-    def __init__(self, x: torch.Tensor, y: torch.Tensor, batch_size: int, shuffle: bool, seed: int = 0):
-        self.x, self.y, self.batch_size, self.shuffle = x, y, batch_size, shuffle
-        self.generator = torch.Generator().manual_seed(seed)
-
-    def __len__(self) -> int:
-        return math.ceil(len(self.x) / self.batch_size)
-
-    def __iter__(self) -> Iterator[Batch]:
-        n = len(self.x)
-        order = torch.randperm(n, generator=self.generator) if self.shuffle else torch.arange(n)
-        for start in range(0, n, self.batch_size):
-            idx = order[start:start + self.batch_size]
-            yield self.x[idx], self.y[idx]
-
-
-
-@dataclass
-class Data:
-    """A data set split for training and testing."""
-
-    train_x: torch.Tensor
-    train_y: torch.Tensor
-    test_x: torch.Tensor
-    test_y: torch.Tensor
-    num_classes: int
-    generated: bool  # True: synthetic data, accuracy is not meaningful
-    description: str
-    train_loader_fn: Callable[[int, bool, int], Iterable[Batch]] | None = None  # plugins bring loaders
-    test_loader_fn: Callable[[int], Iterable[Batch]] | None = None
-
-    def train_loader(self, batch_size: int, shuffle: bool = True, seed: int = 0) -> Iterable[Batch]:
-        if self.train_loader_fn is not None:
-            return self.train_loader_fn(batch_size, shuffle, seed)
-        return TensorLoader(self.train_x, self.train_y, batch_size, shuffle, seed)
-
-    def test_loader(self, batch_size: int = 512) -> Iterable[Batch]:
-        if self.test_loader_fn is not None:
-            return self.test_loader_fn(batch_size)
-        return TensorLoader(self.test_x, self.test_y, batch_size, shuffle=False)
-
-    def example(self, n: int = 2) -> torch.Tensor:
-        return self.train_x[:n]
-
-
-def _split(x: torch.Tensor, y: torch.Tensor, cfg: DataConfig) -> tuple[torch.Tensor, ...]:
-    """Stratified train/test split: each class keeps the same share in both parts, fixed by the seed."""
-    g = torch.Generator().manual_seed(cfg.split_seed)
-    test_idx = []
-    for label in torch.unique(y):
-        members = torch.nonzero(y == label).flatten()
-        members = members[torch.randperm(len(members), generator=g)]
-        test_idx.append(members[: round(len(members) * cfg.test_fraction)])
-    is_test = torch.zeros(len(y), dtype=torch.bool)
-    is_test[torch.cat(test_idx)] = True
-    return x[~is_test], y[~is_test], x[is_test], y[is_test]
-
-
-def _digits_array() -> np.ndarray:
-    """scikit-learn's digits table (1797 rows: 64 pixel values 0..16, then the label).
-
-    Read from the file scikit-learn ships rather than through ``sklearn.datasets``, whose import
-    alone costs about a second — a sixth of a whole digits run.
-    """
-    spec = importlib.util.find_spec("sklearn")
-    path = Path(spec.submodule_search_locations[0]) / "datasets" / "data" / "digits.csv.gz" if spec else None
-    if path is None or not path.exists():  # a scikit-learn that moved its data: its public loader
-        from sklearn.datasets import load_digits
-
-        raw = load_digits()
-        return np.column_stack([raw.data, raw.target])
-    return np.loadtxt(path, delimiter=",")
-
-
-def digits(cfg: DataConfig) -> Data:
-    """scikit-learn's handwritten digits: (N, 1, 8, 8) in [0, 1], 10 classes."""
-    table = torch.from_numpy(_digits_array()).float()
-    x = table[:, :64].reshape(-1, 1, 8, 8) / 16.0  # (N, 1, 8, 8)
-    y = table[:, 64].long()
-    tr_x, tr_y, te_x, te_y = _split(x, y, cfg)
-    return Data(tr_x, tr_y, te_x, te_y, 10, generated=False,
-                description="scikit-learn load_digits: 8×8 handwritten digits, 10 classes")
-
-
-def _generated(shape: tuple[int, ...], n: int, cfg: DataConfig, classes: int = 10) -> Data:
-    """Class templates plus noise: learnable, deterministic, and meaningless as accuracy."""
-    g = torch.Generator().manual_seed(1000 + cfg.split_seed)
-    templates = torch.randn((classes, *shape), generator=g)
-    y = torch.arange(n) % classes
-    x = 0.5 * templates[y] + torch.randn((n, *shape), generator=g)
-    tr_x, tr_y, te_x, te_y = _split(x, y, cfg)
-    return Data(tr_x, tr_y, te_x, te_y, classes, generated=True,
-                description=f"generated {shape} samples (class template + noise); accuracy is not meaningful")
-
-
-def _subset(x: torch.Tensor, y: torch.Tensor, cfg: DataConfig) -> tuple[torch.Tensor, torch.Tensor]:
-    """At most ``cfg.max_samples`` rows, drawn at random (seeded by the split seed) before the split."""
-    if cfg.max_samples is None or len(y) <= cfg.max_samples:
-        return x, y
-    keep = torch.randperm(len(y), generator=torch.Generator().manual_seed(cfg.split_seed))[:cfg.max_samples]
-    return x[keep], y[keep]
-
-
-def table(cfg: DataConfig) -> Data:
-    """A CSV or Parquet table: one row a sample, numeric feature columns and a label column (any values,
-    mapped to classes 0..C-1 in sorted order). Features are standardised with the training split's mean
-    and standard deviation; rows with a missing value are skipped and counted."""
-    import pandas as pd
-
-    path = Path(cfg.path or "")
-    kind = "Parquet" if path.suffix.lower() in (".parquet", ".pq") else "CSV"
-    if not path.is_file():
-        raise ConfigError(f"data.path {path}: no such file; give a {kind} table with a label column")
-    try:
-        frame = pd.read_parquet(path) if kind == "Parquet" else pd.read_csv(path)
-    except Exception as err:  # pandas raises many kinds: the file is not a table it can read
-        raise ConfigError(f"data.path {path} cannot be read as a {kind} table ({type(err).__name__}: "
-                          f"{str(err)[:200]})") from None
-    label = cfg.label_column
-    if label not in frame.columns:
-        shown = ", ".join(map(str, frame.columns[:12])) + (", …" if len(frame.columns) > 12 else "")
-        raise ConfigError(f"{path} has no label column {label!r}; its columns are {shown}. Set data.label_column")
-    features = frame.drop(columns=[label])
-    text = [str(c) for c in features.columns if not pd.api.types.is_numeric_dtype(features[c])
-            or pd.api.types.is_bool_dtype(features[c])]
-    if text:
-        raise ConfigError(f"{path}: feature columns must be numbers; {', '.join(text[:8])} "
-                          f"{'is' if len(text) == 1 else 'are'} not. Encode them as numbers or drop them")
-    if features.shape[1] == 0:
-        raise ConfigError(f"{path} has only the label column; a model needs at least one feature column")
-    complete = features.notna().all(axis=1) & frame[label].notna()
-    skipped = int((~complete).sum())
-    features, labels = features[complete], frame[label][complete]
-    classes = sorted(labels.unique(), key=str)
-    if len(classes) < 2:
-        raise ConfigError(f"{path}: the label column {label!r} has {len(classes)} class(es) in its complete rows; "
-                          "classification needs at least 2")
-    x = torch.tensor(features.to_numpy(dtype=np.float32))
-    y = torch.tensor(labels.map({c: i for i, c in enumerate(classes)}).to_numpy(dtype=np.int64))
-    x, y = _subset(x, y, cfg)
-    tr_x, tr_y, te_x, te_y = _split(x, y, cfg)
-    if len(te_y) == 0 or len(tr_y) == 0:
-        raise ConfigError(f"{path}: {len(y)} rows are too few to hold out a test split; add rows or raise "
-                          "data.test_fraction")
-    mean, std = tr_x.mean(dim=0), tr_x.std(dim=0).clamp_min(1e-6)
-    tr_x, te_x = (tr_x - mean) / std, (te_x - mean) / std
-    note = f", {skipped} row(s) with a missing value skipped" if skipped else ""
-    return Data(tr_x, tr_y, te_x, te_y, len(classes), generated=False,
-                description=f"{path.name}: {len(y)} rows, {x.shape[1]} features (standardised), {len(classes)} "
-                            f"classes from column {label!r}{note}")
-
-
-def images224(cfg: DataConfig) -> Data:
-    return _generated((3, 224, 224), 160, cfg)
-
-
-def sequences(cfg: DataConfig) -> Data:
-    return _generated((128, 64), 320, cfg)
-
-
 # --- models --------------------------------------------------------------------------------------
+
 
 def conv_bn_relu(c_in: int, c_out: int, k: int = 3, stride: int = 1, groups: int = 1, relu: bool = True) -> nn.Sequential:
     """Conv → BN (→ ReLU) in one Sequential, the pattern ``prepare`` fuses; the layer is ``<name>.conv``."""
@@ -340,7 +174,15 @@ class ZooEntry:
 
 # settings that keep a 224×224 CNN on generated data to seconds on a CPU (its accuracy means nothing)
 VISION_BASELINE = {"epochs": 1, "batch_size": 16, "max_steps": 6, "lr": 1e-3}
+
+
 VISION_FINETUNE = {"epochs": 1, "batch_size": 8, "max_steps": 4}
+
+# a user's images or texts: a few epochs to fit a new head (or more), one to recover from quantization
+USER_DATA_BASELINE = {"epochs": 3, "batch_size": 32, "lr": 1e-3}
+
+
+USER_DATA_FINETUNE = {"epochs": 1, "batch_size": 32, "lr": 1e-4}
 
 MODELS: dict[str, ZooEntry] = {
     "digits-cnn": ZooEntry(lambda d: digits_cnn(d.num_classes), digits, "3-conv CNN + BN on 8×8 digits", "digits"),
@@ -358,91 +200,20 @@ MODELS: dict[str, ZooEntry] = {
 }
 
 
-TORCHVISION_OPS = {"nms": "(Tensor dets, Tensor scores, float iou_threshold) -> Tensor",
-                   "qnms": "(Tensor dets, Tensor scores, float iou_threshold) -> Tensor"}
-
-
-def import_torchvision() -> Any:
-    """``import torchvision``, also where its C++ ops cannot load.
-
-    PyPI's torchvision wheel is built against the CUDA torch; beside the CPU wheel its C++ ops do not
-    load and the import dies with ``operator torchvision::nms does not exist``. Its model definitions
-    need neither op, so the two it registers meta kernels for are declared (schema only) and the
-    import is tried again. Import it through here before ``timm`` or ``transformers``, which import it.
-    """
-    import sys
-
-    try:
-        import torchvision
-    except RuntimeError as err:
-        if "does not exist" not in str(err):
-            raise
-        for name in [m for m in sys.modules if m == "torchvision" or m.startswith("torchvision.")]:
-            del sys.modules[name]
-        for op, schema in TORCHVISION_OPS.items():
-            try:
-                torch.library.define(f"torchvision::{op}", schema)
-            except RuntimeError:  # declared already (by an earlier call)
-                pass
-        import torchvision
-    return torchvision
-
-
-DATASETS: dict[str, Callable[[DataConfig], Data]] = {  # data.dataset → its loader
-    "digits": digits, "generated-images": images224, "generated-sequences": sequences, "table": table,
-}
-LIBRARIES = {"torchvision": "vision", "timm": "vision"}  # model id prefix → the extra that installs it
-
-
-def library_of(model_id: str) -> str | None:
-    """``torchvision`` for ``torchvision:resnet18``: a model library's architecture by name, or None."""
-    prefix, sep, _ = model_id.partition(":")
-    return prefix if sep and prefix in LIBRARIES else None
-
-
 def is_plugin(model_id: str) -> bool:
     return ":" in model_id and library_of(model_id) is None
 
 
 def default_dataset(model_id: str) -> str:
     """The data set a model trains on unless the config says otherwise: a zoo model's own, image data for
-    a library's (image classifiers), digits otherwise (plugins bring their own data)."""
+    a library's image classifiers, a text table for a Hugging Face text classifier (its path is the
+    user's to give), digits otherwise (plugins bring their own data)."""
     entry = MODELS.get(model_id)
-    return entry.dataset if entry else "generated-images" if library_of(model_id) else "digits"
-
-
-def _library(prefix: str) -> Any:
-    try:
-        if prefix == "torchvision":
-            return import_torchvision()
-        import_torchvision()  # timm imports it
-        import timm
-
-        return timm
-    except ImportError:
-        raise ConfigError(f"model ids {prefix}:NAME need the {prefix} package; install it with "
-                          f"pip install -e \".[{LIBRARIES[prefix]}]\"") from None
-
-
-def _unknown_name(library: str, name: str, names: list[str]) -> ConfigError:
-    close = difflib.get_close_matches(name, names, n=4, cutoff=0.5)
-    hint = f"; did you mean {', '.join(close)}?" if close else f"; it has {len(names)}, e.g. {', '.join(names[:4])}"
-    return ConfigError(f"{library} has no classification model {name!r}{hint}")
-
-
-def library_model(model_id: str, data: Data) -> nn.Module:
-    """A library's architecture by name, randomly initialised, its head sized for the data's classes
-    (``checkpoint`` then loads the user's trained weights into it)."""
-    prefix, _, name = model_id.partition(":")
-    lib = _library(prefix)
-    if prefix == "torchvision":
-        names = lib.models.list_models(module=lib.models)  # the classification models only
-        if name not in names:
-            raise _unknown_name("torchvision", name, names)
-        return lib.models.get_model(name, weights=None, num_classes=data.num_classes)
-    if not lib.is_model(name):
-        raise _unknown_name("timm", name, lib.list_models())
-    return lib.create_model(name, pretrained=False, num_classes=data.num_classes)
+    if entry is not None:
+        return entry.dataset
+    if library_of(model_id) == "hf" and hf_task(model_id) == "text":
+        return "text-table"
+    return "generated-images" if library_of(model_id) else "digits"
 
 
 def _check_fits(model: nn.Module, data: Data, model_id: str, dataset: str) -> None:
@@ -545,34 +316,53 @@ def load_checkpoint(model: nn.Module, path: str | Path) -> None:
     expected = model.state_dict()
     missing = [k for k in expected if k not in state]
     unexpected = [k for k in state if k not in expected]
-    reshaped = [f"{k} is {tuple(state[k].shape)} in the file, {tuple(v.shape)} in the model"
-                for k, v in expected.items() if k in state and state[k].shape != v.shape]
+    reshaped = [k for k, v in expected.items() if k in state and state[k].shape != v.shape]
+    head_name = head(model)[0] if reshaped else ""
+    if reshaped and not missing and not unexpected and all(k.startswith(head_name + ".") for k in reshaped):
+        # trained for another number of classes: everything but the head loads, the head starts afresh
+        old_classes = state[reshaped[0]].shape[0]
+        model.load_state_dict({k: v for k, v in state.items() if k not in reshaped}, strict=False)
+        note_new_head(model, head_name, expected[reshaped[0]].shape[0], old_classes)
+        return
     if missing or unexpected or reshaped:
         def first(keys: list[str]) -> str:
             return ", ".join(keys[:3]) + (f" … ({len(keys)} in all)" if len(keys) > 3 else "")
 
         problems = ([f"missing {first(missing)}"] if missing else []) + \
-                   ([f"unexpected {first(unexpected)}"] if unexpected else []) + reshaped[:2]
+                   ([f"unexpected {first(unexpected)}"] if unexpected else []) + \
+                   [f"{k} is {tuple(state[k].shape)} in the file, {tuple(expected[k].shape)} in the model"
+                    for k in reshaped[:2]]
         raise PluginError(f"checkpoint {path} does not fit the model (is it for another architecture, or another "
                           f"number of classes?): {'; '.join(problems)}")
     model.load_state_dict(state)
 
 
-def build(model_id: str, data_cfg: DataConfig) -> tuple[nn.Module, Data]:
-    """The float model and its data for a config's ``model`` (zoo id, library architecture, plugin path)."""
+def build(model_id: str, data_cfg: DataConfig, weights: str | None = None,
+          checkpoint: str | None = None) -> tuple[nn.Module, Data]:
+    """The float model and its data for a config's ``model`` (zoo id, library architecture, plugin path),
+    with its ``weights`` (a library's, by name) or ``checkpoint`` (the user's file) loaded."""
+    if weights and not library_of(model_id):
+        raise ConfigError(f"weights {weights!r} name a library's pretrained weights (torchvision:NAME, timm:NAME); "
+                          f"{model_id} takes a checkpoint file instead")
     if is_plugin(model_id):
-        return load_plugin(model_id)
-    if library_of(model_id):
-        data = DATASETS[data_cfg.dataset](data_cfg)
-        model = library_model(model_id, data)
+        model, data = load_plugin(model_id)
+    elif library_of(model_id):
+        data_cfg = resolve_data(model_id, data_cfg, weights)
+        data = library_data(model_id, data_cfg)
+        model = library_model(model_id, data, weights)
+    else:
+        entry = MODELS.get(model_id)
+        if entry is None:
+            raise ConfigError(f"model {model_id!r} is not in the zoo ({', '.join(MODELS)}) "
+                              "and is not a plugin path 'package.module:factory'")
+        if data_cfg.dataset != entry.dataset and not (entry.dataset == "generated-images"
+                                                      and data_cfg.dataset == "image-folder"):
+            raise ConfigError(f"model {model_id} is built for the {entry.dataset} data set, not {data_cfg.dataset}; "
+                              f"set data.dataset: {entry.dataset}")
+        data = DATASETS[data_cfg.dataset](resolve_data(model_id, data_cfg))
+        model = entry.model(data)
+    if checkpoint:
+        load_checkpoint(model, checkpoint)
+    if not is_plugin(model_id):
         _check_fits(model, data, model_id, data_cfg.dataset)
-        return model, data
-    entry = MODELS.get(model_id)
-    if entry is None:
-        raise ConfigError(f"model {model_id!r} is not in the zoo ({', '.join(MODELS)}) "
-                          "and is not a plugin path 'package.module:factory'")
-    if data_cfg.dataset != entry.dataset:
-        raise ConfigError(f"model {model_id} is built for the {entry.dataset} data set, not {data_cfg.dataset}; "
-                          f"set data.dataset: {entry.dataset}")
-    data = entry.data(data_cfg)
-    return entry.model(data), data
+    return model, data

@@ -46,3 +46,80 @@ def write_table(path, rows: int | None = None):
     else:
         frame.to_csv(path, index=False)
     return path
+
+
+def write_image_folder(root, classes: int = 8, per_class: int = 30, size: int = 32, corrupt: int = 0):
+    """scikit-learn's handwritten digits as an image folder (``root/<digit>/<n>.png``, RGB, upscaled to
+    ``size`` px): real images no one on the team made, in torchvision's ImageFolder layout. ``corrupt``
+    files per class are not images, though named like them."""
+    from pathlib import Path
+
+    import numpy as np
+    from PIL import Image
+    from sklearn.datasets import load_digits
+
+    digits = load_digits()
+    root = Path(root)
+    for label in range(classes):
+        folder = root / str(label)
+        folder.mkdir(parents=True, exist_ok=True)
+        for n, pixels in enumerate(digits.images[digits.target == label][:per_class]):
+            gray = Image.fromarray((pixels * 255 / 16).astype(np.uint8)).resize((size, size), Image.Resampling.BILINEAR)
+            gray.convert("RGB").save(folder / f"{n}.png")
+        for n in range(corrupt):
+            (folder / f"broken{n}.jpg").write_bytes(b"\xff\xd8 this is not a JPEG")
+    return root
+
+
+TOPICS = {"sport": "goal match team score coach league", "food": "bread soup cheese bake spice dinner",
+          "space": "orbit rocket planet star moon launch", "music": "guitar song drum chord band concert"}
+FILLER = "the a of and to in is it that was for on with as at by this".split()
+
+
+def write_text_table(path, rows: int = 400, seed: int = 0):
+    """Short texts of filler words carrying two words of their topic, as a CSV (columns text, topic)."""
+    import csv
+    import random
+
+    rng = random.Random(seed)
+    with open(path, "w", newline="") as f:
+        out = csv.writer(f)
+        out.writerow(["text", "topic"])
+        for i in range(rows):
+            topic = list(TOPICS)[i % len(TOPICS)]
+            words = [rng.choice(FILLER) for _ in range(rng.randint(6, 14))]
+            for _ in range(2):
+                words.insert(rng.randrange(len(words)), rng.choice(TOPICS[topic].split()))
+            out.writerow([" ".join(words), topic])
+    return path
+
+
+def save_hf_models(root):
+    """A tiny BERT text classifier (with a word-level tokenizer) and a tiny ViT image classifier for
+    32×32 inputs, each saved with ``save_pretrained`` in its own folder under ``root``; built from configs
+    offline, the way a user's fine-tuned models arrive. Returns the two folders."""
+    from pathlib import Path
+
+    from qat_core.library import import_torchvision
+
+    import_torchvision()  # transformers imports it
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import (
+        BertConfig,
+        BertForSequenceClassification,
+        PreTrainedTokenizerFast,
+        ViTConfig,
+        ViTForImageClassification,
+    )
+
+    words = ["[PAD]", "[UNK]"] + FILLER + " ".join(TOPICS.values()).split()
+    tokenizer = Tokenizer(models.WordLevel({w: i for i, w in enumerate(words)}, unk_token="[UNK]"))
+    tokenizer.pre_tokenizer = pre_tokenizers.Whitespace()
+    text, image = Path(root) / "bert", Path(root) / "vit"
+    PreTrainedTokenizerFast(tokenizer_object=tokenizer, pad_token="[PAD]", unk_token="[UNK]").save_pretrained(text)
+    BertForSequenceClassification(BertConfig(vocab_size=len(words), hidden_size=64, num_hidden_layers=2,
+                                             num_attention_heads=4, intermediate_size=128, max_position_embeddings=64,
+                                             num_labels=2)).save_pretrained(text)
+    ViTForImageClassification(ViTConfig(image_size=32, patch_size=4, num_hidden_layers=2, num_attention_heads=4,
+                                        hidden_size=64, intermediate_size=128, num_labels=5)).save_pretrained(image)
+    return text, image

@@ -128,7 +128,8 @@ def test_the_largest_32_bit_seeds_are_accepted():
 
 def test_an_unknown_dataset_is_refused_naming_the_zoo_data_sets():
     refused("data: {dataset: imagenet}",
-            r"data.dataset: must be 'digits', 'generated-images', 'generated-sequences' or 'table'; got 'imagenet'")
+            r"data.dataset: must be 'digits', 'generated-images', 'generated-sequences', 'table', 'image-folder' or "
+            r"'text-table'; got 'imagenet'")
 
 
 def test_every_zoo_data_set_is_allowed_in_a_config():

@@ -11,7 +11,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.testing import assert_close
 
-from qat_core import cli, graph, runner, train, zoo
+from qat_core import cli, graph, library, runner, train
 from qat_core.config import LayerPlan, RunConfig
 from qat_core.export import coverage, int8_onnx, is_heavy, optimized_graph, session
 from qat_core.modules import DecomposedMultiheadAttention, QuantConv2d, QuantOutput
@@ -230,7 +230,7 @@ def test_weight_layer_subclasses_are_quantized_only_when_they_compute_the_plain_
 
 @pytest.mark.parametrize("name", ["vit_tiny_patch16_224", "mobilenetv3_small_050", "convnext_atto"])
 def test_timm_models_run_every_conv_linear_and_matmul_as_integer_kernels(name, tmp_path):
-    zoo.import_torchvision()  # timm imports it
+    library.import_torchvision()  # timm imports it
     timm = pytest.importorskip("timm")
     kwargs = {"img_size": 32} if name.startswith("vit") else {}
     model = timm.create_model(name, pretrained=False, num_classes=10, **kwargs).eval()

@@ -10,8 +10,9 @@ import pandas as pd
 import pytest
 import yaml
 
-from qat_core import cli, zoo
+from qat_core import cli
 from qat_core.config import DataConfig, from_dict
+from qat_core.data import table
 from qat_core.errors import ConfigError
 from tests.conftest import write_table
 
@@ -38,8 +39,8 @@ def test_a_csv_table_trains_quantizes_and_runs_as_int8_from_the_cli(tmp_path, ca
 
 
 def test_parquet_reads_as_the_csv_does(tmp_path):
-    from_csv = zoo.table(table_config(write_table(tmp_path / "t.csv")))
-    from_parquet = zoo.table(table_config(write_table(tmp_path / "t.parquet")))
+    from_csv = table(table_config(write_table(tmp_path / "t.csv")))
+    from_parquet = table(table_config(write_table(tmp_path / "t.parquet")))
     assert from_csv.num_classes == from_parquet.num_classes == 2
     assert from_csv.train_x.shape == from_parquet.train_x.shape == (427, 30)
     assert (from_csv.train_x - from_parquet.train_x).abs().max() < 1e-4
@@ -50,9 +51,9 @@ def test_a_sample_cap_and_rows_with_missing_values(tmp_path):
     frame = pd.read_csv(csv)
     frame.loc[:9, "mean radius"] = None
     frame.to_csv(csv, index=False)
-    data = zoo.table(table_config(csv))
+    data = table(table_config(csv))
     assert len(data.train_y) + len(data.test_y) == 559 and "10 row(s) with a missing value skipped" in data.description
-    capped = zoo.table(table_config(csv, max_samples=100))
+    capped = table(table_config(csv, max_samples=100))
     assert len(capped.train_y) + len(capped.test_y) == 100
     assert abs(float(capped.train_x.mean())) < 0.05  # standardised on the training split
 
@@ -70,17 +71,17 @@ def test_bad_tables_say_what_to_fix(tmp_path, change, message):
     csv = write_table(tmp_path / "t.csv")
     change(pd.read_csv(csv)).to_csv(csv, index=False)
     with pytest.raises(ConfigError, match=message):
-        zoo.table(table_config(csv))
+        table(table_config(csv))
 
 
 def test_unreadable_and_missing_files_say_what_to_fix(tmp_path):
     with pytest.raises(ConfigError, match=r"no such file; give a CSV table with a label column"):
-        zoo.table(table_config(tmp_path / "nope.csv"))
+        table(table_config(tmp_path / "nope.csv"))
     binary = tmp_path / "t.parquet"
     binary.write_bytes(b"\x00\x01 not parquet")
     with pytest.raises(ConfigError, match=r"cannot be read as a Parquet table"):
-        zoo.table(table_config(binary))
+        table(table_config(binary))
     with pytest.raises(ConfigError, match=r"dataset table needs data.path"):
         from_dict({"model": "table-mlp", "data": {"dataset": "table"}})
-    with pytest.raises(ConfigError, match=r"data.path is for dataset table only"):
+    with pytest.raises(ConfigError, match=r"data.path is for datasets table, image-folder, text-table; dataset digits is built in"):
         from_dict({"data": {"path": "x.csv"}})

@@ -9,6 +9,7 @@ import torch
 
 from qat_core import zoo
 from qat_core.config import DataConfig
+from qat_core.data import digits
 from qat_core.errors import ConfigError, PluginError
 from tests.conftest import write_table
 
@@ -16,12 +17,12 @@ sys.path.insert(0, str(Path(__file__).parent / "plugins"))
 
 
 def test_digits_split_is_real_and_reproducible():
-    data = zoo.digits(DataConfig())
+    data = digits(DataConfig())
     assert data.train_x.shape == (1347, 1, 8, 8) and len(data.test_y) == 450
     assert not data.generated
-    again = zoo.digits(DataConfig())
+    again = digits(DataConfig())
     assert torch.equal(data.test_x, again.test_x)
-    other = zoo.digits(DataConfig(split_seed=1))
+    other = digits(DataConfig(split_seed=1))
     assert not torch.equal(data.test_x, other.test_x)
 
 

@@ -11,7 +11,7 @@ import os
 import torch
 from torch import nn
 
-from qat_core import zoo
+from qat_core import library
 
 CLASSES = 10
 
@@ -41,7 +41,7 @@ def tokens(n: int = 640, length: int = 16, vocab: int = 100, seed: int = 0) -> t
 
 
 def torchvision_model(name: str) -> nn.Module:
-    tv = zoo.import_torchvision()
+    tv = library.import_torchvision()
     if name == "vit":  # a small VisionTransformer for 32×32 inputs
         return tv.models.VisionTransformer(image_size=32, patch_size=4, num_layers=2, num_heads=4, hidden_dim=64,
                                            mlp_dim=128, num_classes=CLASSES)
@@ -71,7 +71,7 @@ class BertClassifier(nn.Module):
     def __init__(self, attn_implementation: str = "sdpa"):
         super().__init__()
         os.environ.setdefault("HF_HUB_OFFLINE", "1")
-        zoo.import_torchvision()  # transformers imports it
+        library.import_torchvision()  # transformers imports it
         from transformers import BertConfig, BertForSequenceClassification
 
         config = BertConfig(vocab_size=100, hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
