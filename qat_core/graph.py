@@ -25,6 +25,7 @@ from __future__ import annotations
 import copy
 import inspect
 import math
+import threading
 from collections import Counter
 from dataclasses import dataclass, field
 from typing import Any
@@ -126,9 +127,17 @@ class _ValueProxy(fx.Proxy):
         return super().__bool__()
 
 
+# While it traces, torch.fx patches torch.nn.Module.__call__ and __getattr__ for the whole process. The
+# app's server runs models in several threads (sessions, overlapping reruns): another thread's model then
+# reached this tracer and failed with "module is not installed as a submodule". So a tracer passes other
+# threads' calls through untouched, and one trace runs at a time (a trace ending restores the originals).
+_TRACING = threading.Lock()
+
+
 class _Tracer(fx.Tracer):
     def __init__(self, example: tuple[torch.Tensor, ...], leaves: set[str], fixed: dict[str, Any]):
         super().__init__()
+        self.thread = threading.get_ident()
         self.proxy_buffer_attributes = True  # buffers sliced by traced sizes (position ids) become nodes
         self.example, self.leaves, self.fixed = list(example), leaves, fixed
         self.values: dict[fx.Node, Any] = {}
@@ -142,7 +151,14 @@ class _Tracer(fx.Tracer):
         # a library's own Conv2d / Linear subclass (timm's) is one layer, not code to trace through
         return qualname in self.leaves or isinstance(m, WEIGHT_LAYERS) or super().is_leaf_module(m, qualname)
 
+    def getattr(self, attr: str, attr_val: Any, parameter_proxy_cache: dict[str, Any]) -> Any:
+        if threading.get_ident() != self.thread:  # another thread's model: not traced
+            return attr_val
+        return super().getattr(attr, attr_val, parameter_proxy_cache)
+
     def call_module(self, m: nn.Module, forward: Any, args: Any, kwargs: Any) -> Any:
+        if threading.get_ident() != self.thread:
+            return forward(*args, **kwargs)
         try:
             return super().call_module(m, forward, args, kwargs)
         except Exception as err:
@@ -231,7 +247,7 @@ def trace(model: nn.Module, example: torch.Tensor) -> tuple[fx.GraphModule, dict
     for _ in range(MAX_LEAF_RETRIES):
         tracer = _Tracer((example,), set(leaves), fixed)
         try:
-            with torch.no_grad():
+            with torch.no_grad(), _TRACING:
                 graph = tracer.trace(net, concrete_args=fixed)
         except Exception as err:
             failed = tracer.failed_in

@@ -274,3 +274,38 @@ def test_a_model_with_two_required_inputs_gets_a_message_that_says_to_wrap_it():
 
     with pytest.raises(PluginError, match=r"forward needs more than one input \(y\); wrap the model"):
         layer_table(_TwoInputs(), torch.randn(2, 4))
+
+
+def test_models_in_other_threads_run_while_one_traces():
+    """The app's server runs models in several threads (sessions, overlapping reruns) while another traces:
+    torch.fx's process-wide patch of nn.Module.__call__ once made those fail ("module is not installed as a
+    submodule"), and two traces at once undid each other's patches."""
+    import threading
+
+    tv = library.import_torchvision()
+    busy = tv.models.mobilenet_v3_small(num_classes=10).eval()
+    x = torch.randn(2, 3, 64, 64)
+    errors: list[str] = []
+
+    def run_eagerly():
+        for _ in range(100):
+            try:
+                with torch.no_grad():
+                    busy(x)
+            except Exception as err:
+                errors.append(repr(err))
+                return
+
+    def trace_twice():
+        try:
+            for _ in range(2):
+                graph.analyze(tv.models.resnet18(num_classes=10), x)
+        except Exception as err:
+            errors.append(repr(err))
+
+    threads = [threading.Thread(target=f) for f in (run_eagerly, trace_twice, trace_twice)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert errors == []
