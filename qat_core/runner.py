@@ -7,8 +7,10 @@ background jobs both call :func:`execute`.
 
 from __future__ import annotations
 
+import copy
 import hashlib
 import json
+import math
 import os
 import subprocess
 import sys
@@ -116,6 +118,35 @@ def _build_fp32(config: RunConfig) -> tuple[nn.Module, Data]:
     return model, data
 
 
+def seconds_per_step(config: RunConfig, threads: int = 1) -> dict[str, float]:
+    """What a step of this config's FP32 baseline and of its QAT fine-tune takes on this machine with
+    ``threads`` torch threads, measured on copies of the model (and its training split's size)."""
+    fp32, data = _build_fp32(config)
+    b, ft = config.baseline, config.finetune
+    with train.torch_threads(threads):
+        model = copy.deepcopy(fp32)
+        baseline = train.seconds_per_step(model, data.train_loader(b.batch_size, True, config.seed),
+                                          train.make_optimizer(model, "adam", b.lr, 0.0))
+        qat = prepare(fp32, config.plan, data.example())
+        train.calibrate(qat, data.train_loader(ft.batch_size, True, config.seed), 1)
+        finetune = train.seconds_per_step(qat, data.train_loader(ft.batch_size, True, config.seed),
+                                          train.make_optimizer(qat, ft.optimizer, ft.lr, ft.weight_decay))
+    return {"baseline": baseline, "finetune": finetune, "train_samples": len(data.train_x)}
+
+
+def time_estimate(config: RunConfig, per_step: dict[str, float]) -> dict[str, float]:
+    """Seconds an epoch and all of training take for the baseline and the fine-tune: ``seconds_per_step``
+    × the steps (an epoch's batches, capped by max_steps). Evaluation and export come on top."""
+    out = {}
+    for part in ("baseline", "finetune"):
+        section = getattr(config, part)
+        per_epoch = math.ceil(per_step["train_samples"] / section.batch_size)
+        steps = math.ceil(per_epoch * section.epochs)
+        out[f"{part}_epoch"] = per_epoch * per_step[part]
+        out[f"{part}_total"] = min(steps, section.max_steps or steps) * per_step[part]
+    return out
+
+
 def baseline(config: RunConfig, store: RunStore, on_event: train.OnEvent = lambda e: None,
              cancel: train.Cancel = train.NeverCancel()) -> tuple[nn.Module, Data, dict[str, float]]:
     """The trained FP32 model for a config: from the cache, or trained now and cached."""
@@ -163,11 +194,11 @@ def execute(config: RunConfig, store: RunStore, run_id: str | None = None, on_ev
         emit({"phase": "fp32", "done": True, "test_accuracy": fp32_metrics["accuracy"]})
         rows = layer_table(fp32, data.example().to(next(fp32.parameters()).device))
         train.seed_everything(config.seed)
-        ptq = _quantize(fp32, data, config)
+        ptq = _quantize(fp32, data, config)  # prepare copies: fp32 stays the baseline
+        qat = copy.deepcopy(ptq)  # calibrated once (MSE ranges of a large model: many seconds), fine-tuned next
         ptq_metrics = train.quantized_metrics(ptq, data.test_loader())
         emit({"phase": "ptq", "done": True, "test_accuracy": ptq_metrics["accuracy"]})
         train.seed_everything(config.seed)
-        qat = _quantize(fp32, data, config)  # prepare copies: fp32 stays the baseline
         ft = config.finetune
         loader = data.train_loader(ft.batch_size, True, (config.seed + 1) % (MAX_SEED + 1))  # not the calibration order
         qat_metrics = train.finetune(qat, loader, data.test_loader(), ft, emit, cancel, ptq_metrics["accuracy"])
