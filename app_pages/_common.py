@@ -19,8 +19,9 @@ import pandas as pd
 import plotly.graph_objects as go
 import streamlit as st
 
-from qat_core import analysis, planning, plots, prepare, report, runner, zoo
+from qat_core import analysis, library, planning, plots, prepare, report, runner, zoo
 from qat_core import config as cfg
+from qat_core import data as datasets
 from qat_core.errors import ConfigError, QATError
 from qat_core.store import RunStore, default_workspace
 
@@ -31,6 +32,7 @@ DRAFT_KEY = "draft_id"  # session copy of the draft id (query params can be drop
 RUN_KEY = "run_id"  # session copy of the selected run
 RUN_PICKER = "run_picker"  # the run selectbox
 PLAN_EDITOR = "plan_editor"  # st.data_editor of the quantization plan
+ESTIMATE_KEY = "estimated_source"  # the Model page's source (model, weights, data) whose training was timed
 DEFAULT_MODEL = "digits-cnn"
 POLL_SECONDS = 0.5
 PAGES = {  # page files, for st.navigation (app.py) and st.switch_page / st.page_link
@@ -107,25 +109,75 @@ def run_picker(records: list[dict[str, Any]], statuses: tuple[str, ...] = ("done
 
 # --- models ---------------------------------------------------------------------------------------
 @st.cache_data(show_spinner="Reading the model…", max_entries=32)
-def model_info(model_id: str, data_json: str | None = None) -> dict[str, Any]:
+def model_info(model_id: str, data_json: str | None = None, weights: str | None = None,
+               checkpoint: str | None = None) -> dict[str, Any]:
     """Layers (execution order), parameter count and data description of a model on its data: the draft's
-    (``config.data.model_dump_json()``, e.g. a table's path), else the model's default data set."""
+    (``config.data.model_dump_json()``, e.g. a table's path), else the model's default data set; with the
+    draft's weights, so a replaced head shows in the layer table."""
     data_cfg = cfg.from_dict({"model": model_id, "data": json.loads(data_json) if data_json else
                               {"dataset": zoo.default_dataset(model_id)}}).data
-    model, data = zoo.build(model_id, data_cfg)
+    model, data = zoo.build(model_id, data_cfg, weights, checkpoint)
     rows = prepare.layer_table(model, data.example())
     return {"rows": rows, "params": sum(p.numel() for p in model.parameters()), "data": data.description,
             "generated": data.generated, "classes": data.num_classes, "train": len(data.train_x),
-            "test": len(data.test_x), "input_shape": list(data.example(1).shape[1:])}
+            "test": len(data.test_x), "input_shape": list(data.example(1).shape[1:]), "skipped": len(data.skipped),
+            "new_head": library.new_head(model)}
+
+
+def draft_info(config: cfg.RunConfig) -> dict[str, Any]:
+    """``model_info`` of the draft's model, data and weights."""
+    return call(model_info, config.model, config.data.model_dump_json(), config.weights, config.checkpoint)
+
+
+@st.cache_data(show_spinner="Timing a few training steps on this machine…", max_entries=16)
+def _seconds_per_step(config_json: str, threads: int) -> dict[str, float]:
+    return runner.seconds_per_step(cfg.RunConfig.model_validate_json(config_json), threads)
+
+
+def time_estimate(config: cfg.RunConfig, threads: int) -> dict[str, float]:
+    """Seconds an epoch and all training take for the draft, from steps timed once per model, data, plan and
+    batch size (epochs only multiply)."""
+    timed = config.model_copy(update={"name": "", "baseline": config.baseline.model_copy(update={"epochs": 1}),
+                                      "finetune": config.finetune.model_copy(update={"epochs": 1})})
+    return runner.time_estimate(config, call(_seconds_per_step, timed.model_dump_json(), threads))
+
+
+@st.cache_data(max_entries=16)
+def _table_columns(path: str, modified: float) -> list[str]:
+    return datasets.table_columns(path)
+
+
+def table_columns(path: str) -> list[str]:
+    """A table file's column names (read again when the file changes)."""
+    return _table_columns(path, os.path.getmtime(path) if os.path.isfile(path) else 0.0)
+
+
+def duration(seconds: float) -> str:
+    """``0.4 s``, ``12 s``, ``3 min 20 s``."""
+    if seconds < 10:
+        return f"{seconds:.1f} s"
+    if seconds < 60:
+        return f"{seconds:.0f} s"
+    minutes, rest = divmod(round(seconds), 60)
+    return f"{minutes} min {rest} s" if minutes < 60 else f"{minutes // 60} h {minutes % 60} min"
+
+
+def save_upload(upload: Any) -> str:
+    """An uploaded file (a checkpoint, a table), kept in the workspace; its path, for the config."""
+    return str(call(store().save_upload, upload.name, upload.getvalue()))
 
 
 @st.cache_data(show_spinner="Building the default plan…", max_entries=32)
-def _default_config(model_id: str) -> dict[str, Any]:
-    return runner.default_config(model_id).to_dict()
+def _default_config(model_id: str, data_json: str | None, weights: str | None, checkpoint: str | None) -> dict[str, Any]:
+    data = json.loads(data_json) if data_json else None
+    return runner.default_config(model_id, data=data, weights=weights, checkpoint=checkpoint).to_dict()
 
 
-def default_config(model_id: str) -> cfg.RunConfig:
-    return cfg.RunConfig.model_validate(_default_config(model_id))
+def default_config(model_id: str, data: dict[str, Any] | None = None, weights: str | None = None,
+                   checkpoint: str | None = None) -> cfg.RunConfig:
+    """A model's default config (its plan, training settings, data), on ``data`` when given."""
+    data_json = json.dumps(data, sort_keys=True) if data else None
+    return cfg.RunConfig.model_validate(_default_config(model_id, data_json, weights, checkpoint))
 
 
 def baseline_metrics(config: cfg.RunConfig) -> dict[str, float] | None:
@@ -190,8 +242,7 @@ def form_problems(config: cfg.RunConfig, sections: dict[str, Any]) -> dict[str, 
     data = _merged(config, sections)
     problems = cfg.field_errors(data)
     if not problems and not zoo.is_plugin(config.model):
-        problems = runner.data_problems(cfg.from_dict(data), call(model_info, config.model,
-                                                                   config.data.model_dump_json())["train"])
+        problems = runner.data_problems(cfg.from_dict(data), draft_info(config)["train"])
     return problems
 
 

@@ -1,4 +1,5 @@
-"""Model & data: pick a zoo model or a plugin, see its layers and parameters, train or reuse its FP32 baseline."""
+"""Model & data: a zoo model, a library's architecture, a Hugging Face folder or a plugin; its weights;
+its data (built in, an image folder, a table); the time a run takes here; its layers; the FP32 baseline."""
 
 import time
 
@@ -6,7 +7,7 @@ import pandas as pd
 import streamlit as st
 
 from app_pages import _common as common
-from qat_core import prepare, runner, train, zoo
+from qat_core import library, prepare, runner, train, zoo
 
 LAYER_COLUMNS = {  # layer_table field → header; fields not listed (has_weights, is_output) are not shown
     "name": st.column_config.TextColumn("Layer", help="The layer's name in the model (what the plan refers to)."),
@@ -23,37 +24,124 @@ LAYER_COLUMNS = {  # layer_table field → header; fields not listed (has_weight
 TRAIN_THREADS = 1  # torch threads for a baseline trained in the server (as in Quick start's worker): on 2 cores,
 #                    2 OpenMP threads wait on each other whenever anything else runs (the server, the browser, a job)
 PROGRESS_SECONDS = 0.2  # at most ~5 progress updates a second: each one is a message to the browser
+BY_NAME = "By name or path"
+WEIGHTS = {"init": "As built (the baseline trains them)", "checkpoint": "Checkpoint file",
+           "pretrained": "Pretrained, by name"}
+DATA = {"generated-images": "Generated images", "image-folder": "Image folder", "table": "Table (CSV, Parquet)",
+        "text-table": "Text table (CSV, Parquet)"}
+
+
+def path_input(label: str, value: str | None, key: str, help: str, upload_types: list[str] | None = None) -> str:
+    """A path on this machine, typed; or, with ``upload_types``, a file uploaded into the workspace."""
+    path = st.text_input(label, value=value or "", key=key, help=help, placeholder="/path/on/this/machine").strip()
+    if upload_types:
+        upload = st.file_uploader(f"…or upload it ({', '.join(upload_types)})", type=upload_types, key=f"{key}_upload",
+                                  max_upload_size=2048)
+        if upload is not None:
+            path = common.save_upload(upload)
+    return path
+
 
 st.title("Model & data")
 config = common.draft()
 
-if zoo.MODELS.get(config.model) is not None and zoo.MODELS[config.model].dataset == "table":
-    st.info(f"This draft trains **{config.model}** on the table {config.data.path}: tables are set up with "
-            "`qat-studio config init --model table-mlp --data FILE` for now; its plan and fine-tune work here.")
-    st.stop()
-external = ":" in config.model  # a plugin, or a library's architecture by name
-source = st.radio("Model source", ["Zoo", "Plugin or library"], horizontal=True, key="model_source",
-                  index=1 if external else 0)
+# --- 1. the model --------------------------------------------------------------------------------
+by_name = ":" in config.model  # a library's architecture, a Hugging Face folder or a plugin
+source = st.radio("Model source", ["Zoo", BY_NAME], horizontal=True, key="model_source", index=1 if by_name else 0)
 if source == "Zoo":
-    ids = [m for m, entry in zoo.MODELS.items() if entry.dataset != "table"]  # tables: CLI only, for now
+    ids = list(zoo.MODELS)
     model_id = st.selectbox("Zoo model", ids, index=ids.index(config.model) if config.model in ids else 0,
                             format_func=lambda m: f"{m} — {zoo.MODELS[m].description}", key="zoo_model")
 else:
-    path = st.text_input("Plugin path or library model", value=config.model if external else "",
-                         placeholder="package.module:factory, torchvision:NAME or timm:NAME", key="plugin_path",
-                         help="A plugin: a function returning (model, train_loader, test_loader), its package "
-                              "importable. A library model: torchvision's or timm's architecture by name.")
-    if not path:
-        st.info("Enter `package.module:factory` (a function that returns `(model, train_loader, test_loader)`), "
-                "or an architecture by name: `torchvision:mobilenet_v3_small`, `timm:resnet10t`.")
+    model_id = st.text_input(
+        "Architecture, folder or plugin", value=config.model if by_name else "", key="plugin_path",
+        placeholder="torchvision:mobilenet_v3_small · timm:resnet10t · hf:/path/to/folder · package.module:factory",
+        help="`torchvision:NAME`, `timm:NAME`: a library's architecture. `hf:FOLDER`: a Hugging Face image or text "
+             "classifier saved with save_pretrained. `package.module:factory`: your function returning "
+             "(model, train_loader, test_loader).").strip()
+    if not model_id:
+        st.info("Enter an architecture by name (`torchvision:mobilenet_v3_small`, `timm:resnet10t`), a Hugging Face "
+                "folder (`hf:/path/to/folder`) or a plugin (`package.module:factory`).")
         st.stop()
-    model_id = path
 
-if model_id != config.model:  # a new model starts a new default plan
-    config = common.call(common.default_config, model_id)
-    common.save_draft(config)
+kind = library.library_of(model_id)
+plugin = zoo.is_plugin(model_id)
+entry = zoo.MODELS.get(model_id)
+same_model = model_id == config.model
 
-info = common.call(common.model_info, model_id)
+# --- 2. its weights --------------------------------------------------------------------------------
+weights = checkpoint = None
+if kind == "hf":
+    st.caption("Weights: the folder's own. A head for another number of classes is replaced and trained.")
+elif not plugin:
+    choices = list(WEIGHTS) if kind in ("torchvision", "timm") else ["init", "checkpoint"]
+    now = "pretrained" if config.weights else "checkpoint" if config.checkpoint else "init"
+    chosen = st.radio("Weights", choices, format_func=WEIGHTS.get, horizontal=True, key="weights_source",
+                      index=choices.index(now) if same_model and now in choices else 0)
+    if chosen == "checkpoint":
+        checkpoint = path_input("Checkpoint (a state_dict saved with torch.save)", config.checkpoint, "checkpoint_path",
+                                "Loaded with weights_only=True: nothing in the file runs. A head trained for another "
+                                "number of classes is replaced.", ["pt", "pth", "bin"]) or None
+        if checkpoint is None:
+            st.info("Give the checkpoint's path, or upload it.")
+            st.stop()
+    elif chosen == "pretrained":
+        weights = st.text_input("Pretrained weights", value=config.weights or "DEFAULT", key="weights_name",
+                                help="torchvision: DEFAULT, IMAGENET1K_V1, …; timm: DEFAULT or a tag. Read from the "
+                                     "library's cache on this machine: nothing is downloaded.").strip() or None
+
+# --- 3. its data -----------------------------------------------------------------------------------
+data: dict = {}
+if plugin:
+    st.caption("Data: the plugin's own loaders.")
+else:
+    own = entry.dataset if entry else zoo.default_dataset(model_id)
+    options = ["generated-images", "image-folder"] if own == "generated-images" else [own]
+    current = config.data.dataset if same_model and config.data.dataset in options else options[0]
+    if len(options) > 1:
+        dataset = st.radio("Data", options, format_func=DATA.get, horizontal=True, key="data_source",
+                           index=options.index(current))
+    else:
+        dataset = own
+        st.caption(f"Data: {DATA.get(own, own)}" + ("" if own in DATA else " (built in)"))
+    data["dataset"] = dataset
+    keep = same_model and config.data.dataset == dataset  # the draft's own settings for this data set
+    if dataset == "image-folder":
+        data["path"] = path_input("Image folder path", config.data.path if keep else "", "data_path",
+                                  "One sub-folder of images per class (torchvision's ImageFolder layout): "
+                                  "folder/cat/1.jpg, folder/dog/2.png. Unreadable files are skipped and counted.")
+        if keep and config.data.image_size:
+            data["image_size"] = int(st.number_input(
+                "Image size (pixels)", 8, 1024, config.data.image_size, key="image_size",
+                help="The center crop the model sees. Filled in from the weights' metadata; smaller trains faster."))
+    elif dataset in ("table", "text-table"):
+        data["path"] = path_input("Table path", config.data.path if keep else "", "data_path",
+                                  "A CSV or Parquet file, one row a sample.", ["csv", "parquet"])
+        columns = common.call(common.table_columns, data["path"]) if data["path"] else []
+        if columns:
+            if dataset == "text-table":
+                data["text_column"] = st.selectbox("Text column", columns, key="text_column", index=columns.index(
+                    config.data.text_column) if keep and config.data.text_column in columns else 0)
+            data["label_column"] = st.selectbox("Label column", columns, key="label_column", index=columns.index(
+                config.data.label_column) if keep and config.data.label_column in columns else len(columns) - 1)
+    if dataset in DATA and dataset != "generated-images":
+        if not data.get("path"):
+            st.info(f"Give the {DATA[dataset].lower()}'s path.")
+            st.stop()
+        cap = st.number_input("Use at most this many samples (0: all)", 0, 10_000_000,
+                              config.data.max_samples or 0 if keep else 0, step=100, key="max_samples",
+                              help="A seeded random subset, for short fine-tunes on a CPU.")
+        data["max_samples"] = int(cap) or None
+
+# --- apply: a new model, weights or data starts a new default plan --------------------------------
+wanted = (model_id, weights, checkpoint, data)
+have = (config.model, config.weights, config.checkpoint,
+        {k: v for k, v in config.data.model_dump().items() if k in data})
+if wanted != have:
+    common.save_draft(common.call(common.default_config, model_id, data or None, weights, checkpoint))
+    st.rerun()  # the widgets above show the new draft's settings (an image folder's crop from the weights)
+
+info = common.draft_info(config)
 fp32_bytes = prepare.size_bytes(info["rows"], config.plan)["fp32_bytes"]
 folded = info["params"] - sum(r["params"] for r in info["rows"])  # BatchNorm scale and shift
 c1, c2, c3, c4 = st.columns(4)
@@ -70,6 +158,11 @@ st.caption(f"Data: {info['data']} · input {info['input_shape']} · {info['train
 if info["generated"]:
     st.warning("This model trains on generated data: its accuracy only shows that training ran. "
                "Use it for size and latency.")
+if info["new_head"]:
+    note = next(r["note"] for r in info["rows"] if r["name"] == info["new_head"])
+    st.info(f"**{info['new_head']}** is a {note}; the rest of the network keeps its weights.")
+if info["skipped"]:
+    st.warning(f"{info['skipped']} file(s) in the folder could not be read as images and are left out (named above).")
 
 st.subheader("Layers (execution order)")
 # every shown cell holds a value: the browser prints a missing one as "None", whatever a Styler says
@@ -79,10 +172,29 @@ st.dataframe(layers, column_config=LAYER_COLUMNS, column_order=list(LAYER_COLUMN
              width="stretch")
 
 st.subheader("FP32 baseline")
-epochs = st.number_input("Baseline epochs", 1, 1000, int(config.baseline.epochs), key=f"baseline_epochs_{model_id}",
+# keyed by the model's source: a new model, weights or data shows its own default epochs
+source_id = hash((config.model, config.weights, config.checkpoint, config.data.model_dump_json()))
+epochs = st.number_input("Baseline epochs", 1, 1000, int(config.baseline.epochs), key=f"baseline_epochs_{source_id}",
                          help="The float model is trained once per model, data, settings and seed, then reused.")
 config = common.update_draft(config, baseline={"epochs": int(epochs)})
 metrics = common.baseline_metrics(config)
+if not plugin and st.session_state.get(common.ESTIMATE_KEY) != source_id:
+    if st.button("Estimate the training time on this machine", key="estimate_time",
+                 help="Times a few training steps of the baseline and of the fine-tune here (a large model at "
+                      "224 px: some seconds)."):
+        st.session_state[common.ESTIMATE_KEY] = source_id
+        st.rerun()
+elif not plugin:
+    est = common.time_estimate(config, TRAIN_THREADS)
+    trained = (config.checkpoint or config.weights) and not info["new_head"]  # the user's weights are the baseline
+    e1, e2 = st.columns(2)
+    e1.metric("Baseline training", "ready" if metrics is not None else "none: your weights" if trained else
+              common.duration(est["baseline_total"]),
+              help=f"One epoch: {common.duration(est['baseline_epoch'])}, measured here with {TRAIN_THREADS} thread "
+                   "on a few training steps. Loading, evaluation and saving come on top.")
+    e2.metric("Fine-tune", common.duration(est["finetune_total"]),
+              help=f"One epoch of QAT: {common.duration(est['finetune_epoch'])}, measured the same way, with this "
+                   "draft's plan and batch size (set on the Fine-tune page).")
 if metrics is not None:
     st.success(f"FP32 baseline ready: test accuracy {metrics['accuracy']:.2%} (reused by every run of this model).")
     st.page_link(common.PAGES["plan"], label="Next: plan the quantization →", icon="🎚️")

@@ -10,7 +10,7 @@ from qat_core.errors import ConfigError
 
 st.title("Quantization plan")
 config = common.draft()
-info = common.call(common.model_info, config.model, config.data.model_dump_json())
+info = common.draft_info(config)
 rows = info["rows"]
 st.caption(f"Model **{config.model}** · {len(rows)} layers · edits are saved to this tab's draft "
            "(it survives a reload).")

@@ -153,6 +153,19 @@ def _read_table(cfg: DataConfig, *columns: str) -> Any:
     return frame
 
 
+def table_columns(path: str) -> list[str]:
+    """The column names of a CSV or Parquet file, read from its header only."""
+    import pandas as pd
+
+    cfg = DataConfig(dataset="table", path=path)
+    if Path(path).suffix.lower() not in (".parquet", ".pq"):
+        try:
+            return [str(c) for c in pd.read_csv(path, nrows=0).columns]
+        except Exception:  # let the full reader name the problem
+            pass
+    return [str(c) for c in _read_table(cfg).columns]
+
+
 def _classes(labels: Any, path: Path, label: str) -> tuple[list[Any], torch.Tensor]:
     """A label column's classes (sorted) and each row's class index."""
     classes = sorted(labels.unique(), key=str)

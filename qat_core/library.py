@@ -261,7 +261,7 @@ def replace_head(model: nn.Module, num_classes: int, old_classes: int, model_id:
 
 def note_new_head(model: nn.Module, name: str, classes: int, old_classes: int) -> None:
     model.new_head = name
-    model.layer_notes = {name: f"new head: {classes} classes (the weights had {old_classes}); trained with the FP32 "
+    model.layer_notes = {name: f"new head for {classes} classes (the weights had {old_classes}), trained with the FP32 "
                                "baseline"}
 
 

@@ -22,6 +22,7 @@ from __future__ import annotations
 import contextlib
 import errno
 import fcntl
+import hashlib
 import json
 import os
 import re
@@ -45,7 +46,7 @@ from qat_core.errors import DiskFullError, QATError, StoreError
 WORKSPACE_ENV = "QAT_STUDIO_HOME"
 STATUSES = ("running", "done", "failed", "cancelled", "damaged")
 CANCEL_FLAG = "CANCEL"
-WORKSPACE_PARTS = ("index.sqlite", "runs", "baselines", "drafts")  # any of them: a workspace already
+WORKSPACE_PARTS = ("index.sqlite", "runs", "baselines", "drafts", "uploads")  # any of them: a workspace already
 RECORD_FILE = "run.json"  # the run's index row, kept in its folder: the index can be rebuilt from the folders
 DRAFT_ID = re.compile(r"^[A-Za-z0-9_-]{1,64}$")  # a draft id: safe as a file name and in a URL
 RUN_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_-]{0,63}$")
@@ -698,6 +699,17 @@ class RunStore:
         if not path.exists():
             raise StoreError(f"no draft {draft_id!r} in workspace {self.root}; it was never saved or was deleted")
         return load_config(path)
+
+    # --- uploads ---------------------------------------------------------------------------------
+    def save_upload(self, name: str, data: bytes) -> Path:
+        """A file uploaded in the app (a checkpoint, a table), kept where a config can name it:
+        ``uploads/<its SHA-256, 12 hex>/<its name>``. The same file uploaded twice is stored once."""
+        safe = re.sub(r"[^A-Za-z0-9._-]", "_", Path(name).name)[:128].lstrip(".") or "upload"
+        path = self.root / "uploads" / hashlib.sha256(data).hexdigest()[:12] / safe
+        if not path.is_file():
+            path.parent.mkdir(parents=True, exist_ok=True)
+            atomic_write_bytes(path, data)
+        return path
 
     # --- FP32 baselines -----------------------------------------------------------------------
     def baseline_path(self, key: str) -> Path:

@@ -210,6 +210,29 @@ def _fit(model: nn.Module, loader: Iterable[Batch], epochs: float, max_steps: in
                 break
 
 
+def seconds_per_step(model: nn.Module, loader: Iterable[Batch], optimizer: torch.optim.Optimizer,
+                     steps: int = 2) -> float:
+    """The wall time of one training step (forward, loss, backward, optimizer) of ``model``, measured over
+    ``steps`` steps after a warm-up step. The model's weights change: give it a copy."""
+    model.train()
+    device = device_of(model)
+    batches = iter(loader)
+    started = 0.0
+    for i in range(steps + 1):
+        if i == 1:  # the first step allocates and dispatches for the first time
+            started = time.perf_counter()
+        try:
+            x, y = next(batches)
+        except StopIteration:  # fewer batches than steps: start the epoch again
+            batches = iter(loader)
+            x, y = next(batches)
+        loss = F.cross_entropy(model(x.to(device)), y.to(device))
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+    return (time.perf_counter() - started) / steps
+
+
 BN_BATCHES = 64  # batches that re-estimate BatchNorm statistics after the FP32 baseline's training
 
 
@@ -217,15 +240,19 @@ def train_fp32(model: nn.Module, train_loader: Iterable[Batch], test_loader: Ite
                on_event: OnEvent, cancel: Cancel = NeverCancel()) -> dict[str, float]:
     """Train the FP32 baseline (Adam, cosine LR); returns its test metrics."""
     optimizer = make_optimizer(model, "adam", cfg.lr, 0.0)
-    _fit(model, train_loader, cfg.epochs, cfg.max_steps, optimizer, "fp32", on_event, cancel,
-         lambda: evaluate(model, test_loader), eval_every=max(1.0, cfg.epochs / 10))
-    reestimate_batchnorm(model, train_loader)
-    return evaluate(model, test_loader)
+
+    def evaluate_now() -> dict[str, float]:  # what the model is at this step: BatchNorm statistics included
+        reestimate_batchnorm(model, train_loader)
+        return evaluate(model, test_loader)
+
+    _fit(model, train_loader, cfg.epochs, cfg.max_steps, optimizer, "fp32", on_event, cancel, evaluate_now,
+         eval_every=max(1.0, cfg.epochs / 10))
+    return evaluate(model, test_loader)  # the last step was evaluated (and its statistics re-estimated)
 
 
 @torch.no_grad()
 def reestimate_batchnorm(model: nn.Module, loader: Iterable[Batch], batches: int = BN_BATCHES) -> None:
-    """BatchNorm's running statistics, recomputed as a plain average over training batches with the final
+    """BatchNorm's running statistics, recomputed as a plain average over training batches with the current
     weights. A short run leaves layers with a small momentum (torchvision's MobileNetV3 uses 0.01) close
     to their initial statistics, and the model then evaluates at chance however well it trained."""
     norms = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.track_running_stats]

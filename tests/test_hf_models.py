@@ -38,7 +38,7 @@ def test_a_text_classifier_and_its_tokenizer_train_quantize_and_export(hf, tmp_p
     assert config.data.dataset == "text-table"  # a text model takes a text table by default
     model, data = zoo.build(config.model, config.data)
     assert data.num_classes == 4 and model.layer_notes == {
-        "model.classifier": "new head: 4 classes (the weights had 2); trained with the FP32 baseline"}
+        "model.classifier": "new head for 4 classes (the weights had 2), trained with the FP32 baseline"}
     config = config.model_copy(update={"baseline": config.baseline.model_copy(update={"epochs": 12})})
     exported, parity = _run_and_export(config, tmp_path)
     assert parity["sim_accuracy"] >= 0.9  # the topic words were learned: not a chance-level pipeline check

@@ -84,7 +84,7 @@ def test_a_checkpoint_for_another_number_of_classes_gets_a_new_head(tmp_path):
     from qat_core.prepare import layer_table
 
     rows = {r["name"]: r for r in layer_table(model, data.example())}
-    assert rows["classifier.3"]["note"] == "new head: 3 classes (the weights had 1000); trained with the FP32 baseline"
+    assert rows["classifier.3"]["note"] == "new head for 3 classes (the weights had 1000), trained with the FP32 baseline"
 
     from qat_core.store import RunStore
 

@@ -59,7 +59,7 @@ def test_model_page_shows_layers_and_params():
 
 def test_bad_plugin_path_is_a_message_not_a_traceback():
     at = ok(app("model"))
-    at.radio(key="model_source").set_value("Plugin or library").run()
+    at.radio(key="model_source").set_value("By name or path").run()
     at.text_input(key="plugin_path").input("no_such_package.models:make").run()
     ok(at)
     assert any("cannot import plugin module 'no_such_package.models'" in e.value for e in at.error)
@@ -67,7 +67,7 @@ def test_bad_plugin_path_is_a_message_not_a_traceback():
 
 def test_a_library_model_by_name_from_the_model_page(workspace):
     at = ok(app("model"))
-    at.radio(key="model_source").set_value("Plugin or library").run()
+    at.radio(key="model_source").set_value("By name or path").run()
     at.text_input(key="plugin_path").input("torchvision:mobilenet_v3_small").run()
     ok(at)
     config = draft_of(at, workspace)

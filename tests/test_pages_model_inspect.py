@@ -101,8 +101,7 @@ def test_baseline_button_trains_with_one_thread_and_throttled_stages(tmp_path, m
     monkeypatch.setattr(st, "progress", recorded_start)
     monkeypatch.setattr(train, "train_fp32", counted)
     at = ok(app("model"))
-    epochs = "baseline_epochs_digits-cnn"
-    at.number_input(key=epochs).set_value(3).run()  # short: 36 steps
+    next(n for n in at.number_input if n.label == "Baseline epochs").set_value(3).run()  # short: 36 steps
     ok(at)
     assert not at.success
     before = torch.get_num_threads()
