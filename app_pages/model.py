@@ -192,9 +192,10 @@ elif not plugin:
               common.duration(est["baseline_total"]),
               help=f"One epoch: {common.duration(est['baseline_epoch'])}, measured here with {TRAIN_THREADS} thread "
                    "on a few training steps. Loading, evaluation and saving come on top.")
-    e2.metric("Fine-tune", common.duration(est["finetune_total"]),
-              help=f"One epoch of QAT: {common.duration(est['finetune_epoch'])}, measured the same way, with this "
-                   "draft's plan and batch size (set on the Fine-tune page).")
+    e2.metric("Calibration and fine-tune", common.duration(est["calibration_total"] + est["finetune_total"]),
+              help=f"Calibration: {common.duration(est['calibration_total'])}; one epoch of QAT: "
+                   f"{common.duration(est['finetune_epoch'])}. Measured the same way, with this draft's plan and "
+                   "batch size (set on the Fine-tune page).")
 if metrics is not None:
     st.success(f"FP32 baseline ready: test accuracy {metrics['accuracy']:.2%} (reused by every run of this model).")
     st.page_link(common.PAGES["plan"], label="Next: plan the quantization →", icon="🎚️")

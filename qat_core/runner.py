@@ -128,16 +128,19 @@ def seconds_per_step(config: RunConfig, threads: int = 1) -> dict[str, float]:
         baseline = train.seconds_per_step(model, data.train_loader(b.batch_size, True, config.seed),
                                           train.make_optimizer(model, "adam", b.lr, 0.0))
         qat = prepare(fp32, config.plan, data.example())
+        started = time.perf_counter()
         train.calibrate(qat, data.train_loader(ft.batch_size, True, config.seed), 1)
+        calibration = time.perf_counter() - started  # a batch through every observer (MSE ranges: the most)
         finetune = train.seconds_per_step(qat, data.train_loader(ft.batch_size, True, config.seed),
                                           train.make_optimizer(qat, ft.optimizer, ft.lr, ft.weight_decay))
-    return {"baseline": baseline, "finetune": finetune, "train_samples": len(data.train_x)}
+    return {"baseline": baseline, "finetune": finetune, "calibration": calibration, "train_samples": len(data.train_x)}
 
 
 def time_estimate(config: RunConfig, per_step: dict[str, float]) -> dict[str, float]:
     """Seconds an epoch and all of training take for the baseline and the fine-tune: ``seconds_per_step``
-    × the steps (an epoch's batches, capped by max_steps). Evaluation and export come on top."""
-    out = {}
+    × the steps (an epoch's batches, capped by max_steps); and the calibration before the fine-tune.
+    Loading, evaluation and export come on top."""
+    out = {"calibration_total": per_step["calibration"] * config.finetune.calibration_batches}
     for part in ("baseline", "finetune"):
         section = getattr(config, part)
         per_epoch = math.ceil(per_step["train_samples"] / section.batch_size)

@@ -90,5 +90,6 @@ def test_the_time_estimate_is_measured_steps_times_the_steps_to_run():
     batches = -(-1347 // config.finetune.batch_size)  # ceil
     assert est["finetune_epoch"] == pytest.approx(batches * per_step["finetune"])
     assert est["finetune_total"] == pytest.approx(config.finetune.epochs * est["finetune_epoch"])
+    assert est["calibration_total"] == pytest.approx(config.finetune.calibration_batches * per_step["calibration"])
     capped = config.model_copy(update={"finetune": config.finetune.model_copy(update={"max_steps": 3})})
     assert runner.time_estimate(capped, per_step)["finetune_total"] == pytest.approx(3 * per_step["finetune"])
