@@ -21,7 +21,6 @@ import io
 import itertools
 import json
 import math
-import os
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -32,7 +31,7 @@ import pandas as pd
 import torch
 from torch import nn
 
-from qat_core import train
+from qat_core import cpu, train
 from qat_core.config import MAX_BITS, MIN_BITS, LayerPlan, QuantOverride
 from qat_core.errors import CancelledError, ConfigError, StoreError
 from qat_core.modules import QATModel, QuantConv2d, QuantLinear, QuantOutput
@@ -887,8 +886,8 @@ def analyze_run(store: RunStore, run_id: str, bits: Sequence[int] = (4, 2), budg
     from qat_core import plots
     from qat_core.runner import load
 
-    torch.set_num_threads(int(os.environ.get("QAT_STUDIO_THREADS", torch.get_num_threads())))  # as runner.execute
     loaded = load(store, run_id)
+    torch.set_num_threads(cpu.training_threads(sum(p.numel() for p in loaded.fp32.parameters())))  # as execute
     widths = _check_bits(bits) if bits else []
     if (budget_bytes is not None or average_bits is not None) and not widths:
         raise ConfigError("a mixed-precision suggestion needs sensitivity widths to choose from; give bits, "

@@ -83,11 +83,11 @@ def cmd_train(args: argparse.Namespace) -> None:
         _check_prepared(store, args.run_id)
     run_id = args.run_id or store.create_run(config)
     print(f"run {run_id} in {store.run_dir(run_id)}", file=sys.stderr)
-    execute(config, store, run_id, on_event=None if args.quiet else ProgressBar())
+    execute(config, store, run_id, on_event=None if args.quiet else ProgressBar(), threads=args.threads)
     record = store.get(run_id)
     m = record["metrics"]
-    print(f"FP32 {m['fp32']['accuracy']:.2%}  PTQ {m['ptq']['accuracy']:.2%}  QAT {m['qat']['accuracy']:.2%}",
-          file=sys.stderr)
+    print(f"FP32 {m['fp32']['accuracy']:.2%}  PTQ {m['ptq']['accuracy']:.2%}  QAT {m['qat']['accuracy']:.2%}  "
+          f"({m['threads']} thread{'s' if m['threads'] > 1 else ''}, {m['seconds']:.1f} s)", file=sys.stderr)
     print(run_id)
 
 
@@ -247,6 +247,9 @@ def parser() -> argparse.ArgumentParser:
     tr.add_argument("config", type=Path)
     tr.add_argument("--run-id", default=None, help=argparse.SUPPRESS)  # the app pre-creates runs it launches
     tr.add_argument("--quiet", action="store_true", help="no progress bar")
+    tr.add_argument("--threads", type=_threads, default=None,
+                    help="torch intra-op threads (default: $QAT_STUDIO_THREADS, else 1 for a model under 2M "
+                         "parameters and every core up to 4 for a larger one)")
     tr.set_defaults(func=cmd_train)
 
     runs = sub.add_parser("runs", help="list runs")
@@ -299,6 +302,12 @@ def parser() -> argparse.ArgumentParser:
     rp.add_argument("-o", "--output", type=Path, default=None, help="HTML file (default: report.html in the run folder)")
     rp.set_defaults(func=cmd_report)
     return p
+
+
+def _threads(text: str) -> int:
+    if not text.strip().isdigit() or int(text) < 1:
+        raise argparse.ArgumentTypeError(f"threads must be a whole number of at least 1, got {text!r}")
+    return int(text)
 
 
 def _bits(text: str) -> int | None:

@@ -9,6 +9,7 @@ values, computed exactly (what was simulated is what runs).
 
 from __future__ import annotations
 
+import os
 import platform
 from functools import lru_cache
 from pathlib import Path
@@ -38,3 +39,29 @@ def int8_weights_saturate() -> bool:
     """Whether ONNX Runtime's u8×s8 kernels can saturate here: x86 with AVX2 but without VNNI."""
     _, flags = name_and_flags()
     return "avx2" in flags and not flags & {"avx512_vnni", "avxvnni"}
+
+
+THREADS_ENV = "QAT_STUDIO_THREADS"  # intra-op threads for training and evaluation, where nothing else sets them
+SMALL_MODEL_PARAMS = 2_000_000  # below this a layer's work is too small to share between threads
+
+
+def cores() -> int:
+    """The cores this process may run on."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # not Linux
+        return os.cpu_count() or 1
+
+
+def training_threads(params: int, requested: int | None = None) -> int:
+    """Intra-op threads for training a model of ``params`` parameters, chosen rather than inherited.
+
+    ``requested`` (``--threads``), else ``$QAT_STUDIO_THREADS``, else 1 for a small model and every core
+    (at most 4) for a larger one. torch's default (every core) makes each op wait at an OpenMP barrier
+    for all its threads: with one other busy process on 2 cores, the digits run took 88–264 s, not 6 s.
+    """
+    if requested is None and os.environ.get(THREADS_ENV, "").strip():
+        requested = int(os.environ[THREADS_ENV])
+    if requested is not None:
+        return max(1, requested)
+    return 1 if params < SMALL_MODEL_PARAMS else min(cores(), 4)

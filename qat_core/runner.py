@@ -22,7 +22,7 @@ import torch
 from torch import nn
 
 from qat_core import config as cfg
-from qat_core import library, train, zoo
+from qat_core import cpu, library, train, zoo
 from qat_core.config import MAX_SEED, RunConfig, with_uniform_plan
 from qat_core.data import Data, data_fingerprint
 from qat_core.errors import CancelledError, ConfigError, QATError
@@ -151,9 +151,11 @@ def time_estimate(config: RunConfig, per_step: dict[str, float]) -> dict[str, fl
 
 
 def baseline(config: RunConfig, store: RunStore, on_event: train.OnEvent = lambda e: None,
-             cancel: train.Cancel = train.NeverCancel()) -> tuple[nn.Module, Data, dict[str, float]]:
-    """The trained FP32 model for a config: from the cache, or trained now and cached."""
-    model, data = _build_fp32(config)
+             cancel: train.Cancel = train.NeverCancel(),
+             built: tuple[nn.Module, Data] | None = None) -> tuple[nn.Module, Data, dict[str, float]]:
+    """The trained FP32 model for a config: from the cache, or trained now and cached. ``built``: the
+    config's model and data, where the caller has them already."""
+    model, data = built or _build_fp32(config)
     model.to(training_device(config))
     key = _baseline_key(config)
     cached = store.load_baseline(key)
@@ -179,8 +181,9 @@ def _quantize(fp32: nn.Module, data: Data, config: RunConfig) -> QATModel:
 
 
 def execute(config: RunConfig, store: RunStore, run_id: str | None = None, on_event: train.OnEvent | None = None,
-            cancel: train.Cancel | None = None) -> str:
-    """Train a run and record it; returns its id. Errors are recorded on the run, then raised."""
+            cancel: train.Cancel | None = None, threads: int | None = None) -> str:
+    """Train a run and record it; returns its id. Errors are recorded on the run, then raised.
+    ``threads``: torch's intra-op threads for it (else ``cpu.training_threads`` chooses)."""
     run_id = run_id or store.create_run(config)
     log = store.event_log(run_id)
     cancel = cancel or store.cancel_flag(run_id)
@@ -190,10 +193,12 @@ def execute(config: RunConfig, store: RunStore, run_id: str | None = None, on_ev
         if on_event is not None:
             on_event(event)
 
-    torch.set_num_threads(int(os.environ.get("QAT_STUDIO_THREADS", torch.get_num_threads())))
     started = time.perf_counter()
     try:
-        fp32, data, fp32_metrics = baseline(config, store, emit, cancel)
+        built = _build_fp32(config)
+        threads = cpu.training_threads(sum(p.numel() for p in built[0].parameters()), threads)
+        torch.set_num_threads(threads)  # for the whole process: the CLI and the app's worker run one run each
+        fp32, data, fp32_metrics = baseline(config, store, emit, cancel, built)
         emit({"phase": "fp32", "done": True, "test_accuracy": fp32_metrics["accuracy"]})
         rows = layer_table(fp32, data.example().to(next(fp32.parameters()).device))
         train.seed_everything(config.seed)
@@ -211,7 +216,7 @@ def execute(config: RunConfig, store: RunStore, run_id: str | None = None, on_ev
         store.write_result(run_id, "layers", rows)
         store.update_metrics(run_id, fp32=fp32_metrics, ptq=ptq_metrics, qat=qat_metrics,
                              size=size_bytes(rows, config.plan), float_layers=qat.float_layers,
-                             generated_data=data.generated, seconds=time.perf_counter() - started)
+                             generated_data=data.generated, seconds=time.perf_counter() - started, threads=threads)
         store.finish(run_id)
     except CancelledError as err:
         store.fail(run_id, str(err), cancelled=True)
@@ -255,7 +260,7 @@ def launch(config: RunConfig, store: RunStore) -> str:
     run_id = store.create_run(config)
     config_path = store.run_dir(run_id) / "config.yaml"
     log = (store.run_dir(run_id) / "worker.log").open("wb")
-    env = os.environ | {"QAT_STUDIO_THREADS": "1"}  # leave a core to the web server
+    env = os.environ | {cpu.THREADS_ENV: "1"}  # leave a core to the web server
     proc = subprocess.Popen(
         [sys.executable, "-m", "qat_core.cli", "--workspace", str(store.root), "train", str(config_path),
          "--run-id", run_id, "--quiet"],
