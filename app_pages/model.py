@@ -102,8 +102,7 @@ else:
         dataset = st.radio("Data", options, format_func=DATA.get, horizontal=True, key="data_source",
                            index=options.index(current))
     else:
-        dataset = own
-        st.caption(f"Data: {DATA.get(own, own)}" + ("" if own in DATA else " (built in)"))
+        dataset = own  # a built-in data set is described below the model's numbers
     data["dataset"] = dataset
     keep = same_model and config.data.dataset == dataset  # the draft's own settings for this data set
     if dataset == "image-folder":
