@@ -4,7 +4,7 @@ sensitivity and a mixed-precision suggestion that becomes a new plan in one clic
 import streamlit as st
 
 from app_pages import _common as common
-from qat_core import analysis, plots, report
+from qat_core import analysis, plots, report, search
 
 st.title("Inspect")
 records = common.runs()
@@ -54,7 +54,7 @@ with sens_tab:
             if p.get("total"):
                 bar.progress(p["done"] / p["total"], text=f"{p.get('layer', '')} at {p.get('bits')} bits")
 
-        sens = common.call(analysis.sensitivity, loaded, sorted(bits, reverse=True), on_progress=on_progress)
+        sens = common.call(search.sensitivity, loaded, sorted(bits, reverse=True), on_progress=on_progress)
         common.save_frame(run_id, "sensitivity_page", sens)
         bar.empty()
     sens = common.saved_frame(run_id, "sensitivity_page")
@@ -75,7 +75,7 @@ with sens_tab:
                                  f"{p['total']} ({why.get(p['candidate'], p['candidate'])}): calibrating and "
                                  "evaluating…")
 
-        sug = common.call(analysis.suggest_plan, loaded, sens, average_bits=avg, measure=4, on_progress=on_suggest)
+        sug = common.call(search.suggest_plan, loaded, sens, average_bits=avg, measure=4, on_progress=on_suggest)
         sug_bar.empty()
         common.save_frame(run_id, "suggestion_page", sug.candidates)
         common.store().write_result(run_id, "suggested_plan_page", {

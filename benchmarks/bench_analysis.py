@@ -30,7 +30,7 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from qat_core import analysis, runner  # noqa: E402
+from qat_core import analysis, runner, search  # noqa: E402
 from qat_core.store import RunStore  # noqa: E402
 
 MEMORY_CHILD = """
@@ -132,15 +132,15 @@ def main() -> None:
     t, times = _median_time(lambda: histograms_and_errors(loaded), 5)
     report["histograms_and_error_table_s"] = {"median": round(t, 3), "runs": [round(x, 3) for x in times],
                                               "bar": 1.0, "layers": len(loaded.qat.layers)}
-    t, times = _median_time(lambda: analysis.sensitivity(loaded, bits=(4, 2)), 3)
+    t, times = _median_time(lambda: search.sensitivity(loaded, bits=(4, 2)), 3)
     report["sensitivity_4_and_2_bits_s"] = {"median": round(t, 3), "runs": [round(x, 3) for x in times], "bar": 10.0}
 
     # 3. suggestion at <= 3 average weight bits vs the uniform plan of the same size, fine-tuned
     start = time.perf_counter()
-    sens = analysis.sensitivity(loaded, bits=(8, 6, 4, 3, 2))
-    sug = analysis.suggest_plan(loaded, sens, average_bits=3.0)
+    sens = search.sensitivity(loaded, bits=(8, 6, 4, 3, 2))
+    sug = search.suggest_plan(loaded, sens, average_bits=3.0)
     report["suggestion_seconds"] = round(time.perf_counter() - start, 2)
-    uniform = analysis.uniform_plan(loaded, 3)
+    uniform = search.uniform_plan(loaded, 3)
     from qat_core.prepare import size_bytes
 
     rows = loaded.qat.layers

@@ -127,7 +127,7 @@ def cmd_show(args: argparse.Namespace) -> None:
 
 
 def cmd_analyze(args: argparse.Namespace) -> None:
-    from qat_core.analysis import analyze_run
+    from qat_core.report import analyze_run
 
     def progress(event: dict[str, Any]) -> None:
         if not args.quiet and event.get("total"):

@@ -18,6 +18,7 @@ import plotly.graph_objects as go
 from plotly.subplots import make_subplots
 
 from qat_core.errors import ConfigError
+from qat_core.search import pareto_mask  # the one front rule
 
 if TYPE_CHECKING:
     from qat_core.analysis import Histogram
@@ -326,8 +327,6 @@ def page(figures: Sequence[go.Figure], title: str) -> str:
 def runs_pareto_figure(runs: pd.DataFrame, x: str, title: str) -> go.Figure:
     """QAT accuracy of runs against ``x`` (a column of ``report.runs_frame``, smaller is better: size,
     latency); the Pareto-optimal runs joined by a dashed line, each point labelled with its name."""
-    from qat_core.analysis import _pareto_mask  # the one front rule; lazy, as analysis imports plots lazily
-
     _need(runs, ["run", "plan", "QAT acc %", x], "runs_pareto_figure")
     data = runs.dropna(subset=[x, "QAT acc %"]).sort_values([x, "QAT acc %"], ascending=[True, False])
     xs, acc = data[x].to_numpy(dtype=float), data["QAT acc %"].to_numpy(dtype=float)
@@ -337,7 +336,7 @@ def runs_pareto_figure(runs: pd.DataFrame, x: str, title: str) -> go.Figure:
     fig.add_scatter(x=xs, y=acc, mode="markers+text", text=labels, name="runs", customdata=data["run"],
                     textposition=_inward_positions(xs, acc, x_range, y_axis["range"]) if len(data) else None,
                     cliponaxis=False, hovertemplate="%{customdata}<br>%{x:.2f}<br>%{y:.2f}%")
-    on_front = _pareto_mask(xs, acc)
+    on_front = pareto_mask(xs, acc)
     if on_front.any():
         fig.add_scatter(x=xs[on_front], y=acc[on_front], mode="lines", name="Pareto front", line={"dash": "dash"})
     fig.update_layout(title=title, xaxis_title=x, yaxis_title="QAT test accuracy (%)", height=380)

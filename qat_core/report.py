@@ -4,26 +4,31 @@
 :func:`report_html` is the Export page's download and ``qat-studio report RUN``'s output: accuracy,
 size, training curves, per-layer error with its SQNR figure (finished runs), the layer plan, the
 benchmark and parity results when they were measured, and the config. plotly.js is inlined once,
-so the file opens offline and has no external ``<script src>``.
+so the file opens offline and has no external ``<script src>``. :func:`analyze_run` writes a run's
+``analysis/`` folder: its tables as CSV and its figures as HTML pages.
 """
 
 from __future__ import annotations
 
 import html
+import json
 import math
 import time
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 import pandas as pd
 import plotly.graph_objects as go
+import torch
 
-from qat_core import analysis, plots
-from qat_core.errors import StoreError
+from qat_core import analysis, cpu, plots, search, train
+from qat_core.errors import ConfigError, StoreError
 from qat_core.planning import plan_frame, plan_summary, run_title
 from qat_core.runner import Loaded, load
-from qat_core.store import RunStore, atomic_write_bytes
+from qat_core.store import RunStore, atomic_write_bytes, atomic_write_text
 
+ANALYSIS_DIR = "analysis"  # sub-folder of a run that analyze_run writes into
 REPORT_FILE = "report.html"  # default name inside the run's folder
 BENCH_COLUMNS = ["backend", "batch", "threads", "median_ms", "p90_ms", "p99_ms", "throughput"]
 ERROR_COLUMNS = ["layer", "kind", "weight_bits", "act_bits", "weight_sqnr_db", "act_sqnr_db", "output_sqnr_db",
@@ -286,3 +291,78 @@ def write_report(store: RunStore, run_id: str, path: str | Path | None = None) -
     out = Path(path) if path is not None else store.artifact(run_id, REPORT_FILE)
     atomic_write_bytes(out, data)
     return out
+
+
+# --- a run's analysis folder --------------------------------------------------------------------
+
+
+def analyze_run(store: RunStore, run_id: str, bits: Sequence[int] = (4, 2), budget_bytes: float | None = None,
+                average_bits: float | None = None, batches: int | None = None, bins: int = analysis.DEFAULT_BINS,
+                on_progress: analysis.OnProgress | None = None, cancel: train.Cancel | None = None) -> dict[str, Path]:
+    """Analyse a finished run and write tables (CSV) and figures (HTML) into ``runs/<id>/analysis/``.
+
+    Writes errors.csv (both stages), histograms.csv + histogram_marks.csv + channel_ranges.csv,
+    training.csv, sensitivity.csv (when ``bits``), suggestion.csv + suggested_plan.json (when a
+    budget is given), and one HTML page per figure group (they share ``plotly.min.js`` in the same
+    folder, so they open offline). Returns the written paths by name.
+    """
+    loaded = load(store, run_id)
+    torch.set_num_threads(cpu.training_threads(sum(p.numel() for p in loaded.fp32.parameters())))  # as execute
+    widths = search.check_bits(bits) if bits else []
+    if (budget_bytes is not None or average_bits is not None) and not widths:
+        raise ConfigError("a mixed-precision suggestion needs sensitivity widths to choose from; give bits, "
+                          "e.g. (8, 6, 4, 3, 2)")
+    written: dict[str, Path] = {}
+
+    def put(name: str, text: str) -> None:
+        path = store.artifact(run_id, f"{ANALYSIS_DIR}/{name}")
+        atomic_write_text(path, text)
+        written[name] = path
+
+    # 1. histograms and per-layer error, before and after the fine-tune
+    cal = analysis.calibration_batches(loaded, batches)
+    tables, hists = [], []
+    for stage in analysis.STAGES:
+        search.progress(on_progress, cancel, "analysis", done=len(tables), total=2, layer="", bits=None)
+        model = analysis._stage_model(loaded, stage)
+        stats = analysis.capture_activations(model, cal, bins=bins, cancel=cancel)
+        tables.append(analysis.error_table(loaded, stage, stats=stats))
+        hists += [st.to_histogram(stage) for st in stats.values()]
+    for layer in analysis.weight_layers(loaded.qat):
+        hists += analysis.weight_histograms(loaded, layer, bins)
+    errors = pd.concat(tables, ignore_index=True)
+    put("errors.csv", analysis.to_csv(errors))
+    put("histograms.csv", analysis.to_csv(pd.concat([h.frame() for h in hists], ignore_index=True)))
+    put("histogram_marks.csv", analysis.to_csv(pd.DataFrame([h.marks() for h in hists])))
+    channels = [h.channels for h in hists if h.channels is not None]
+    if channels:
+        put("channel_ranges.csv", analysis.to_csv(pd.concat(channels, ignore_index=True)))
+    curves = analysis.training_curves(store.events(run_id))
+    put("training.csv", analysis.to_csv(curves))
+    figures: dict[str, list] = {
+        "sqnr.html": [plots.sqnr_figure(errors)],
+        "weights.html": [plots.histogram_figure([h for h in hists if h.tensor == "weight" and h.layer == layer])
+                         for layer in analysis.weight_layers(loaded.qat)],
+        "activations.html": [plots.histogram_figure([h for h in hists if h.tensor == "activation" and h.layer == layer])
+                             for layer in analysis.activation_layers(loaded.qat)],
+        "training.html": [plots.training_figure(curves)],
+    }
+    summary: dict[str, Any] = {"output_sqnr_db": {t.attrs["stage"]: t.attrs["output_sqnr_db"] for t in tables}}
+    # 2. sensitivity and, with a budget, a mixed-precision suggestion
+    if widths:
+        sens = search.sensitivity(loaded, widths, batches=None, on_progress=on_progress, cancel=cancel)
+        put("sensitivity.csv", analysis.to_csv(sens))
+        figures["sensitivity.html"] = [plots.sensitivity_figure(sens)]
+        if budget_bytes is not None or average_bits is not None:
+            sug = search.suggest_plan(loaded, sens, budget_bytes, average_bits, on_progress=on_progress, cancel=cancel)
+            put("suggestion.csv", analysis.to_csv(sug.candidates))
+            put("suggested_plan.json", json.dumps(sug.plan.model_dump(mode="json"), indent=2))
+            figures["pareto.html"] = [plots.pareto_figure(sug.candidates)]
+            summary["suggestion"] = {"widths": sug.widths, "size_bytes": sug.size_bytes,
+                                     "average_bits": sug.average_bits, "accuracy_ptq": sug.accuracy}
+    put(plots.PLOTLY_JS, plots.plotly_js())
+    for name, figs in figures.items():
+        put(name, plots.page(figs, title=f"run {run_id}: {name.removesuffix('.html')}"))
+    summary["files"] = {k: str(v) for k, v in written.items()}
+    store.write_result(run_id, "analysis", summary)
+    return written

@@ -9,7 +9,7 @@ import pandas as pd
 import pytest
 import torch
 
-from qat_core import analysis, cli, runner
+from qat_core import analysis, cli, report, runner, search
 from qat_core.config import RunConfig
 from qat_core.errors import CancelledError, ConfigError, StoreError
 from qat_core.prepare import size_bytes
@@ -155,7 +155,7 @@ def test_error_table_on_real_runs(workspace, loaded, digits_run_w4a4):
 
 def test_sensitivity_ranks_layers_with_progress_and_cancel(loaded):
     events = []
-    sens = analysis.sensitivity(loaded, bits=(4, 2), on_progress=events.append)
+    sens = search.sensitivity(loaded, bits=(4, 2), on_progress=events.append)
     names = analysis.weight_layers(loaded.qat)
     assert len(sens) == 2 * len(names)
     for _, part in sens.groupby("bits"):
@@ -176,14 +176,14 @@ def test_sensitivity_ranks_layers_with_progress_and_cancel(loaded):
             return self.calls > self.n
 
     with pytest.raises(CancelledError, match="sensitivity cancelled"):
-        analysis.sensitivity(loaded, bits=(4,), cancel=CancelAfter(3))
-    both = analysis.sensitivity(loaded, bits=(2,), include_activations=True)  # outputs quantized too
+        search.sensitivity(loaded, bits=(4,), cancel=CancelAfter(3))
+    both = search.sensitivity(loaded, bits=(2,), include_activations=True)  # outputs quantized too
     assert {"input", "gap"} <= set(both["layer"]) and "fc" in set(both["layer"])
 
 
 def test_suggestion_respects_budget_and_runs_as_a_normal_run(workspace, loaded, monkeypatch):
-    sens = analysis.sensitivity(loaded, bits=(4, 3, 2))
-    sug = analysis.suggest_plan(loaded, sens, average_bits=3.0, measure=1, top=2)
+    sens = search.sensitivity(loaded, bits=(4, 3, 2))
+    sug = search.suggest_plan(loaded, sens, average_bits=3.0, measure=1, top=2)
     assert sug.average_bits <= 3.0 + 1e-9
     assert set(sug.widths) == set(analysis.weight_layers(loaded.qat))
     config = loaded.config.model_copy(update={"plan": sug.plan})
@@ -191,10 +191,10 @@ def test_suggestion_respects_budget_and_runs_as_a_normal_run(workspace, loaded, 
     assert sug.size_bytes == size_bytes(loaded.qat.layers, sug.plan)["quantized_bytes"]
     assert sug.candidates["pareto"].any() and (sug.candidates["kind"] == "suggested").sum() == 1
     budget = 0.6 * size_bytes(loaded.qat.layers, loaded.config.plan)["quantized_bytes"]
-    by_bytes = analysis.suggest_plan(loaded, sens, budget_bytes=budget, measure=0, top=1)
+    by_bytes = search.suggest_plan(loaded, sens, budget_bytes=budget, measure=0, top=1)
     assert by_bytes.size_bytes <= budget
-    monkeypatch.setattr(analysis, "EXHAUSTIVE_LIMIT", 1)  # many layers: the greedy path
-    greedy = analysis.suggest_plan(loaded, sens, budget_bytes=budget, measure=0, top=1)
+    monkeypatch.setattr(search, "EXHAUSTIVE_LIMIT", 1)  # many layers: the greedy path
+    greedy = search.suggest_plan(loaded, sens, budget_bytes=budget, measure=0, top=1)
     assert greedy.size_bytes <= budget
     # the suggestion fine-tunes as a normal run
     short = quick_config().model_copy(update={"plan": sug.plan})
@@ -214,32 +214,32 @@ def test_unknown_or_unsuitable_layers_list_the_real_names(loaded):
     with pytest.raises(ConfigError, match=r"'fc' has no activation quantizer.*input, conv1\.conv"):
         analysis.activation_histograms(loaded, "fc")
     with pytest.raises(ConfigError, match=r"'nope' do not exist or have no weights; choose from: conv1\.conv"):
-        analysis.sensitivity(loaded, bits=(4,), layers=["nope"])
+        search.sensitivity(loaded, bits=(4,), layers=["nope"])
     with pytest.raises(ConfigError, match="from 2 to 8"):
-        analysis.sensitivity(loaded, bits=(1,))
+        search.sensitivity(loaded, bits=(1,))
     with pytest.raises(ConfigError, match="stage must be one of ptq, qat"):
         analysis.error_table(loaded, "fp16")
 
 
 def test_budget_below_the_smallest_model_says_how_small_it_can_go(loaded):
-    sens = analysis.sensitivity(loaded, bits=(4, 2))
+    sens = search.sensitivity(loaded, bits=(4, 2))
     with pytest.raises(ConfigError, match=r"average of 1.5 weight bits is below the smallest possible model \(2 bits"):
-        analysis.suggest_plan(loaded, sens, average_bits=1.5)
+        search.suggest_plan(loaded, sens, average_bits=1.5)
     with pytest.raises(ConfigError, match=r"budget of 1,000 bytes is below the smallest possible model \([\d,]+ bytes"):
-        analysis.suggest_plan(loaded, sens, budget_bytes=1000)
+        search.suggest_plan(loaded, sens, budget_bytes=1000)
     with pytest.raises(ConfigError, match="exactly one budget"):
-        analysis.suggest_plan(loaded, sens)
+        search.suggest_plan(loaded, sens)
     with pytest.raises(ConfigError, match="lacks layer"):
-        analysis.suggest_plan(loaded, sens[sens["layer"] != "fc"], average_bits=4)
+        search.suggest_plan(loaded, sens[sens["layer"] != "fc"], average_bits=4)
 
 
 def test_runs_without_a_model_are_refused(workspace):
     failed = workspace.create_run(quick_config())
     workspace.fail(failed, "training diverged at step 3")
     with pytest.raises(StoreError, match=r"is failed: training diverged.*only finished runs have a model"):
-        analysis.analyze_run(workspace, failed)
+        report.analyze_run(workspace, failed)
     with pytest.raises(StoreError, match="no run 'missing-run'"):
-        analysis.analyze_run(workspace, "missing-run")
+        report.analyze_run(workspace, "missing-run")
 
 
 def test_cli_analyze_writes_tables_and_figures(workspace, digits_run, capsys):
@@ -247,7 +247,7 @@ def test_cli_analyze_writes_tables_and_figures(workspace, digits_run, capsys):
                      "--quiet"])
     assert code == 0
     paths = capsys.readouterr().out.split()
-    folder = workspace.run_dir(digits_run) / analysis.ANALYSIS_DIR
+    folder = workspace.run_dir(digits_run) / report.ANALYSIS_DIR
     names = {p.rsplit("/", 1)[-1] for p in paths}
     assert {"errors.csv", "histograms.csv", "sensitivity.csv", "suggestion.csv", "sqnr.html", "weights.html",
             "activations.html", "training.html", "pareto.html", "plotly.min.js"} <= names

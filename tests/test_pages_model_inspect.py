@@ -1,5 +1,5 @@
 """Model page (FP32 size as the Plan page counts it, a layer table for people, a baseline that trains fast with
-stages) and the progress of Inspect's plan suggestion (analysis.suggest_plan's callback)."""
+stages) and the progress of Inspect's plan suggestion (search.suggest_plan's callback)."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ import pandas as pd
 import pytest
 import torch
 
-from qat_core import analysis, prepare, runner, train
+from qat_core import prepare, runner, search, train
 from tests import apptest
 from tests.apptest import AppTest, common, ok
 
@@ -123,9 +123,9 @@ def test_baseline_button_trains_with_one_thread_and_throttled_stages(tmp_path, m
 def test_suggest_plan_reports_each_candidate_and_otherwise_is_unchanged(workspace, digits_run):
     torch.set_num_threads(1)
     loaded = runner.load(workspace, digits_run)
-    sens = analysis.sensitivity(loaded, bits=(4, 2), batches=2)
+    sens = search.sensitivity(loaded, bits=(4, 2), batches=2)
     events: list[dict] = []
-    sug = analysis.suggest_plan(loaded, sens, average_bits=3.0, measure=2, top=2, batches=2,
+    sug = search.suggest_plan(loaded, sens, average_bits=3.0, measure=2, top=2, batches=2,
                                 on_progress=events.append)
     assert events and {e["task"] for e in events} == {"suggestion"}
     total = events[0]["total"]
@@ -135,6 +135,6 @@ def test_suggest_plan_reports_each_candidate_and_otherwise_is_unchanged(workspac
     for e in events[:-1]:
         assert e["candidate"] in {"fits", "front"} or e["candidate"].startswith("uniform")
         assert e["widths"].count(":") == len(sug.widths)
-    plain = analysis.suggest_plan(loaded, sens, average_bits=3.0, measure=2, top=2, batches=2)
+    plain = search.suggest_plan(loaded, sens, average_bits=3.0, measure=2, top=2, batches=2)
     assert plain.widths == sug.widths and plain.plan == sug.plan
     pd.testing.assert_frame_equal(plain.candidates, sug.candidates)

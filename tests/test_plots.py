@@ -10,7 +10,7 @@ import plotly.graph_objects as go
 import pytest
 import torch
 
-from qat_core import analysis, plots, runner
+from qat_core import analysis, plots, runner, search
 from qat_core.errors import ConfigError
 
 
@@ -60,7 +60,7 @@ def test_table_figures(workspace, digits_run, loaded):
     assert {t.name for t in fig.data} == {"before fine-tune (PTQ)", "after fine-tune (QAT)"}
     assert all("dB" in t.hovertemplate for t in fig.data)
 
-    sens = analysis.sensitivity(loaded, bits=(4, 2))
+    sens = search.sensitivity(loaded, bits=(4, 2))
     fig = plots.sensitivity_figure(sens)
     _titled(fig)
     assert [t.name for t in fig.data] == ["4-bit", "2-bit"]
@@ -70,7 +70,7 @@ def test_table_figures(workspace, digits_run, loaded):
     assert plots.sensitivity_figure(sens, "accuracy_drop").layout.xaxis.tickformat == \
         plots.accuracy_tickformat(max(drops) - min(drops))["tickformat"]
 
-    sug = analysis.suggest_plan(loaded, sens, average_bits=4, measure=1, top=1)
+    sug = search.suggest_plan(loaded, sens, average_bits=4, measure=1, top=1)
     fig = plots.pareto_figure(sug.candidates)
     _titled(fig)
     assert {"Pareto front", "suggested", "uniform"} <= {t.name for t in fig.data}
@@ -204,8 +204,8 @@ def test_pareto_mask_drops_dominated_tied_and_nan_points():
     acc = np.array([0.9, 0.95, 0.95, 0.94, 0.99, 0.99, np.nan, 0.97])
     # 3 is beaten by 1 (smaller, more accurate), 7 by 4 (same size, more accurate); 1 and 2 tie: both
     # stay; a NaN anywhere is never on the front and beats nothing (0 stays despite 6's smaller size)
-    assert analysis._pareto_mask(size, acc).tolist() == [True, True, True, False, True, False, False, False]
-    assert analysis._pareto_mask(np.array([]), np.array([])).tolist() == []
+    assert search.pareto_mask(size, acc).tolist() == [True, True, True, False, True, False, False, False]
+    assert search.pareto_mask(np.array([]), np.array([])).tolist() == []
 
 
 def test_runs_pareto_front_has_no_dominated_run():
