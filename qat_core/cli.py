@@ -209,6 +209,47 @@ def cmd_report(args: argparse.Namespace) -> None:
     print(write_report(_store(args), args.run, args.output))
 
 
+def cmd_sweep(args: argparse.Namespace) -> None:
+    from qat_core import sweep
+    from qat_core.runner import default_config
+
+    if args.example:
+        print(sweep.example_spec(default_config(args.model)).to_yaml(), end="")
+        return
+    if args.spec is None:
+        raise QATError("give a sweep spec (YAML), or --example to print one: "
+                       "qat-studio sweep --example > sweep.yaml")
+    spec = sweep.load_spec(args.spec)
+    store = _store(args)
+
+    def progress(event: dict[str, Any]) -> None:
+        if args.quiet:
+            return
+        if event["event"] == "finished":
+            acc = f"QAT {event['accuracy']:.2%}" if event.get("accuracy") is not None else event.get("error") or ""
+            line = f"[{event['done']}/{event['total']}] {event['status']:<9} {event['label']}  {acc}"
+        elif event["event"] == "kept":
+            line = f"kept (trained before): {event['label']}"
+        elif event["event"] == "latency":
+            line = f"[{event['done'] + 1}/{event['total']}] int8 latency of {event['label'] or event['run']}"
+        elif "run" in event:
+            line = f"{event['event']}: {event['run']} {event.get('error') or ''}"
+        else:
+            line = event["message"]
+        print(line, file=sys.stderr, flush=True)
+
+    frame = sweep.run_sweep(spec, store, workers=args.workers, threads=args.threads, ray=args.ray, on_event=progress)
+    state = sweep.state(store, spec.name)
+    if args.json:
+        print(frame.to_json(orient="records", indent=2))
+    else:
+        columns = ["label", "status", "QAT acc %", "avg weight bits", "size KB", "int8 latency ms", "run"]
+        print(frame[columns].to_string(index=False))
+    if state["state"] != "done":
+        raise QATError(f"sweep {spec.name} {state['state']}: {state.get('error') or state.get('message')}; "
+                       f"run the same command again to train the runs that are missing")
+
+
 def _threads(text: str) -> int | str:
     if text == "all":
         return "all"
@@ -247,7 +288,7 @@ def parser() -> argparse.ArgumentParser:
     tr.add_argument("config", type=Path)
     tr.add_argument("--run-id", default=None, help=argparse.SUPPRESS)  # the app pre-creates runs it launches
     tr.add_argument("--quiet", action="store_true", help="no progress bar")
-    tr.add_argument("--threads", type=_threads, default=None,
+    tr.add_argument("--threads", type=_positive, default=None,
                     help="torch intra-op threads (default: $QAT_STUDIO_THREADS, else 1 for a model under 2M "
                          "parameters and every core up to 4 for a larger one)")
     tr.set_defaults(func=cmd_train)
@@ -297,6 +338,21 @@ def parser() -> argparse.ArgumentParser:
     be.add_argument("--json", action="store_true")
     be.set_defaults(func=cmd_bench)
 
+    sw = sub.add_parser("sweep", help="train a base config × variations (widths, plans, suggestions, range methods, "
+                                      "learning rates, seeds) in parallel; run it again to resume")
+    sw.add_argument("spec", type=Path, nargs="?", help="sweep spec (YAML); see --example")
+    sw.add_argument("--example", action="store_true", help="print an example spec for --model and exit")
+    sw.add_argument("--model", default="digits-cnn", help="the example's model (default digits-cnn)")
+    sw.add_argument("--workers", type=_positive, default=None,
+                    help="runs at a time (default: the spec's executor.workers, else cores / threads)")
+    sw.add_argument("--threads", type=_positive, default=None, help="torch threads per run (default: the spec's, "
+                                                                    "else 1 for a model under 2M parameters)")
+    sw.add_argument("--ray", default=None, metavar="ADDRESS",
+                    help="run on a Ray cluster (auto, HOST:6379, ray://HOST:10001; local starts one here)")
+    sw.add_argument("--json", action="store_true", help="print the runs as JSON")
+    sw.add_argument("--quiet", action="store_true", help="no progress on stderr")
+    sw.set_defaults(func=cmd_sweep)
+
     rp = sub.add_parser("report", help="write a self-contained HTML report of a run; prints its path")
     rp.add_argument("run", help="run id (see `qat-studio runs`)")
     rp.add_argument("-o", "--output", type=Path, default=None, help="HTML file (default: report.html in the run folder)")
@@ -304,9 +360,9 @@ def parser() -> argparse.ArgumentParser:
     return p
 
 
-def _threads(text: str) -> int:
+def _positive(text: str) -> int:
     if not text.strip().isdigit() or int(text) < 1:
-        raise argparse.ArgumentTypeError(f"threads must be a whole number of at least 1, got {text!r}")
+        raise argparse.ArgumentTypeError(f"give a whole number of at least 1, got {text!r}")
     return int(text)
 
 

@@ -297,12 +297,13 @@ class RunConfig(_Strict):
         return json.dumps(self.to_dict(), indent=2)
 
 
-def _describe(err: ValidationError) -> str:
+def describe(err: ValidationError, what: str = "config") -> str:
+    """A validation error as one line per problem (at most a few), each naming its field."""
     errors = err.errors(include_url=False)
     lines = [_describe_one(e) for e in errors[:MAX_LISTED_ERRORS]]
     if len(errors) > MAX_LISTED_ERRORS:
         lines.append(f"… and {len(errors) - MAX_LISTED_ERRORS} more problems; fix these first")
-    return "invalid config:\n  " + "\n  ".join(lines)
+    return f"invalid {what}:\n  " + "\n  ".join(lines)
 
 
 def _describe_one(e: ErrorDetails) -> str:
@@ -334,7 +335,7 @@ def from_dict(data: Any) -> RunConfig:
     try:
         return RunConfig.model_validate(data)
     except ValidationError as err:
-        raise ConfigError(_describe(err)) from None
+        raise ConfigError(describe(err)) from None
 
 
 class _LimitExceeded(yaml.MarkedYAMLError):
@@ -433,6 +434,14 @@ def _where(err: yaml.YAMLError, text: str) -> str:
 
 def parse(text: str, source: str = "config") -> RunConfig:
     """Parse YAML or JSON text (JSON is YAML) into a validated config."""
+    data = parse_yaml(text, source)
+    if data is None:
+        raise ConfigError(f"{_clip(source, 200)} is empty; start from `qat-studio config init --model digits-cnn`")
+    return from_dict(data)
+
+
+def parse_yaml(text: str, source: str) -> Any:
+    """YAML or JSON text as Python data, within the size and nesting limits; None for an empty text."""
     source = _clip(source, 200)
     if len(text) > MAX_INPUT_SIZE:
         raise ConfigError(f"{source} has {len(text):,} characters; a config has at most {MAX_INPUT_SIZE:,} "
@@ -448,12 +457,10 @@ def parse(text: str, source: str = "config") -> RunConfig:
     except UnicodeEncodeError as err:  # libyaml reads UTF-8; only a str built in Python can hold these
         raise ConfigError(f"{source} is not valid text: character {err.start + 1:,} is a lone surrogate, "
                           "which UTF-8 cannot hold") from None
-    if data is None:
-        raise ConfigError(f"{source} is empty; start from `qat-studio config init --model digits-cnn`")
-    return from_dict(data)
+    return data
 
 
-def _read_text(path: Path) -> str:
+def read_text(path: Path) -> str:
     """A small regular file's text. Opened without blocking and checked before reading: a FIFO would
     hang the read and /dev/zero never ends."""
     name = _clip(str(path), 200)
@@ -483,7 +490,7 @@ def _read_text(path: Path) -> str:
 
 def load(path: str | Path) -> RunConfig:
     path = Path(path)
-    return parse(_read_text(path), source=str(path))
+    return parse(read_text(path), source=str(path))
 
 
 def save(config: RunConfig, path: str | Path) -> None:

@@ -32,7 +32,7 @@ from qat_core.quantizers import quantizers
 from qat_core.store import RunStore
 
 
-def _baseline_key(config: RunConfig) -> str:
+def baseline_key(config: RunConfig) -> str:
     unset = cfg.DataConfig()  # fields added after baselines were first cached count only when set
     data = {k: v for k, v in config.data.model_dump().items()
             if k not in cfg.IMAGE_FIELDS + cfg.TEXT_FIELDS or v != getattr(unset, k)}
@@ -48,7 +48,7 @@ def _baseline_key(config: RunConfig) -> str:
 
 def cached_baseline(config: RunConfig, store: RunStore) -> dict[str, float] | None:
     """The metrics of the cached FP32 baseline for this config, or None if it was never trained."""
-    cached = store.load_baseline(_baseline_key(config))
+    cached = store.load_baseline(baseline_key(config))
     return None if cached is None else cached["metrics"]
 
 
@@ -157,7 +157,7 @@ def baseline(config: RunConfig, store: RunStore, on_event: train.OnEvent = lambd
     config's model and data, where the caller has them already."""
     model, data = built or _build_fp32(config)
     model.to(training_device(config))
-    key = _baseline_key(config)
+    key = baseline_key(config)
     cached = store.load_baseline(key)
     if cached is not None:
         model.load_state_dict(cached["state"])
@@ -178,6 +178,16 @@ def _quantize(fp32: nn.Module, data: Data, config: RunConfig) -> QATModel:
     ft = config.finetune
     train.calibrate(model, data.train_loader(ft.batch_size, True, config.seed), ft.calibration_batches)
     return model
+
+
+def calibrated(config: RunConfig, store: RunStore, cancel: train.Cancel = train.NeverCancel()) -> Loaded:
+    """The config's FP32 baseline (trained now unless cached) and its calibrated, not fine-tuned, model
+    as ``ptq`` and ``qat``: what a sensitivity scan needs before any run exists."""
+    fp32, data, _ = baseline(config, store, cancel=cancel)
+    fp32 = fp32.cpu().eval()
+    train.seed_everything(config.seed)
+    ptq = _quantize(fp32, data, config).eval()
+    return Loaded(config, fp32, ptq, ptq, data)
 
 
 def execute(config: RunConfig, store: RunStore, run_id: str | None = None, on_event: train.OnEvent | None = None,

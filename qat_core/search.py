@@ -61,7 +61,7 @@ def _check_layers(names: Sequence[str], allowed: list[str], what: str) -> list[s
     return list(names)
 
 
-def _width_plan(base: LayerPlan, layers: Sequence[str], bits: dict[str, int | None],
+def width_plan(base: LayerPlan, layers: Sequence[str], bits: dict[str, int | None],
                 act_bits: int | None | str = "keep") -> LayerPlan:
     """``base`` with each layer's weight bits set from ``bits`` (and, unless "keep", act bits)."""
     overrides = dict(base.overrides)
@@ -116,11 +116,11 @@ def sensitivity(loaded: Loaded, bits: Sequence[int] = (4, 2), layers: Sequence[s
     cal = calibration_batches(loaded)
     for b in widths:
         if include_activations:
-            plan = _width_plan(loaded.config.plan, names, dict.fromkeys(names, b), b)
+            plan = width_plan(loaded.config.plan, names, dict.fromkeys(names, b), b)
             cal_batches = cal
         else:  # weights only: no activation quantizers anywhere, and one batch sets the weight ranges
             everyone = layer_names(probe)
-            plan = _width_plan(_width_plan(loaded.config.plan, everyone, {}, None), names, dict.fromkeys(names, b))
+            plan = width_plan(width_plan(loaded.config.plan, everyone, {}, None), names, dict.fromkeys(names, b))
             cal_batches = cal[:1]
         model = prepare(loaded.fp32, plan, loaded.data.example())
         set_enabled(model, False)  # calibrate every range on FP32 inputs
@@ -170,7 +170,7 @@ class Suggestion:
         return self.candidates[self.candidates["pareto"]].sort_values("size_bytes", ignore_index=True)
 
 
-def _avg_bits(rows: list[dict], plan: LayerPlan) -> float:
+def mean_weight_bits(rows: list[dict], plan: LayerPlan) -> float:
     num = den = 0.0
     for row in rows:
         if row["has_weights"]:
@@ -224,7 +224,7 @@ def suggest_plan(loaded: Loaded, sens: pd.DataFrame, budget_bytes: float | None 
         raise ConfigError("sens must be the DataFrame that search.sensitivity returns (layer, bits, loss_increase)")
     config = loaded.config
     rows = loaded.qat.layers
-    varied = [r["name"] for r in rows if r["has_weights"] and config.plan.spec_for(r["name"]).weight_bits is not None]
+    varied = quantized_weight_layers(rows, config.plan)
     if not varied:
         raise ConfigError("no layer of this run has quantized weights, so there is nothing to choose widths for")
     widths = check_bits(sens["bits"].unique().tolist())
@@ -235,9 +235,9 @@ def suggest_plan(loaded: Loaded, sens: pd.DataFrame, budget_bytes: float | None 
                           f"{widths}; run sensitivity over all weight layers at the same widths")
     # 1. cost of every (layer, width): bytes, and bit-parameters for the average
     row_of = {r["name"]: r for r in rows}
-    fixed_plan = _width_plan(config.plan, varied, {})
+    fixed_plan = width_plan(config.plan, varied, {})
     fixed_bytes = sum(size_bytes([r], fixed_plan)["quantized_bytes"] for r in rows if r["name"] not in varied)
-    nbytes = np.array([[size_bytes([row_of[n]], _width_plan(config.plan, [n], {n: b}))["quantized_bytes"]
+    nbytes = np.array([[size_bytes([row_of[n]], width_plan(config.plan, [n], {n: b}))["quantized_bytes"]
                         for b in widths] for n in varied])  # (L, W)
     wparams = np.array([row_of[n]["weight_params"] for n in varied], dtype=float)
     all_wparams = sum(r["weight_params"] for r in rows if r["has_weights"])
@@ -310,12 +310,12 @@ def suggest_plan(loaded: Loaded, sens: pd.DataFrame, budget_bytes: float | None 
         bits = {n: widths[w] for n, w in zip(varied, key)}
         progress(on_progress, cancel, "suggestion", done=k, total=len(todo), layer="", bits=None, candidate=kind,
                   widths=" ".join(f"{n}:{b}" for n, b in bits.items()))
-        plan = _width_plan(config.plan, varied, bits)
+        plan = width_plan(config.plan, varied, bits)
         model = prepare(loaded.fp32, plan, loaded.data.example())
         train.calibrate(model, cal, max(1, len(cal)), cancel or train.NeverCancel())
         m = train.evaluate(model, held)
         seen[key] = {"kind": kind, "plan": plan, "widths": " ".join(f"{n}:{b}" for n, b in bits.items()),
-                     "size_bytes": size_bytes(rows, plan)["quantized_bytes"], "average_bits": _avg_bits(rows, plan),
+                     "size_bytes": size_bytes(rows, plan)["quantized_bytes"], "average_bits": mean_weight_bits(rows, plan),
                      "predicted_loss_increase": float(damage[idx, np.array(key)].sum()),
                      "accuracy": m["accuracy"], "loss": m["loss"], "within_budget": bool(cost[idx, np.array(key)].sum()
                                                                                         <= limit + 1e-9)}
@@ -337,9 +337,18 @@ def suggest_plan(loaded: Loaded, sens: pd.DataFrame, budget_bytes: float | None 
                       candidates=cand)
 
 
+def quantized_weight_layers(rows: list[dict], plan: LayerPlan) -> list[str]:
+    """The layers (rows of ``prepare.layer_table``) whose weights ``plan`` quantizes."""
+    return [r["name"] for r in rows if r["has_weights"] and plan.spec_for(r["name"]).weight_bits is not None]
+
+
 def uniform_plan(loaded: Loaded, bits: int) -> LayerPlan:
     """The run's plan with every quantized weight layer at ``bits`` (activations as in the run)."""
+    return uniform_widths(loaded.config.plan, loaded.qat.layers, bits)
+
+
+def uniform_widths(plan: LayerPlan, rows: list[dict], bits: int) -> LayerPlan:
+    """``plan`` with every layer whose weights it quantizes at ``bits`` (activations unchanged)."""
     (b,) = check_bits([bits])
-    varied = [r["name"] for r in loaded.qat.layers
-              if r["has_weights"] and loaded.config.plan.spec_for(r["name"]).weight_bits is not None]
-    return _width_plan(loaded.config.plan, varied, dict.fromkeys(varied, b))
+    varied = quantized_weight_layers(rows, plan)
+    return width_plan(plan, varied, dict.fromkeys(varied, b))

@@ -46,10 +46,11 @@ from qat_core.errors import DiskFullError, QATError, StoreError
 WORKSPACE_ENV = "QAT_STUDIO_HOME"
 STATUSES = ("running", "done", "failed", "cancelled", "damaged")
 CANCEL_FLAG = "CANCEL"
-WORKSPACE_PARTS = ("index.sqlite", "runs", "baselines", "drafts", "uploads")  # any of them: a workspace already
+WORKSPACE_PARTS = ("index.sqlite", "runs", "baselines", "drafts", "uploads", "sweeps")  # any of them: a workspace already
 RECORD_FILE = "run.json"  # the run's index row, kept in its folder: the index can be rebuilt from the folders
 DRAFT_ID = re.compile(r"^[A-Za-z0-9_-]{1,64}$")  # a draft id: safe as a file name and in a URL
 RUN_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_-]{0,63}$")
+SWEEP_ID = re.compile(r"^[a-z0-9][a-z0-9_-]{0,39}$")  # short: its runs' ids start with it
 COLUMNS = ("id", "created", "updated", "name", "model", "status", "error", "pid", "config", "metrics")
 SCHEMA_VERSION = 1  # 1: run.json beside each run (older workspaces get theirs when first opened)
 _SELECT = f"SELECT {', '.join(COLUMNS)} FROM runs"  # by name: an extra column added by hand is ignored
@@ -446,19 +447,25 @@ class RunStore:
         self._transaction(work, write=True)
 
     # --- runs ---------------------------------------------------------------------------------
-    def create_run(self, config: RunConfig, pid: int | None = None) -> str:
-        run_id = time.strftime("%Y%m%d-%H%M%S") + "-" + secrets.token_hex(3)
+    def create_run(self, config: RunConfig, pid: int | None = None, run_id: str | None = None,
+                   metrics: dict[str, Any] | None = None) -> str:
+        """A new run, ``running``; ``run_id`` (a sweep's, derived from its config) else a timestamp.
+        ``metrics``: sections it starts with (a sweep's id), written in the same transaction."""
+        run_id = run_id or time.strftime("%Y%m%d-%H%M%S") + "-" + secrets.token_hex(3)
         folder = self.run_dir(run_id)
-        try:
-            with _disk_errors(folder):
+        with _disk_errors(folder):
+            try:
                 folder.mkdir(parents=True)
+            except FileExistsError:  # not ours to clean up
+                raise StoreError(f"run {run_id} exists already in {self.root}") from None
+        try:
             atomic_write_text(folder / "config.yaml", config.to_yaml())
             now = time.time()
 
             def insert(db: sqlite3.Connection) -> None:
                 db.execute(_INSERT,
                            (run_id, now, now, config.name, config.model, "running", None, pid or os.getpid(),
-                            config.to_json(), "{}"))
+                            config.to_json(), json.dumps(metrics or {})))
                 self._write_record_file(db, run_id)
 
             self._transaction(insert, write=True)
@@ -710,6 +717,41 @@ class RunStore:
             path.parent.mkdir(parents=True, exist_ok=True)
             atomic_write_bytes(path, data)
         return path
+
+    # --- sweeps -------------------------------------------------------------------------------
+    def sweep_dir(self, sweep_id: str) -> Path:
+        """A sweep's folder: its spec, its expansion and its state (the runs are ordinary runs)."""
+        if not isinstance(sweep_id, str) or not SWEEP_ID.match(sweep_id):
+            raise StoreError(f"{str(sweep_id)[:80]!r} is not a sweep name: use 1 to 40 lower-case letters, digits, "
+                             "'-' or '_', starting with a letter or digit")
+        return self.root / "sweeps" / sweep_id
+
+    def sweeps(self) -> list[str]:
+        """The ids of the sweeps started in this workspace, newest first."""
+        folder = self.root / "sweeps"
+        found = [p for p in folder.iterdir() if SWEEP_ID.match(p.name) and (p / "spec.yaml").is_file()] \
+            if folder.is_dir() else []
+        return [p.name for p in sorted(found, key=lambda p: p.stat().st_mtime, reverse=True)]
+
+    def sweep_runs(self, sweep_id: str) -> list[dict[str, Any]]:
+        """The runs that a sweep trained (``metrics.sweep.id``), newest first."""
+        return [r for r in self.list() if (r["metrics"].get("sweep") or {}).get("id") == sweep_id]
+
+    @contextmanager
+    def sweep_lock(self, sweep_id: str) -> Iterator[None]:
+        """Held while a process drives the sweep; the kernel drops it when that process dies (kill -9 too)."""
+        folder = self.sweep_dir(sweep_id)
+        folder.mkdir(parents=True, exist_ok=True)
+        with (folder / "lock").open("a") as f:
+            try:
+                fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                raise StoreError(f"sweep {sweep_id} is running in another process; cancel it (Sweep page, or "
+                                 f"touch {folder / CANCEL_FLAG}) or wait for it to finish") from None
+            try:
+                yield
+            finally:
+                fcntl.flock(f, fcntl.LOCK_UN)
 
     # --- FP32 baselines -----------------------------------------------------------------------
     def baseline_path(self, key: str) -> Path:

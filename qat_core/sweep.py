@@ -1,0 +1,587 @@
+"""Sweeps: a base config × variations, each trained for real, in parallel, resumable.
+
+The sensitivity scan (:mod:`qat_core.search`) predicts which plan suits a budget; a sweep trains
+the candidates and lets the measured Pareto front answer. A spec (YAML, versioned and validated
+like a ``RunConfig``)::
+
+    version: 1
+    name: digits-plans            # the sweep's id in the workspace: running it again resumes it
+    base: base.yaml               # a RunConfig, inline or a file beside the spec
+    vary:
+      weight_bits: [8, 4, 3, 2]   # every quantized weight layer at one width (activations as in base)
+      plans:                      # named plans over the base's: a default and per-layer overrides
+        ends-8: {default: {weight_bits: 3}, overrides: {conv1: {weight_bits: 8}, fc: {weight_bits: 8}}}
+      suggested:                  # search.suggest_plan at each budget, from the shared baseline
+        average_bits: [3]
+        widths: [8, 4, 3, 2]
+      range_method: [minmax, lsq]
+      lr: [0.001, 0.0003]
+      seed: [0, 1, 2]
+    executor: {workers: 2, threads: 1, ray: null}
+    latency: true                 # int8 latency of each run (ONNX Runtime, batch 1), one run at a time
+
+Plans (uniform widths, named plans, suggestions; the base plan when none is given) are crossed with
+range methods, learning rates and seeds. Each variation is an ordinary run in the store, its id
+derived from its config (so a variation is trained once however often the sweep runs) and its
+``metrics.sweep`` naming the sweep. Before training, the driver trains each distinct FP32 baseline
+once; the runs then find it cached. Runs go to a local pool of worker processes (threads per run ×
+workers ≤ cores) or, with ``executor.ray``, to Ray tasks. A run that did not finish (a crash, a
+kill -9, a cancel) is deleted and trained again when the sweep runs again; finished runs are kept.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures as cf
+import contextlib
+import hashlib
+import itertools
+import json
+import math
+import multiprocessing
+import os
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Annotated, Any
+
+import pandas as pd
+import torch
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+from qat_core import bench, cpu, report, runner, search, train, zoo
+from qat_core import config as cfg
+from qat_core.config import LayerPlan, QuantOverride, RangeMethod, RunConfig
+from qat_core.errors import CancelledError, ConfigError, QATError, StoreError
+from qat_core.prepare import layer_table
+from qat_core.store import CANCEL_FLAG, RunStore, atomic_write_text
+
+SPEC_VERSION = 1
+MAX_RUNS = 256  # variations in one sweep: more is a typo in a list, or a job for a cluster's own scheduler
+SPEC_FILE, PLAN_FILE, STATE_FILE, SUGGESTED_FILE = "spec.yaml", "plan.json", "state.json", "suggested.json"
+LATENCY = {"batch_sizes": (1,), "warmup": 10, "iters": 50}  # batch 1, as bench_run's defaults
+POLL_SECONDS = 0.5  # how often the driver looks for finished runs and a cancel request
+RAY_EXTRA = "pip install -e '.[ray]'"
+Event = dict[str, Any]
+
+Bits = Annotated[int, Field(ge=cfg.MIN_BITS, le=cfg.MAX_BITS)]
+Positive = Annotated[float, Field(gt=0)]
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class PlanChange(_Strict):
+    """A named plan over the base's: changes to its default spec and per-layer overrides."""
+
+    default: QuantOverride = QuantOverride()
+    overrides: dict[str, QuantOverride] = {}
+
+
+class Suggested(_Strict):
+    """Plans suggested from the base's sensitivity (no fine-tune), one per budget."""
+
+    average_bits: list[Positive] = []  # mean weight width, weighted by weight parameters
+    budget_bytes: list[Positive] = []  # predicted model size (bit-packed)
+    widths: list[Bits] = [8, 6, 4, 3, 2]  # the widths the sensitivity scan tries per layer
+
+
+class Vary(_Strict):
+    weight_bits: list[Bits] = []  # uniform: every quantized weight layer at this width
+    plans: dict[str, PlanChange] = {}
+    suggested: Suggested | None = None
+    range_method: list[RangeMethod] = []
+    lr: list[Positive] = []
+    seed: list[cfg.Seed] = []
+
+
+class Executor(_Strict):
+    workers: int | None = Field(None, ge=1)  # runs at a time (default: cores // threads; Ray: as it schedules)
+    threads: int | None = Field(None, ge=1)  # torch threads per run (default: cpu.training_threads)
+    ray: str | None = None  # a Ray cluster's address ("auto", "HOST:6379", "ray://HOST:10001"); "local" starts one
+
+
+class SweepSpec(_Strict):
+    """What a sweep trains; saved in its folder, so it can be resumed and reproduced."""
+
+    version: int = SPEC_VERSION
+    name: str = Field(pattern=r"^[a-z0-9][a-z0-9_-]{0,39}$")  # 1-40 of a-z 0-9 - _: the sweep's id
+    base: RunConfig
+    vary: Vary = Vary()
+    executor: Executor = Executor()
+    latency: bool = True
+
+    @field_validator("version")
+    @classmethod
+    def _version(cls, v: int) -> int:
+        if v != SPEC_VERSION:
+            raise ValueError(f"this QAT Studio reads sweep version {SPEC_VERSION}; the file says {v!r}")
+        return v
+
+    def to_yaml(self) -> str:
+        """The spec as YAML: the whole base config (defaults change between versions), the variations set."""
+        return yaml.safe_dump({"version": self.version, "name": self.name,
+                               "vary": self.vary.model_dump(mode="json", exclude_defaults=True),
+                               "executor": self.executor.model_dump(mode="json"), "latency": self.latency,
+                               "base": self.base.to_dict()}, sort_keys=False)
+
+
+def parse_spec(text: str, source: str = "sweep spec", folder: Path | None = None) -> SweepSpec:
+    """A sweep spec from YAML or JSON text. ``base`` given as a file name is read from ``folder``."""
+    data = cfg.parse_yaml(text, source)
+    if not isinstance(data, dict):
+        raise ConfigError(f"{source} must be a mapping with name, base and vary; start from "
+                          "`qat-studio sweep --example`")
+    if isinstance(data.get("base"), str):
+        path = Path(data["base"])
+        data = data | {"base": cfg.load(path if path.is_absolute() or folder is None else folder / path).to_dict()}
+    try:
+        spec = SweepSpec.model_validate(data)
+    except ValidationError as err:
+        raise ConfigError(cfg.describe(err, f"sweep spec {source}")) from None
+    count = variation_count(spec)
+    if count > MAX_RUNS:
+        raise ConfigError(f"{source} asks for {count:,} runs; a sweep trains at most {MAX_RUNS}: shorten the lists "
+                          "under vary (their product is the number of runs)")
+    return spec
+
+
+def load_spec(path: str | Path) -> SweepSpec:
+    path = Path(path)
+    return parse_spec(cfg.read_text(path), str(path), path.parent)
+
+
+def example_spec(base: RunConfig, name: str = "widths") -> SweepSpec:
+    """A first sweep over ``base``: uniform 8/4/3/2-bit weights and the suggestion at 3 bits."""
+    return SweepSpec(name=name, base=base, vary=Vary(weight_bits=[8, 4, 3, 2],
+                                                     suggested=Suggested(average_bits=[3.0], widths=[8, 4, 3, 2])))
+
+
+def variation_count(spec: SweepSpec) -> int:
+    v = spec.vary
+    plans = len(v.weight_bits) + len(v.plans) + (len(v.suggested.average_bits) + len(v.suggested.budget_bytes)
+                                                 if v.suggested else 0)
+    return max(plans, 1) * max(len(v.range_method), 1) * max(len(v.lr), 1) * max(len(v.seed), 1)
+
+
+# --- expansion ------------------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class Item:
+    """One run of a sweep: its label for people, its config, and its id (from the config)."""
+
+    run_id: str
+    label: str
+    config: RunConfig
+
+
+def run_id_for(sweep_id: str, config: RunConfig) -> str:
+    """The same config gets the same id (its name, a label, left out): a finished one is never trained twice."""
+    identity = json.dumps(config.to_dict() | {"name": ""}, sort_keys=True)
+    return f"{sweep_id}-{hashlib.sha256(identity.encode()).hexdigest()[:10]}"
+
+
+def _with_range_method(plan: LayerPlan, method: str) -> LayerPlan:
+    overrides = {n: o.model_copy(update={"range_method": method}) if o.range_method else o
+                 for n, o in plan.overrides.items()}
+    return LayerPlan(default=plan.default.model_copy(update={"range_method": method}), overrides=overrides)
+
+
+def _named_plan(base: LayerPlan, change: PlanChange) -> LayerPlan:
+    default = cfg.QuantSpec.model_validate(base.default.model_dump() | change.default.changes())
+    return LayerPlan(default=default, overrides=dict(base.overrides) | change.overrides)
+
+
+def plan_variations(spec: SweepSpec, rows: list[dict], suggested: dict[str, LayerPlan]) -> dict[str, LayerPlan]:
+    """The plans a sweep tries, by label: uniform widths, named plans, suggestions (else the base's).
+    ``rows``: the base model's ``prepare.layer_table``."""
+    base = spec.base.plan
+    plans = {f"{b}-bit weights": search.uniform_widths(base, rows, b) for b in spec.vary.weight_bits}
+    known = {r["name"] for r in rows}
+    for name, change in spec.vary.plans.items():
+        unknown = sorted(set(change.overrides) - known)
+        if unknown:
+            raise ConfigError(f"sweep plan {name!r} names layer(s) {', '.join(unknown)} that {spec.base.model} "
+                              f"does not have; its layers: {', '.join(r['name'] for r in rows)}")
+        plans[name] = _named_plan(base, change)
+    plans |= suggested
+    return plans or {"base plan": base}
+
+
+def expand(spec: SweepSpec, plans: dict[str, LayerPlan]) -> list[Item]:
+    """Every run of the sweep: plans × range methods × learning rates × seeds, each config once."""
+    v = spec.vary
+    items: dict[str, Item] = {}
+    for (label, plan), method, lr, seed in itertools.product(plans.items(), v.range_method or [None],
+                                                             v.lr or [None], v.seed or [None]):
+        parts, config = [label], spec.base
+        if method is not None:
+            plan = _with_range_method(plan, method)
+            parts.append(f"{method} ranges")
+        if lr is not None:
+            config = config.model_copy(update={"finetune": config.finetune.model_copy(update={"lr": lr})})
+            parts.append(f"lr {lr:g}")
+        if seed is not None:
+            config = config.model_copy(update={"seed": seed})
+            parts.append(f"seed {seed}")
+        label = " · ".join(parts)
+        config = cfg.from_dict(config.model_copy(update={"plan": plan, "name": f"{spec.name}: {label}"}).to_dict())
+        run_id = run_id_for(spec.name, config)
+        items.setdefault(run_id, Item(run_id, label, config))  # the same config twice (uniform 3 = suggested): once
+    return list(items.values())
+
+
+# --- the driver's files ----------------------------------------------------------------------------
+
+class SweepCancel:
+    """Cancel for a whole sweep: its folder's flag file (the page and other processes can set it)."""
+
+    def __init__(self, folder: Path):
+        self.path = folder / CANCEL_FLAG
+
+    def is_set(self) -> bool:
+        return self.path.exists()
+
+
+class _AnyCancel:
+    def __init__(self, *flags: train.Cancel):
+        self.flags = flags
+
+    def is_set(self) -> bool:
+        return any(f.is_set() for f in self.flags)
+
+
+def request_cancel(store: RunStore, sweep_id: str) -> None:
+    """Stop a sweep: runs not started are dropped, running ones stop at their next step (recorded cancelled)."""
+    atomic_write_text(store.sweep_dir(sweep_id) / CANCEL_FLAG, "cancel requested\n")
+    for record in store.sweep_runs(sweep_id):
+        if record["status"] == "running":
+            store.request_cancel(record["id"])
+
+
+def state(store: RunStore, sweep_id: str) -> dict[str, Any]:
+    """What the sweep's driver last wrote: ``state`` (preparing, training, latency, done, cancelled,
+    failed, stopped: its process died), ``pid``, ``total``, ``message``, ``error``, ``updated``."""
+    path = store.sweep_dir(sweep_id) / STATE_FILE
+    try:
+        saved = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return {"state": "unknown", "message": "", "error": None}
+    if saved.get("state") in ("preparing", "training", "latency") and not _alive(saved.get("pid")):
+        saved |= {"state": "stopped", "error": "the process running the sweep stopped (crash, kill or shutdown); "
+                                               "run the sweep again to train the runs that are missing"}
+    return saved
+
+
+def _alive(pid: Any) -> bool:
+    if not isinstance(pid, int) or pid <= 0:
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def planned(store: RunStore, sweep_id: str) -> list[dict[str, str]]:
+    """The sweep's runs as expanded last (``[{"run", "label"}]``), before or while they train."""
+    try:
+        return json.loads((store.sweep_dir(sweep_id) / PLAN_FILE).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return []
+
+
+def sweep_frame(store: RunStore, sweep_id: str) -> pd.DataFrame:
+    """One row per planned run: ``label``, ``status`` (``pending`` until it starts) and the Compare
+    columns of ``report.runs_frame``, plus ``avg weight bits``."""
+    plan = planned(store, sweep_id)
+    records = {r["id"]: r for r in store.sweep_runs(sweep_id)}
+    frame = report.runs_frame(store, [records[p["run"]] for p in plan if p["run"] in records])
+    layers = {}
+    for rid in frame["run"]:
+        with contextlib.suppress(StoreError):
+            layers[rid] = store.read_result(rid, "layers")
+    frame["avg weight bits"] = [
+        search.mean_weight_bits(layers[rid], LayerPlan.model_validate(records[rid]["config"]["plan"]))
+        if layers.get(rid) else math.nan for rid in frame["run"]]
+    frame = frame.set_index("run")
+    rows = []
+    for p in plan:
+        row = frame.loc[p["run"]].to_dict() if p["run"] in frame.index else {"status": "pending"}
+        rows.append({"label": p["label"], "run": p["run"]} | row)
+    columns = ["label", "run", "status", *[c for c in report.RUN_COLUMNS if c not in ("run", "status")],
+               "avg weight bits"]
+    return pd.DataFrame(rows, columns=columns).round({"avg weight bits": 2})
+
+
+class _State:
+    def __init__(self, folder: Path):
+        self.path, self.data = folder / STATE_FILE, {"pid": os.getpid(), "started": time.time()}
+
+    def write(self, **changes: Any) -> None:
+        self.data |= changes | {"updated": time.time()}
+        atomic_write_text(self.path, json.dumps(self.data, indent=1))
+
+
+# --- executors ------------------------------------------------------------------------------------
+
+def train_one(workspace: str, sweep_id: str, item: dict[str, str], threads: int) -> dict[str, Any]:
+    """A worker's task: create the run (its id from the sweep) and train it. Runs in a pool process
+    or a Ray task; errors are recorded on the run, and returned rather than raised."""
+    if not (Path(workspace) / "index.sqlite").exists():  # a Ray node without the workspace mounted
+        raise StoreError(f"this worker ({os.uname().nodename}) cannot see the workspace {workspace}; a Ray sweep "
+                         "writes its runs there, so the workspace must be on a file system every node mounts")
+    store = RunStore(workspace)
+    sweep_cancel = SweepCancel(store.sweep_dir(sweep_id))
+    if sweep_cancel.is_set():
+        return {"run": item["run"], "status": "skipped", "error": None}
+    config = RunConfig.model_validate_json(item["config"])
+    run_id = store.create_run(config, os.getpid(), item["run"], {"sweep": {"id": sweep_id, "label": item["label"]}})
+    with contextlib.suppress(QATError):  # recorded on the run by execute
+        runner.execute(config, store, run_id, cancel=_AnyCancel(store.cancel_flag(run_id), sweep_cancel),
+                       threads=threads)
+    record = store.get(run_id)
+    return {"run": run_id, "status": record["status"], "error": record["error"],
+            "accuracy": (record["metrics"].get("qat") or {}).get("accuracy"),
+            "seconds": record["metrics"].get("seconds")}
+
+
+def _exit_with_parent(parent: int) -> None:
+    while os.getppid() == parent:
+        time.sleep(POLL_SECONDS)
+    os._exit(1)  # the driver died (kill -9): its runs are left unfinished, to be trained again on resume
+
+
+def _init_worker(parent: int, threads: int) -> None:
+    torch.set_num_threads(threads)
+    threading.Thread(target=_exit_with_parent, args=(parent,), daemon=True).start()
+
+
+class LocalPool:
+    """Worker processes on this machine (spawned: a forked copy of a process that ran torch's thread
+    pool can hang), each training one run at a time with ``threads`` threads."""
+
+    def __init__(self, workers: int, threads: int):
+        self.pool = cf.ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn"),
+                                           initializer=_init_worker, initargs=(os.getpid(), threads))
+        for _ in range(workers):  # start them now: they import torch while the driver trains the baseline
+            self.pool.submit(int)
+
+    def submit(self, *args: Any) -> cf.Future:
+        return self.pool.submit(train_one, *args)
+
+    def wait(self, handles: list, timeout: float) -> list:
+        return list(cf.wait(handles, timeout, return_when=cf.FIRST_COMPLETED).done)
+
+    def result(self, handle: cf.Future) -> dict[str, Any]:
+        return handle.result()
+
+    def cancel(self, handle: cf.Future) -> None:
+        handle.cancel()  # only one that has not started; started ones stop through their cancel flag
+
+    def close(self) -> None:
+        self.pool.shutdown(wait=True, cancel_futures=True)
+
+
+class RayPool:
+    """The same runs as Ray tasks, each asking for ``threads`` CPUs (Ray schedules them on the cluster)."""
+
+    def __init__(self, address: str, threads: int):
+        try:
+            import ray
+        except ImportError:
+            raise ConfigError(f"executor.ray needs Ray, which is not installed; {RAY_EXTRA}") from None
+        self.ray, self.started = ray, not ray.is_initialized()
+        if self.started:
+            try:
+                ray.init(**({"num_cpus": cpu.cores()} if address == "local" else {"address": address}),
+                         include_dashboard=False, log_to_driver=False, configure_logging=False)
+            except (ConnectionError, RuntimeError, ValueError) as err:
+                raise ConfigError(f"cannot connect to the Ray cluster at {address!r}: {err}; check the address "
+                                  "(`ray status` on the head node prints it), or use ray: local") from None
+        self.task = ray.remote(num_cpus=threads, max_retries=0)(train_one)
+
+    def submit(self, *args: Any) -> Any:
+        return self.task.remote(*args)
+
+    def wait(self, handles: list, timeout: float) -> list:
+        return self.ray.wait(handles, num_returns=1, timeout=timeout)[0] if handles else []
+
+    def result(self, handle: Any) -> dict[str, Any]:
+        return self.ray.get(handle)
+
+    def cancel(self, handle: Any) -> None:
+        self.ray.cancel(handle)
+
+    def close(self) -> None:
+        if self.started:
+            self.ray.shutdown()
+
+
+def executor_settings(spec: SweepSpec, params: int, workers: int | None = None, threads: int | None = None,
+                      ray: str | None = None) -> dict[str, Any]:
+    """Workers, threads per run and Ray address: the arguments over the spec's ``executor``, else chosen
+    for this machine (a small model: 1 thread a run and a run a core). Locally, threads × workers may
+    not exceed the cores: oversubscribed OpenMP threads wait at every barrier for a descheduled sibling."""
+    ex = spec.executor
+    ray = ray or ex.ray
+    threads = cpu.training_threads(params, threads or ex.threads)
+    workers = workers or ex.workers
+    if ray is None:
+        cores = cpu.cores()
+        workers = workers or max(1, cores // threads)
+        if threads * workers > cores:
+            raise ConfigError(f"{workers} workers × {threads} threads is more than this machine's {cores} cores; "
+                              f"lower executor.workers or executor.threads (or --workers/--threads)")
+    return {"workers": workers, "threads": threads, "ray": ray}
+
+
+# --- the driver -------------------------------------------------------------------------------------
+
+def _suggestions(spec: SweepSpec, store: RunStore, folder: Path, emit: Callable[[Event], None],
+                 cancel: train.Cancel) -> dict[str, LayerPlan]:
+    """search.suggest_plan at each budget, from the base's baseline; kept in the sweep's folder so a
+    resumed sweep trains the same plans."""
+    s = spec.vary.suggested
+    if s is None or not (s.average_bits or s.budget_bytes):
+        return {}
+    key = hashlib.sha256(json.dumps([spec.base.to_dict(), s.model_dump()], sort_keys=True).encode()).hexdigest()
+    path = folder / SUGGESTED_FILE
+    with contextlib.suppress(OSError, ValueError, ValidationError):
+        saved = json.loads(path.read_text(encoding="utf-8"))
+        if saved["key"] == key:
+            return {label: LayerPlan.model_validate(plan) for label, plan in saved["plans"].items()}
+    emit({"event": "sensitivity", "message": f"sensitivity of every layer at {s.widths} bits"})
+    loaded = runner.calibrated(spec.base, store, cancel=cancel)
+    sens = search.sensitivity(loaded, s.widths, cancel=cancel)
+    budgets = [(f"suggested ≤ {b:g} bits", {"average_bits": b}) for b in s.average_bits]
+    budgets += [(f"suggested ≤ {b:,.0f} B", {"budget_bytes": b}) for b in s.budget_bytes]
+    plans = {}
+    for label, budget in budgets:
+        emit({"event": "suggestion", "message": label})
+        plans[label] = search.suggest_plan(loaded, sens, **budget, cancel=cancel).plan
+    atomic_write_text(path, json.dumps({"key": key, "plans": {k: p.model_dump(mode="json") for k, p in plans.items()}}))
+    return plans
+
+
+def _baselines(items: list[Item], store: RunStore, emit: Callable[[Event], None], cancel: train.Cancel) -> None:
+    """Train each distinct FP32 baseline once, before the runs (which then find it cached)."""
+    todo = {runner.baseline_key(i.config): i.config for i in items}
+    for k, config in enumerate(todo.values()):
+        if runner.cached_baseline(config, store) is None:
+            emit({"event": "baseline", "message": f"FP32 baseline {k + 1} of {len(todo)} (seed {config.seed})"})
+            runner.baseline(config, store, cancel=cancel)
+
+
+def _reconcile(store: RunStore, sweep_id: str, items: list[Item], emit: Callable[[Event], None]) -> list[Item]:
+    """The items still to train. A run that did not finish is deleted: its folder may be half-written."""
+    records = {r["id"]: r for r in store.sweep_runs(sweep_id)}
+    todo = []
+    for item in items:
+        record = records.get(item.run_id)
+        if record is not None and record["status"] == "done":
+            emit({"event": "kept", "run": item.run_id, "label": item.label})
+            continue
+        if record is not None:
+            store.delete(item.run_id)
+        todo.append(item)
+    return todo
+
+
+def run_sweep(spec: SweepSpec, store: RunStore, workers: int | None = None, threads: int | None = None,
+              ray: str | None = None, on_event: Callable[[Event], None] | None = None) -> pd.DataFrame:
+    """Train every run of ``spec`` that the store lacks, then (``spec.latency``) time the int8 models.
+    Returns :func:`sweep_frame`. Events: ``{"event": …, "message"?, "run"?, "label"?, "done"?, "total"?}``.
+    Cancel: :func:`request_cancel`, from any process."""
+    emit = on_event or (lambda e: None)
+    folder = store.sweep_dir(spec.name)
+    with store.sweep_lock(spec.name):
+        (folder / CANCEL_FLAG).unlink(missing_ok=True)
+        atomic_write_text(folder / SPEC_FILE, spec.to_yaml())
+        status, cancel = _State(folder), SweepCancel(folder)
+        status.write(state="preparing", message="building the model", error=None)
+        try:
+            _drive(spec, store, folder, status, cancel, emit, workers, threads, ray)
+        except (CancelledError, KeyboardInterrupt) as err:
+            status.write(state="cancelled", message="cancelled")
+            if isinstance(err, KeyboardInterrupt):
+                raise
+        except BaseException as err:
+            status.write(state="failed", error=str(err) if isinstance(err, QATError) else
+                         f"internal error: {type(err).__name__}: {err}")
+            raise
+    return sweep_frame(store, spec.name)
+
+
+def _drive(spec: SweepSpec, store: RunStore, folder: Path, status: _State, cancel: SweepCancel,
+           emit: Callable[[Event], None], workers: int | None, threads: int | None, ray: str | None) -> None:
+    model, data = zoo.build(spec.base.model, spec.base.data, spec.base.weights, spec.base.checkpoint)
+    rows = layer_table(model, data.example())
+    params = sum(p.numel() for p in model.parameters())
+    settings = executor_settings(spec, params, workers, threads, ray)
+    status.write(**settings)
+    with train.torch_threads(cpu.training_threads(params)):
+        status.write(message="suggesting plans from the baseline's sensitivity")
+        plans = plan_variations(spec, rows, _suggestions(spec, store, folder, emit, cancel))
+    items = expand(spec, plans)
+    atomic_write_text(folder / PLAN_FILE, json.dumps([{"run": i.run_id, "label": i.label} for i in items]))
+    todo = _reconcile(store, spec.name, items, emit)
+    status.write(total=len(items), message=f"{len(todo)} of {len(items)} runs to train")
+    if todo:  # workers start now, and import torch while the baselines train
+        pool = RayPool(settings["ray"], settings["threads"]) if settings["ray"] else \
+            LocalPool(settings["workers"], settings["threads"])
+        try:
+            with train.torch_threads(cpu.training_threads(params)):
+                _baselines(todo, store, emit, cancel)
+            status.write(state="training")
+            _train(pool, todo, store, spec.name, settings, cancel, emit)
+        except KeyboardInterrupt:  # Ctrl-C: every run stops at its next step and is recorded cancelled
+            request_cancel(store, spec.name)
+            raise
+        finally:
+            pool.close()
+    if cancel.is_set():
+        raise CancelledError(f"sweep {spec.name} cancelled")
+    if spec.latency:
+        status.write(state="latency", message="timing the int8 models")
+        _latency(store, spec.name, settings["threads"], cancel, emit)
+    status.write(state="done", message="done")
+
+
+def _train(pool: LocalPool | RayPool, todo: list[Item], store: RunStore, sweep_id: str, settings: dict[str, Any],
+           cancel: SweepCancel, emit: Callable[[Event], None]) -> None:
+    handles = {pool.submit(str(store.root), sweep_id, {"run": i.run_id, "label": i.label, "config": i.config.to_json()},
+                           settings["threads"]): i for i in todo}
+    pending, stopping, done = list(handles), False, 0
+    while pending:
+        if cancel.is_set() and not stopping:  # drop what has not started; started runs see the sweep's flag
+            stopping = True
+            for h in pending:
+                pool.cancel(h)
+        for h in pool.wait(pending, POLL_SECONDS):
+            pending.remove(h)
+            item, done = handles[h], done + 1
+            try:
+                result = pool.result(h)
+            except (cf.CancelledError, Exception) as err:  # a cancelled task, or a bug recorded on its run
+                result = {"run": item.run_id, "status": "cancelled" if stopping else "failed", "error": str(err)}
+            emit({"event": "finished", "run": item.run_id, "label": item.label, "done": done, "total": len(todo),
+                  **{k: v for k, v in result.items() if k != "run"}})
+
+
+def _latency(store: RunStore, sweep_id: str, threads: int, cancel: SweepCancel, emit: Callable[[Event], None]) -> None:
+    runs = [r for r in store.sweep_runs(sweep_id) if r["status"] == "done" and "bench" not in r["metrics"]]
+    for k, record in enumerate(runs):
+        if cancel.is_set():
+            raise CancelledError(f"sweep {sweep_id} cancelled while timing the int8 models")
+        emit({"event": "latency", "run": record["id"], "label": (record["metrics"].get("sweep") or {}).get("label"),
+              "done": k, "total": len(runs)})
+        try:
+            bench.bench_run(store, record["id"], threads=(threads,), **LATENCY)
+        except QATError as err:  # a model ONNX cannot export: its row shows no latency, and why
+            emit({"event": "latency failed", "run": record["id"], "error": str(err)})
