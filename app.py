@@ -12,6 +12,7 @@ nav = st.navigation({
         st.Page(PAGES["model"], title="Model & data", icon="🧱"),
         st.Page(PAGES["plan"], title="Quantization plan", icon="🎚️"),
         st.Page(PAGES["finetune"], title="Fine-tune", icon="🏋️"),
+        st.Page(PAGES["sweep"], title="Sweep", icon="🧪"),
     ],
     "Understand": [
         st.Page(PAGES["inspect"], title="Inspect", icon="🔬"),

@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import re
 import secrets
 from collections.abc import Callable
 from typing import Any
@@ -19,7 +20,7 @@ import pandas as pd
 import plotly.graph_objects as go
 import streamlit as st
 
-from qat_core import analysis, library, planning, plots, prepare, report, runner, zoo
+from qat_core import analysis, cpu, library, planning, plots, prepare, report, runner, zoo
 from qat_core import config as cfg
 from qat_core import data as datasets
 from qat_core.errors import ConfigError, QATError
@@ -32,13 +33,14 @@ DRAFT_KEY = "draft_id"  # session copy of the draft id (query params can be drop
 RUN_KEY = "run_id"  # session copy of the selected run
 RUN_PICKER = "run_picker"  # the run selectbox
 PLAN_EDITOR = "plan_editor"  # st.data_editor of the quantization plan
+SWEEP_PICKER = "sweep_picker"  # the Sweep page's selectbox of sweeps
 ESTIMATE_KEY = "estimated_source"  # the Model page's source (model, weights, data) whose training was timed
 DEFAULT_MODEL = "digits-cnn"
 POLL_SECONDS = 0.5
 PAGES = {  # page files, for st.navigation (app.py) and st.switch_page / st.page_link
     "home": "app_pages/home.py", "model": "app_pages/model.py", "plan": "app_pages/plan.py",
     "finetune": "app_pages/finetune.py", "inspect": "app_pages/inspect_run.py", "benchmark": "app_pages/benchmark.py",
-    "compare": "app_pages/compare.py", "export": "app_pages/export.py",
+    "compare": "app_pages/compare.py", "export": "app_pages/export.py", "sweep": "app_pages/sweep.py",
 }
 
 
@@ -357,6 +359,15 @@ def rows_height(frame: pd.DataFrame) -> int:
     return 35 * (len(frame) + 1) + 3
 
 
+SWEEP_HEADERS = report.RUN_HEADERS | {"label": "variation", "avg weight bits": "avg weight bits"}
+
+
+def sweep_name(config: cfg.RunConfig) -> str:
+    """A first sweep name for a draft: its model, as a sweep id can spell it."""
+    slug = re.sub(r"[^a-z0-9_-]+", "-", config.model.lower().rsplit("/", 1)[-1]).strip("-_")[:30]
+    return f"{slug or 'model'}-sweep"
+
+
 # --- download payloads ----------------------------------------------------------------------------
 def config_payload(run_id: str, fmt: str) -> bytes:
     """The run's config as YAML or JSON bytes; ``qat-studio train <file>`` reproduces the run."""
@@ -456,4 +467,5 @@ def latest_suggestion(model_id: str) -> dict[str, Any] | None:
 
 
 def thread_choices() -> list[int]:
-    return sorted({1, os.cpu_count() or 1})
+    """1 and every core this process may use."""
+    return sorted({1, cpu.cores()})

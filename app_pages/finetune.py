@@ -14,7 +14,7 @@ with st.expander(f"New run from this tab's draft: {config.model} · {planning.ru
     ft = config.finetune
     name = st.text_input("Run name (optional)", value=config.name, key="ft_name", max_chars=80,
                          placeholder=planning.plan_summary(config), help="Shown in Compare, the run picker and the report")
-    c1, c2, c3, c4 = st.columns(4)
+    c1, c2, c3, c4, c5 = st.columns(5)
     # No min/max on the inputs: the browser would silently replace an out-of-range value. Every value
     # reaches the server, which says what is wrong beside the control and keeps Start disabled.
     epochs = c1.number_input("Fine-tune epochs", value=float(ft.epochs), step=1.0, key="ft_epochs",
@@ -23,6 +23,9 @@ with st.expander(f"New run from this tab's draft: {config.model} · {planning.ru
     batch = c3.number_input("Batch size", value=int(ft.batch_size), step=1, key="ft_batch")
     base_epochs = c4.number_input("Baseline epochs", value=int(config.baseline.epochs), step=1, key="ft_base_epochs",
                                   help="FP32 baseline training (cached and reused once trained)")
+    threads = c5.selectbox("Threads", common.thread_choices(), key="ft_threads",
+                           help="torch threads for this run. 1 leaves the other cores to this app and other work; "
+                                "on a busy machine more threads can be slower, as each waits for the others")
     values = {"name": name.strip(), "finetune": {"epochs": epochs, "lr": common.parse_number(lr_text),
                                                  "batch_size": batch}, "baseline": {"epochs": base_epochs}}
     problems = common.form_problems(config, values)
@@ -34,7 +37,7 @@ with st.expander(f"New run from this tab's draft: {config.model} · {planning.ru
         config = common.update_draft(config, **values)
     if st.button("Start fine-tune", type="primary", key="start", disabled=bool(problems),
                  help="Fix the values marked above first" if problems else None):
-        run_id = common.call(runner.launch, config, common.store())
+        run_id = common.call(runner.launch, config, common.store(), threads)
         common.select_run(run_id)
         st.rerun()
 

@@ -261,16 +261,17 @@ def load(store: RunStore, run_id: str) -> Loaded:
     return Loaded(config, fp32.eval(), models[0], models[1], data)
 
 
-def launch(config: RunConfig, store: RunStore) -> str:
+def launch(config: RunConfig, store: RunStore, threads: int = 1) -> str:
     """Start a run in a separate process (the app's background job) and return its id at once.
 
     A process, not a thread: it survives page reloads, keeps the server responsive on 2 cores,
     and is cancelled through the store's flag file. Its output goes to the run's ``worker.log``.
+    ``threads``: torch's threads for it (1 by default: a core stays with the web server).
     """
     run_id = store.create_run(config)
     config_path = store.run_dir(run_id) / "config.yaml"
     log = (store.run_dir(run_id) / "worker.log").open("wb")
-    env = os.environ | {cpu.THREADS_ENV: "1"}  # leave a core to the web server
+    env = os.environ | {cpu.THREADS_ENV: str(threads)}
     proc = subprocess.Popen(
         [sys.executable, "-m", "qat_core.cli", "--workspace", str(store.root), "train", str(config_path),
          "--run-id", run_id, "--quiet"],

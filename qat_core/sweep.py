@@ -34,11 +34,14 @@ from __future__ import annotations
 import concurrent.futures as cf
 import contextlib
 import hashlib
+import importlib
 import itertools
 import json
 import math
 import multiprocessing
 import os
+import subprocess
+import sys
 import threading
 import time
 from collections.abc import Callable
@@ -138,10 +141,15 @@ def parse_spec(text: str, source: str = "sweep spec", folder: Path | None = None
     if isinstance(data.get("base"), str):
         path = Path(data["base"])
         data = data | {"base": cfg.load(path if path.is_absolute() or folder is None else folder / path).to_dict()}
+    return from_dict(data, f"sweep spec {source}")
+
+
+def from_dict(data: dict[str, Any], source: str = "sweep spec") -> SweepSpec:
+    """A validated spec from a mapping (a parsed file, or the Sweep page's choices)."""
     try:
         spec = SweepSpec.model_validate(data)
     except ValidationError as err:
-        raise ConfigError(cfg.describe(err, f"sweep spec {source}")) from None
+        raise ConfigError(cfg.describe(err, source)) from None
     count = variation_count(spec)
     if count > MAX_RUNS:
         raise ConfigError(f"{source} asks for {count:,} runs; a sweep trains at most {MAX_RUNS}: shorten the lists "
@@ -152,6 +160,11 @@ def parse_spec(text: str, source: str = "sweep spec", folder: Path | None = None
 def load_spec(path: str | Path) -> SweepSpec:
     path = Path(path)
     return parse_spec(cfg.read_text(path), str(path), path.parent)
+
+
+def saved_spec(store: RunStore, sweep_id: str) -> SweepSpec:
+    """The spec a sweep last ran with (to resume it)."""
+    return load_spec(store.sweep_dir(sweep_id) / SPEC_FILE)
 
 
 def example_spec(base: RunConfig, name: str = "widths") -> SweepSpec:
@@ -271,9 +284,19 @@ def state(store: RunStore, sweep_id: str) -> dict[str, Any]:
     except (OSError, ValueError):
         return {"state": "unknown", "message": "", "error": None}
     if saved.get("state") in ("preparing", "training", "latency") and not _alive(saved.get("pid")):
-        saved |= {"state": "stopped", "error": "the process running the sweep stopped (crash, kill or shutdown); "
-                                               "run the sweep again to train the runs that are missing"}
+        why = _last_line(path.with_name("driver.log")) or "crash, kill or shutdown"
+        saved |= {"state": "stopped", "error": f"the process running the sweep stopped ({why}); run the sweep "
+                                               "again to train the runs that are missing"}
     return saved
+
+
+def _last_line(path: Path) -> str:
+    """The last line a launched driver wrote (its error, when it stopped on one)."""
+    try:
+        lines = path.read_text(encoding="utf-8", errors="replace").strip().splitlines()
+    except OSError:
+        return ""
+    return lines[-1][:300] if lines else ""
 
 
 def _alive(pid: Any) -> bool:
@@ -360,14 +383,22 @@ def _exit_with_parent(parent: int) -> None:
 def _init_worker(parent: int, threads: int) -> None:
     torch.set_num_threads(threads)
     threading.Thread(target=_exit_with_parent, args=(parent,), daemon=True).start()
+    importlib.import_module("torch._dynamo")  # a torch optimizer's first use imports it (1-2 s): do it while the
+    # driver trains the baseline, not in each worker's first run
+
+
+def start_method(threads: int) -> str:
+    """How worker processes start. Forked, they are ready at once with the driver's torch imported
+    (spawned, each spends 3-5 s importing it): with 1 thread a run only, as torch's DataLoader workers,
+    since GNU OpenMP cannot run a team of threads in a child forked after the parent used one."""
+    return "fork" if threads == 1 and sys.platform == "linux" else "spawn"
 
 
 class LocalPool:
-    """Worker processes on this machine (spawned: a forked copy of a process that ran torch's thread
-    pool can hang), each training one run at a time with ``threads`` threads."""
+    """Worker processes on this machine, each training one run at a time with ``threads`` threads."""
 
     def __init__(self, workers: int, threads: int):
-        self.pool = cf.ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn"),
+        self.pool = cf.ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context(start_method(threads)),
                                            initializer=_init_worker, initargs=(os.getpid(), threads))
         for _ in range(workers):  # start them now: they import torch while the driver trains the baseline
             self.pool.submit(int)
@@ -442,6 +473,27 @@ def executor_settings(spec: SweepSpec, params: int, workers: int | None = None, 
 
 
 # --- the driver -------------------------------------------------------------------------------------
+
+def running(store: RunStore, sweep_id: str) -> bool:
+    return state(store, sweep_id)["state"] in ("preparing", "training", "latency")
+
+
+def launch(spec: SweepSpec, store: RunStore) -> None:
+    """Run the sweep in a separate process (the app's background job, as ``runner.launch``): it outlives
+    the page, and its output goes to the sweep's ``driver.log``. Running it again resumes it."""
+    if running(store, spec.name):
+        raise StoreError(f"sweep {spec.name} is running already; cancel it first, or give the new one another name")
+    folder = store.sweep_dir(spec.name)
+    folder.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(folder / SPEC_FILE, spec.to_yaml())
+    (folder / CANCEL_FLAG).unlink(missing_ok=True)
+    status = _State(folder)
+    status.write(state="preparing", message="starting", error=None, total=variation_count(spec))
+    with (folder / "driver.log").open("wb") as log:
+        proc = subprocess.Popen([sys.executable, "-m", "qat_core.cli", "--workspace", str(store.root), "sweep",
+                                 str(folder / SPEC_FILE), "--quiet"], stdout=log, stderr=subprocess.STDOUT,
+                                stdin=subprocess.DEVNULL, start_new_session=True)
+    status.write(pid=proc.pid)  # until the driver writes its own
 
 def _suggestions(spec: SweepSpec, store: RunStore, folder: Path, emit: Callable[[Event], None],
                  cancel: train.Cancel) -> dict[str, LayerPlan]:

@@ -17,6 +17,15 @@ def quick_config(model: str = "digits-cnn", weight_bits: int | None = 8, act_bit
     return RunConfig.model_validate(data)
 
 
+def small_base(seed: int = 0) -> RunConfig:
+    """digits-mlp with a short baseline and fine-tune: a run takes a few seconds (sweeps train many)."""
+    data = runner.default_config("digits-mlp").to_dict()
+    data["baseline"] |= {"epochs": 4}
+    data["finetune"] |= {"epochs": 1, "calibration_batches": 2}
+    data["seed"] = seed
+    return RunConfig.model_validate(data)
+
+
 @pytest.fixture(scope="session")
 def workspace(tmp_path_factory) -> RunStore:
     return RunStore(tmp_path_factory.mktemp("workspace"))

@@ -14,19 +14,10 @@ import pytest
 import yaml
 
 from qat_core import runner, sweep, zoo
-from qat_core.config import RunConfig
 from qat_core.errors import ConfigError, StoreError
 from qat_core.prepare import layer_table
 from qat_core.store import RunStore
-
-
-def small_base(seed: int = 0) -> RunConfig:
-    """digits-mlp with a short baseline and fine-tune: a run takes a few seconds."""
-    data = runner.default_config("digits-mlp").to_dict()
-    data["baseline"] |= {"epochs": 4}
-    data["finetune"] |= {"epochs": 1, "calibration_batches": 2}
-    data["seed"] = seed
-    return RunConfig.model_validate(data)
+from tests.conftest import small_base
 
 
 def spec_of(name: str, **vary) -> sweep.SweepSpec:
@@ -213,7 +204,8 @@ def test_cancel_stops_the_sweep_and_a_second_run_finishes_it(tmp_path):
     path = tmp_path / "sweep.yaml"
     path.write_text(spec.to_yaml())
     store = RunStore(tmp_path / "ws")
-    proc = _cli(store.root, str(path), "--workers", "1")
+    threads = "2" if sweep.cpu.cores() >= 2 else "1"  # more than one: the spawned workers' path
+    proc = _cli(store.root, str(path), "--workers", "1", "--threads", threads)
     _wait_for(lambda: any(r["status"] == "running" for r in store.sweep_runs("stop")))
     sweep.request_cancel(store, "stop")
     out, err = proc.communicate(timeout=120)

@@ -1,0 +1,130 @@
+"""Sweep: train this tab's draft × variations (widths, suggested plans, range methods, learning rates,
+seeds) in parallel worker processes; watch the runs finish and the Pareto front fill in; cancel; start
+it again to train only what is missing. The sweep runs in its own process, so it outlives the page."""
+
+from typing import get_args
+
+import streamlit as st
+
+from app_pages import _common as common
+from qat_core import config as cfg
+from qat_core import cpu, planning, plots, sweep
+from qat_core.errors import QATError
+
+st.title("Sweep")
+st.caption("Which plan is best for your budget? Train the candidates and read the answer off the measured "
+           "Pareto front. The sensitivity scan on **Inspect** predicts it from one layer at a time; a sweep "
+           "trains each plan for real.")
+store = common.store()
+config = common.draft()
+ids = store.sweeps()
+
+with st.expander(f"New sweep over this tab's draft: {config.model} · {planning.run_title(config)}",
+                 expanded=not ids):
+    name = st.text_input("Sweep name", value=common.sweep_name(config), key="sw_name", max_chars=40,
+                         help="Its id: lower-case letters, digits, '-' and '_'. Starting a sweep of the same name "
+                              "again trains only its missing runs")
+    c1, c2 = st.columns(2)
+    widths = c1.multiselect("Uniform weight widths", list(range(cfg.MAX_BITS, cfg.MIN_BITS - 1, -1)),
+                            default=[8, 4, 3, 2], key="sw_widths",
+                            help="One plan per width: every quantized weight layer at it, activations as drafted")
+    budgets = c2.multiselect("Suggested plans at average weight bits", [6.0, 5.0, 4.0, 3.0, 2.5, 2.0], default=[3.0],
+                             key="sw_budgets", help="The sensitivity scan's mixed-precision suggestion for each "
+                                                    "budget (widths 8/4/3/2 per layer), trained like the others")
+    c3, c4, c5 = st.columns(3)
+    methods = c3.multiselect("Range methods", list(get_args(cfg.RangeMethod)), key="sw_methods",
+                             placeholder=f"as drafted ({config.plan.default.range_method})")
+    lr_text = c4.text_input("Learning rates", key="sw_lrs", placeholder=f"as drafted ({config.finetune.lr:g})",
+                            help="Comma-separated, e.g. 1e-3, 3e-4")
+    seeds = c5.number_input("Seeds per plan", value=1, step=1, key="sw_seeds",
+                            help=f"Each plan trained with seeds {config.seed}, {config.seed + 1}, …: the spread "
+                                 "shows which differences are noise")
+    c6, c7, c8 = st.columns(3)
+    workers = c6.number_input("Runs at a time", value=0, step=1, key="sw_workers",
+                              help=f"Worker processes; 0 chooses: this machine's {cpu.cores()} cores ÷ threads per run")
+    threads = c7.number_input("Threads per run", value=0, step=1, key="sw_threads",
+                              help="torch threads each run uses; 0 chooses: 1 for a model under 2M parameters, "
+                                   "else every core up to 4. Runs × threads may not exceed the cores")
+    latency = c8.checkbox("Time each int8 model", value=True, key="sw_latency",
+                          help="ONNX Runtime, batch 1, one model at a time after training: the latency axis")
+    values = {"name": name.strip(), "base": config.to_dict(), "latency": latency,
+              "vary": {"weight_bits": widths, "range_method": methods,
+                       "lr": [common.parse_number(t) for t in lr_text.split(",") if t.strip()],
+                       "seed": list(range(config.seed, config.seed + int(seeds))) if seeds > 1 else [],
+                       "suggested": {"average_bits": budgets, "widths": [8, 4, 3, 2]} if budgets else None},
+              "executor": {"workers": int(workers) or None, "threads": int(threads) or None}}
+    try:
+        spec = sweep.from_dict(values)
+        settings = sweep.executor_settings(spec, common.draft_info(config)["params"])
+    except QATError as err:
+        st.error(str(err), icon="⚠️")
+        spec = None
+    if spec is not None:
+        count = sweep.variation_count(spec)
+        st.caption(f"**{count} run{'s' if count > 1 else ''}**, {settings['workers']} at a time × "
+                   f"{settings['threads']} thread{'s' if settings['threads'] > 1 else ''}; the FP32 baseline is "
+                   "trained once and shared.")
+        with st.expander("The spec (YAML): `qat-studio sweep spec.yaml` runs the same sweep"):
+            st.code(spec.to_yaml(), language="yaml")
+            st.download_button("Download spec", spec.to_yaml(), f"{spec.name}.yaml", "application/yaml",
+                               key="sw_download")
+    upload = st.file_uploader("…or start a spec file (YAML)", type=["yaml", "yml", "json"], key="sw_upload")
+    if upload is not None:
+        spec = common.call(sweep.parse_spec, upload.getvalue().decode("utf-8", errors="replace"), upload.name)
+    if st.button("Start sweep", type="primary", key="sw_start", disabled=spec is None):
+        common.call(sweep.launch, spec, store)
+        st.session_state[common.SWEEP_PICKER] = spec.name
+        st.rerun()
+
+ids = store.sweeps()
+if not ids:
+    st.info("No sweeps yet: choose the variations above and press **Start sweep**.")
+    st.stop()
+if st.session_state.get(common.SWEEP_PICKER) not in ids:
+    st.session_state[common.SWEEP_PICKER] = ids[0]
+sweep_id = st.selectbox("Sweep", ids, key=common.SWEEP_PICKER)
+
+
+def show_sweep(sweep_id: str, was_running: bool) -> None:
+    state = sweep.state(store, sweep_id)
+    live = sweep.running(store, sweep_id)
+    if was_running and not live:
+        st.rerun()  # it ended: redraw once, without the timer
+    frame = sweep.sweep_frame(store, sweep_id)
+    done, total = int((frame["status"] == "done").sum()), len(frame) or state.get("total") or 0
+    if live:
+        st.progress(done / total if total else 0.0, text=f"{state['message']} · {done} of {total} runs done")
+        if st.button("Cancel sweep", key="sw_cancel"):
+            sweep.request_cancel(store, sweep_id)
+            st.toast("Cancel requested: running runs stop at their next step.")
+    elif state["state"] == "done":
+        st.success(f"Done: {done} of {total} runs trained.")
+    else:
+        st.warning(f"Sweep {state['state']}: {state.get('error') or state.get('message')}. {done} of {total} runs "
+                   "are done and kept; **Resume** trains the rest.")
+        if st.button("Resume", type="primary", key="sw_resume"):
+            common.call(sweep.launch, common.call(sweep.saved_spec, store, sweep_id), store)
+            st.rerun()
+    if frame.empty:
+        return
+    common.show_table(frame[SHOWN], common.SWEEP_HEADERS)
+    finished = frame[frame["status"] == "done"].assign(name=lambda f: f["label"])
+    if finished.empty:
+        return
+    left, right = st.columns(2)
+    with left:
+        common.show_plot(plots.runs_pareto_figure(finished, "size KB", "Accuracy vs model size (bit-packed)"),
+                         key="sw_pareto_size")
+    with right:
+        timed = finished[finished["int8 latency ms"].notna()]
+        if timed.empty:
+            st.info("The latency chart appears once the int8 models are timed (after training)." if live else
+                    "No int8 latency measured in this sweep.")
+        else:
+            common.show_plot(plots.runs_pareto_figure(timed, "int8 latency ms", "Accuracy vs int8 latency "
+                                                      "(ONNX Runtime, batch 1)"), key="sw_pareto_latency")
+
+
+SHOWN = ["label", "status", "QAT acc %", "PTQ acc %", "avg weight bits", "size KB", "int8 latency ms", "error", "run"]
+running = sweep.running(store, sweep_id)
+st.fragment(show_sweep, run_every=common.POLL_SECONDS * 2 if running else None)(sweep_id, running)

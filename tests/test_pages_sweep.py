@@ -1,0 +1,81 @@
+"""The Sweep page, headless: a sweep started from the page runs in its own process, the table and the
+Pareto charts fill in, Cancel stops it, Resume finishes it; impossible settings are refused beside them."""
+
+from __future__ import annotations
+
+import json
+import time
+
+import pytest
+
+from qat_core import sweep
+from qat_core.store import RunStore
+from tests.apptest import ROOT, AppTest, common, ok
+from tests.conftest import small_base
+
+
+@pytest.fixture()
+def store(tmp_path, monkeypatch) -> RunStore:
+    monkeypatch.setenv("QAT_STUDIO_HOME", str(tmp_path))
+    store = RunStore(tmp_path)
+    store.save_draft("sweepdraft", small_base())  # digits-mlp, short training: a run takes seconds
+    return store
+
+
+def sweep_page() -> AppTest:
+    at = AppTest.from_file(str(ROOT / "app.py"), default_timeout=60)
+    at.query_params[common.DRAFT_PARAM] = "sweepdraft"
+    at.switch_page(common.PAGES["sweep"])
+    return ok(at.run())
+
+
+def wait_for(check, seconds: float = 120) -> None:
+    deadline = time.monotonic() + seconds
+    while not check():
+        assert time.monotonic() < deadline, "timed out"
+        time.sleep(0.2)
+
+
+def test_impossible_settings_are_refused_beside_the_controls(store, monkeypatch):
+    monkeypatch.setattr(sweep.cpu, "cores", lambda: 2)
+    at = sweep_page()
+    assert any("No sweeps yet" in i.value for i in at.info)
+    at.number_input(key="sw_workers").set_value(2)
+    at.number_input(key="sw_threads").set_value(2).run()
+    assert any("2 workers × 2 threads is more than this machine's 2 cores" in e.value for e in at.error)
+    assert at.button(key="sw_start").disabled
+    at.number_input(key="sw_threads").set_value(0)
+    at.text_input(key="sw_name").set_value("Not A Name").run()
+    assert any("name: String should match pattern" in e.value for e in at.error)
+    at.text_input(key="sw_name").set_value("ok").run()
+    assert not at.error and not at.button(key="sw_start").disabled
+    caption = next(c.value for c in at.caption if "runs**" in c.value)
+    assert caption.startswith("**5 runs**, 2 at a time × 1 thread")  # 4 widths and the suggestion at 3 bits
+
+
+def test_a_sweep_from_the_page_fills_the_table_and_the_front_and_cancel_then_resume_finish_it(store):
+    at = sweep_page()
+    at.text_input(key="sw_name").set_value("page")
+    at.multiselect(key="sw_budgets").set_value([])
+    at.number_input(key="sw_workers").set_value(1)  # one at a time: the cancel lands with runs left to train
+    at.button(key="sw_start").click().run()
+    ok(at)
+    assert at.selectbox(key=common.SWEEP_PICKER).value == "page"
+    wait_for(lambda: any(r["status"] == "done" for r in store.sweep_runs("page")))
+    at.run()
+    assert at.get("progress") and "runs done" in at.get("progress")[0].proto.text
+    at.button(key="sw_cancel").click().run()
+    wait_for(lambda: not sweep.running(store, "page"))
+    at.run()
+    assert any("Sweep cancelled" in w.value and "Resume" in w.value for w in at.warning)
+    at.button(key="sw_resume").click().run()
+    wait_for(lambda: sweep.state(store, "page")["state"] == "done", 180)
+    at.run()
+    ok(at)
+    assert any("Done: 4 of 4 runs trained" in s.value for s in at.success)
+    table = at.dataframe[0].value
+    assert list(table["variation"]) == ["8-bit weights", "4-bit weights", "3-bit weights", "2-bit weights"]
+    assert table["int8 latency ms"].notna().all()
+    charts = [json.loads(c.proto.spec) for c in at.get("plotly_chart")]
+    assert [c["layout"]["xaxis"]["title"]["text"] for c in charts] == ["size KB", "int8 latency ms"]
+    assert sorted(charts[0]["data"][0]["text"]) == sorted(table["variation"])
