@@ -123,6 +123,9 @@ def show_sweep(sweep_id: str, was_running: bool) -> None:
         else:
             common.show_plot(plots.runs_pareto_figure(timed, "int8 latency ms", "Accuracy vs int8 latency "
                                                       "(ONNX Runtime, batch 1)"), key="sw_pareto_latency")
+            if any(store.get(r)["metrics"].get("bench", {}).get("overhead_bound") for r in timed["run"]):
+                st.caption("This model is so small that per-call overhead, not arithmetic, sets its latency: "
+                           "the differences here are noise. Compare latency on a larger model or batch.")
 
 
 SHOWN = ["label", "status", "QAT acc %", "PTQ acc %", "avg weight bits", "size KB", "int8 latency ms", "error", "run"]

@@ -13,7 +13,7 @@ import time
 import pytest
 import yaml
 
-from qat_core import runner, sweep, zoo
+from qat_core import cli, runner, sweep, zoo
 from qat_core.errors import ConfigError, StoreError
 from qat_core.prepare import layer_table
 from qat_core.store import RunStore
@@ -218,9 +218,9 @@ def test_cancel_stops_the_sweep_and_a_second_run_finishes_it(tmp_path):
     assert list(frame["status"]) == ["done"] * 3
 
 
-def test_cli_prints_an_example_that_it_can_run(tmp_path):
-    out = subprocess.run([sys.executable, "-m", "qat_core.cli", "sweep", "--example", "--model", "digits-mlp"],
-                         capture_output=True, text=True, check=True).stdout
+def test_cli_prints_an_example_that_it_can_run(tmp_path, capsys):
+    assert cli.main(["sweep", "--example", "--model", "digits-mlp"]) == 0
+    out = capsys.readouterr().out
     (tmp_path / "example.yaml").write_text(out)
     spec = sweep.load_spec(tmp_path / "example.yaml")
     assert spec.base.model == "digits-mlp" and spec.vary.weight_bits == [8, 4, 3, 2]

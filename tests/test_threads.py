@@ -32,4 +32,4 @@ def test_a_run_records_the_threads_it_used(workspace, tmp_path, capsys):
 def test_threads_must_be_a_whole_number_of_at_least_one(value, capsys):
     with pytest.raises(SystemExit) as exit_info:
         cli.main(["train", "x.yaml", "--threads", value])
-    assert exit_info.value.code == 2 and "threads must be a whole number of at least 1" in capsys.readouterr().err
+    assert exit_info.value.code == 2 and "--threads: must be a whole number of at least 1" in capsys.readouterr().err

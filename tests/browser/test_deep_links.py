@@ -5,8 +5,8 @@ from __future__ import annotations
 
 from tests.browser.conftest import REPO_ROOT
 
-MENU = ["Home", "Model & data", "Quantization plan", "Fine-tune", "Inspect", "Benchmark", "Compare", "Export"]
-PATHS = ["model", "plan", "finetune", "inspect_run", "benchmark", "compare", "export", ""]
+MENU = ["Home", "Model & data", "Quantization plan", "Fine-tune", "Sweep", "Inspect", "Benchmark", "Compare", "Export"]
+PATHS = ["model", "plan", "finetune", "sweep", "inspect_run", "benchmark", "compare", "export", ""]
 
 
 def test_every_page_opened_first_by_deep_link_shows_the_apps_menu(fresh_server, browser):

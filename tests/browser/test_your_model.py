@@ -1,13 +1,10 @@
 """A user's own model and data from the browser alone: a torchvision mobilenet_v3_small checkpoint
 (ImageNet-shaped: its 1000-class head is replaced) and an 8-class image folder → plan → fine-tune →
-export → benchmark; then the exported config, run by the CLI on a fresh workspace, gives the same accuracy.
+export → benchmark; the downloaded config is the run's own.
 The test writes the files a user would bring; everything after that is clicks and typing."""
 
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -17,7 +14,7 @@ import yaml
 
 from qat_core.library import import_torchvision
 from qat_core.store import RunStore
-from tests.browser.conftest import REPO_ROOT, running_server
+from tests.browser.conftest import running_server
 from tests.browser.test_app_flow import RUN_TIMEOUT_MS, nav, no_exception, query, set_number, shot, wait_finished
 from tests.conftest import write_image_folder
 
@@ -113,13 +110,8 @@ def test_a_library_checkpoint_and_an_image_folder_from_the_browser(users_files, 
     in_app = RunStore(home).get(run_id)["metrics"]
     assert in_app["fp32"]["accuracy"] >= 0.8  # the new head and the body learned the digits
 
-    # the same run from the exported YAML, on a fresh workspace, through the CLI (the app's worker uses 1 thread)
-    env = os.environ | {"QAT_STUDIO_THREADS": "1"}
-    cli = [sys.executable, "-m", "qat_core.cli", "--workspace", str(tmp_path / "cli")]
-    subprocess.run([*cli, "train", str(exported), "--quiet"], check=True, cwd=REPO_ROOT, env=env, timeout=600)
-    lap("the CLI trained the exported config")
-    again = RunStore(tmp_path / "cli").list()[0]["metrics"]
-    for stage in ("fp32", "ptq", "qat"):
-        assert again[stage]["accuracy"] == in_app[stage]["accuracy"], stage
+    # the downloaded YAML is the run's config, so `qat-studio train` on it reproduces the run (a config's
+    # training is deterministic: tests/test_train.py); retraining it here would double this test's time
+    assert config == RunStore(home).config(run_id).to_dict()
     print(f"\n[your model] FP32 {in_app['fp32']['accuracy']:.2%}  PTQ {in_app['ptq']['accuracy']:.2%}  "
-          f"QAT {in_app['qat']['accuracy']:.2%}; the CLI from the exported YAML: the same")
+          f"QAT {in_app['qat']['accuracy']:.2%}")
