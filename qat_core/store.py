@@ -56,6 +56,7 @@ SCHEMA_VERSION = 1  # 1: run.json beside each run (older workspaces get theirs w
 _SELECT = f"SELECT {', '.join(COLUMNS)} FROM runs"  # by name: an extra column added by hand is ignored
 _INSERT = f"INSERT INTO runs ({', '.join(COLUMNS)}) VALUES ({', '.join('?' * len(COLUMNS))})"
 NO_TABLE = "it has no table of runs"
+SWEEP_LOCK_WAIT = 3.0  # seconds a new sweep driver waits for a killed one's workers to exit
 STALE_TMP_SECONDS = 3600  # a temporary file without a live writer's pid is left over from a crash after this
 T = TypeVar("T")
 
@@ -739,15 +740,22 @@ class RunStore:
 
     @contextmanager
     def sweep_lock(self, sweep_id: str) -> Iterator[None]:
-        """Held while a process drives the sweep; the kernel drops it when that process dies (kill -9 too)."""
+        """Held while a process drives the sweep, and by the workers it forks (they share the open file);
+        the kernel drops it when they have all exited, kill -9 too. A driver's workers exit within a
+        second of it, so a new driver waits ``SWEEP_LOCK_WAIT`` seconds before it says the sweep is running."""
         folder = self.sweep_dir(sweep_id)
         folder.mkdir(parents=True, exist_ok=True)
         with (folder / "lock").open("a") as f:
-            try:
-                fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            except BlockingIOError:
-                raise StoreError(f"sweep {sweep_id} is running in another process; cancel it (Sweep page, or "
-                                 f"touch {folder / CANCEL_FLAG}) or wait for it to finish") from None
+            deadline = time.monotonic() + SWEEP_LOCK_WAIT
+            while True:
+                try:
+                    fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                    break
+                except BlockingIOError:
+                    if time.monotonic() > deadline:
+                        raise StoreError(f"sweep {sweep_id} is running in another process; cancel it (Sweep page, "
+                                         f"or touch {folder / CANCEL_FLAG}) or wait for it to finish") from None
+                    time.sleep(0.1)
             try:
                 yield
             finally:

@@ -539,6 +539,9 @@ def _reconcile(store: RunStore, sweep_id: str, items: list[Item], emit: Callable
         if record is not None and record["status"] == "done":
             emit({"event": "kept", "run": item.run_id, "label": item.label})
             continue
+        if record is not None and record["status"] == "running":  # its process lives: a killed driver's worker
+            raise StoreError(f"run {item.run_id} of sweep {sweep_id} is still being trained by another process; "
+                             "wait a few seconds for it to stop, then run the sweep again")
         if record is not None:
             store.delete(item.run_id)
         todo.append(item)

@@ -133,8 +133,9 @@ def test_running_a_finished_sweep_again_trains_nothing(swept):
     assert list(again["run"]) == list(frame["run"])
 
 
-def test_a_second_driver_of_the_same_sweep_is_refused(swept):
+def test_a_second_driver_of_the_same_sweep_is_refused(swept, monkeypatch):
     store, spec, _, _, _ = swept
+    monkeypatch.setattr("qat_core.store.SWEEP_LOCK_WAIT", 0.2)
     with store.sweep_lock("plans"), pytest.raises(StoreError, match="sweep plans is running in another process"):
         sweep.run_sweep(spec, store)
 
