@@ -15,7 +15,8 @@ st.markdown(
     "1. **Quick start** below fine-tunes the small digits CNN at 8 bits with the default settings (about 15 s).\n"
     "2. When it is done, open **Benchmark** and press *Export and benchmark*.\n"
     "3. **Export** downloads the int8 ONNX model, its config and an HTML report.\n\n"
-    "To choose another model or bit widths: **Model & data** → **Quantization plan** → **Fine-tune**.")
+    "To choose another model or bit widths: **Model & data** → **Quantization plan** → **Fine-tune**. To find the "
+    "best plan for a size budget, **Sweep** trains many plans at once and draws their Pareto front.")
 
 if st.button("Quick start: fine-tune digits-cnn at 8 bits", type="primary", key="quick_start"):
     config = common.default_config(common.DEFAULT_MODEL)

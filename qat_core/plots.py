@@ -28,6 +28,7 @@ STAGE_COLORS = {"ptq": "#636EFA", "qat": "#EF553B", "": "#636EFA", "fp32": "#00A
 STAGE_NAMES = {"ptq": "before fine-tune (PTQ)", "qat": "after fine-tune (QAT)", "": "", "fp32": "FP32"}
 MAX_GRID_LINES = 512  # grids with more levels are drawn with every n-th line
 MAX_TICK_DECIMALS = 4
+LABEL_ALL_UP_TO = 4  # runs on a Pareto chart that are all labelled; with more, only the front's
 
 
 def _need(df: pd.DataFrame, columns: Sequence[str], what: str) -> None:
@@ -326,17 +327,21 @@ def page(figures: Sequence[go.Figure], title: str) -> str:
 
 def runs_pareto_figure(runs: pd.DataFrame, x: str, title: str) -> go.Figure:
     """QAT accuracy of runs against ``x`` (a column of ``report.runs_frame``, smaller is better: size,
-    latency); the Pareto-optimal runs joined by a dashed line, each point labelled with its name."""
+    latency); the Pareto-optimal runs joined by a dashed line. Points are labelled with their names:
+    all of them up to ``LABEL_ALL_UP_TO`` runs, else those on the front (labels of nearby points
+    overlap); every name is in the hover."""
     _need(runs, ["run", "plan", "QAT acc %", x], "runs_pareto_figure")
     data = runs.dropna(subset=[x, "QAT acc %"]).sort_values([x, "QAT acc %"], ascending=[True, False])
     xs, acc = data[x].to_numpy(dtype=float), data["QAT acc %"].to_numpy(dtype=float)
     x_range, y_axis = _nonnegative_range(xs), _accuracy_axis(acc, percent=True)
     fig = go.Figure()
     labels = data["name"] if "name" in data else data["plan"]  # the user's name for a run, else its plan
-    fig.add_scatter(x=xs, y=acc, mode="markers+text", text=labels, name="runs", customdata=data["run"],
-                    textposition=_inward_positions(xs, acc, x_range, y_axis["range"]) if len(data) else None,
-                    cliponaxis=False, hovertemplate="%{customdata}<br>%{x:.2f}<br>%{y:.2f}%")
     on_front = pareto_mask(xs, acc)
+    shown = [str(label) if front or len(data) <= LABEL_ALL_UP_TO else "" for label, front in zip(labels, on_front)]
+    fig.add_scatter(x=xs, y=acc, mode="markers+text", text=shown, hovertext=labels, name="runs",
+                    customdata=data["run"],
+                    textposition=_inward_positions(xs, acc, x_range, y_axis["range"]) if len(data) else None,
+                    cliponaxis=False, hovertemplate="%{hovertext}<br>%{customdata}<br>%{x:.2f}<br>%{y:.2f}%")
     if on_front.any():
         fig.add_scatter(x=xs[on_front], y=acc[on_front], mode="lines", name="Pareto front", line={"dash": "dash"})
     fig.update_layout(title=title, xaxis_title=x, yaxis_title="QAT test accuracy (%)", height=380)

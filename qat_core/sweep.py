@@ -508,14 +508,16 @@ def _suggestions(spec: SweepSpec, store: RunStore, folder: Path, emit: Callable[
         saved = json.loads(path.read_text(encoding="utf-8"))
         if saved["key"] == key:
             return {label: LayerPlan.model_validate(plan) for label, plan in saved["plans"].items()}
-    emit({"event": "sensitivity", "message": f"sensitivity of every layer at {s.widths} bits"})
+    if runner.cached_baseline(spec.base, store) is None:
+        emit({"event": "baseline", "message": "training the FP32 baseline (for the sensitivity scan and the runs)"})
     loaded = runner.calibrated(spec.base, store, cancel=cancel)
+    emit({"event": "sensitivity", "message": f"measuring each layer's sensitivity at {s.widths} bits"})
     sens = search.sensitivity(loaded, s.widths, cancel=cancel)
     budgets = [(f"suggested ≤ {b:g} bits", {"average_bits": b}) for b in s.average_bits]
     budgets += [(f"suggested ≤ {b:,.0f} B", {"budget_bytes": b}) for b in s.budget_bytes]
     plans = {}
     for label, budget in budgets:
-        emit({"event": "suggestion", "message": label})
+        emit({"event": "suggestion", "message": f"choosing the plan {label}"})
         plans[label] = search.suggest_plan(loaded, sens, **budget, cancel=cancel).plan
     atomic_write_text(path, json.dumps({"key": key, "plans": {k: p.model_dump(mode="json") for k, p in plans.items()}}))
     return plans
@@ -526,7 +528,7 @@ def _baselines(items: list[Item], store: RunStore, emit: Callable[[Event], None]
     todo = {runner.baseline_key(i.config): i.config for i in items}
     for k, config in enumerate(todo.values()):
         if runner.cached_baseline(config, store) is None:
-            emit({"event": "baseline", "message": f"FP32 baseline {k + 1} of {len(todo)} (seed {config.seed})"})
+            emit({"event": "baseline", "message": f"training FP32 baseline {k + 1} of {len(todo)} (seed {config.seed})"})
             runner.baseline(config, store, cancel=cancel)
 
 
@@ -559,7 +561,7 @@ def run_sweep(spec: SweepSpec, store: RunStore, workers: int | None = None, thre
         (folder / CANCEL_FLAG).unlink(missing_ok=True)
         atomic_write_text(folder / SPEC_FILE, spec.to_yaml())
         status, cancel = _State(folder), SweepCancel(folder)
-        status.write(state="preparing", message="building the model", error=None)
+        status.write(state="preparing", message="building the model", error=None, total=variation_count(spec))
         try:
             _drive(spec, store, folder, status, cancel, emit, workers, threads, ray)
         except (CancelledError, KeyboardInterrupt) as err:
@@ -580,9 +582,14 @@ def _drive(spec: SweepSpec, store: RunStore, folder: Path, status: _State, cance
     params = sum(p.numel() for p in model.parameters())
     settings = executor_settings(spec, params, workers, threads, ray)
     status.write(**settings)
+
+    def note(event: Event) -> None:  # what the driver is doing, for the page
+        if "message" in event:
+            status.write(message=event["message"])
+        emit(event)
+
     with train.torch_threads(cpu.training_threads(params)):
-        status.write(message="suggesting plans from the baseline's sensitivity")
-        plans = plan_variations(spec, rows, _suggestions(spec, store, folder, emit, cancel))
+        plans = plan_variations(spec, rows, _suggestions(spec, store, folder, note, cancel))
     items = expand(spec, plans)
     atomic_write_text(folder / PLAN_FILE, json.dumps([{"run": i.run_id, "label": i.label} for i in items]))
     todo = _reconcile(store, spec.name, items, emit)
@@ -592,8 +599,9 @@ def _drive(spec: SweepSpec, store: RunStore, folder: Path, status: _State, cance
             LocalPool(settings["workers"], settings["threads"])
         try:
             with train.torch_threads(cpu.training_threads(params)):
-                _baselines(todo, store, emit, cancel)
-            status.write(state="training")
+                _baselines(todo, store, note, cancel)
+            at_once = settings["workers"] or "as many as Ray places"
+            status.write(state="training", message=f"training {len(todo)} runs, {at_once} at a time")
             _train(pool, todo, store, spec.name, settings, cancel, emit)
         except KeyboardInterrupt:  # Ctrl-C: every run stops at its next step and is recorded cancelled
             request_cancel(store, spec.name)

@@ -216,6 +216,17 @@ def test_runs_pareto_front_has_no_dominated_run():
     assert list(zip(front.x, front.y)) == [(10.0, 97.0), (30.0, 98.0)]  # a: as small as b but less accurate
 
 
+def test_runs_pareto_labels_only_the_front_when_there_are_many_runs():
+    few = plots.runs_pareto_figure(_runs([("a", 10.0, 95.0), ("b", 20.0, 94.0)], "size KB"), "size KB", "size")
+    assert list(next(t for t in few.data if t.name == "runs").text) == ["W8A8 a", "W8A8 b"]  # b: off the front, named
+    many = _runs([("a", 10.0, 95.0), ("b", 20.0, 94.0), ("c", 30.0, 99.0), ("d", 9.5, 94.5), ("e", 30.0, 98.0)],
+                 "size KB")
+    points = next(t for t in plots.runs_pareto_figure(many, "size KB", "size").data if t.name == "runs")
+    named = {run: text for run, text in zip(points.customdata, points.text, strict=True)}
+    assert named == {"d": "W8A8 d", "a": "W8A8 a", "b": "", "e": "", "c": "W8A8 c"}
+    assert sorted(points.hovertext) == [f"W8A8 {r}" for r in "abcde"]
+
+
 def test_runs_pareto_labels_stay_inside():
     runs = _runs([("a", 10.0, 95.0), ("b", 20.0, 97.0), ("c", 30.0, 99.5)], "size KB")
     fig = plots.runs_pareto_figure(runs, "size KB", "size")
