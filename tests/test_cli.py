@@ -22,10 +22,9 @@ def test_models_lists_the_zoo(capsys):
         assert model_id in out
 
 
-def test_config_init_then_train_then_show(tmp_path):
-    init = cli("config", "init", "--model", "digits-cnn", "--weight-bits", "4", "--act-bits", "8")
-    assert init.returncode == 0, init.stderr
-    config = yaml.safe_load(init.stdout)
+def test_config_init_then_train_then_show(tmp_path, capsys):
+    assert main(["config", "init", "--model", "digits-cnn", "--weight-bits", "4", "--act-bits", "8"]) == 0
+    config = yaml.safe_load(capsys.readouterr().out)
     assert config["plan"]["default"]["weight_bits"] == 4
     config["baseline"]["epochs"] = 6
     config["finetune"]["epochs"] = 1
@@ -37,16 +36,17 @@ def test_config_init_then_train_then_show(tmp_path):
     run_id = trained.stdout.strip().splitlines()[-1]
     assert "qat [" in trained.stderr  # the progress bar lives on stderr
 
-    show = cli("show", run_id, "--json", workspace=tmp_path / "ws")
-    record = json.loads(show.stdout)
+    # the rest in this process (a new one costs seconds of imports): the same parser and handlers
+    assert main(["--workspace", str(tmp_path / "ws"), "show", run_id, "--json"]) == 0
+    record = json.loads(capsys.readouterr().out)
     assert record["id"] == run_id and record["status"] == "done" and record["error"] is None
     assert record["path"].endswith(run_id)
     for phase in ("fp32", "ptq", "qat"):
         assert 0.5 < record["metrics"][phase]["accuracy"] <= 1.0
     assert record["config"]["plan"]["default"]["weight_bits"] == 4
 
-    runs = json.loads(cli("runs", "--json", workspace=tmp_path / "ws").stdout)
-    assert [r["id"] for r in runs] == [run_id]
+    assert main(["--workspace", str(tmp_path / "ws"), "runs", "--json"]) == 0
+    assert [r["id"] for r in json.loads(capsys.readouterr().out)] == [run_id]
 
 
 def test_errors_are_one_line_on_stderr_without_traceback(tmp_path):
