@@ -268,6 +268,7 @@ def launch(config: RunConfig, store: RunStore, threads: int = 1) -> str:
     and is cancelled through the store's flag file. Its output goes to the run's ``worker.log``.
     ``threads``: torch's threads for it (1 by default: a core stays with the web server).
     """
+    zoo.check_plugin(config.model)  # refused here, not in the worker: no run is recorded for it
     run_id = store.create_run(config)
     config_path = store.run_dir(run_id) / "config.yaml"
     log = (store.run_dir(run_id) / "worker.log").open("wb")
