@@ -238,7 +238,10 @@ def execute(config: RunConfig, store: RunStore, run_id: str | None = None, on_ev
         store.fail(run_id, str(err))
         raise
     except Exception as err:  # a bug, not the user's fault: still recorded so the run store stays consistent
-        store.fail(run_id, f"internal error: {type(err).__name__}: {err}")
+        fault = zoo.plugin_fault(config.model, err)  # unless a plugin's own code raised it
+        store.fail(run_id, str(fault) if fault else f"internal error: {type(err).__name__}: {err}")
+        if fault:
+            raise fault from None
         raise
     finally:
         log.flush()

@@ -8,6 +8,9 @@ from __future__ import annotations
 
 import importlib
 import math
+import os
+import sys
+import traceback
 from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -300,6 +303,22 @@ def _call_plugin(path: str) -> tuple[nn.Module, Data]:
                 description=f"plugin {path}", train_loader_fn=lambda bs, shuffle, seed: train,
                 test_loader_fn=lambda bs: test)
     return model, data
+
+
+def plugin_fault(model_id: str, err: BaseException) -> PluginError | None:
+    """``err`` as a PluginError when the plugin's own code raised it (its model's forward, its loaders, while
+    training), else None: a fault of the user's code is theirs to fix, not a bug in QAT Studio."""
+    if not is_plugin(model_id):
+        return None
+    module = sys.modules.get(model_id.partition(":")[0].split(".")[0])  # its top-level package or module
+    roots = tuple(os.path.join(p, "") for p in getattr(module, "__path__", ())) or \
+        tuple(f for f in [getattr(module, "__file__", None)] if f)
+    where = [(f.f_code.co_filename, line) for f, line in traceback.walk_tb(err.__traceback__)
+             if roots and f.f_code.co_filename.startswith(roots)]
+    if not where:
+        return None
+    return PluginError(f"plugin {model_id}: its code raised {type(err).__name__}: {str(err)[:300]} (at "
+                       f"{where[-1][0]}:{where[-1][1]}); fix the plugin's model or loaders")
 
 
 def _out_features(model: nn.Module, x: torch.Tensor) -> int:

@@ -166,3 +166,30 @@ def test_a_plugins_non_daemon_thread_does_not_keep_a_finished_command_alive(pack
                                          "    return make()\n")
     done = cli("--allow-plugin", "lingering", "config", "init", "--model", "lingering.models:go", timeout=120)
     assert done.returncode == 0 and cfg.parse(done.stdout).model == "lingering.models:go"
+
+
+def test_a_plugins_model_that_fails_while_training_is_a_plugin_error(packages, tmp_path, monkeypatch, capsys):
+    write_package(packages, "flaky", """
+        class Flaky(nn.Module):
+            def __init__(self):
+                super().__init__()
+                self.body, self.calls = nn.Linear(4, 2), 0
+
+            def forward(self, x):
+                self.calls += 1
+                if self.calls > 1:  # the first call (QAT Studio's check when loading it) passes
+                    raise RuntimeError("sensor offline")
+                return self.body(x)
+
+        def go():
+            m, tr, te = make()
+            return Flaky(), tr, te
+        """)
+    config = tmp_path / "c.yaml"
+    config.write_text("model: flaky.models:go\nbaseline: {epochs: 1}\nfinetune: {epochs: 1}\n")
+    code = main(["--workspace", str(tmp_path / "ws"), "--allow-plugin", "flaky", "train", str(config), "--quiet"])
+    err = capsys.readouterr().err
+    assert code == 2 and "plugin flaky.models:go: its code raised RuntimeError: sensor offline (at " in err
+    assert "flaky/models.py" in err and "bug in QAT Studio" not in err
+    [run] = RunStore(tmp_path / "ws").list()
+    assert run["status"] == "failed" and "sensor offline" in run["error"] and "internal error" not in run["error"]
