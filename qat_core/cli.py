@@ -15,6 +15,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+from qat_core import plugins
 from qat_core.errors import QATError, StoreError
 
 EXIT_USER_ERROR = 2
@@ -313,8 +314,8 @@ def parser() -> argparse.ArgumentParser:
     show.add_argument("--json", action="store_true")
     show.set_defaults(func=cmd_show)
 
-    an = sub.add_parser("analyze", parents=[allow], help="write per-layer error, histograms, sensitivity (CSV) and figures (HTML) "
-                                        "into a finished run's analysis/ folder")
+    an = sub.add_parser("analyze", parents=[allow], help="write per-layer error, histograms, sensitivity (CSV) and "
+                                                         "figures (HTML) into a finished run's analysis/ folder")
     an.add_argument("run", help="run id (see `qat-studio runs`)")
     an.add_argument("--bits", type=int, nargs="*", default=[4, 2],
                     help="weight widths for the sensitivity scan (2..8; none: skip it); default 4 2")
@@ -328,12 +329,14 @@ def parser() -> argparse.ArgumentParser:
     an.add_argument("--json", action="store_true", help="print the written files as JSON")
     an.add_argument("--quiet", action="store_true", help="no progress on stderr")
     an.set_defaults(func=cmd_analyze)
-    ex = sub.add_parser("export", parents=[allow], help="write fp32.onnx and int8.onnx (QDQ, the run's own scales) into a run")
+    ex = sub.add_parser("export", parents=[allow],
+                        help="write fp32.onnx and int8.onnx (QDQ, the run's own scales) into a run")
     ex.add_argument("run", help="run id (see `qat-studio runs`)")
     ex.add_argument("--json", action="store_true")
     ex.set_defaults(func=cmd_export)
 
-    ev = sub.add_parser("eval", parents=[allow], help="accuracy of the exported int8 model and its agreement with the simulation")
+    ev = sub.add_parser("eval", parents=[allow],
+                        help="accuracy of the exported int8 model and its agreement with the simulation")
     ev.add_argument("run", help="run id (see `qat-studio runs`)")
     ev.add_argument("--backend", choices=["onnxruntime"], default="onnxruntime")
     ev.add_argument("--json", action="store_true")
@@ -349,8 +352,9 @@ def parser() -> argparse.ArgumentParser:
     be.add_argument("--json", action="store_true")
     be.set_defaults(func=cmd_bench)
 
-    sw = sub.add_parser("sweep", parents=[allow], help="train a base config × variations (widths, plans, suggestions, range methods, "
-                                      "learning rates, seeds) in parallel; run it again to resume")
+    sw = sub.add_parser("sweep", parents=[allow], help="train a base config × variations (widths, plans, suggestions, "
+                                                       "range methods, learning rates, seeds) in parallel; run it "
+                                                       "again to resume")
     sw.add_argument("spec", type=Path, nargs="?", help="sweep spec (YAML); see --example")
     sw.add_argument("--example", action="store_true", help="print an example spec for --model and exit")
     sw.add_argument("--model", default="digits-cnn", help="the example's model (default digits-cnn)")
@@ -364,7 +368,8 @@ def parser() -> argparse.ArgumentParser:
     sw.add_argument("--quiet", action="store_true", help="no progress on stderr")
     sw.set_defaults(func=cmd_sweep)
 
-    rp = sub.add_parser("report", parents=[allow], help="write a self-contained HTML report of a run; prints its path")
+    rp = sub.add_parser("report", parents=[allow],
+                        help="write a self-contained HTML report of a run; prints its path")
     rp.add_argument("run", help="run id (see `qat-studio runs`)")
     rp.add_argument("-o", "--output", type=Path, default=None, help="HTML file (default: report.html in the run folder)")
     rp.set_defaults(func=cmd_report)
@@ -407,8 +412,6 @@ def main(argv: list[str] | None = None) -> int:
     args = parser().parse_args(argv)
     _stdin_at_devnull()
     try:
-        from qat_core import plugins
-
         plugins.allow(args.allow_plugin + getattr(args, "allow_plugin_here", []))
         args.func(args)
         sys.stdout.flush()  # a closed pipe shows here, inside the handlers, not at exit

@@ -216,8 +216,9 @@ def hf_tokenizer(model_id: str) -> Any:
     folder, _ = _hf_folder(model_id)
     present = [name for name in TOKENIZER_FILES if os.path.lexists(folder / name)]
     if not present:  # transformers would build an empty one
-        raise ConfigError(f"{model_id}: no tokenizer saved in {folder} (it has none of {', '.join(TOKENIZER_FILES[:3])}, "
-                          "…); save it beside the model with tokenizer.save_pretrained(FOLDER)")
+        raise ConfigError(f"{model_id}: no tokenizer saved in {folder} (it has none of "
+                          f"{', '.join(TOKENIZER_FILES[:3])}, …); save it beside the model with "
+                          "tokenizer.save_pretrained(FOLDER)")
     for name in present:  # typed and bounded first: transformers would block on a FIFO
         files.read_bytes(folder / name, TOKENIZER_LIMIT, f"{model_id}: the tokenizer's {name}", ConfigError)
     try:

@@ -286,14 +286,14 @@ def _call_plugin(path: str) -> tuple[nn.Module, Data]:
     except Exception as err:
         raise PluginError(f"plugin {path}: train_loader has no length ({type(err).__name__}: {err}); return a list "
                           "of (inputs, labels) batches or a torch DataLoader") from None
+    if not batches:
+        raise PluginError(f"plugin {path}: train_loader has no batches")
     try:
         first_x, first_y = next(iter(train))
         classes = int(first_y.max()) + 1
     except Exception as err:
         raise PluginError(f"plugin {path}: train_loader must yield (inputs, labels) batches "
                           f"({type(err).__name__}: {err})") from None
-    if not batches:
-        raise PluginError(f"plugin {path}: train_loader has no batches")
     try:
         outputs = _out_features(model, first_x)
     except Exception as err:
