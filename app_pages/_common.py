@@ -20,7 +20,7 @@ import pandas as pd
 import plotly.graph_objects as go
 import streamlit as st
 
-from qat_core import analysis, cpu, library, planning, plots, prepare, report, runner, zoo
+from qat_core import analysis, cpu, library, planning, plots, prepare, report, runner, sweep, zoo
 from qat_core import config as cfg
 from qat_core import data as datasets
 from qat_core.errors import ConfigError, QATError
@@ -375,17 +375,30 @@ def config_payload(run_id: str, fmt: str) -> bytes:
     return (config.to_yaml() if fmt == "yaml" else config.to_json()).encode("utf-8")
 
 
-def parse_upload(name: str, data: bytes) -> cfg.RunConfig:
-    """An uploaded config file → RunConfig. Only parsed as YAML/JSON text: never unpickled or executed."""
+def _upload_text(name: str, data: bytes) -> str:
     if len(data) > cfg.MAX_INPUT_SIZE:  # before decoding: a large upload is refused, not read
         raise ConfigError(f"{name} is {len(data) / 1e6:.1f} MB; a config file is at most "
                           f"{cfg.MAX_INPUT_SIZE / 1e6:g} MB (a real one is a few KB)")
     try:
-        text = data.decode("utf-8")
+        return data.decode("utf-8")
     except UnicodeDecodeError:
         raise ConfigError(f"{name} is not a text file; a config is a YAML or JSON file "
                           "(download one from this page to see the format)") from None
-    return cfg.parse(text, source=name)
+
+
+def parse_upload(name: str, data: bytes) -> cfg.RunConfig:
+    """An uploaded config file → RunConfig. Only parsed as YAML/JSON text: never unpickled or executed; a
+    model factory the user did not allow is refused at once, not when a run starts."""
+    config = cfg.parse(_upload_text(name, data), source=name)
+    zoo.check_plugin(config.model)
+    return config
+
+
+def parse_spec_upload(name: str, data: bytes) -> sweep.SweepSpec:
+    """An uploaded sweep spec → SweepSpec, checked as ``parse_upload`` checks a config."""
+    spec = sweep.parse_spec(_upload_text(name, data), name)
+    zoo.check_plugin(spec.base.model)
+    return spec
 
 
 @st.cache_data(max_entries=8, show_spinner=False)

@@ -7,7 +7,7 @@ import pandas as pd
 import streamlit as st
 
 from app_pages import _common as common
-from qat_core import library, prepare, runner, train, zoo
+from qat_core import library, plugins, prepare, runner, train, zoo
 
 LAYER_COLUMNS = {  # layer_table field → header; fields not listed (has_weights, is_output) are not shown
     "name": st.column_config.TextColumn("Layer", help="The layer's name in the model (what the plan refers to)."),
@@ -59,6 +59,7 @@ else:
         help="`torchvision:NAME`, `timm:NAME`: a library's architecture. `hf:FOLDER`: a Hugging Face image or text "
              "classifier saved with save_pretrained. `package.module:factory`: your function returning "
              "(model, train_loader, test_loader).").strip()
+    st.caption(plugins.describe())
     if not model_id:
         st.info("Enter an architecture by name (`torchvision:mobilenet_v3_small`, `timm:resnet10t`), a Hugging Face "
                 "folder (`hf:/path/to/folder`) or a plugin (`package.module:factory`).")
@@ -66,6 +67,7 @@ else:
 
 kind = library.library_of(model_id)
 plugin = zoo.is_plugin(model_id)
+common.call(zoo.check_plugin, model_id)  # a factory the user did not allow: the message, nothing imported
 entry = zoo.MODELS.get(model_id)
 same_model = model_id == config.model
 

@@ -70,7 +70,7 @@ with st.expander(f"New sweep over this tab's draft: {config.model} · {planning.
                                key="sw_download")
     upload = st.file_uploader("…or start a spec file (YAML)", type=["yaml", "yml", "json"], key="sw_upload")
     if upload is not None:
-        spec = common.call(sweep.parse_spec, upload.getvalue().decode("utf-8", errors="replace"), upload.name)
+        spec = common.call(common.parse_spec_upload, upload.name, upload.getvalue())
     if st.button("Start sweep", type="primary", key="sw_start", disabled=spec is None):
         common.call(sweep.launch, spec, store)
         st.session_state[common.SWEEP_PICKER] = spec.name

@@ -15,6 +15,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+from qat_core import plugins
 from qat_core.errors import QATError, StoreError
 
 EXIT_USER_ERROR = 2
@@ -76,8 +77,10 @@ def cmd_config_init(args: argparse.Namespace) -> None:
 def cmd_train(args: argparse.Namespace) -> None:
     from qat_core import config as cfg
     from qat_core.runner import execute
+    from qat_core.zoo import check_plugin
 
     config = cfg.load(args.config)
+    check_plugin(config.model)  # before a run is recorded: a config naming code the user did not allow
     store = _store(args)
     if args.run_id:
         _check_prepared(store, args.run_id)
@@ -259,16 +262,25 @@ def _threads(text: str) -> int | str:
         raise argparse.ArgumentTypeError(f"threads must be a whole number >= 1 or 'all', got {text!r}") from None
 
 
+ALLOW_HELP = ("run model factories (package.module:factory in a config) from this top-level package; repeatable. "
+              "Only allowed packages and entry points in group qat_studio.models run; see also $QAT_STUDIO_PLUGINS")
+
+
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="qat-studio", description="Quantization-aware training studio (engine CLI).")
     p.add_argument("--workspace", type=Path, default=None,
                    help="workspace folder for runs (default: $QAT_STUDIO_HOME, else ~/.qat-studio)")
+    p.add_argument("--allow-plugin", action="append", default=[], metavar="PKG", help=ALLOW_HELP)
+    # also after each subcommand that builds a model, under its own name: its value would replace the global one
+    allow = argparse.ArgumentParser(add_help=False)
+    allow.add_argument("--allow-plugin", action="append", default=[], metavar="PKG", dest="allow_plugin_here",
+                       help=ALLOW_HELP)
     sub = p.add_subparsers(dest="command", required=True)
 
     sub.add_parser("models", help="list the zoo models").set_defaults(func=cmd_models)
 
     config = sub.add_parser("config", help="work with run configs").add_subparsers(dest="config_command", required=True)
-    init = config.add_parser("init", help="print a default config (YAML) for a model")
+    init = config.add_parser("init", parents=[allow], help="print a default config (YAML) for a model")
     init.add_argument("--model", required=True, help="zoo id (see `qat-studio models`) or package.module:factory")
     init.add_argument("--weight-bits", type=_bits, default=8, help="weight bits for inner layers: 2..8 or off")
     init.add_argument("--act-bits", type=_bits, default=8, help="activation bits for inner layers: 2..8 or off")
@@ -284,7 +296,7 @@ def parser() -> argparse.ArgumentParser:
                                                          "of classes is replaced)")
     init.set_defaults(func=cmd_config_init)
 
-    tr = sub.add_parser("train", help="train a run from a config; prints the run id last")
+    tr = sub.add_parser("train", parents=[allow], help="train a run from a config; prints the run id last")
     tr.add_argument("config", type=Path)
     tr.add_argument("--run-id", default=None, help=argparse.SUPPRESS)  # the app pre-creates runs it launches
     tr.add_argument("--quiet", action="store_true", help="no progress bar")
@@ -302,8 +314,8 @@ def parser() -> argparse.ArgumentParser:
     show.add_argument("--json", action="store_true")
     show.set_defaults(func=cmd_show)
 
-    an = sub.add_parser("analyze", help="write per-layer error, histograms, sensitivity (CSV) and figures (HTML) "
-                                        "into a finished run's analysis/ folder")
+    an = sub.add_parser("analyze", parents=[allow], help="write per-layer error, histograms, sensitivity (CSV) and "
+                                                         "figures (HTML) into a finished run's analysis/ folder")
     an.add_argument("run", help="run id (see `qat-studio runs`)")
     an.add_argument("--bits", type=int, nargs="*", default=[4, 2],
                     help="weight widths for the sensitivity scan (2..8; none: skip it); default 4 2")
@@ -317,18 +329,20 @@ def parser() -> argparse.ArgumentParser:
     an.add_argument("--json", action="store_true", help="print the written files as JSON")
     an.add_argument("--quiet", action="store_true", help="no progress on stderr")
     an.set_defaults(func=cmd_analyze)
-    ex = sub.add_parser("export", help="write fp32.onnx and int8.onnx (QDQ, the run's own scales) into a run")
+    ex = sub.add_parser("export", parents=[allow],
+                        help="write fp32.onnx and int8.onnx (QDQ, the run's own scales) into a run")
     ex.add_argument("run", help="run id (see `qat-studio runs`)")
     ex.add_argument("--json", action="store_true")
     ex.set_defaults(func=cmd_export)
 
-    ev = sub.add_parser("eval", help="accuracy of the exported int8 model and its agreement with the simulation")
+    ev = sub.add_parser("eval", parents=[allow],
+                        help="accuracy of the exported int8 model and its agreement with the simulation")
     ev.add_argument("run", help="run id (see `qat-studio runs`)")
     ev.add_argument("--backend", choices=["onnxruntime"], default="onnxruntime")
     ev.add_argument("--json", action="store_true")
     ev.set_defaults(func=cmd_eval)
 
-    be = sub.add_parser("bench", help="latency: ONNX Runtime FP32 vs int8 vs PyTorch eager")
+    be = sub.add_parser("bench", parents=[allow], help="latency: ONNX Runtime FP32 vs int8 vs PyTorch eager")
     be.add_argument("run", help="run id (see `qat-studio runs`)")
     be.add_argument("--batch", type=int, nargs="+", default=[1, 32], help="batch sizes (>= 1); default 1 32")
     be.add_argument("--threads", type=_threads, nargs="+", default=[1, "all"],
@@ -338,8 +352,9 @@ def parser() -> argparse.ArgumentParser:
     be.add_argument("--json", action="store_true")
     be.set_defaults(func=cmd_bench)
 
-    sw = sub.add_parser("sweep", help="train a base config × variations (widths, plans, suggestions, range methods, "
-                                      "learning rates, seeds) in parallel; run it again to resume")
+    sw = sub.add_parser("sweep", parents=[allow], help="train a base config × variations (widths, plans, suggestions, "
+                                                       "range methods, learning rates, seeds) in parallel; run it "
+                                                       "again to resume")
     sw.add_argument("spec", type=Path, nargs="?", help="sweep spec (YAML); see --example")
     sw.add_argument("--example", action="store_true", help="print an example spec for --model and exit")
     sw.add_argument("--model", default="digits-cnn", help="the example's model (default digits-cnn)")
@@ -353,7 +368,8 @@ def parser() -> argparse.ArgumentParser:
     sw.add_argument("--quiet", action="store_true", help="no progress on stderr")
     sw.set_defaults(func=cmd_sweep)
 
-    rp = sub.add_parser("report", help="write a self-contained HTML report of a run; prints its path")
+    rp = sub.add_parser("report", parents=[allow],
+                        help="write a self-contained HTML report of a run; prints its path")
     rp.add_argument("run", help="run id (see `qat-studio runs`)")
     rp.add_argument("-o", "--output", type=Path, default=None, help="HTML file (default: report.html in the run folder)")
     rp.set_defaults(func=cmd_report)
@@ -383,9 +399,20 @@ def _short(err: BaseException) -> str:
     return text if len(text) <= MAX_MESSAGE else text[:MAX_MESSAGE - 1] + "…"
 
 
+def _stdin_at_devnull() -> None:
+    """Nothing QAT Studio does reads stdin: a library's or a plugin's prompt reads end-of-file, never waits."""
+    fd = os.open(os.devnull, os.O_RDONLY)
+    if fd != 0:  # 0 where stdin was closed: it is /dev/null now
+        os.dup2(fd, 0)
+        os.close(fd)
+
+
 def main(argv: list[str] | None = None) -> int:
+    """Run one command; returns its exit code (``run`` is the process's entry point)."""
     args = parser().parse_args(argv)
+    _stdin_at_devnull()
     try:
+        plugins.allow(args.allow_plugin + getattr(args, "allow_plugin_here", []))
         args.func(args)
         sys.stdout.flush()  # a closed pipe shows here, inside the handlers, not at exit
     except QATError as err:
@@ -406,5 +433,17 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
+def run() -> None:
+    """The ``qat-studio`` command: ``main``, then the process ends with its code when the command is done,
+    even where a plugin left a non-daemon thread running."""
+    code = main()
+    for stream in (sys.stdout, sys.stderr):
+        try:
+            stream.flush()
+        except (OSError, ValueError):  # a reader that went away, a closed stream: nothing more to say
+            pass
+    os._exit(code)
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    run()

@@ -9,8 +9,8 @@ from __future__ import annotations
 
 import difflib
 import importlib
-import json
 import math
+import os
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlparse
@@ -18,6 +18,7 @@ from urllib.parse import urlparse
 import torch
 from torch import nn
 
+from qat_core import files
 from qat_core.config import IMAGE_FIELDS, DataConfig
 from qat_core.data import DATASETS, IMAGENET_PRESET, Data, text_table
 from qat_core.errors import ConfigError
@@ -143,22 +144,60 @@ class HFClassifier(nn.Module):
         return self.model(input_ids=x, attention_mask=(x != self.pad_id).long()).logits
 
 
-def _hf_folder(model_id: str) -> Path:
+TOKENIZER_LIMIT = 256 * files.MB  # a large vocabulary's tokenizer.json: tens of MB
+HF_CODE_FILES = ("config.json", "tokenizer_config.json", "preprocessor_config.json")  # where auto_map asks for code
+
+
+def _hf_folder(model_id: str) -> tuple[Path, dict[str, dict[str, Any]]]:
+    """The folder of ``hf:FOLDER`` and its JSON files of ``HF_CODE_FILES`` (those it has), checked before
+    transformers reads anything: a folder that asks to run its own Python code (``auto_map``) is refused."""
     folder = Path(model_id.partition(":")[2]).expanduser()
-    if not (folder / "config.json").is_file():
+    config_file = folder / "config.json"
+    if not os.path.lexists(config_file):
         raise ConfigError(f"{model_id}: {folder} is not a folder saved with save_pretrained (it has no config.json); "
                           "save the model with model.save_pretrained(FOLDER) and give hf:FOLDER")
-    return folder
+    found: dict[str, dict[str, Any]] = {}
+    for name in HF_CODE_FILES:
+        if name == "config.json" or os.path.lexists(folder / name):
+            found[name] = files.read_json(folder / name, f"{model_id}: the model's {name}", ConfigError)
+            if not isinstance(found[name], dict):
+                raise ConfigError(f"{model_id}: {folder / name} holds a JSON {type(found[name]).__name__}, not the "
+                                  "object save_pretrained writes: it is damaged; save the model again")
+            if "auto_map" in found[name]:
+                raise ConfigError(f"{model_id}: {folder / name} asks to run the folder's own Python code (auto_map), "
+                                  "and QAT Studio never runs code from a model folder. Save the model as one of "
+                                  "transformers' own architectures (without custom code) and give that folder")
+    model_type = found["config.json"].get("model_type")
+    if not isinstance(model_type, str) or not model_type:
+        raise ConfigError(f"{model_id}: {config_file} has no model_type; it is damaged or not a transformers model's "
+                          "config: save the model again with model.save_pretrained(FOLDER)")
+    return folder, found
+
+
+def _hf_config(model_id: str) -> Any:
+    """The folder's config as transformers reads it (no remote code), its damage a ConfigError."""
+    _library("hf")
+    from transformers import AutoConfig
+    from transformers.models.auto.configuration_auto import CONFIG_MAPPING_NAMES
+
+    folder, found = _hf_folder(model_id)
+    model_type = found["config.json"]["model_type"]
+    if model_type not in CONFIG_MAPPING_NAMES:
+        raise ConfigError(f"{model_id}: model_type {model_type!r} is not an architecture this transformers "
+                          "knows; save the model as one of transformers' own architectures (or update transformers)")
+    try:
+        return AutoConfig.from_pretrained(folder, local_files_only=True, trust_remote_code=False)
+    except Exception as err:  # whatever transformers makes of a damaged file: the folder's problem, named
+        raise ConfigError(f"{model_id}: {folder / 'config.json'} cannot be read by transformers "
+                          f"({first_line(err)}); save the model again with "
+                          "model.save_pretrained(FOLDER)") from None
 
 
 def hf_task(model_id: str) -> str:
     """``image`` or ``text``: which kind of classifier a saved Hugging Face model is."""
-    _library("hf")
-    from transformers import AutoConfig
+    config = _hf_config(model_id)  # first: it says which extra to install where transformers is missing
     from transformers.models.auto import modeling_auto
 
-    folder = _hf_folder(model_id)
-    config = AutoConfig.from_pretrained(folder, local_files_only=True)
     if config.model_type in modeling_auto.MODEL_FOR_IMAGE_CLASSIFICATION_MAPPING_NAMES:
         return "image"
     if config.model_type in modeling_auto.MODEL_FOR_SEQUENCE_CLASSIFICATION_MAPPING_NAMES:
@@ -174,15 +213,19 @@ TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.txt", "voca
 def hf_tokenizer(model_id: str) -> Any:
     from transformers import AutoTokenizer
 
-    folder = _hf_folder(model_id)
-    problem = "it has none of " + ", ".join(TOKENIZER_FILES[:3]) + ", …"
-    if any((folder / name).is_file() for name in TOKENIZER_FILES):  # else transformers builds an empty one
-        try:
-            return AutoTokenizer.from_pretrained(folder, local_files_only=True)
-        except (OSError, ValueError) as err:
-            problem = first_line(err)
-    raise ConfigError(f"{model_id}: no tokenizer saved in {folder} ({problem}); save it beside the model with "
-                      "tokenizer.save_pretrained(FOLDER)")
+    folder, _ = _hf_folder(model_id)
+    present = [name for name in TOKENIZER_FILES if os.path.lexists(folder / name)]
+    if not present:  # transformers would build an empty one
+        raise ConfigError(f"{model_id}: no tokenizer saved in {folder} (it has none of "
+                          f"{', '.join(TOKENIZER_FILES[:3])}, …); save it beside the model with "
+                          "tokenizer.save_pretrained(FOLDER)")
+    for name in present:  # typed and bounded first: transformers would block on a FIFO
+        files.read_bytes(folder / name, TOKENIZER_LIMIT, f"{model_id}: the tokenizer's {name}", ConfigError)
+    try:
+        return AutoTokenizer.from_pretrained(folder, local_files_only=True, trust_remote_code=False)
+    except Exception as err:  # a damaged file, whatever transformers or tokenizers raise for it
+        raise ConfigError(f"{model_id}: the tokenizer saved in {folder} cannot be loaded ({first_line(err)}); save it "
+                          "again beside the model with tokenizer.save_pretrained(FOLDER)") from None
 
 
 def hf_model(model_id: str, data: Data) -> nn.Module:
@@ -190,16 +233,16 @@ def hf_model(model_id: str, data: Data) -> nn.Module:
     import transformers
 
     task = hf_task(model_id)
-    folder = _hf_folder(model_id)
+    folder, _ = _hf_folder(model_id)
     auto = getattr(transformers, HF_HEADS[task])
-    old = transformers.AutoConfig.from_pretrained(folder, local_files_only=True).num_labels
+    old = _hf_config(model_id).num_labels
     verbosity, bars = transformers.logging.get_verbosity(), transformers.utils.logging.is_progress_bar_enabled()
     transformers.logging.set_verbosity_error()  # its load report is a table on stdout; a new head is named below
     transformers.utils.logging.disable_progress_bar()
     try:
         model = auto.from_pretrained(folder, local_files_only=True, num_labels=data.num_classes,
-                                     ignore_mismatched_sizes=True)
-    except (OSError, ValueError) as err:
+                                     ignore_mismatched_sizes=True, trust_remote_code=False)
+    except Exception as err:  # a missing or damaged weights file, whatever transformers or safetensors raise
         raise ConfigError(f"{model_id}: its weights cannot be loaded from {folder} ({first_line(err)}); save the "
                           "model with model.save_pretrained(FOLDER)") from None
     finally:
@@ -284,7 +327,7 @@ def image_preset(model_id: str, weights: str | None = None) -> dict[str, Any]:
         return {"resize_size": t.resize_size[0], "image_size": t.crop_size[0], "mean": tuple(t.mean),
                 "std": tuple(t.std)}
     if prefix == "hf":
-        return _hf_preset(_hf_folder(model_id))
+        return _hf_preset(model_id)
     if prefix == "timm":
         pretrained = _library(prefix).get_pretrained_cfg(name if weights in (None, "DEFAULT") else f"{name}.{weights}")
         if pretrained is not None:
@@ -294,21 +337,35 @@ def image_preset(model_id: str, weights: str | None = None) -> dict[str, Any]:
     return dict(IMAGENET_PRESET)
 
 
-def _hf_preset(folder: Path) -> dict[str, Any]:
+def _hf_preset(model_id: str) -> dict[str, Any]:
     """From the folder's ``preprocessor_config.json`` (saved with the image processor), else the model's
     input size with ImageNet's statistics."""
-    size = json.loads((folder / "config.json").read_text()).get("image_size", IMAGENET_PRESET["image_size"])
-    size = size[-1] if isinstance(size, list | tuple) else size
+    folder, found = _hf_folder(model_id)
+    size = found["config.json"].get("image_size", IMAGENET_PRESET["image_size"])
+    size = size[-1] if isinstance(size, list | tuple) and size else size
     preset = dict(IMAGENET_PRESET) | {"image_size": size, "resize_size": size}
-    processor = folder / "preprocessor_config.json"
-    if processor.is_file():
-        p = json.loads(processor.read_text())
-        resize = p.get("size") or {}
-        crop = p.get("crop_size") or {}
-        preset["image_size"] = crop.get("height") or resize.get("height") or resize.get("shortest_edge") or size
-        preset["resize_size"] = resize.get("shortest_edge") or resize.get("height") or preset["image_size"]
-        preset |= {k: tuple(p[f"image_{k}"]) for k in ("mean", "std") if p.get(f"image_{k}")}
-    return preset
+    p = found.get("preprocessor_config.json")
+    if p is not None:
+        resize, crop = p.get("size"), p.get("crop_size")
+        preset["image_size"] = _side(crop, "height") or _side(resize, "height", "shortest_edge") or size
+        preset["resize_size"] = _side(resize, "shortest_edge", "height") or preset["image_size"]
+        preset |= {k: p[f"image_{k}"] for k in ("mean", "std") if p.get(f"image_{k}")}
+    sides = [preset[k] for k in ("image_size", "resize_size")]
+    stats = [preset[k] for k in ("mean", "std")]
+    if not (all(type(v) is int and v > 0 for v in sides) and all(
+            isinstance(v, list | tuple) and len(v) == 3 and all(type(c) in (int, float) for c in v) for v in stats)):
+        raise ConfigError(f"{model_id}: the image size, mean or std in {folder}'s config.json or "
+                          f"preprocessor_config.json cannot be used (sides {sides}, mean and std {stats}): the file is "
+                          "damaged; save the model and its image processor again with save_pretrained(FOLDER)")
+    return preset | {k: tuple(preset[k]) for k in ("mean", "std")}
+
+
+def _side(entry: Any, *keys: str) -> Any:
+    """A side in pixels from an image processor's ``size``/``crop_size``: ``{"height": h, …}``, ``{"shortest_edge":
+    s}``, or a plain number (older processors)."""
+    if isinstance(entry, dict):
+        return next((entry[k] for k in keys if entry.get(k)), None)
+    return entry
 
 
 def library_data(model_id: str, data_cfg: DataConfig) -> Data:

@@ -238,7 +238,10 @@ def execute(config: RunConfig, store: RunStore, run_id: str | None = None, on_ev
         store.fail(run_id, str(err))
         raise
     except Exception as err:  # a bug, not the user's fault: still recorded so the run store stays consistent
-        store.fail(run_id, f"internal error: {type(err).__name__}: {err}")
+        fault = zoo.plugin_fault(config.model, err)  # unless a plugin's own code raised it
+        store.fail(run_id, str(fault) if fault else f"internal error: {type(err).__name__}: {err}")
+        if fault:
+            raise fault from None
         raise
     finally:
         log.flush()
@@ -268,6 +271,7 @@ def launch(config: RunConfig, store: RunStore, threads: int = 1) -> str:
     and is cancelled through the store's flag file. Its output goes to the run's ``worker.log``.
     ``threads``: torch's threads for it (1 by default: a core stays with the web server).
     """
+    zoo.check_plugin(config.model)  # refused here, not in the worker: no run is recorded for it
     run_id = store.create_run(config)
     config_path = store.run_dir(run_id) / "config.yaml"
     log = (store.run_dir(run_id) / "worker.log").open("wb")

@@ -481,6 +481,7 @@ def running(store: RunStore, sweep_id: str) -> bool:
 def launch(spec: SweepSpec, store: RunStore) -> None:
     """Run the sweep in a separate process (the app's background job, as ``runner.launch``): it outlives
     the page, and its output goes to the sweep's ``driver.log``. Running it again resumes it."""
+    zoo.check_plugin(spec.base.model)
     if running(store, spec.name):
         raise StoreError(f"sweep {spec.name} is running already; cancel it first, or give the new one another name")
     folder = store.sweep_dir(spec.name)
@@ -556,6 +557,7 @@ def run_sweep(spec: SweepSpec, store: RunStore, workers: int | None = None, thre
     Returns :func:`sweep_frame`. Events: ``{"event": …, "message"?, "run"?, "label"?, "done"?, "total"?}``.
     Cancel: :func:`request_cancel`, from any process."""
     emit = on_event or (lambda e: None)
+    zoo.check_plugin(spec.base.model)  # before the sweep is recorded
     folder = store.sweep_dir(spec.name)
     with store.sweep_lock(spec.name):
         (folder / CANCEL_FLAG).unlink(missing_ok=True)

@@ -8,6 +8,9 @@ from __future__ import annotations
 
 import importlib
 import math
+import os
+import sys
+import traceback
 from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -17,6 +20,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from qat_core import plugins
 from qat_core.config import DataConfig
 from qat_core.data import DATASETS, Data, digits, images224, sequences, table
 from qat_core.errors import ConfigError, PluginError
@@ -232,30 +236,38 @@ def _check_fits(model: nn.Module, data: Data, model_id: str, dataset: str) -> No
 _loading_plugin = False  # a plugin whose factory loads a plugin again (QAT Studio's own CLI, say) would recurse
 
 
+def check_plugin(model_id: str) -> None:
+    """Refuse a plugin path that is malformed or that the user did not allow (``plugins.check``), before
+    anything is imported; a zoo or library model passes. Called wherever a config arrives to be built."""
+    if not is_plugin(model_id):
+        return
+    module_name, _, attr = model_id.partition(":")
+    if not (all(part.isidentifier() for part in module_name.split(".")) and attr.isidentifier()):
+        raise PluginError(f"plugin path {model_id!r} must look like 'package.module:factory'")
+    plugins.check(model_id)
+
+
 def load_plugin(path: str) -> tuple[nn.Module, Data]:
     """Call ``package.module:factory``; it returns ``(model, train_loader, test_loader)``.
 
-    ``train_loader``/``test_loader`` are re-iterable sequences of ``(inputs, labels)`` batches.
-    A plugin cannot end the process: ``sys.exit`` in it becomes a PluginError like any other failure.
+    ``train_loader``/``test_loader`` are re-iterable sequences of ``(inputs, labels)`` batches; the train
+    loader has a length (its batches an epoch). Only a factory the user allowed runs (``plugins.check``),
+    within a time limit, and it cannot end the process: every fault of its code is a PluginError.
     """
     global _loading_plugin
-    module_name, _, attr = path.partition(":")
-    if not module_name or not attr:
-        raise PluginError(f"plugin path {path!r} must look like 'package.module:factory'")
-    if module_name.split(".")[0] == __name__.split(".")[0]:
-        raise PluginError(f"plugin {path!r} is part of QAT Studio itself; a plugin is your own module whose "
-                          "factory returns (model, train_loader, test_loader)")
+    check_plugin(path)
     if _loading_plugin:
         raise PluginError(f"plugin {path!r} was asked for while another plugin's factory was running; a factory "
                           "must build its model and loaders, not start QAT Studio again")
     _loading_plugin = True
     try:
-        return _call_plugin(path, module_name, attr)
+        return plugins.run(path, lambda: _call_plugin(path))
     finally:
         _loading_plugin = False
 
 
-def _call_plugin(path: str, module_name: str, attr: str) -> tuple[nn.Module, Data]:
+def _call_plugin(path: str) -> tuple[nn.Module, Data]:
+    module_name, _, attr = path.partition(":")
     try:
         module = importlib.import_module(module_name)
     except (Exception, SystemExit) as err:  # any import-time failure is the plugin's, reported with its cause
@@ -264,26 +276,49 @@ def _call_plugin(path: str, module_name: str, attr: str) -> tuple[nn.Module, Dat
     factory = getattr(module, attr, None)
     if not callable(factory):
         raise PluginError(f"plugin module {module_name!r} has no callable {attr!r}")
-    try:
-        result = factory()
-    except SystemExit as err:
-        raise PluginError(f"plugin factory {path} tried to end the process (SystemExit: {err.code!r}); it must "
-                          "return (model, train_loader, test_loader)") from None
-    except Exception as err:
-        raise PluginError(f"plugin factory {path} raised {type(err).__name__}: {err}") from None
+    result = factory()  # its exceptions, exits and hangs: plugins.run reports them
     if not (isinstance(result, tuple) and len(result) == 3 and isinstance(result[0], nn.Module)):
         raise PluginError(f"plugin factory {path} must return (model, train_loader, test_loader); "
                           f"got {type(result).__name__}")
     model, train, test = result
     try:
-        first_x, first_y = next(iter(train))
+        batches = len(train)  # training counts an epoch's steps
     except Exception as err:
-        raise PluginError(f"plugin {path}: train_loader must yield (inputs, labels) batches ({err})") from None
-    num_classes = int(max(int(first_y.max()) + 1, _out_features(model, first_x)))
-    data = Data(first_x, first_y, first_x[:0], first_y[:0], num_classes, generated=False,
+        raise PluginError(f"plugin {path}: train_loader has no length ({type(err).__name__}: {err}); return a list "
+                          "of (inputs, labels) batches or a torch DataLoader") from None
+    if not batches:
+        raise PluginError(f"plugin {path}: train_loader has no batches")
+    try:
+        first_x, first_y = next(iter(train))
+        classes = int(first_y.max()) + 1
+    except Exception as err:
+        raise PluginError(f"plugin {path}: train_loader must yield (inputs, labels) batches "
+                          f"({type(err).__name__}: {err})") from None
+    try:
+        outputs = _out_features(model, first_x)
+    except Exception as err:
+        raise PluginError(f"plugin {path}: its model's forward fails on a batch of its own train_loader "
+                          f"({type(err).__name__}: {str(err)[:200]})") from None
+    data = Data(first_x, first_y, first_x[:0], first_y[:0], max(classes, outputs), generated=False,
                 description=f"plugin {path}", train_loader_fn=lambda bs, shuffle, seed: train,
                 test_loader_fn=lambda bs: test)
     return model, data
+
+
+def plugin_fault(model_id: str, err: BaseException) -> PluginError | None:
+    """``err`` as a PluginError when the plugin's own code raised it (its model's forward, its loaders, while
+    training), else None: a fault of the user's code is theirs to fix, not a bug in QAT Studio."""
+    if not is_plugin(model_id):
+        return None
+    module = sys.modules.get(model_id.partition(":")[0].split(".")[0])  # its top-level package or module
+    roots = tuple(os.path.join(p, "") for p in getattr(module, "__path__", ())) or \
+        tuple(f for f in [getattr(module, "__file__", None)] if f)
+    where = [(f.f_code.co_filename, line) for f, line in traceback.walk_tb(err.__traceback__)
+             if roots and f.f_code.co_filename.startswith(roots)]
+    if not where:
+        return None
+    return PluginError(f"plugin {model_id}: its code raised {type(err).__name__}: {str(err)[:300]} (at "
+                       f"{where[-1][0]}:{where[-1][1]}); fix the plugin's model or loaders")
 
 
 def _out_features(model: nn.Module, x: torch.Tensor) -> int:

@@ -4,9 +4,13 @@ from __future__ import annotations
 
 import pytest
 
-from qat_core import runner
+from qat_core import plugins, runner
 from qat_core.config import RunConfig
 from qat_core.store import RunStore
+
+# the suite's own model factories (tests/plugins/, also on sys.path as tiny_plugin): allowed through the
+# environment, which the CLI subprocesses, forked sweep workers and the browser tests' app server inherit
+plugins.allow(["tests", "tiny_plugin"])
 
 
 def quick_config(model: str = "digits-cnn", weight_bits: int | None = 8, act_bits: int | None = 8, **finetune):

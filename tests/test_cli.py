@@ -89,17 +89,19 @@ def test_run_id_only_starts_a_run_nothing_has_trained(workspace, digits_run, tmp
     assert workspace.get(digits_run) == before
 
 
-def test_plugins_cannot_end_the_process_or_recurse(tmp_path, capsys):
-    for plugin, message in [("sys:exit", "tried to end the process (SystemExit: None)"),
+def test_plugins_cannot_end_the_process_or_recurse(tmp_path, capsys, monkeypatch):
+    (tmp_path / "quitter.py").write_text("import sys\n\ndef make():\n    sys.exit()\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    for plugin, message in [("quitter:make", "tried to end the process (SystemExit: None)"),
                             ("qat_core.cli:main", "is part of QAT Studio itself")]:
         config = tmp_path / "plugin.yaml"
         config.write_text(f"model: '{plugin}'\n")
-        code = main(["--workspace", str(tmp_path / "ws"), "train", str(config), "--quiet"])
+        code = main(["--workspace", str(tmp_path / "ws"), "--allow-plugin", "quitter", "train", str(config), "--quiet"])
         assert code == 2 and message in capsys.readouterr().err
     from qat_core.store import RunStore
 
     runs = RunStore(tmp_path / "ws").list()
-    assert [r["status"] for r in runs] == ["failed", "failed"]  # one failed run each, none left "running"
+    assert [r["status"] for r in runs] == ["failed"]  # the allowed one failed; QAT Studio itself: refused, no run
 
 
 def test_bad_checkpoints_and_mismatched_data_name_the_fix(tmp_path, capsys):

@@ -3,8 +3,11 @@ another number of classes is replaced, and the int8 ONNX model predicts what the
 
 from __future__ import annotations
 
+import json
 import os
+import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
@@ -82,3 +85,78 @@ def test_without_transformers_the_message_names_the_extra(monkeypatch, hf):
     with pytest.raises(ConfigError, match=r"model ids hf:FOLDER need the transformers package; install it with "
                                           r"pip install -e \"\.\[hf\]\""):
         zoo.build(f"hf:{hf['image']}", DataConfig(dataset="image-folder", path=str(hf["images"])))
+
+
+def _copy(folder, to):
+    import shutil
+
+    return Path(shutil.copytree(folder, to))
+
+
+def test_a_folder_that_asks_to_run_its_own_code_is_refused_and_runs_nothing(hf, tmp_path):
+    """The issue's reproduction: "y" on stdin would have run the folder's Python (transformers' prompt)."""
+    evil = tmp_path / "evil"
+    evil.mkdir()
+    (evil / "config.json").write_text(json.dumps({"model_type": "evilnet",
+                                                  "auto_map": {"AutoConfig": "configuration_evil.EvilConfig"}}))
+    ran = tmp_path / "RAN"
+    (evil / "configuration_evil.py").write_text(f"import pathlib\npathlib.Path({str(ran)!r}).write_text('x')\n")
+    done = subprocess.run([sys.executable, "-m", "qat_core.cli", "config", "init", "--model", f"hf:{evil}", "--data",
+                           str(hf["images"])], input="y\n", capture_output=True, text=True, timeout=120,
+                          env=os.environ | {"HF_HUB_OFFLINE": "1"})
+    assert done.returncode == 2 and done.stdout == ""  # no prompt, no half config
+    assert "asks to run the folder's own Python code (auto_map), and QAT Studio never runs code from a model " \
+           "folder" in done.stderr
+    assert not ran.exists()
+    for name in ("tokenizer_config.json", "preprocessor_config.json"):  # the same asked for by another file
+        folder = _copy(hf["image"], tmp_path / name)
+        (folder / name).write_text(json.dumps({"auto_map": {"AutoTokenizer": ["x.Tok", None]}}))
+        with pytest.raises(ConfigError, match=rf"{name} asks to run the folder's own Python code"):
+            zoo.build(f"hf:{folder}", DataConfig(dataset="image-folder", path=str(hf["images"])))
+
+
+def _set(folder, name, text):
+    (folder / name).unlink(missing_ok=True)
+    (folder / name).write_text(text)
+
+
+def _fifo(folder, name):
+    (folder / name).unlink(missing_ok=True)
+    os.mkfifo(folder / name)
+
+
+def _edit_config(**changes):
+    def edit(folder, name):
+        config = json.loads((folder / name).read_text())
+        config.update(changes)
+        config = {k: v for k, v in config.items() if v is not None}
+        _set(folder, name, json.dumps(config))
+    return edit
+
+
+@pytest.mark.parametrize(("model", "name", "damage", "message"), [
+    ("image", "config.json", lambda f, n: _set(f, n, "{nope"), r"config.json .* is not valid JSON"),
+    ("image", "config.json", lambda f, n: _set(f, n, "[1, 2]"), r"config.json holds a JSON list, not the object"),
+    ("image", "config.json", _edit_config(model_type=None), r"config.json has no model_type; it is damaged"),
+    ("image", "config.json", _edit_config(model_type="nosuchnet"), r"model_type 'nosuchnet' is not an architecture"),
+    ("image", "config.json", _edit_config(hidden_size="big"), r"config.json cannot be read by transformers"),
+    ("image", "config.json", lambda f, n: ((f / n).unlink(), (f / n).mkdir()), r"config.json .* is a directory"),
+    ("image", "config.json", _fifo, r"config.json .* is not a regular file"),
+    ("image", "model.safetensors", lambda f, n: _set(f, n, "garbage"), r"its weights cannot be loaded from .*"
+                                                                       r"SafetensorError"),
+    ("image", "preprocessor_config.json", lambda f, n: _set(f, n, "{nope"), r"preprocessor_config.json .* is not "
+                                                                            r"valid JSON"),
+    ("image", "preprocessor_config.json", lambda f, n: _set(f, n, '{"size": "big", "image_mean": 3}'),
+     r"the image size, mean or std in .* cannot be used"),
+    ("image", "preprocessor_config.json", _fifo, r"preprocessor_config.json .* is not a regular file"),
+    ("text", "tokenizer.json", lambda f, n: _set(f, n, "{nope"), r"the tokenizer saved in .* cannot be loaded"),
+    ("text", "tokenizer.json", _fifo, r"tokenizer.json .* is not a regular file"),
+    ("text", "tokenizer_config.json", lambda f, n: _set(f, n, "[]"), r"tokenizer_config.json holds a JSON list"),
+])
+def test_damaged_folders_are_named_damage(hf, tmp_path, model, name, damage, message):
+    folder = _copy(hf[model], tmp_path / "model")
+    damage(folder, name)
+    data = DataConfig(dataset="image-folder", path=str(hf["images"])) if model == "image" else \
+        DataConfig(dataset="text-table", path=str(hf["texts"]), label_column="topic")
+    with pytest.raises(ConfigError, match=message):
+        runner.default_config(f"hf:{folder}", data=data.model_dump(exclude_unset=True))

@@ -60,9 +60,27 @@ def test_model_page_shows_layers_and_params():
 def test_bad_plugin_path_is_a_message_not_a_traceback():
     at = ok(app("model"))
     at.radio(key="model_source").set_value("By name or path").run()
-    at.text_input(key="plugin_path").input("no_such_package.models:make").run()
+    assert any("Plugins allowed here: packages tests, tiny_plugin" in c.value for c in at.caption)
+    at.text_input(key="plugin_path").input("tests.no_such_module:make").run()
     ok(at)
-    assert any("cannot import plugin module 'no_such_package.models'" in e.value for e in at.error)
+    assert any("cannot import plugin module 'tests.no_such_module'" in e.value for e in at.error)
+
+
+def test_a_factory_the_user_did_not_allow_is_refused_on_every_page_it_arrives_by():
+    """Typed on Model & data, in an imported config (Export) or a sweep spec (Sweep): the message at once."""
+    at = ok(app("model"))
+    at.radio(key="model_source").set_value("By name or path").run()
+    at.text_input(key="plugin_path").input("os:abort").run()  # the app's process survives: nothing is called
+    ok(at)
+    assert any("'os:abort' is in Python's standard library" in e.value for e in at.error)
+    at.text_input(key="plugin_path").input("strange.models:make").run()
+    assert any("'strange.models:make' is not allowed" in e.value and "QAT_STUDIO_PLUGINS=strange" in e.value
+               for e in at.error)
+    config = b"model: strange.models:make\n"
+    with pytest.raises(QATError, match="'strange.models:make' is not allowed"):
+        common.parse_upload("c.yaml", config)
+    with pytest.raises(QATError, match="'strange.models:make' is not allowed"):
+        common.parse_spec_upload("s.yaml", b"name: s\nbase: {model: strange.models:make}\nvary: {seed: [0, 1]}\n")
 
 
 def test_a_library_model_by_name_from_the_model_page(workspace):

@@ -49,10 +49,11 @@ def test_plugin_returns_model_and_loaders():
 
 
 @pytest.mark.parametrize("path,expected", [
-    ("no_such_package.mod:make", "cannot import plugin module 'no_such_package.mod'"),
+    ("tests.no_such_module:make", "cannot import plugin module 'tests.no_such_module'"),
     ("tiny_plugin:absent", "has no callable 'absent'"),
     ("tiny_plugin:broken", "raised RuntimeError: no data here"),
     ("tiny_plugin", "not a plugin path .package.module:factory."),
+    (".relative:make", "must look like 'package.module:factory'"),
 ])
 def test_bad_plugins_say_what_is_wrong(path, expected):
     with pytest.raises((PluginError, ConfigError), match=expected):
