@@ -247,7 +247,7 @@ def cmd_sweep(args: argparse.Namespace) -> None:
         print(frame[columns].to_string(index=False))
     if state["state"] != "done":
         raise QATError(f"sweep {spec.name} {state['state']}: {state.get('error') or state.get('message')}; "
-                       f"run the same command again to train the runs that are missing")
+                       "run the same command again: it trains only the runs that did not finish")
 
 
 def _threads(text: str) -> int | str:

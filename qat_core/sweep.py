@@ -40,11 +40,14 @@ import json
 import math
 import multiprocessing
 import os
+import shutil
 import subprocess
 import sys
 import threading
 import time
+from collections import Counter
 from collections.abc import Callable
+from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Annotated, Any
@@ -67,6 +70,8 @@ SPEC_FILE, PLAN_FILE, STATE_FILE, SUGGESTED_FILE = "spec.yaml", "plan.json", "st
 LATENCY = {"batch_sizes": (1,), "warmup": 10, "iters": 50}  # batch 1, as bench_run's defaults
 POLL_SECONDS = 0.5  # how often the driver looks for finished runs and a cancel request
 RAY_EXTRA = "pip install -e '.[ray]'"
+WORKER_DIED = ("a worker process was killed (out of memory, or kill -9) and the pool stopped: this run did not "
+               "finish")
 Event = dict[str, Any]
 
 Bits = Annotated[int, Field(ge=cfg.MIN_BITS, le=cfg.MAX_BITS)]
@@ -404,7 +409,12 @@ class LocalPool:
             self.pool.submit(int)
 
     def submit(self, *args: Any) -> cf.Future:
-        return self.pool.submit(train_one, *args)
+        try:
+            return self.pool.submit(train_one, *args)
+        except BrokenProcessPool as err:  # a worker died before the runs were handed out: each run fails with it
+            failed: cf.Future = cf.Future()
+            failed.set_exception(err)
+            return failed
 
     def wait(self, handles: list, timeout: float) -> list:
         return list(cf.wait(handles, timeout, return_when=cf.FIRST_COMPLETED).done)
@@ -546,6 +556,8 @@ def _reconcile(store: RunStore, sweep_id: str, items: list[Item], emit: Callable
                              "wait a few seconds for it to stop, then run the sweep again")
         if record is not None:
             store.delete(item.run_id)
+        else:  # a worker killed while it created the run (mkdir, then the index) leaves a folder nothing lists
+            shutil.rmtree(store.run_dir(item.run_id), ignore_errors=True)
         todo.append(item)
     return todo
 
@@ -613,7 +625,22 @@ def _drive(spec: SweepSpec, store: RunStore, folder: Path, status: _State, cance
     if spec.latency:
         status.write(state="latency", message="timing the int8 models")
         _latency(store, spec.name, settings["threads"], cancel, emit)
-    status.write(state="done", message="done")
+    unfinished = _unfinished(store, spec.name, items)
+    status.write(state="incomplete" if unfinished else "done", message="incomplete" if unfinished else "done",
+                 error=unfinished)
+
+
+def _unfinished(store: RunStore, sweep_id: str, items: list[Item]) -> str | None:
+    """What did not finish of the sweep's runs (failed, killed with its worker, never started), or None."""
+    records = {r["id"]: r for r in store.sweep_runs(sweep_id)}
+    left = [records.get(i.run_id, {"status": "not started", "error": None}) for i in items]
+    left = [r for r in left if r["status"] != "done"]
+    if not left:
+        return None
+    counts = Counter(r["status"] for r in left)
+    errors = [r["error"] for r in left if r["error"]]
+    return (f"{len(left)} of {len(items)} runs did not finish ({', '.join(f'{n} {s}' for s, n in counts.items())})"
+            + (f"; the first error: {errors[0]}" if errors else ""))
 
 
 def _train(pool: LocalPool | RayPool, todo: list[Item], store: RunStore, sweep_id: str, settings: dict[str, Any],
@@ -631,6 +658,8 @@ def _train(pool: LocalPool | RayPool, todo: list[Item], store: RunStore, sweep_i
             item, done = handles[h], done + 1
             try:
                 result = pool.result(h)
+            except BrokenProcessPool:  # a worker was killed (kill -9, out of memory): the pool ran no more runs
+                result = {"run": item.run_id, "status": "failed", "error": WORKER_DIED}
             except (cf.CancelledError, Exception) as err:  # a cancelled task, or a bug recorded on its run
                 result = {"run": item.run_id, "status": "cancelled" if stopping else "failed", "error": str(err)}
             emit({"event": "finished", "run": item.run_id, "label": item.label, "done": done, "total": len(todo),

@@ -241,3 +241,53 @@ def test_suggested_plans_are_measured_once_and_trained(tmp_path):
     events = []
     sweep.run_sweep(spec, store, on_event=events.append)  # resumed: the saved suggestion, not a new scan
     assert [e["event"] for e in events] == ["kept"]
+
+
+# --- statuses: a sweep is done only when every run is ----------------------------------------------
+
+def test_a_sweep_whose_runs_all_fail_ends_incomplete_and_exits_2(tmp_path, capsys):
+    spec = sweep.SweepSpec(name="diverges", base=small_base(lr=10.0), vary=sweep.Vary(weight_bits=[8, 4]),
+                           latency=False)
+    path = tmp_path / "sweep.yaml"
+    path.write_text(spec.to_yaml())
+    store = RunStore(tmp_path / "ws")
+    code = cli.main(["--workspace", str(store.root), "sweep", str(path), "--workers", "1", "--threads", "1", "--quiet"])
+    err = capsys.readouterr().err
+    assert code == 2, err
+    assert "sweep diverges incomplete: 2 of 2 runs did not finish (2 failed)" in err and "training diverged" in err
+    assert "run the same command again" in err
+    assert sweep.state(store, "diverges")["state"] == "incomplete"
+
+
+REAL_EXECUTE = runner.execute
+
+
+def _killed_at_4_bits(config, *args, **kwargs):
+    """runner.execute in a forked worker, which the kernel kills (as the OOM killer would) on the 4-bit run."""
+    if "4-bit" in config.name:
+        os.kill(os.getpid(), signal.SIGKILL)
+    return REAL_EXECUTE(config, *args, **kwargs)
+
+
+def test_a_killed_worker_leaves_the_sweep_incomplete_and_running_it_again_finishes_it(tmp_path, monkeypatch):
+    store = RunStore(tmp_path)
+    spec = spec_of("oom", weight_bits=[8, 4, 2])
+    monkeypatch.setattr(runner, "execute", _killed_at_4_bits)  # the workers fork from this process: they see it
+    frame = sweep.run_sweep(spec, store, workers=1, threads=1)  # no traceback: the driver reports what happened
+    state = sweep.state(store, "oom")
+    assert state["state"] == "incomplete" and "2 of 3 runs did not finish" in state["error"], state
+    assert list(frame["status"]) == ["done", "failed", "pending"]
+    monkeypatch.undo()
+    events = []
+    frame = sweep.run_sweep(spec, store, on_event=events.append)
+    assert [e["event"] for e in events].count("kept") == 1
+    assert list(frame["status"]) == ["done"] * 3 and sweep.state(store, "oom")["state"] == "done"
+
+
+def test_a_run_folder_that_a_killed_worker_left_unlisted_is_trained_again(tmp_path):
+    store = RunStore(tmp_path)
+    spec = spec_of("orphan", weight_bits=[4])
+    [item] = sweep.expand(spec, sweep.plan_variations(spec, rows(), {}))
+    store.run_dir(item.run_id).mkdir(parents=True)  # killed between the run's mkdir and its index row
+    frame = sweep.run_sweep(spec, store, workers=1, threads=1)
+    assert list(frame["status"]) == ["done"] and sweep.state(store, "orphan")["state"] == "done"
