@@ -220,6 +220,23 @@ def test_a_real_full_disk_on_a_small_tmpfs(workspace, digits_run, tmp_path, caps
         subprocess.run(["umount", "-l", str(mount)], check=False)
 
 
+def test_a_full_disk_inside_torch_save_is_disk_full(tmp_path, monkeypatch, capsys):
+    """torch.save reports a failed write as RuntimeError("unexpected pos ..."): `train` said "internal error".
+    Here every checkpoint lands on /dev/full, where each write fails with the kernel's ENOSPC."""
+    from tests.conftest import small_base
+
+    (tmp_path / "c.yaml").write_text(small_base().to_yaml())
+    root, full = tmp_path / "ws", tmp_path / "full.tmp"
+    full.symlink_to("/dev/full")
+    temp_path = store_module._temp_path
+    monkeypatch.setattr(store_module, "_temp_path", lambda path: full if path.suffix == ".pt" else temp_path(path))
+    code, _, err = run_cli(capsys, root, "train", str(tmp_path / "c.yaml"), "--quiet")
+    assert code == cli.EXIT_USER_ERROR and "error: disk full: could not write" in err and ".pt" in err, err
+    [run] = RunStore(root).list()
+    assert run["status"] == "failed" and run["error"].startswith("disk full")
+    assert not list(root.rglob("*.pt")) and not list(root.rglob("*.tmp"))
+
+
 # --- temporary files after kill -9 ------------------------------------------------------------
 def test_orphan_temporary_files_are_removed_when_the_store_opens(tmp_path):
     store = RunStore(tmp_path / "ws")
