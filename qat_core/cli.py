@@ -75,9 +75,11 @@ def cmd_config_init(args: argparse.Namespace) -> None:
 
 def cmd_train(args: argparse.Namespace) -> None:
     from qat_core import config as cfg
+    from qat_core import cpu
     from qat_core.runner import execute
 
     config = cfg.load(args.config)
+    cpu.requested_threads(args.threads)  # refused before a run is created for it
     store = _store(args)
     if args.run_id:
         _check_prepared(store, args.run_id)

@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import os
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -291,3 +292,63 @@ def test_a_run_folder_that_a_killed_worker_left_unlisted_is_trained_again(tmp_pa
     store.run_dir(item.run_id).mkdir(parents=True)  # killed between the run's mkdir and its index row
     frame = sweep.run_sweep(spec, store, workers=1, threads=1)
     assert list(frame["status"]) == ["done"] and sweep.state(store, "orphan")["state"] == "done"
+
+
+# --- Ray: an address is reached or refused within seconds; a run no node can place is refused -------
+
+def _closed_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]  # free once closed: nothing listens there
+
+
+def test_sweep_ray_at_a_closed_port_is_refused_in_seconds(tmp_path):
+    path = tmp_path / "s.yaml"
+    path.write_text(spec_of("closed").to_yaml())
+    proc = _cli(tmp_path / "ws", str(path), "--ray", f"127.0.0.1:{_closed_port()}", "--quiet")
+    try:
+        _, err = proc.communicate(timeout=120)  # Ray alone retried 127.0.0.1:1 for 845 s
+    finally:
+        proc.kill()
+    assert proc.returncode == 2 and "cannot connect to the Ray cluster at '127.0.0.1:" in err, err
+    assert "Connection refused" in err and "`ray status` on the head node" in err and "ray: local" in err
+
+
+@pytest.mark.parametrize("address, why", [("ray://127.0.0.1:{port}", "Connection refused"),
+                                          ("head-node", "it is not an address"), ("head:port", "it is not an address"),
+                                          ("http://head:6379", "it is not an address")])
+def test_a_ray_address_that_cannot_be_reached_is_refused_at_once(address, why):
+    address = address.format(port=_closed_port())
+    started = time.monotonic()
+    with pytest.raises(ConfigError, match=f"cannot connect to the Ray cluster at '{address}': .*{why}") as err:
+        sweep.RayPool(address, 1)
+    assert time.monotonic() - started < 20  # no connection attempt: a closed port or a malformed address
+    assert "`ray status` on the head node" in str(err.value) and "ray: local" in str(err.value)
+
+
+@pytest.mark.slow
+def test_a_port_that_answers_but_is_not_ray_is_refused_within_the_connect_limit(tmp_path):
+    """A spec's executor.ray, through the CLI: the connection is given RAY_CONNECT_SECONDS, then refused."""
+    with socket.socket() as silent:  # accepts connections (the kernel does), never speaks
+        silent.bind(("127.0.0.1", 0))
+        silent.listen()
+        spec = spec_of("silent").model_copy(update={"executor": sweep.Executor(ray=f"127.0.0.1:{silent.getsockname()[1]}")})
+        (tmp_path / "s.yaml").write_text(spec.to_yaml())
+        started = time.monotonic()
+        proc = _cli(tmp_path / "ws", str(tmp_path / "s.yaml"), "--quiet")
+        _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 2 and f"no Ray cluster answered within {sweep.RAY_CONNECT_SECONDS} s" in err, err
+    assert time.monotonic() - started < 90  # the limit and the CLI's start; Ray alone never gave up
+    assert RunStore(tmp_path / "ws").list() == []  # refused before anything trained
+
+
+def test_runs_that_no_ray_node_can_place_are_refused_before_they_are_submitted():
+    ray = pytest.importorskip("ray")
+    too_many = sweep.cpu.cores() + 1
+    with pytest.raises(ConfigError, match=f"each run asks for {too_many} CPUs .* the largest node .* has "
+                                          f"{sweep.cpu.cores()}"):
+        sweep.RayPool("local", too_many)  # a local Ray has this machine's cores
+    assert not ray.is_initialized()  # and is shut down again
+    with pytest.raises(ConfigError, match=f"executor.threads asks for {too_many} threads"):
+        sweep.executor_settings(spec_of("x").model_copy(update={"executor": sweep.Executor(threads=too_many,
+                                                                                            ray="local")}), 10_000)
