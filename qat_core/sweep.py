@@ -27,6 +27,7 @@ derived from its config (so a variation is trained once however often the sweep 
 once; the runs then find it cached. Runs go to a local pool of worker processes (threads per run ×
 workers ≤ cores) or, with ``executor.ray``, to Ray tasks. A run that did not finish (a crash, a
 kill -9, a cancel) is deleted and trained again when the sweep runs again; finished runs are kept.
+A sweep ends ``done`` only when every run is done, else ``incomplete``, saying how many are not.
 """
 
 from __future__ import annotations
@@ -284,8 +285,8 @@ def request_cancel(store: RunStore, sweep_id: str) -> None:
 
 
 def state(store: RunStore, sweep_id: str) -> dict[str, Any]:
-    """What the sweep's driver last wrote: ``state`` (preparing, training, latency, done, cancelled,
-    failed, stopped: its process died), ``pid``, ``total``, ``message``, ``error``, ``updated``."""
+    """What the sweep's driver last wrote: ``state`` (preparing, training, latency, done, incomplete:
+    runs failed or missing, cancelled, failed, stopped: its process died), ``pid``, ``total``, ``message``, ``error``, ``updated``."""
     path = store.sweep_dir(sweep_id) / STATE_FILE
     try:
         saved = json.loads(path.read_text(encoding="utf-8"))

@@ -51,7 +51,7 @@ def test_a_threads_variable_that_is_not_a_number_is_a_user_error(monkeypatch, tm
 
 @pytest.mark.parametrize("command", [["train", "CONFIG", "--threads", "5000"], ["sweep", "SPEC", "--threads", "5000"],
                                      ["bench", "some-run", "--threads", "5000"], ["train", "CONFIG", "ENV=5000"],
-                                     ["sweep", "SPEC_5000"]])
+                                     ["sweep", "SPEC_5000"]], ids=["train", "sweep", "bench", "env", "spec"])
 def test_more_threads_than_cores_are_refused_on_every_command(command, monkeypatch, tmp_path, capsys):
     from qat_core import sweep
     from tests.conftest import small_base
