@@ -352,3 +352,27 @@ def test_runs_that_no_ray_node_can_place_are_refused_before_they_are_submitted()
     with pytest.raises(ConfigError, match=f"executor.threads asks for {too_many} threads"):
         sweep.executor_settings(spec_of("x").model_copy(update={"executor": sweep.Executor(threads=too_many,
                                                                                             ray="local")}), 10_000)
+
+
+def test_a_sweep_whose_disk_fills_ends_incomplete_and_says_disk_full(tmp_path, monkeypatch, capsys):
+    """Each run's checkpoints land on /dev/full (the kernel's ENOSPC on every write); the shared baseline
+    does not. The workers fork from this process, so they write through the same patch."""
+    from qat_core import store as store_module
+
+    temp_path = store_module._temp_path
+
+    def on_a_full_disk(path):
+        tmp = temp_path(path)
+        if path.suffix == ".pt" and path.parent.parent.name == "runs":
+            tmp.unlink()
+            tmp.symlink_to("/dev/full")
+        return tmp
+
+    monkeypatch.setattr(store_module, "_temp_path", on_a_full_disk)
+    path = tmp_path / "sweep.yaml"
+    path.write_text(spec_of("full", weight_bits=[8, 4]).to_yaml())
+    code = cli.main(["--workspace", str(tmp_path / "ws"), "sweep", str(path), "--workers", "1", "--threads", "1",
+                     "--quiet"])
+    err = capsys.readouterr().err
+    assert code == 2 and "sweep full incomplete: 2 of 2 runs did not finish (2 failed)" in err, err
+    assert "the first error: disk full: could not write" in err and "internal error" not in err
