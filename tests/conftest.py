@@ -27,6 +27,23 @@ def small_base(seed: int = 0, **finetune) -> RunConfig:
     return RunConfig.model_validate(data)
 
 
+def full_disk_for(monkeypatch, picks) -> None:
+    """Atomic writes of the paths ``picks(path)`` chooses land on /dev/full, where every write fails with the
+    kernel's ENOSPC: a full disk, without root or a small file system. Forked workers inherit it."""
+    from qat_core import store
+
+    temp_path = store._temp_path
+
+    def on_a_full_disk(path):
+        tmp = temp_path(path)
+        if picks(path):
+            tmp.unlink()
+            tmp.symlink_to("/dev/full")
+        return tmp
+
+    monkeypatch.setattr(store, "_temp_path", on_a_full_disk)
+
+
 @pytest.fixture(scope="session")
 def workspace(tmp_path_factory) -> RunStore:
     return RunStore(tmp_path_factory.mktemp("workspace"))

@@ -18,7 +18,7 @@ from qat_core import cli, runner, sweep, zoo
 from qat_core.errors import ConfigError, StoreError
 from qat_core.prepare import layer_table
 from qat_core.store import RunStore
-from tests.conftest import small_base
+from tests.conftest import full_disk_for, small_base
 
 
 def spec_of(name: str, **vary) -> sweep.SweepSpec:
@@ -357,18 +357,7 @@ def test_runs_that_no_ray_node_can_place_are_refused_before_they_are_submitted()
 def test_a_sweep_whose_disk_fills_ends_incomplete_and_says_disk_full(tmp_path, monkeypatch, capsys):
     """Each run's checkpoints land on /dev/full (the kernel's ENOSPC on every write); the shared baseline
     does not. The workers fork from this process, so they write through the same patch."""
-    from qat_core import store as store_module
-
-    temp_path = store_module._temp_path
-
-    def on_a_full_disk(path):
-        tmp = temp_path(path)
-        if path.suffix == ".pt" and path.parent.parent.name == "runs":
-            tmp.unlink()
-            tmp.symlink_to("/dev/full")
-        return tmp
-
-    monkeypatch.setattr(store_module, "_temp_path", on_a_full_disk)
+    full_disk_for(monkeypatch, lambda path: path.suffix == ".pt" and path.parent.parent.name == "runs")
     path = tmp_path / "sweep.yaml"
     path.write_text(spec_of("full", weight_bits=[8, 4]).to_yaml())
     code = cli.main(["--workspace", str(tmp_path / "ws"), "sweep", str(path), "--workers", "1", "--threads", "1",
