@@ -13,10 +13,11 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 from qat_core import cli
 from qat_core import store as store_module
-from qat_core.errors import StoreError
+from qat_core.errors import DiskFullError, StoreError
 from qat_core.report import runs_frame
 from qat_core.store import RunStore
 from tests.conftest import full_disk_for, quick_config, small_base
@@ -231,6 +232,21 @@ def test_a_full_disk_inside_torch_save_is_disk_full(tmp_path, monkeypatch, capsy
     [run] = RunStore(root).list()
     assert run["status"] == "failed" and run["error"].startswith("disk full")
     assert not list(root.rglob("*.pt")) and not list(root.rglob("*.tmp"))
+
+
+def test_a_checkpoint_larger_than_a_small_tmpfs_is_disk_full(tmp_path):
+    mount = tmp_path / "small"
+    mount.mkdir()
+    if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1m", "tmpfs", str(mount)], capture_output=True).returncode:
+        pytest.skip("mounting a tmpfs needs root (CAP_SYS_ADMIN); the /dev/full tests above still run")
+    try:
+        store = RunStore(mount / "ws")
+        run = store.create_run(quick_config())
+        with pytest.raises(DiskFullError, match="disk full: could not write .*fp32.pt"):
+            store.save_state(run, "fp32.pt", {"weight": torch.zeros(1_000_000)})  # 4 MB
+        assert not (store.run_dir(run) / "fp32.pt").exists() and not list(mount.rglob("*.tmp"))
+    finally:
+        subprocess.run(["umount", "-l", str(mount)], check=False)
 
 
 def test_a_full_temporary_folder_during_eval_is_disk_full(copied, digits_run, monkeypatch, capsys):
