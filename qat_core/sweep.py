@@ -285,8 +285,8 @@ def request_cancel(store: RunStore, sweep_id: str) -> None:
 
 
 def state(store: RunStore, sweep_id: str) -> dict[str, Any]:
-    """What the sweep's driver last wrote: ``state`` (preparing, training, latency, done, incomplete:
-    runs failed or missing, cancelled, failed, stopped: its process died), ``pid``, ``total``, ``message``, ``error``, ``updated``."""
+    """What the sweep's driver last wrote: ``state`` (preparing, training, latency, done, cancelled,
+    failed, stopped: its process died), ``pid``, ``total``, ``message``, ``error``, ``updated``."""
     path = store.sweep_dir(sweep_id) / STATE_FILE
     try:
         saved = json.loads(path.read_text(encoding="utf-8"))
