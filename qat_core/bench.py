@@ -36,7 +36,7 @@ def machine_info() -> dict[str, Any]:
 
 def check_settings(batch_sizes: Any, threads: Any, warmup: int, iters: int) -> tuple[list[int], list[int]]:
     """Validated batch sizes and thread counts (``"all"`` → every core); ExportError says what to fix."""
-    cores = os.cpu_count() or 1
+    cores = cpu.cores()
     batches = list(batch_sizes)
     if not batches:
         raise ExportError("give at least one batch size, e.g. --batch 1 32")
@@ -50,7 +50,7 @@ def check_settings(batch_sizes: Any, threads: Any, warmup: int, iters: int) -> t
         elif isinstance(t, bool) or not isinstance(t, int) or t < 1:
             raise ExportError(f"threads must be a whole number >= 1 or 'all' (every core: {cores}); got {t!r}")
         else:
-            counts.append(t)
+            counts.append(cpu.check_threads(t))
     if not counts:
         raise ExportError("give at least one thread count, e.g. --threads 1 all")
     if isinstance(warmup, bool) or not isinstance(warmup, int) or warmup < 0:

@@ -76,11 +76,13 @@ def cmd_config_init(args: argparse.Namespace) -> None:
 
 def cmd_train(args: argparse.Namespace) -> None:
     from qat_core import config as cfg
+    from qat_core import cpu
     from qat_core.runner import execute
     from qat_core.zoo import check_plugin
 
     config = cfg.load(args.config)
     check_plugin(config.model)  # before a run is recorded: a config naming code the user did not allow
+    cpu.requested_threads(args.threads)  # refused before a run is created for it
     store = _store(args)
     if args.run_id:
         _check_prepared(store, args.run_id)
@@ -250,7 +252,7 @@ def cmd_sweep(args: argparse.Namespace) -> None:
         print(frame[columns].to_string(index=False))
     if state["state"] != "done":
         raise QATError(f"sweep {spec.name} {state['state']}: {state.get('error') or state.get('message')}; "
-                       f"run the same command again to train the runs that are missing")
+                       "run the same command again: it trains only the runs that did not finish")
 
 
 def _threads(text: str) -> int | str:

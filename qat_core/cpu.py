@@ -14,6 +14,8 @@ import platform
 from functools import lru_cache
 from pathlib import Path
 
+from qat_core.errors import ConfigError
+
 
 @lru_cache(maxsize=1)
 def name_and_flags() -> tuple[str, frozenset[str]]:
@@ -53,6 +55,29 @@ def cores() -> int:
         return os.cpu_count() or 1
 
 
+def check_threads(count: int, source: str = "--threads") -> int:
+    """``count`` threads for work on this machine: 1 to its cores. More never runs faster (each op waits at an
+    OpenMP barrier for threads the kernel has descheduled: see :func:`training_threads`), and thousands exhaust
+    memory before the first step; the app offers 1 to the cores too. ``source`` names the setting."""
+    if not 1 <= count <= cores():
+        raise ConfigError(f"{source} asks for {count} threads; give 1 to {cores()} (this machine's cores: more "
+                          "threads than cores only wait for each other)")
+    return count
+
+
+def requested_threads(requested: int | None = None) -> int | None:
+    """``requested`` (``--threads``), else ``$QAT_STUDIO_THREADS``, checked for this machine; None when neither."""
+    if requested is not None:
+        return check_threads(requested)
+    text = os.environ.get(THREADS_ENV, "").strip()
+    if not text:
+        return None
+    if not text.isdecimal():
+        raise ConfigError(f"{THREADS_ENV}={text[:40]!r} is not a number of threads: set it to a whole number from 1 "
+                          f"to {cores()} (this machine's cores), or unset it to let QAT Studio choose")
+    return check_threads(int(text), THREADS_ENV)
+
+
 def training_threads(params: int, requested: int | None = None) -> int:
     """Intra-op threads for training a model of ``params`` parameters, chosen rather than inherited.
 
@@ -60,8 +85,7 @@ def training_threads(params: int, requested: int | None = None) -> int:
     (at most 4) for a larger one. torch's default (every core) makes each op wait at an OpenMP barrier
     for all its threads: with one other busy process on 2 cores, the digits run took 88–264 s, not 6 s.
     """
-    if requested is None and os.environ.get(THREADS_ENV, "").strip():
-        requested = int(os.environ[THREADS_ENV])
+    requested = requested_threads(requested)
     if requested is not None:
-        return max(1, requested)
+        return requested
     return 1 if params < SMALL_MODEL_PARAMS else min(cores(), 4)

@@ -690,6 +690,8 @@ def compare_codes(qat: nn.Module, int8_path: Path, x: np.ndarray) -> list[dict[s
     """
     import onnx
 
+    from qat_core.store import atomic_write_bytes
+
     names = [r["name"] for r in qat.layers]
     proto = onnx.load(str(int8_path))
     tensors = _code_outputs(proto, names)
@@ -698,7 +700,7 @@ def compare_codes(qat: nn.Module, int8_path: Path, x: np.ndarray) -> list[dict[s
                               if t not in existing)
     with tempfile.TemporaryDirectory(prefix="qat-parity-") as tmp:
         probe = Path(tmp) / "probe.onnx"
-        onnx.save(proto, str(probe))
+        atomic_write_bytes(probe, proto.SerializeToString())  # a full disk is "disk full", as everywhere
         sess = session(probe)
         ort_values = dict(zip([o.name for o in sess.get_outputs()], sess.run(None, {INPUT_NAME: x}), strict=True))
     rows: dict[str, dict[str, Any]] = {}

@@ -14,7 +14,7 @@ import stat
 from pathlib import Path
 from typing import Any
 
-from qat_core.errors import QATError
+from qat_core.errors import ConfigError, QATError
 
 KB, MB = 1 << 10, 1 << 20
 JSON_LIMIT = 16 * MB  # a run record, a result, a sweep state: KBs in practice
@@ -75,6 +75,29 @@ def parse_json(text: str, where: str, error: type[QATError] = QATError) -> Any:
         return json.loads(text)
     except (ValueError, RecursionError) as err:  # RecursionError: nested past Python's limit (damage, not data)
         raise error(f"{where} is not valid JSON ({_clip(str(err), 120)}): it is damaged") from None
+
+
+def output_file(path: str | Path, what: str) -> Path:
+    """A path the user chose for a file QAT Studio writes (``what``: "report"): a regular file, replaced
+    whole, or a new file in an existing folder. A device, FIFO or socket is refused (the file would be
+    renamed over ``/dev/full`` itself), as is a directory; no folder is created for a mistyped path."""
+    path = Path(path)
+    name = _clip(str(path))
+    try:
+        mode = os.stat(path).st_mode  # through a link: its target is what would be replaced
+    except FileNotFoundError:
+        if not path.parent.is_dir():
+            raise ConfigError(f"cannot write the {what} to {name}: the folder {_clip(str(path.parent))} does not "
+                              "exist; create it first, or give a file in an existing folder") from None
+        return path
+    except (OSError, ValueError) as err:
+        raise ConfigError(f"cannot write the {what} to {name}: {getattr(err, 'strerror', None) or err}") from None
+    if stat.S_ISDIR(mode):
+        raise ConfigError(f"{name} is a directory; give a file name for the {what} (in it, or elsewhere)")
+    if not stat.S_ISREG(mode):
+        raise ConfigError(f"{name} is not a regular file (a device, pipe or socket); give a file name for the {what} "
+                          "in an existing folder")
+    return Path(os.path.realpath(path))
 
 
 def _size(n: int) -> str:

@@ -22,7 +22,7 @@ import pandas as pd
 import plotly.graph_objects as go
 import torch
 
-from qat_core import analysis, cpu, plots, search, train
+from qat_core import analysis, cpu, files, plots, search, train
 from qat_core.errors import ConfigError, StoreError
 from qat_core.planning import plan_frame, plan_summary, run_title
 from qat_core.runner import Loaded, load
@@ -286,9 +286,10 @@ def report_html(store: RunStore, run_id: str, loaded: Loaded | None = None) -> b
 
 
 def write_report(store: RunStore, run_id: str, path: str | Path | None = None) -> Path:
-    """Write :func:`report_html` to ``path`` (default ``report.html`` in the run's folder), atomically."""
+    """Write :func:`report_html` to ``path`` (default ``report.html`` in the run's folder), atomically:
+    ``path`` is a regular file or a new one in an existing folder (:func:`files.output_file`)."""
+    out = files.output_file(path, "report") if path is not None else store.artifact(run_id, REPORT_FILE)
     data = report_html(store, run_id)
-    out = Path(path) if path is not None else store.artifact(run_id, REPORT_FILE)
     atomic_write_bytes(out, data)
     return out
 

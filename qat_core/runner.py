@@ -29,7 +29,7 @@ from qat_core.errors import CancelledError, ConfigError, QATError
 from qat_core.modules import QATModel
 from qat_core.prepare import layer_table, prepare, size_bytes
 from qat_core.quantizers import quantizers
-from qat_core.store import RunStore
+from qat_core.store import RunStore, new_log
 
 
 def baseline_key(config: RunConfig) -> str:
@@ -274,7 +274,7 @@ def launch(config: RunConfig, store: RunStore, threads: int = 1) -> str:
     zoo.check_plugin(config.model)  # refused here, not in the worker: no run is recorded for it
     run_id = store.create_run(config)
     config_path = store.run_dir(run_id) / "config.yaml"
-    log = (store.run_dir(run_id) / "worker.log").open("wb")
+    log = new_log(store.run_dir(run_id) / "worker.log")
     env = os.environ | {cpu.THREADS_ENV: str(threads)}
     proc = subprocess.Popen(
         [sys.executable, "-m", "qat_core.cli", "--workspace", str(store.root), "train", str(config_path),

@@ -34,7 +34,7 @@ import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Literal, TypeVar
+from typing import Any, BinaryIO, Literal, TextIO, TypeVar
 
 import torch
 from pydantic import BaseModel, ConfigDict, Json, TypeAdapter, ValidationError
@@ -122,6 +122,37 @@ def _write_atomically(path: Path, write: Callable[[Path], None]) -> None:
             raise
 
 
+class _KeptWriteError:
+    """The file torch.save writes to. Its C++ writer turns a failed write into RuntimeError("unexpected
+    pos ..."), losing the OSError (a full disk); this keeps it, for :func:`_torch_save` to raise instead."""
+
+    def __init__(self, file: BinaryIO):
+        self.file, self.error = file, None
+
+    def write(self, data: bytes) -> int:
+        try:
+            return self.file.write(data)
+        except OSError as err:
+            self.error = err
+            raise
+
+    def flush(self) -> None:
+        self.file.flush()
+
+
+def _torch_save(obj: Any, tmp: Path) -> None:
+    with tmp.open("wb") as f:
+        out = _KeptWriteError(f)
+        try:
+            torch.save(obj, out)
+        except RuntimeError:
+            if out.error is not None:
+                raise out.error from None
+            raise
+        f.flush()
+        os.fsync(f.fileno())
+
+
 def atomic_write_bytes(path: Path, data: bytes) -> None:
     def write(tmp: Path) -> None:
         with tmp.open("wb") as f:
@@ -134,6 +165,19 @@ def atomic_write_bytes(path: Path, data: bytes) -> None:
 
 def atomic_write_text(path: Path, text: str) -> None:
     atomic_write_bytes(path, text.encode("utf-8"))
+
+
+def _open_lock(path: Path) -> TextIO:
+    """A lock file (for ``flock``), its folder made if missing."""
+    with _disk_errors(path):
+        path.parent.mkdir(parents=True, exist_ok=True)
+        return path.open("a")
+
+
+def new_log(path: Path) -> BinaryIO:
+    """An empty log file for a launched process's output."""
+    with _disk_errors(path):
+        return path.open("wb")
 
 
 def _pid_alive(pid: int | None) -> bool:
@@ -334,7 +378,7 @@ class RunStore:
     @contextmanager
     def _index_lock(self) -> Iterator[None]:
         """One process at a time rebuilds the index (others wait, then find it rebuilt)."""
-        with (self.root / ".index.lock").open("a") as f:
+        with _open_lock(self.root / ".index.lock") as f:
             fcntl.flock(f, fcntl.LOCK_EX)
             try:
                 yield
@@ -628,7 +672,7 @@ class RunStore:
 
     # --- files of a run -----------------------------------------------------------------------
     def save_state(self, run_id: str, name: str, state: dict[str, torch.Tensor]) -> None:
-        _write_atomically(self.run_dir(run_id) / name, lambda tmp: torch.save(state, tmp))
+        _write_atomically(self.run_dir(run_id) / name, lambda tmp: _torch_save(state, tmp))
 
     def load_state(self, run_id: str, name: str) -> dict[str, torch.Tensor]:
         path = self.run_dir(run_id) / name
@@ -744,8 +788,7 @@ class RunStore:
         the kernel drops it when they have all exited, kill -9 too. A driver's workers exit within a
         second of it, so a new driver waits ``SWEEP_LOCK_WAIT`` seconds before it says the sweep is running."""
         folder = self.sweep_dir(sweep_id)
-        folder.mkdir(parents=True, exist_ok=True)
-        with (folder / "lock").open("a") as f:
+        with _open_lock(folder / "lock") as f:
             deadline = time.monotonic() + SWEEP_LOCK_WAIT
             while True:
                 try:
@@ -776,7 +819,7 @@ class RunStore:
             return None
 
     def save_baseline(self, key: str, payload: dict[str, Any]) -> None:
-        _write_atomically(self.baseline_path(key), lambda tmp: torch.save(payload, tmp))
+        _write_atomically(self.baseline_path(key), lambda tmp: _torch_save(payload, tmp))
 
 
 REDO = {"bench": "benchmark the run again", "parity": "evaluate the run again (qat-studio eval)",

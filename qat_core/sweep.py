@@ -27,6 +27,7 @@ derived from its config (so a variation is trained once however often the sweep 
 once; the runs then find it cached. Runs go to a local pool of worker processes (threads per run ×
 workers ≤ cores) or, with ``executor.ray``, to Ray tasks. A run that did not finish (a crash, a
 kill -9, a cancel) is deleted and trained again when the sweep runs again; finished runs are kept.
+A sweep ends ``done`` only when every run is done, else ``incomplete``, saying how many are not.
 """
 
 from __future__ import annotations
@@ -40,11 +41,16 @@ import json
 import math
 import multiprocessing
 import os
+import shutil
+import socket
 import subprocess
 import sys
 import threading
 import time
+import urllib.parse
+from collections import Counter
 from collections.abc import Callable
+from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Annotated, Any
@@ -59,14 +65,17 @@ from qat_core import config as cfg
 from qat_core.config import LayerPlan, QuantOverride, RangeMethod, RunConfig
 from qat_core.errors import CancelledError, ConfigError, QATError, StoreError
 from qat_core.prepare import layer_table
-from qat_core.store import CANCEL_FLAG, RunStore, atomic_write_text
+from qat_core.store import CANCEL_FLAG, RunStore, atomic_write_text, new_log
 
 SPEC_VERSION = 1
 MAX_RUNS = 256  # variations in one sweep: more is a typo in a list, or a job for a cluster's own scheduler
 SPEC_FILE, PLAN_FILE, STATE_FILE, SUGGESTED_FILE = "spec.yaml", "plan.json", "state.json", "suggested.json"
 LATENCY = {"batch_sizes": (1,), "warmup": 10, "iters": 50}  # batch 1, as bench_run's defaults
 POLL_SECONDS = 0.5  # how often the driver looks for finished runs and a cancel request
+RAY_CONNECT_SECONDS = 15  # to reach a Ray cluster, which answers in 1-3 s: refused well within 30 s
 RAY_EXTRA = "pip install -e '.[ray]'"
+WORKER_DIED = ("a worker process was killed (out of memory, or kill -9) and the pool stopped: this run did not "
+               "finish")
 Event = dict[str, Any]
 
 Bits = Annotated[int, Field(ge=cfg.MIN_BITS, le=cfg.MAX_BITS)]
@@ -404,7 +413,12 @@ class LocalPool:
             self.pool.submit(int)
 
     def submit(self, *args: Any) -> cf.Future:
-        return self.pool.submit(train_one, *args)
+        try:
+            return self.pool.submit(train_one, *args)
+        except BrokenProcessPool as err:  # a worker died before the runs were handed out: each run fails with it
+            failed: cf.Future = cf.Future()
+            failed.set_exception(err)
+            return failed
 
     def wait(self, handles: list, timeout: float) -> list:
         return list(cf.wait(handles, timeout, return_when=cf.FIRST_COMPLETED).done)
@@ -419,8 +433,52 @@ class LocalPool:
         self.pool.shutdown(wait=True, cancel_futures=True)
 
 
+RAY_QUIET = {"include_dashboard": False, "log_to_driver": False, "configure_logging": False}
+
+
+def _ray_unreachable(address: str, why: str) -> ConfigError:
+    return ConfigError(f"cannot connect to the Ray cluster at {address!r}: {why}. Check the address (`ray status` on "
+                       "the head node prints it, e.g. HOST:6379 or ray://HOST:10001) and that this machine can reach "
+                       "that port, or use ray: local (--ray local) to start Ray here")
+
+
+def _connect_ray(ray: Any, address: str) -> None:
+    """``ray.init(address)`` within ``RAY_CONNECT_SECONDS``: a HOST:PORT that refuses or does not answer is
+    refused at once; the connection itself (also "auto", and a port that answers but is not Ray) gets the rest."""
+    parts = urllib.parse.urlsplit(address if "://" in address else f"//{address}")
+    if address != "auto":
+        try:
+            host, port = parts.hostname, parts.port
+        except ValueError:  # a port that is not a number from 0 to 65535
+            host = port = None
+        if parts.scheme not in ("", "ray") or not host or not port:
+            raise _ray_unreachable(address, "it is not an address (auto, HOST:PORT or ray://HOST:PORT)")
+        try:
+            socket.create_connection((host, port), timeout=RAY_CONNECT_SECONDS / 4).close()
+        except OSError as err:
+            raise _ray_unreachable(address, f"{host} port {port}: {err.strerror or err}") from None
+    outcome: list[BaseException | None] = []
+
+    def connect() -> None:
+        try:
+            ray.init(address=address, **RAY_QUIET)
+            outcome.append(None)
+        except BaseException as err:  # reported by the caller's thread
+            outcome.append(err)
+
+    waiting = threading.Thread(target=connect, name="ray-connect", daemon=True)  # left behind if it never returns
+    waiting.start()
+    waiting.join(RAY_CONNECT_SECONDS)
+    if not outcome:
+        raise _ray_unreachable(address, f"no Ray cluster answered within {RAY_CONNECT_SECONDS} s")
+    if outcome[0] is not None:
+        raise outcome[0]
+
+
 class RayPool:
-    """The same runs as Ray tasks, each asking for ``threads`` CPUs (Ray schedules them on the cluster)."""
+    """The same runs as Ray tasks, each asking for ``threads`` CPUs (Ray schedules them on the cluster).
+    An address is reached, or refused, within ``RAY_CONNECT_SECONDS``: Ray itself retries an unreachable
+    one for 14 minutes; a task that no node can place (more CPUs than any has) is refused, not queued forever."""
 
     def __init__(self, address: str, threads: int):
         try:
@@ -430,11 +488,22 @@ class RayPool:
         self.ray, self.started = ray, not ray.is_initialized()
         if self.started:
             try:
-                ray.init(**({"num_cpus": cpu.cores()} if address == "local" else {"address": address}),
-                         include_dashboard=False, log_to_driver=False, configure_logging=False)
+                if address == "local":
+                    ray.init(num_cpus=cpu.cores(), **RAY_QUIET)
+                else:
+                    _connect_ray(ray, address)
             except (ConnectionError, RuntimeError, ValueError) as err:
-                raise ConfigError(f"cannot connect to the Ray cluster at {address!r}: {err}; check the address "
-                                  "(`ray status` on the head node prints it), or use ray: local") from None
+                first = next(iter(str(err).strip().splitlines()), type(err).__name__)
+                raise _ray_unreachable(address, first[:300].rstrip(".")) from None
+        try:
+            most = max((n["Resources"].get("CPU", 0) for n in ray.nodes() if n.get("Alive")), default=0)
+            if threads > most:
+                raise ConfigError(f"each run asks for {threads} CPUs (threads per run), and the largest node of the "
+                                  f"Ray cluster ({address}) has {most:g}: Ray would wait for a node that never comes. "
+                                  f"Lower executor.threads (or --threads) to at most {int(most)}, or add larger nodes")
+        except BaseException:
+            self.close()
+            raise
         self.task = ray.remote(num_cpus=threads, max_retries=0)(train_one)
 
     def submit(self, *args: Any) -> Any:
@@ -461,7 +530,12 @@ def executor_settings(spec: SweepSpec, params: int, workers: int | None = None, 
     not exceed the cores: oversubscribed OpenMP threads wait at every barrier for a descheduled sibling."""
     ex = spec.executor
     ray = ray or ex.ray
-    threads = cpu.training_threads(params, threads or ex.threads)
+    if ray in (None, "local"):  # runs on this machine: at most its cores
+        if not threads and ex.threads:
+            threads = cpu.check_threads(ex.threads, "executor.threads")
+        threads = cpu.training_threads(params, threads)
+    else:  # a cluster's node runs it: RayPool checks the threads against the nodes' CPUs once connected
+        threads = threads or ex.threads or cpu.training_threads(params)
     workers = workers or ex.workers
     if ray is None:
         cores = cpu.cores()
@@ -485,12 +559,11 @@ def launch(spec: SweepSpec, store: RunStore) -> None:
     if running(store, spec.name):
         raise StoreError(f"sweep {spec.name} is running already; cancel it first, or give the new one another name")
     folder = store.sweep_dir(spec.name)
-    folder.mkdir(parents=True, exist_ok=True)
-    atomic_write_text(folder / SPEC_FILE, spec.to_yaml())
+    atomic_write_text(folder / SPEC_FILE, spec.to_yaml())  # its folder made too
     (folder / CANCEL_FLAG).unlink(missing_ok=True)
     status = _State(folder)
     status.write(state="preparing", message="starting", error=None, total=variation_count(spec))
-    with (folder / "driver.log").open("wb") as log:
+    with new_log(folder / "driver.log") as log:
         proc = subprocess.Popen([sys.executable, "-m", "qat_core.cli", "--workspace", str(store.root), "sweep",
                                  str(folder / SPEC_FILE), "--quiet"], stdout=log, stderr=subprocess.STDOUT,
                                 stdin=subprocess.DEVNULL, start_new_session=True)
@@ -547,6 +620,8 @@ def _reconcile(store: RunStore, sweep_id: str, items: list[Item], emit: Callable
                              "wait a few seconds for it to stop, then run the sweep again")
         if record is not None:
             store.delete(item.run_id)
+        else:  # a worker killed while it created the run (mkdir, then the index) leaves a folder nothing lists
+            shutil.rmtree(store.run_dir(item.run_id), ignore_errors=True)
         todo.append(item)
     return todo
 
@@ -590,32 +665,52 @@ def _drive(spec: SweepSpec, store: RunStore, folder: Path, status: _State, cance
             status.write(message=event["message"])
         emit(event)
 
-    with train.torch_threads(cpu.training_threads(params)):
-        plans = plan_variations(spec, rows, _suggestions(spec, store, folder, note, cancel))
-    items = expand(spec, plans)
-    atomic_write_text(folder / PLAN_FILE, json.dumps([{"run": i.run_id, "label": i.label} for i in items]))
-    todo = _reconcile(store, spec.name, items, emit)
-    status.write(total=len(items), message=f"{len(todo)} of {len(items)} runs to train")
-    if todo:  # workers start now, and import torch while the baselines train
-        pool = RayPool(settings["ray"], settings["threads"]) if settings["ray"] else \
-            LocalPool(settings["workers"], settings["threads"])
-        try:
-            with train.torch_threads(cpu.training_threads(params)):
-                _baselines(todo, store, note, cancel)
-            at_once = settings["workers"] or "as many as Ray places"
-            status.write(state="training", message=f"training {len(todo)} runs, {at_once} at a time")
-            _train(pool, todo, store, spec.name, settings, cancel, emit)
-        except KeyboardInterrupt:  # Ctrl-C: every run stops at its next step and is recorded cancelled
-            request_cancel(store, spec.name)
-            raise
-        finally:
-            pool.close()
+    with contextlib.ExitStack() as pools:
+        ray_pool = None
+        if settings["ray"]:  # connected, or refused, before anything trains
+            note({"event": "ray", "message": f"connecting to Ray ({settings['ray']})"})
+            ray_pool = RayPool(settings["ray"], settings["threads"])
+            pools.callback(ray_pool.close)
+        with train.torch_threads(cpu.training_threads(params)):
+            plans = plan_variations(spec, rows, _suggestions(spec, store, folder, note, cancel))
+        items = expand(spec, plans)
+        atomic_write_text(folder / PLAN_FILE, json.dumps([{"run": i.run_id, "label": i.label} for i in items]))
+        todo = _reconcile(store, spec.name, items, emit)
+        status.write(total=len(items), message=f"{len(todo)} of {len(items)} runs to train")
+        if todo:  # local workers start now, and import torch while the baselines train
+            pool = ray_pool or LocalPool(settings["workers"], settings["threads"])
+            if pool is not ray_pool:
+                pools.callback(pool.close)
+            try:
+                with train.torch_threads(cpu.training_threads(params)):
+                    _baselines(todo, store, note, cancel)
+                at_once = settings["workers"] or "as many as Ray places"
+                status.write(state="training", message=f"training {len(todo)} runs, {at_once} at a time")
+                _train(pool, todo, store, spec.name, settings, cancel, emit)
+            except KeyboardInterrupt:  # Ctrl-C: every run stops at its next step and is recorded cancelled
+                request_cancel(store, spec.name)
+                raise
     if cancel.is_set():
         raise CancelledError(f"sweep {spec.name} cancelled")
     if spec.latency:
         status.write(state="latency", message="timing the int8 models")
         _latency(store, spec.name, settings["threads"], cancel, emit)
-    status.write(state="done", message="done")
+    unfinished = _unfinished(store, spec.name, items)
+    status.write(state="incomplete" if unfinished else "done", message="incomplete" if unfinished else "done",
+                 error=unfinished)
+
+
+def _unfinished(store: RunStore, sweep_id: str, items: list[Item]) -> str | None:
+    """What did not finish of the sweep's runs (failed, killed with its worker, never started), or None."""
+    records = {r["id"]: r for r in store.sweep_runs(sweep_id)}
+    left = [records.get(i.run_id, {"status": "not started", "error": None}) for i in items]
+    left = [r for r in left if r["status"] != "done"]
+    if not left:
+        return None
+    counts = Counter(r["status"] for r in left)
+    errors = [r["error"] for r in left if r["error"]]
+    return (f"{len(left)} of {len(items)} runs did not finish ({', '.join(f'{n} {s}' for s, n in counts.items())})"
+            + (f"; the first error: {errors[0]}" if errors else ""))
 
 
 def _train(pool: LocalPool | RayPool, todo: list[Item], store: RunStore, sweep_id: str, settings: dict[str, Any],
@@ -633,6 +728,8 @@ def _train(pool: LocalPool | RayPool, todo: list[Item], store: RunStore, sweep_i
             item, done = handles[h], done + 1
             try:
                 result = pool.result(h)
+            except BrokenProcessPool:  # a worker was killed (kill -9, out of memory): the pool ran no more runs
+                result = {"run": item.run_id, "status": "failed", "error": WORKER_DIED}
             except (cf.CancelledError, Exception) as err:  # a cancelled task, or a bug recorded on its run
                 result = {"run": item.run_id, "status": "cancelled" if stopping else "failed", "error": str(err)}
             emit({"event": "finished", "run": item.run_id, "label": item.label, "done": done, "total": len(todo),

@@ -21,13 +21,31 @@ def quick_config(model: str = "digits-cnn", weight_bits: int | None = 8, act_bit
     return RunConfig.model_validate(data)
 
 
-def small_base(seed: int = 0) -> RunConfig:
-    """digits-mlp with a short baseline and fine-tune: a run takes a few seconds (sweeps train many)."""
+def small_base(seed: int = 0, **finetune) -> RunConfig:
+    """digits-mlp with a short baseline and fine-tune: a run takes a few seconds (sweeps train many).
+    ``finetune``: other fine-tune settings (``lr=10.0``: every run diverges within a few steps)."""
     data = runner.default_config("digits-mlp").to_dict()
     data["baseline"] |= {"epochs": 4}
-    data["finetune"] |= {"epochs": 1, "calibration_batches": 2}
+    data["finetune"] |= {"epochs": 1, "calibration_batches": 2, **finetune}
     data["seed"] = seed
     return RunConfig.model_validate(data)
+
+
+def full_disk_for(monkeypatch, picks) -> None:
+    """Atomic writes of the paths ``picks(path)`` chooses land on /dev/full, where every write fails with the
+    kernel's ENOSPC: a full disk, without root or a small file system. Forked workers inherit it."""
+    from qat_core import store
+
+    temp_path = store._temp_path
+
+    def on_a_full_disk(path):
+        tmp = temp_path(path)
+        if picks(path):
+            tmp.unlink()
+            tmp.symlink_to("/dev/full")
+        return tmp
+
+    monkeypatch.setattr(store, "_temp_path", on_a_full_disk)
 
 
 @pytest.fixture(scope="session")

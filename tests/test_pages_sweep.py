@@ -80,3 +80,14 @@ def test_a_sweep_from_the_page_fills_the_table_and_the_front_and_cancel_then_res
     charts = [json.loads(c.proto.spec) for c in at.get("plotly_chart")]
     assert [c["layout"]["xaxis"]["title"]["text"] for c in charts] == ["size KB", "int8 latency ms"]
     assert sorted(charts[0]["data"][0]["text"]) == sorted(table["variation"])
+
+
+def test_a_sweep_whose_runs_failed_shows_incomplete_and_how_to_finish_it(store):
+    spec = sweep.SweepSpec(name="bad", base=small_base(lr=10.0), vary=sweep.Vary(weight_bits=[4]), latency=False)
+    sweep.run_sweep(spec, store, workers=1, threads=1)  # its one run diverges
+    at = sweep_page()
+    assert not at.success  # not "Done: 0 of 1 runs trained"
+    warning = next(w.value for w in at.warning if "Sweep incomplete" in w.value)
+    assert "1 of 1 runs did not finish (1 failed)" in warning and "training diverged" in warning
+    assert "Resume" in warning and "run the same `qat-studio sweep` command again" in warning
+    assert at.button(key="sw_resume")

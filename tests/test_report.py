@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import math
+import os
 import re
+import stat
 
 import pytest
 
@@ -75,7 +77,7 @@ def test_cli_report_writes_the_file(workspace, digits_run, measured_failed_run, 
     default = workspace.artifact(digits_run, report.REPORT_FILE)
     assert capsys.readouterr().out.strip() == str(default)
     assert digits_run in default.read_text(encoding="utf-8")
-    out = tmp_path / "sub" / "r.html"
+    out = tmp_path / "r.html"
     assert main(["--workspace", str(workspace.root), "report", measured_failed_run, "-o", str(out)]) == 0
     assert capsys.readouterr().out.strip() == str(out)
     assert out.read_bytes().startswith(b"<!DOCTYPE html>") and measured_failed_run.encode() in out.read_bytes()
@@ -98,3 +100,33 @@ def test_the_deployed_accuracy_stands_beside_the_evaluated_one(workspace, digits
     differs = report.deployed({"parity": {"accuracy": 0.88, "sim_accuracy": 0.9, "agreement": 0.97,
                                           "explanation": "`conv2` differs"}})
     assert differs == {"accuracy": 0.88, "evaluated": 0.9, "same": False, "why": "`conv2` differs"}
+
+
+@pytest.mark.parametrize("kind", ["device", "fifo", "directory", "missing folder"])
+def test_cli_report_writes_only_a_regular_file_in_an_existing_folder(kind, workspace, digits_run, tmp_path, capsys):
+    """As root, `report -o /dev/full` used to rename the HTML over the device node, and a mistyped folder
+    was created."""
+    out = tmp_path / "out"
+    if kind == "device":
+        if os.geteuid() != 0:
+            pytest.skip("making a device node needs root")
+        os.mknod(out, 0o666 | stat.S_IFCHR, os.makedev(1, 7))  # what /dev/full is
+    elif kind == "fifo":
+        os.mkfifo(out)
+    elif kind == "directory":
+        out.mkdir()
+    else:
+        out = tmp_path / "no" / "such" / "r.html"
+    before = out.lstat().st_mode if out.exists() else None
+    assert main(["--workspace", str(workspace.root), "report", digits_run, "-o", str(out)]) == 2
+    err = capsys.readouterr().err
+    expected = {"device": "is not a regular file (a device, pipe or socket); give a file name for the report",
+                "fifo": "is not a regular file (a device, pipe or socket); give a file name for the report",
+                "directory": "is a directory; give a file name for the report",
+                "missing folder": f"the folder {tmp_path / 'no' / 'such'} does not exist; create it first"}[kind]
+    assert expected in err, err
+    if before is None:
+        assert not (tmp_path / "no").exists()  # no folder made
+    else:
+        assert out.lstat().st_mode == before  # the node is still what it was
+    assert not list(tmp_path.rglob("*.tmp"))

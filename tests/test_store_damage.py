@@ -13,13 +13,14 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 from qat_core import cli
 from qat_core import store as store_module
-from qat_core.errors import StoreError
+from qat_core.errors import DiskFullError, StoreError
 from qat_core.report import runs_frame
 from qat_core.store import RunStore
-from tests.conftest import quick_config
+from tests.conftest import full_disk_for, quick_config, small_base
 
 
 def run_cli(capsys, root: Path, *args: str) -> tuple[int, str, str]:
@@ -218,6 +219,43 @@ def test_a_real_full_disk_on_a_small_tmpfs(workspace, digits_run, tmp_path, caps
         assert not list(root.rglob("*.tmp"))
     finally:
         subprocess.run(["umount", "-l", str(mount)], check=False)
+
+
+def test_a_full_disk_inside_torch_save_is_disk_full(tmp_path, monkeypatch, capsys):
+    """torch.save reports a failed write as RuntimeError("unexpected pos ..."): `train` said "internal error".
+    Here every checkpoint lands on /dev/full, where each write fails with the kernel's ENOSPC."""
+    (tmp_path / "c.yaml").write_text(small_base().to_yaml())
+    root = tmp_path / "ws"
+    full_disk_for(monkeypatch, lambda path: path.suffix == ".pt")
+    code, _, err = run_cli(capsys, root, "train", str(tmp_path / "c.yaml"), "--quiet")
+    assert code == cli.EXIT_USER_ERROR and "error: disk full: could not write" in err and ".pt" in err, err
+    [run] = RunStore(root).list()
+    assert run["status"] == "failed" and run["error"].startswith("disk full")
+    assert not list(root.rglob("*.pt")) and not list(root.rglob("*.tmp"))
+
+
+def test_a_checkpoint_larger_than_a_small_tmpfs_is_disk_full(tmp_path):
+    mount = tmp_path / "small"
+    mount.mkdir()
+    if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1m", "tmpfs", str(mount)], capture_output=True).returncode:
+        pytest.skip("mounting a tmpfs needs root (CAP_SYS_ADMIN); the /dev/full tests above still run")
+    try:
+        store = RunStore(mount / "ws")
+        run = store.create_run(quick_config())
+        with pytest.raises(DiskFullError, match="disk full: could not write .*fp32.pt"):
+            store.save_state(run, "fp32.pt", {"weight": torch.zeros(1_000_000)})  # 4 MB
+        assert not (store.run_dir(run) / "fp32.pt").exists() and not list(mount.rglob("*.tmp"))
+    finally:
+        subprocess.run(["umount", "-l", str(mount)], check=False)
+
+
+def test_a_full_temporary_folder_during_eval_is_disk_full(copied, digits_run, monkeypatch, capsys):
+    """eval writes a probe model to the temporary folder; on a full one onnx.save raised a bare OSError."""
+    root, _, _ = copied
+    assert run_cli(capsys, root, "export", digits_run)[0] == 0
+    full_disk_for(monkeypatch, lambda path: path.name == "probe.onnx")
+    code, _, err = run_cli(capsys, root, "eval", digits_run)
+    assert code == cli.EXIT_USER_ERROR and "disk full: could not write" in err and "probe.onnx" in err, err
 
 
 # --- temporary files after kill -9 ------------------------------------------------------------

@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import os
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -17,7 +18,7 @@ from qat_core import cli, runner, sweep, zoo
 from qat_core.errors import ConfigError, StoreError
 from qat_core.prepare import layer_table
 from qat_core.store import RunStore
-from tests.conftest import small_base
+from tests.conftest import full_disk_for, small_base
 
 
 def spec_of(name: str, **vary) -> sweep.SweepSpec:
@@ -241,3 +242,126 @@ def test_suggested_plans_are_measured_once_and_trained(tmp_path):
     events = []
     sweep.run_sweep(spec, store, on_event=events.append)  # resumed: the saved suggestion, not a new scan
     assert [e["event"] for e in events] == ["kept"]
+
+
+# --- statuses: a sweep is done only when every run is ----------------------------------------------
+
+def test_a_sweep_whose_runs_all_fail_ends_incomplete_and_exits_2(tmp_path, capsys):
+    spec = sweep.SweepSpec(name="diverges", base=small_base(lr=10.0), vary=sweep.Vary(weight_bits=[8, 4]),
+                           latency=False)
+    path = tmp_path / "sweep.yaml"
+    path.write_text(spec.to_yaml())
+    store = RunStore(tmp_path / "ws")
+    code = cli.main(["--workspace", str(store.root), "sweep", str(path), "--workers", "1", "--threads", "1", "--quiet"])
+    err = capsys.readouterr().err
+    assert code == 2, err
+    assert "sweep diverges incomplete: 2 of 2 runs did not finish (2 failed)" in err and "training diverged" in err
+    assert "run the same command again" in err
+    assert sweep.state(store, "diverges")["state"] == "incomplete"
+
+
+REAL_EXECUTE = runner.execute
+
+
+def _killed_at_4_bits(config, *args, **kwargs):
+    """runner.execute in a forked worker, which the kernel kills (as the OOM killer would) on the 4-bit run."""
+    if "4-bit" in config.name:
+        os.kill(os.getpid(), signal.SIGKILL)
+    return REAL_EXECUTE(config, *args, **kwargs)
+
+
+def test_a_killed_worker_leaves_the_sweep_incomplete_and_running_it_again_finishes_it(tmp_path, monkeypatch):
+    store = RunStore(tmp_path)
+    spec = spec_of("oom", weight_bits=[8, 4, 2])
+    monkeypatch.setattr(runner, "execute", _killed_at_4_bits)  # the workers fork from this process: they see it
+    frame = sweep.run_sweep(spec, store, workers=1, threads=1)  # no traceback: the driver reports what happened
+    state = sweep.state(store, "oom")
+    assert state["state"] == "incomplete" and "2 of 3 runs did not finish" in state["error"], state
+    assert list(frame["status"]) == ["done", "failed", "pending"]
+    monkeypatch.undo()
+    events = []
+    frame = sweep.run_sweep(spec, store, on_event=events.append)
+    assert [e["event"] for e in events].count("kept") == 1
+    assert list(frame["status"]) == ["done"] * 3 and sweep.state(store, "oom")["state"] == "done"
+
+
+def test_a_run_folder_that_a_killed_worker_left_unlisted_is_trained_again(tmp_path):
+    store = RunStore(tmp_path)
+    spec = spec_of("orphan", weight_bits=[4])
+    [item] = sweep.expand(spec, sweep.plan_variations(spec, rows(), {}))
+    store.run_dir(item.run_id).mkdir(parents=True)  # killed between the run's mkdir and its index row
+    frame = sweep.run_sweep(spec, store, workers=1, threads=1)
+    assert list(frame["status"]) == ["done"] and sweep.state(store, "orphan")["state"] == "done"
+
+
+# --- Ray: an address is reached or refused within seconds; a run no node can place is refused -------
+
+def _closed_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]  # free once closed: nothing listens there
+
+
+def test_sweep_ray_at_a_closed_port_is_refused_in_seconds(tmp_path):
+    path = tmp_path / "s.yaml"
+    path.write_text(spec_of("closed").to_yaml())
+    proc = _cli(tmp_path / "ws", str(path), "--ray", f"127.0.0.1:{_closed_port()}", "--quiet")
+    try:
+        _, err = proc.communicate(timeout=120)  # Ray alone retried 127.0.0.1:1 for 845 s
+    finally:
+        proc.kill()
+    assert proc.returncode == 2 and "cannot connect to the Ray cluster at '127.0.0.1:" in err, err
+    assert "Connection refused" in err and "`ray status` on the head node" in err and "ray: local" in err
+
+
+@pytest.mark.parametrize("address, why", [("ray://127.0.0.1:{port}", "Connection refused"),
+                                          ("head-node", "it is not an address"), ("head:port", "it is not an address"),
+                                          ("http://head:6379", "it is not an address")])
+def test_a_ray_address_that_cannot_be_reached_is_refused_at_once(address, why):
+    address = address.format(port=_closed_port())
+    started = time.monotonic()
+    with pytest.raises(ConfigError, match=f"cannot connect to the Ray cluster at '{address}': .*{why}") as err:
+        sweep.RayPool(address, 1)
+    assert time.monotonic() - started < 20  # no connection attempt: a closed port or a malformed address
+    assert "`ray status` on the head node" in str(err.value) and "ray: local" in str(err.value)
+
+
+@pytest.mark.slow
+def test_a_port_that_answers_but_is_not_ray_is_refused_within_the_connect_limit(tmp_path):
+    """A spec's executor.ray, through the CLI: the connection is given RAY_CONNECT_SECONDS, then refused."""
+    with socket.socket() as silent:  # accepts connections (the kernel does), never speaks
+        silent.bind(("127.0.0.1", 0))
+        silent.listen()
+        spec = spec_of("silent").model_copy(update={"executor": sweep.Executor(ray=f"127.0.0.1:{silent.getsockname()[1]}")})
+        (tmp_path / "s.yaml").write_text(spec.to_yaml())
+        started = time.monotonic()
+        proc = _cli(tmp_path / "ws", str(tmp_path / "s.yaml"), "--quiet")
+        _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 2 and f"no Ray cluster answered within {sweep.RAY_CONNECT_SECONDS} s" in err, err
+    assert time.monotonic() - started < 90  # the limit and the CLI's start; Ray alone never gave up
+    assert RunStore(tmp_path / "ws").list() == []  # refused before anything trained
+
+
+def test_runs_that_no_ray_node_can_place_are_refused_before_they_are_submitted():
+    ray = pytest.importorskip("ray")
+    too_many = sweep.cpu.cores() + 1
+    with pytest.raises(ConfigError, match=f"each run asks for {too_many} CPUs .* the largest node .* has "
+                                          f"{sweep.cpu.cores()}"):
+        sweep.RayPool("local", too_many)  # a local Ray has this machine's cores
+    assert not ray.is_initialized()  # and is shut down again
+    with pytest.raises(ConfigError, match=f"executor.threads asks for {too_many} threads"):
+        sweep.executor_settings(spec_of("x").model_copy(update={"executor": sweep.Executor(threads=too_many,
+                                                                                            ray="local")}), 10_000)
+
+
+def test_a_sweep_whose_disk_fills_ends_incomplete_and_says_disk_full(tmp_path, monkeypatch, capsys):
+    """Each run's checkpoints land on /dev/full (the kernel's ENOSPC on every write); the shared baseline
+    does not. The workers fork from this process, so they write through the same patch."""
+    full_disk_for(monkeypatch, lambda path: path.suffix == ".pt" and path.parent.parent.name == "runs")
+    path = tmp_path / "sweep.yaml"
+    path.write_text(spec_of("full", weight_bits=[8, 4]).to_yaml())
+    code = cli.main(["--workspace", str(tmp_path / "ws"), "sweep", str(path), "--workers", "1", "--threads", "1",
+                     "--quiet"])
+    err = capsys.readouterr().err
+    assert code == 2 and "sweep full incomplete: 2 of 2 runs did not finish (2 failed)" in err, err
+    assert "the first error: disk full: could not write" in err and "internal error" not in err
