@@ -80,3 +80,17 @@ def test_a_sweep_from_the_page_fills_the_table_and_the_front_and_cancel_then_res
     charts = [json.loads(c.proto.spec) for c in at.get("plotly_chart")]
     assert [c["layout"]["xaxis"]["title"]["text"] for c in charts] == ["size KB", "int8 latency ms"]
     assert sorted(charts[0]["data"][0]["text"]) == sorted(table["variation"])
+
+
+@pytest.mark.parametrize(("name", "text"), [("state.json", "[]"), ("plan.json", "[1, 2]"),
+                                            ("state.json", '{"state": "training", "total": "x"}')])
+def test_a_damaged_sweep_file_is_named_beside_resume_not_a_crash(store, name, text):
+    spec = sweep.from_dict({"name": "damaged", "base": small_base().to_dict(), "vary": {"weight_bits": [8, 4]}})
+    folder = store.sweep_dir("damaged")
+    folder.mkdir(parents=True)
+    (folder / sweep.SPEC_FILE).write_text(spec.to_yaml())
+    (folder / name).write_text(text)
+    at = sweep_page()
+    warning = " ".join(w.value for w in at.warning)
+    assert f"{name} is damaged" in warning and "run the same sweep again" in warning, warning
+    assert at.button(key="sw_resume").label == "Resume"
