@@ -4,7 +4,6 @@ stages) and the progress of Inspect's plan suggestion (search.suggest_plan's cal
 from __future__ import annotations
 
 import io
-import os
 import time
 
 import pandas as pd
@@ -142,10 +141,10 @@ def test_suggest_plan_reports_each_candidate_and_otherwise_is_unchanged(workspac
 
 
 @pytest.mark.parametrize("kind", ["fifo", "directory"])
-def test_a_table_path_that_is_not_a_file_is_a_message_not_a_blocked_session(tmp_path, kind):
+def test_a_table_path_that_is_not_a_file_is_a_message_not_a_blocked_session(tmp_path, fifo, kind):
     path = tmp_path / "table.csv"
     if kind == "fifo":
-        os.mkfifo(path)
+        fifo(path)
     else:
         path.mkdir()
     at = apptest.app("model", timeout=30)  # pandas reading a FIFO waited for a writer: the run timed out
