@@ -215,6 +215,8 @@ def table(cfg: DataConfig) -> Data:
         raise ConfigError(f"{path} has only the label column; a model needs at least one feature column")
     complete = features.notna().all(axis=1) & frame[label].notna()
     skipped = int((~complete).sum())
+    missing = frame.isna().sum()  # NaN, an empty cell, "nan": per column, for the note
+    missing = ", ".join(f"{c!r} {n}" for c, n in missing[missing > 0].head(3).items())
     features, labels = features[complete], frame[label][complete]
     classes, y = _classes(labels, path, label)
     with np.errstate(over="ignore"):  # a number past float32's ±3.4e38 becomes inf here: named below
@@ -229,7 +231,7 @@ def table(cfg: DataConfig) -> Data:
     tr_x, tr_y, te_x, te_y = _split_checked(x, y, cfg, "rows")
     mean, std = tr_x.mean(dim=0), tr_x.std(dim=0).clamp_min(1e-6)
     tr_x, te_x = (tr_x - mean) / std, (te_x - mean) / std
-    note = f", {skipped} row(s) with a missing value skipped" if skipped else ""
+    note = f", {skipped} row(s) with a missing value skipped (by column: {missing})" if skipped else ""
     return Data(tr_x, tr_y, te_x, te_y, len(classes), generated=False,
                 description=f"{path.name}: {len(y)} rows, {x.shape[1]} features (standardised), {len(classes)} "
                             f"classes from column {label!r}{note}")

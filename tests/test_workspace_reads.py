@@ -285,11 +285,15 @@ def test_infinite_values_in_a_table_are_named_by_column_and_rows(tmp_path):
     frame = pd.read_csv(csv)
     frame.loc[:2, "mean radius"] = np.inf
     frame.loc[5, "mean texture"] = 1e39  # past float32's range: inf once it is a tensor
-    frame.loc[7, "mean area"] = np.nan  # missing: the row is skipped and counted, as before
     frame.to_csv(csv, index=False)
     with pytest.raises(ConfigError, match=r"column 'mean radius' has inf values in 3 row\(s\); column 'mean texture' "
                                           r"has inf values in 1 row\(s\) .*Replace them with finite numbers"):
         datasets.table(table_config(csv))
+    frame.loc[:2, "mean radius"] = np.nan  # missing: the row is skipped and counted, by column
+    frame.loc[5:6, "mean texture"] = np.nan
+    frame.to_csv(csv, index=False)
+    assert "5 row(s) with a missing value skipped (by column: 'mean radius' 3, 'mean texture' 2)" in \
+        datasets.table(table_config(csv)).description
 
 
 def test_an_image_declaring_a_huge_size_is_refused_from_its_header(tmp_path):
