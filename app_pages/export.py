@@ -4,7 +4,8 @@ import a config file to start a new run from it."""
 import streamlit as st
 
 from app_pages import _common as common
-from qat_core import export, planning, runner
+from qat_core import export, files, planning, runner
+from qat_core.errors import StoreError
 
 st.title("Export")
 records = common.runs()
@@ -31,7 +32,8 @@ else:
     cols = st.columns(2)
     for col, (name, path) in zip(cols, onnx_files.items(), strict=False):
         if path.exists():
-            col.download_button(f"Download {name}", path.read_bytes(), f"{run_id}-{name}", "application/octet-stream",
+            data = common.call(files.read_bytes, path, export.ONNX_LIMIT, name, StoreError)  # never waits on a FIFO
+            col.download_button(f"Download {name}", data, f"{run_id}-{name}", "application/octet-stream",
                                 key=f"dl_{name}")
 
     st.subheader("Report")

@@ -52,7 +52,7 @@ record = next(r for r in records if r["id"] == run_id)
 def show_run(run_id: str, was_running: bool) -> None:
     store = common.store()
     record = store.get(run_id)
-    events = store.events(run_id)
+    events = common.call(store.events, run_id)
     if was_running and record["status"] != "running":
         st.rerun()  # the job ended: redraw the page once, without the timer
     if record["status"] == "running":

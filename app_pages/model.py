@@ -8,6 +8,8 @@ import streamlit as st
 
 from app_pages import _common as common
 from qat_core import library, plugins, prepare, runner, train, zoo
+from qat_core.files import MB
+from qat_core.store import UPLOAD_LIMIT
 
 LAYER_COLUMNS = {  # layer_table field → header; fields not listed (has_weights, is_output) are not shown
     "name": st.column_config.TextColumn("Layer", help="The layer's name in the model (what the plan refers to)."),
@@ -36,7 +38,7 @@ def path_input(label: str, value: str | None, key: str, help: str, upload_types:
     path = st.text_input(label, value=value or "", key=key, help=help, placeholder="/path/on/this/machine").strip()
     if upload_types:
         upload = st.file_uploader(f"…or upload it ({', '.join(upload_types)})", type=upload_types, key=f"{key}_upload",
-                                  max_upload_size=2048)
+                                  max_upload_size=UPLOAD_LIMIT // MB)
         if upload is not None:
             path = common.save_upload(upload)
     return path

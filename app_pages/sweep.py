@@ -90,8 +90,12 @@ def show_sweep(sweep_id: str, was_running: bool) -> None:
     live = sweep.running(store, sweep_id)
     if was_running and not live:
         st.rerun()  # it ended: redraw once, without the timer
-    frame = sweep.sweep_frame(store, sweep_id)
-    done, total = int((frame["status"] == "done").sum()), len(frame) or state.get("total") or 0
+    try:
+        frame = sweep.sweep_frame(store, sweep_id)
+    except QATError as err:  # its plan.json is damaged: said below, beside Resume, which writes it again
+        frame, live, state = None, False, state | {"state": "damaged", "error": str(err)}
+    done = 0 if frame is None else int((frame["status"] == "done").sum())
+    total = (0 if frame is None else len(frame)) or state.get("total") or 0
     if live:
         st.progress(done / total if total else 0.0, text=f"{state['message']} · {done} of {total} runs done")
         if st.button("Cancel sweep", key="sw_cancel"):
@@ -107,7 +111,7 @@ def show_sweep(sweep_id: str, was_running: bool) -> None:
         if st.button("Resume", type="primary", key="sw_resume"):
             common.call(sweep.launch, common.call(sweep.saved_spec, store, sweep_id), store)
             st.rerun()
-    if frame.empty:
+    if frame is None or frame.empty:
         return
     common.show_table(frame[SHOWN], common.SWEEP_HEADERS)
     finished = frame[frame["status"] == "done"].assign(name=lambda f: f["label"])

@@ -10,6 +10,7 @@ from __future__ import annotations
 import hashlib
 import importlib.util
 import math
+import warnings
 from collections import OrderedDict
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
@@ -19,6 +20,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from qat_core import files
 from qat_core.config import DataConfig
 from qat_core.errors import ConfigError
 
@@ -131,16 +133,27 @@ def _subset(x: torch.Tensor, y: torch.Tensor, cfg: DataConfig) -> tuple[torch.Te
     return x[keep], y[keep]
 
 
+TABLE_LIMIT = files.GB  # pandas holds a table several times over while parsing it: past this, sample it first
+
+
+def _open_table(path: Path) -> tuple[Any, str]:
+    """A table file opened once it is known to be a regular file under ``TABLE_LIMIT`` (pandas would block
+    on a FIFO and read a device without end), and its kind."""
+    kind = "Parquet" if path.suffix.lower() in (".parquet", ".pq") else "CSV"
+    if not path.exists():
+        raise ConfigError(f"data.path {path}: no such file; give a {kind} table with a label column")
+    return files.open_regular(path, "data.path", ConfigError, limit=TABLE_LIMIT), kind
+
+
 def _read_table(cfg: DataConfig, *columns: str) -> Any:
     """``data.path`` as a pandas DataFrame that has ``columns`` (each named with what to fix if not)."""
     import pandas as pd
 
     path = Path(cfg.path or "")
-    kind = "Parquet" if path.suffix.lower() in (".parquet", ".pq") else "CSV"
-    if not path.is_file():
-        raise ConfigError(f"data.path {path}: no such file; give a {kind} table with a label column")
+    f, kind = _open_table(path)
     try:
-        frame = pd.read_parquet(path) if kind == "Parquet" else pd.read_csv(path)
+        with f:
+            frame = pd.read_parquet(f) if kind == "Parquet" else pd.read_csv(f)
     except Exception as err:  # pandas raises many kinds: the file is not a table it can read
         raise ConfigError(f"data.path {path} cannot be read as a {kind} table ({type(err).__name__}: "
                           f"{str(err)[:200]})") from None
@@ -157,13 +170,14 @@ def table_columns(path: str) -> list[str]:
     """The column names of a CSV or Parquet file, read from its header only."""
     import pandas as pd
 
-    cfg = DataConfig(dataset="table", path=path)
-    if Path(path).suffix.lower() not in (".parquet", ".pq"):
-        try:
-            return [str(c) for c in pd.read_csv(path, nrows=0).columns]
-        except Exception:  # let the full reader name the problem
-            pass
-    return [str(c) for c in _read_table(cfg).columns]
+    f, kind = _open_table(Path(path))
+    with f:
+        if kind == "CSV":
+            try:
+                return [str(c) for c in pd.read_csv(f, nrows=0).columns]
+            except Exception:  # let the full reader name the problem
+                pass
+    return [str(c) for c in _read_table(DataConfig(dataset="table", path=path)).columns]
 
 
 def _classes(labels: Any, path: Path, label: str) -> tuple[list[Any], torch.Tensor]:
@@ -201,14 +215,23 @@ def table(cfg: DataConfig) -> Data:
         raise ConfigError(f"{path} has only the label column; a model needs at least one feature column")
     complete = features.notna().all(axis=1) & frame[label].notna()
     skipped = int((~complete).sum())
+    missing = frame.isna().sum()  # NaN, an empty cell, "nan": per column, for the note
+    missing = ", ".join(f"{c!r} {n}" for c, n in missing[missing > 0].head(3).items())
     features, labels = features[complete], frame[label][complete]
     classes, y = _classes(labels, path, label)
-    x = torch.tensor(features.to_numpy(dtype=np.float32))
+    with np.errstate(over="ignore"):  # a number past float32's ±3.4e38 becomes inf here: named below
+        values = features.to_numpy(dtype=np.float32)
+    infinite = (~np.isfinite(values)).sum(axis=0)
+    if infinite.any():
+        named = [f"column {c!r} has inf values in {n} row(s)" for c, n in zip(features.columns, infinite) if n]
+        raise ConfigError(f"{path}: {'; '.join(named[:5])}{' …' if len(named) > 5 else ''} (or numbers beyond "
+                          "±3.4e38). Replace them with finite numbers, or leave those cells empty to skip the rows")
+    x = torch.tensor(values)
     x, y = _subset(x, y, cfg)
     tr_x, tr_y, te_x, te_y = _split_checked(x, y, cfg, "rows")
     mean, std = tr_x.mean(dim=0), tr_x.std(dim=0).clamp_min(1e-6)
     tr_x, te_x = (tr_x - mean) / std, (te_x - mean) / std
-    note = f", {skipped} row(s) with a missing value skipped" if skipped else ""
+    note = f", {skipped} row(s) with a missing value skipped (by column: {missing})" if skipped else ""
     return Data(tr_x, tr_y, te_x, te_y, len(classes), generated=False,
                 description=f"{path.name}: {len(y)} rows, {x.shape[1]} features (standardised), {len(classes)} "
                             f"classes from column {label!r}{note}")
@@ -239,6 +262,8 @@ IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".ti
 IMAGENET_PRESET = {"resize_size": 256, "image_size": 224, "mean": (0.485, 0.456, 0.406), "std": (0.229, 0.224, 0.225)}
 
 MAX_IMAGE_BYTES = 4 * 2**30  # decoded images are held in memory as float32: past this, ask for a cap
+MAX_PIXELS = 50_000_000  # one image, from its header: a 50 Mpx photo decodes to 150 MB; a training crop is ~224 px
+MAX_FILE_BYTES = 4 * MAX_PIXELS + files.MB  # one image file: an uncompressed RGBA image at the pixel limit
 
 
 def image_files(root: Path) -> tuple[list[str], list[tuple[Path, int]]]:
@@ -268,10 +293,21 @@ def image_files(root: Path) -> tuple[list[str], list[tuple[Path, int]]]:
 
 
 def _decode(path: Path, resize: int, crop: int) -> np.ndarray:
-    """One image as (crop, crop, 3) uint8: RGB, shorter side resized to ``resize``, center-cropped."""
+    """One image as (crop, crop, 3) uint8: RGB, shorter side resized to ``resize``, center-cropped. An image of
+    more than ``MAX_PIXELS`` (a decompression bomb: a small file declaring a huge image) is refused from its
+    header, before it is decoded."""
     from PIL import Image
 
-    with Image.open(path) as img:
+    with files.open_regular(path, "image", ConfigError, limit=MAX_FILE_BYTES) as f, warnings.catch_warnings():
+        warnings.simplefilter("error", Image.DecompressionBombWarning)  # PIL's own limit (89 Mpx) is above ours
+        try:
+            img = Image.open(f)
+        except (Image.DecompressionBombWarning, Image.DecompressionBombError):
+            img = None
+        if img is None or img.width * img.height > MAX_PIXELS:
+            size = "" if img is None else f" ({img.width}×{img.height})"
+            raise ConfigError(f"image {path} has more than {MAX_PIXELS / 1e6:g} million pixels{size}: it would take "
+                              "GBs to decode. Downscale it (training crops to a few hundred pixels) or remove it")
         img = img.convert("RGB")
         scale = resize / min(img.size)
         w, h = max(crop, round(img.width * scale)), max(crop, round(img.height * scale))
@@ -280,9 +316,9 @@ def _decode(path: Path, resize: int, crop: int) -> np.ndarray:
         return np.asarray(img.crop((left, top, left + crop, top + crop)))
 
 
-def _fingerprint(files: Iterable[Path]) -> str:
+def _fingerprint(paths: Iterable[Path]) -> str:
     digest = hashlib.sha256()
-    for f in files:
+    for f in paths:
         st = f.stat()
         digest.update(f"{f}\0{st.st_size}\0{st.st_mtime_ns}\n".encode())
     return digest.hexdigest()[:16]
@@ -321,8 +357,6 @@ def image_folder(cfg: DataConfig) -> Data:
 
 
 def _decode_folder(cfg: DataConfig, root: Path, classes: list[str], files: list[tuple[Path, int]]) -> Data:
-    from PIL import Image
-
     if cfg.max_samples is not None and len(files) > cfg.max_samples:
         keep = torch.randperm(len(files), generator=torch.Generator().manual_seed(cfg.split_seed))[:cfg.max_samples]
         files = [files[i] for i in sorted(keep.tolist())]
@@ -337,7 +371,7 @@ def _decode_folder(cfg: DataConfig, root: Path, classes: list[str], files: list[
     for path, label in files:
         try:
             pixels.append(_decode(path, resize, crop))
-        except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as err:  # not an image PIL can read: count it
+        except (OSError, ValueError, SyntaxError) as err:  # not an image PIL can read: count it
             skipped.append(f"{path.relative_to(root)} ({type(err).__name__})")
             continue
         labels.append(label)

@@ -28,6 +28,7 @@ from __future__ import annotations
 import copy
 import io
 import json
+import os
 import tempfile
 import warnings
 from collections import Counter, defaultdict
@@ -38,13 +39,14 @@ import numpy as np
 import torch
 from torch import fx, nn
 
-from qat_core import cpu, graph, integer
+from qat_core import cpu, files, graph, integer
 from qat_core.errors import ExportError, StoreError
 from qat_core.quantizers import INT8_UNSIGNED, FakeQuantizer, quantizers
 
 OPSET = 17  # LayerNormalization is one node; scaled_dot_product_attention exports
 INPUT_NAME, OUTPUT_NAME = "input", "logits"
 FP32_FILE, INT8_FILE = "fp32.onnx", "int8.onnx"
+ONNX_LIMIT = 2 * files.GB  # protobuf's own limit: no ONNX file is larger
 # ONNX Runtime ops that compute on integer codes (CPU execution provider, after its QDQ fusions)
 INTEGER_OPS = frozenset({
     "QLinearConv", "QGemm", "QLinearMatMul", "MatMulIntegerToFloat", "DynamicQuantizeMatMul", "ConvInteger",
@@ -517,8 +519,9 @@ def session(path: str | Path, threads: int = 1, optimized_path: str | Path | Non
     import onnxruntime as ort
 
     path = Path(path)
-    if not path.is_file():
-        raise StoreError(f"{path} does not exist; run `qat-studio export RUN` first")
+    if not path.is_file():  # ONNX Runtime would wait on a FIFO
+        raise StoreError(f"{path} does not exist; run `qat-studio export RUN` first" if not os.path.lexists(path) else
+                         f"{path} is not a regular file; run `qat-studio export RUN` again to rewrite it")
     options = ort.SessionOptions()
     options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
     options.intra_op_num_threads = threads

@@ -2,8 +2,10 @@
 
 A FIFO would block a plain ``open``/``read`` forever, a link to ``/dev/zero`` never ends, and a
 directory or device in place of a file makes parsers fail with errors that name neither the file
-nor the fix. Every read of a file QAT Studio did not just write itself goes through :func:`read_bytes`:
-opened without blocking, checked to be a regular file, read to at most ``limit`` bytes.
+nor the fix. Every read of a file QAT Studio did not just write itself goes through :func:`open_regular`:
+opened without blocking and checked to be a regular file, then read to at most ``limit`` bytes
+(:func:`read_bytes` and the readers over it; :func:`read_tail` for logs) or handed, size-checked, to a
+reader that takes a file object (``torch.load``, pandas).
 """
 
 from __future__ import annotations
@@ -12,11 +14,11 @@ import json
 import os
 import stat
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 
 from qat_core.errors import ConfigError, QATError
 
-KB, MB = 1 << 10, 1 << 20
+KB, MB, GB = 1 << 10, 1 << 20, 1 << 30
 JSON_LIMIT = 16 * MB  # a run record, a result, a sweep state: KBs in practice
 
 
@@ -24,34 +26,66 @@ def _clip(text: str, limit: int = 200) -> str:
     return text if len(text) <= limit else text[: limit - 1] + "…"
 
 
-def read_bytes(path: str | Path, limit: int, what: str, error: type[QATError] = QATError) -> bytes:
-    """The contents of a regular file of at most ``limit`` bytes, else ``error`` naming ``what`` and the fix.
+def _refuse(error: type[QATError], what: str, path: str | Path, reason: str) -> QATError:
+    err = error(f"{what} {_clip(str(path))} {reason}")
+    err.reason = reason  # type: ignore[attr-defined]  # for callers that phrase it themselves ("X is damaged (reason)")
+    return err
 
-    ``what`` says what the file should be ("config file", "run record"); the message adds the path.
-    """
-    name = _clip(str(path))
+
+def open_regular(path: str | Path, what: str, error: type[QATError] = QATError, limit: int | None = None) -> BinaryIO:
+    """``path`` opened for reading (binary) once it is known to be a regular file, of at most ``limit``
+    bytes by its size when given; else ``error`` naming ``what`` and the path. For readers that take a
+    file object (torch.load, pandas); the caller closes it."""
     try:
         fd = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0))  # a FIFO opens at once, unread
     except FileNotFoundError:
-        raise error(f"{what} {name} does not exist") from None
+        raise _refuse(error, what, path, "does not exist") from None
     except (OSError, ValueError) as err:  # ValueError: a NUL character in the name
-        raise error(f"{what} {name} cannot be opened: {getattr(err, 'strerror', None) or err}") from None
+        raise _refuse(error, what, path, f"cannot be opened: {getattr(err, 'strerror', None) or err}") from None
     try:
-        mode = os.fstat(fd).st_mode
-        if stat.S_ISDIR(mode):
-            raise error(f"{what} {name} is a directory, not a file")
-        if not stat.S_ISREG(mode):
-            raise error(f"{what} {name} is not a regular file (a device, pipe or socket)")
-        with os.fdopen(fd, "rb") as f:
-            fd = -1  # closed by the file object from here on
-            data = f.read(limit + 1)  # one byte more than allowed tells a file that is too large
-    except OSError as err:
-        raise error(f"{what} {name} cannot be read: {err.strerror or err}") from None
-    finally:
-        if fd >= 0:
-            os.close(fd)
+        info = os.fstat(fd)
+        if stat.S_ISDIR(info.st_mode):
+            raise _refuse(error, what, path, "is a directory, not a file")
+        if not stat.S_ISREG(info.st_mode):
+            raise _refuse(error, what, path, "is not a regular file (a device, pipe or socket)")
+        if limit is not None and info.st_size > limit:
+            raise _refuse(error, what, path, f"is over {_size(limit)}; is it the right file?")
+        os.set_blocking(fd, True)  # a regular file never blocks; some readers check the flag
+        return os.fdopen(fd, "rb")
+    except BaseException:
+        os.close(fd)
+        raise
+
+
+def read_bytes(path: str | Path, limit: int, what: str, error: type[QATError] = QATError) -> bytes:
+    """The contents of a regular file of at most ``limit`` bytes, else ``error`` naming ``what`` and the fix.
+
+    ``what`` says what the file should be ("config file", "run record"); the message adds the path, and
+    the error's ``reason`` attribute is the message without them.
+    """
+    with open_regular(path, what, error) as f:
+        try:
+            data = f.read(limit + 1)  # one byte more than allowed tells a file that is too large (or one that grew)
+        except OSError as err:
+            raise _refuse(error, what, path, f"cannot be read: {err.strerror or err}") from None
     if len(data) > limit:
-        raise error(f"{what} {name} is over {_size(limit)}; is it the right file?")
+        raise _refuse(error, what, path, f"is over {_size(limit)}; is it the right file?")
+    return data
+
+
+def read_tail(path: str | Path, limit: int, what: str, error: type[QATError] = QATError) -> bytes:
+    """The last ``limit`` bytes of a regular file (all of a smaller one), from the start of a line: for
+    logs that grow without bound, where the newest lines matter."""
+    with open_regular(path, what, error) as f:
+        try:
+            size = os.fstat(f.fileno()).st_size
+            if size > limit:
+                f.seek(size - limit - 1)
+            data = f.read(limit + 1)
+        except OSError as err:
+            raise _refuse(error, what, path, f"cannot be read: {err.strerror or err}") from None
+    if size > limit:  # started inside a line (or just after one): keep only whole lines
+        data = data[data.find(b"\n") + 1:] if b"\n" in data else b""
     return data
 
 
@@ -60,21 +94,31 @@ def read_text(path: str | Path, limit: int, what: str, error: type[QATError] = Q
     try:
         return data.decode("utf-8")
     except UnicodeDecodeError:
-        raise error(f"{what} {_clip(str(path))} is not UTF-8 text") from None
+        raise _refuse(error, what, path, "is not UTF-8 text") from None
 
 
 def read_json(path: str | Path, what: str, error: type[QATError] = QATError, limit: int = JSON_LIMIT) -> Any:
     """A JSON file's value (any shape: the caller checks it), refused as ``error`` when the file is not
     a small regular file of valid JSON."""
     text = read_text(path, limit, what, error)
-    return parse_json(text, f"{what} {_clip(str(path))}", error)
+    try:
+        return _loads(text)
+    except ValueError as err:
+        raise _refuse(error, what, path, f"is not valid JSON ({err})") from None
 
 
 def parse_json(text: str, where: str, error: type[QATError] = QATError) -> Any:
     try:
+        return _loads(text)
+    except ValueError as err:
+        raise error(f"{where} is not valid JSON ({err}): it is damaged") from None
+
+
+def _loads(text: str) -> Any:
+    try:
         return json.loads(text)
     except (ValueError, RecursionError) as err:  # RecursionError: nested past Python's limit (damage, not data)
-        raise error(f"{where} is not valid JSON ({_clip(str(err), 120)}): it is damaged") from None
+        raise ValueError(_clip(str(err), 120)) from None
 
 
 def output_file(path: str | Path, what: str) -> Path:
@@ -101,4 +145,4 @@ def output_file(path: str | Path, what: str) -> Path:
 
 
 def _size(n: int) -> str:
-    return f"{n / MB:g} MB" if n >= MB else f"{n / KB:g} KB" if n >= KB else f"{n} bytes"
+    return next((f"{n / unit:g} {name}" for unit, name in ((GB, "GB"), (MB, "MB"), (KB, "KB")) if n >= unit), f"{n} bytes")

@@ -39,6 +39,7 @@ from typing import Any, BinaryIO, Literal, TextIO, TypeVar
 import torch
 from pydantic import BaseModel, ConfigDict, Json, TypeAdapter, ValidationError
 
+from qat_core import files
 from qat_core.config import RunConfig
 from qat_core.config import load as load_config
 from qat_core.errors import DiskFullError, QATError, StoreError
@@ -58,6 +59,9 @@ _INSERT = f"INSERT INTO runs ({', '.join(COLUMNS)}) VALUES ({', '.join('?' * len
 NO_TABLE = "it has no table of runs"
 SWEEP_LOCK_WAIT = 3.0  # seconds a new sweep driver waits for a killed one's workers to exit
 STALE_TMP_SECONDS = 3600  # a temporary file without a live writer's pid is left over from a crash after this
+EVENTS_LIMIT = 8 * files.MB  # the newest part of a progress log read for curves: ~50,000 steps (a step's line: ~150 B)
+UPLOAD_LIMIT = 500 * files.MB  # an uploaded file is held in memory (the browser's copy, then the saved one): a
+#                               ViT-B or ResNet-152 checkpoint fits; a larger file is given by its path instead
 T = TypeVar("T")
 
 
@@ -192,10 +196,10 @@ def _pid_alive(pid: int | None) -> bool:
     return True
 
 
-def _first_error(err: ValidationError) -> str:
+def first_error(err: ValidationError) -> str:
     e = err.errors()[0]
     where = ".".join(str(p) for p in e["loc"])
-    return f"{where}: {e['msg']}"[:300]
+    return (f"{where}: " if where else "") + e["msg"][:300]
 
 
 # --- what a run's row and result files must look like to be used ---------------------------------
@@ -342,6 +346,8 @@ class RunStore:
         """None for a usable index, else what is wrong with it (``NO_TABLE`` for a new one)."""
         if not self.index.exists():
             return NO_TABLE
+        if not self.index.is_file():  # SQLite would block on a FIFO or fail with "disk I/O error"
+            return "it is not a regular file"
         try:
             db = self._connect()
             try:
@@ -408,16 +414,20 @@ class RunStore:
 
     def _row_from_folder(self, folder: Path, why: str) -> tuple:
         """An index row from a run's folder: its ``run.json`` and ``config.yaml``; damaged if they cannot be read."""
-        run_id = folder.name
-        saved: dict[str, Any] = {}
+        run_id, record = folder.name, folder / RECORD_FILE
+        saved: Any = {}
         problem = None
         try:
-            saved = json.loads((folder / RECORD_FILE).read_text(encoding="utf-8"))
+            saved = files.read_json(record, RECORD_FILE, StoreError)
+            if not isinstance(saved, dict):
+                raise TypeError("not a JSON object")
             _Row.model_validate(saved | {"config": "{}", "metrics": json.dumps(saved.get("metrics"))})
-        except FileNotFoundError:
-            problem = f"{why}, and the run's {RECORD_FILE} is missing"
-        except (OSError, ValueError, TypeError, ValidationError) as err:
-            problem = f"{why}, and the run's {RECORD_FILE} is damaged ({type(err).__name__})"
+        except StoreError as err:
+            problem = f"{why}, and the run's {RECORD_FILE} " + \
+                (f"is damaged ({err.reason})" if os.path.lexists(record) else "is missing")
+        except (ValueError, TypeError, RecursionError) as err:  # ValidationError is a ValueError
+            detail = first_error(err) if isinstance(err, ValidationError) else str(err)[:200]
+            problem = f"{why}, and the run's {RECORD_FILE} is damaged ({detail})"
         config = "{}"
         try:
             config = load_config(folder / "config.yaml").to_json()
@@ -534,14 +544,14 @@ class RunStore:
             row = _Row.model_validate(values)
             folder = self.run_dir(row.id)
         except (ValidationError, StoreError) as err:
-            reason = _first_error(err) if isinstance(err, ValidationError) else str(err)
+            reason = first_error(err) if isinstance(err, ValidationError) else str(err)
             return self._repair(values, f"its index row is damaged ({reason})")
         if not folder.is_dir():
             return self._damaged(values, f"its folder {folder} is missing (deleted or moved)")
         try:
             RunConfig.model_validate(row.config)
         except ValidationError as err:  # saved by an older QAT Studio, or edited by hand
-            return self._damaged(values, f"its config is no longer valid ({_first_error(err)}); start a new run "
+            return self._damaged(values, f"its config is no longer valid ({first_error(err)}); start a new run "
                                          "from an edited copy of its config.yaml")
         status, error = row.status, row.error
         if status == "running" and not _pid_alive(row.pid):
@@ -676,10 +686,13 @@ class RunStore:
 
     def load_state(self, run_id: str, name: str) -> dict[str, torch.Tensor]:
         path = self.run_dir(run_id) / name
+        if not os.path.lexists(path):
+            raise StoreError(f"run {run_id} has no {name}; it did not finish, or its folder was changed")
         try:
-            return torch.load(path, map_location="cpu", weights_only=True)
-        except FileNotFoundError:
-            raise StoreError(f"run {run_id} has no {name}; it did not finish, or its folder was changed") from None
+            with files.open_regular(path, f"run {run_id}'s weights", StoreError) as f:
+                return torch.load(f, map_location="cpu", weights_only=True)
+        except StoreError as err:
+            raise StoreError(f"{err}; train the run again") from None
         except Exception as err:
             raise StoreError(f"{path} is damaged ({type(err).__name__}); train the run again") from None
 
@@ -692,38 +705,37 @@ class RunStore:
         """A result the run saved (``bench``, ``parity``, …), checked to have the shape its readers use;
         None if never saved, StoreError if damaged."""
         path = self.run_dir(run_id) / "results" / f"{name}.json"
-        try:
-            data = json.loads(path.read_text(encoding="utf-8"))
-            RESULT_SHAPES.get(name, ANY_RESULT).validate_python(data)
-        except FileNotFoundError:
+        if not os.path.lexists(path):
             return None
+        try:
+            data = files.read_json(path, "result", StoreError)
+            RESULT_SHAPES.get(name, ANY_RESULT).validate_python(data)
+        except StoreError as err:  # not a regular file, too large, not UTF-8, not JSON
+            raise StoreError(f"{path} is damaged ({err.reason}); {REDO.get(name, 'run that step again')}") from None
         except ValidationError as err:
-            raise StoreError(f"{path} is damaged ({_first_error(err)}); {REDO.get(name, 'run that step again')}") from None
-        except (OSError, ValueError, RecursionError) as err:  # unreadable, not UTF-8, not JSON
-            raise StoreError(f"{path} is damaged ({type(err).__name__}); {REDO.get(name, 'run that step again')}") \
-                from None
+            raise StoreError(f"{path} is damaged ({first_error(err)}); {REDO.get(name, 'run that step again')}") from None
         return data
 
     def artifact(self, run_id: str, name: str) -> Path:
         """Path for a file the run owns (ONNX models, reports); write it with ``atomic_write_bytes``."""
         return self.run_dir(run_id) / name
 
-    def events(self, run_id: str, since: int = 0) -> list[dict[str, Any]]:
-        """Progress events of a run (steps, losses, accuracies), from line ``since`` on.
+    def events(self, run_id: str) -> list[dict[str, Any]]:
+        """Progress events of a run (steps, losses, accuracies): the newest ``EVENTS_LIMIT`` bytes of its log.
 
         A damaged line (a disk error, an edit) is skipped: the curve loses one point, not the run.
+        A log that is not a regular file (a FIFO, a link to a device) is damage: StoreError.
         """
         path = self.run_dir(run_id) / "events.jsonl"
-        if not path.exists():
+        if not os.path.lexists(path):
             return []
-        out = []
-        with path.open(encoding="utf-8", errors="replace") as f:
-            for i, line in enumerate(f):
-                if i >= since and line.endswith("\n"):  # a line still being written is left for later
-                    event = _event(line)
-                    if event is not None:
-                        out.append(event)
-        return out
+        try:
+            data = files.read_tail(path, EVENTS_LIMIT, "progress log", StoreError)
+        except StoreError as err:
+            raise StoreError(f"{err}; delete it: the run keeps its results and loses only its training curves") \
+                from None
+        lines = data.decode("utf-8", errors="replace").split("\n")[:-1]  # the last is still being written (or "")
+        return [event for event in map(_event, lines) if event is not None]
 
     def event_log(self, run_id: str) -> EventLog:
         return EventLog(self.run_dir(run_id) / "events.jsonl")
@@ -756,6 +768,9 @@ class RunStore:
     def save_upload(self, name: str, data: bytes) -> Path:
         """A file uploaded in the app (a checkpoint, a table), kept where a config can name it:
         ``uploads/<its SHA-256, 12 hex>/<its name>``. The same file uploaded twice is stored once."""
+        if len(data) > UPLOAD_LIMIT:
+            raise StoreError(f"{name[:100]} is {len(data) / files.MB:,.0f} MB; an upload may be "
+                             f"{UPLOAD_LIMIT // files.MB} MB at most. Give the file's path on this machine instead")
         safe = re.sub(r"[^A-Za-z0-9._-]", "_", Path(name).name)[:128].lstrip(".") or "upload"
         path = self.root / "uploads" / hashlib.sha256(data).hexdigest()[:12] / safe
         if not path.is_file():
@@ -810,12 +825,14 @@ class RunStore:
 
     def load_baseline(self, key: str) -> dict[str, Any] | None:
         path = self.baseline_path(key)
-        if not path.exists():
+        if not os.path.lexists(path):
             return None
         try:
-            return torch.load(path, map_location="cpu", weights_only=True)
-        except Exception:  # a damaged cache entry is retrained, not fatal
-            path.unlink(missing_ok=True)
+            with files.open_regular(path, "FP32 baseline", StoreError) as f:
+                return torch.load(f, map_location="cpu", weights_only=True)
+        except Exception:  # a damaged cache entry (a FIFO or a link too) is retrained, not fatal
+            with contextlib.suppress(OSError):  # a folder in its place stays: saving the new one names it
+                path.unlink()
             return None
 
     def save_baseline(self, key: str, payload: dict[str, Any]) -> None:

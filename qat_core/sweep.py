@@ -58,14 +58,14 @@ from typing import Annotated, Any
 import pandas as pd
 import torch
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError, field_validator
 
-from qat_core import bench, cpu, report, runner, search, train, zoo
+from qat_core import bench, cpu, files, report, runner, search, train, zoo
 from qat_core import config as cfg
 from qat_core.config import LayerPlan, QuantOverride, RangeMethod, RunConfig
 from qat_core.errors import CancelledError, ConfigError, QATError, StoreError
 from qat_core.prepare import layer_table
-from qat_core.store import CANCEL_FLAG, RunStore, atomic_write_text, new_log
+from qat_core.store import CANCEL_FLAG, RunStore, atomic_write_text, first_error, new_log
 
 SPEC_VERSION = 1
 MAX_RUNS = 256  # variations in one sweep: more is a typo in a list, or a job for a cluster's own scheduler
@@ -76,6 +76,7 @@ RAY_CONNECT_SECONDS = 15  # to reach a Ray cluster, which answers in 1-3 s: refu
 RAY_EXTRA = "pip install -e '.[ray]'"
 WORKER_DIED = ("a worker process was killed (out of memory, or kill -9) and the pool stopped: this run did not "
                "finish")
+LOG_LIMIT = 64 * files.KB  # of a driver's log, the end is read: its last line says why it stopped
 Event = dict[str, Any]
 
 Bits = Annotated[int, Field(ge=cfg.MIN_BITS, le=cfg.MAX_BITS)]
@@ -173,7 +174,12 @@ def load_spec(path: str | Path) -> SweepSpec:
 
 def saved_spec(store: RunStore, sweep_id: str) -> SweepSpec:
     """The spec a sweep last ran with (to resume it)."""
-    return load_spec(store.sweep_dir(sweep_id) / SPEC_FILE)
+    try:
+        return load_spec(store.sweep_dir(sweep_id) / SPEC_FILE)
+    except ConfigError as err:
+        raise StoreError(f"sweep {sweep_id}'s saved spec cannot be used: {err}. Start the sweep again from its spec "
+                         "file (`qat-studio sweep SPEC`): that replaces the saved one and keeps the finished runs") \
+            from None
 
 
 def example_spec(base: RunConfig, name: str = "widths") -> SweepSpec:
@@ -284,15 +290,57 @@ def request_cancel(store: RunStore, sweep_id: str) -> None:
             store.request_cancel(record["id"])
 
 
+class _SavedState(BaseModel):
+    model_config = ConfigDict(extra="allow")  # the executor settings, start time: shown as they are
+
+    state: str
+    message: str = ""
+    error: str | None = None
+    pid: int | None = None
+    total: int | None = None
+
+
+class _Planned(_Strict):
+    run: str
+    label: str
+
+
+class _SavedSuggestions(_Strict):
+    key: str
+    plans: dict[str, LayerPlan]
+
+
+_STATE, _PLANNED, _SUGGESTED = TypeAdapter(_SavedState), TypeAdapter(list[_Planned]), TypeAdapter(_SavedSuggestions)
+
+
+def _damaged(path: Path, reason: str) -> StoreError:
+    """A sweep file that cannot be used; running the sweep again writes it anew."""
+    return StoreError(f"{path} is damaged ({reason}); delete it and run the same sweep again (`qat-studio sweep "
+                      "SPEC`, or Resume on the Sweep page): the finished runs are kept")
+
+
+def _read(path: Path, shape: TypeAdapter) -> Any:
+    """A sweep file checked to have ``shape``; :func:`_damaged` if it is not a small regular file of it."""
+    try:
+        return shape.validate_python(files.read_json(path, "sweep file", StoreError))
+    except StoreError as err:
+        raise _damaged(path, err.reason) from None
+    except ValidationError as err:
+        raise _damaged(path, first_error(err)) from None
+
+
 def state(store: RunStore, sweep_id: str) -> dict[str, Any]:
     """What the sweep's driver last wrote: ``state`` (preparing, training, latency, done, cancelled,
-    failed, stopped: its process died), ``pid``, ``total``, ``message``, ``error``, ``updated``."""
+    failed, stopped: its process died; damaged: the file is, ``error`` says how), ``pid``, ``total``,
+    ``message``, ``error``, ``updated``."""
     path = store.sweep_dir(sweep_id) / STATE_FILE
-    try:
-        saved = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, ValueError):
+    if not os.path.lexists(path):
         return {"state": "unknown", "message": "", "error": None}
-    if saved.get("state") in ("preparing", "training", "latency") and not _alive(saved.get("pid")):
+    try:
+        saved = _read(path, _STATE).model_dump()
+    except StoreError as err:
+        return {"state": "damaged", "message": "", "error": str(err)}
+    if saved["state"] in ("preparing", "training", "latency") and not _alive(saved["pid"]):
         why = _last_line(path.with_name("driver.log")) or "crash, kill or shutdown"
         saved |= {"state": "stopped", "error": f"the process running the sweep stopped ({why}); run the sweep "
                                                "again to train the runs that are missing"}
@@ -302,8 +350,8 @@ def state(store: RunStore, sweep_id: str) -> dict[str, Any]:
 def _last_line(path: Path) -> str:
     """The last line a launched driver wrote (its error, when it stopped on one)."""
     try:
-        lines = path.read_text(encoding="utf-8", errors="replace").strip().splitlines()
-    except OSError:
+        lines = files.read_tail(path, LOG_LIMIT, "sweep log").decode("utf-8", errors="replace").strip().splitlines()
+    except QATError:  # none, or not a file: the caller says what it knows without it
         return ""
     return lines[-1][:300] if lines else ""
 
@@ -321,11 +369,12 @@ def _alive(pid: Any) -> bool:
 
 
 def planned(store: RunStore, sweep_id: str) -> list[dict[str, str]]:
-    """The sweep's runs as expanded last (``[{"run", "label"}]``), before or while they train."""
-    try:
-        return json.loads((store.sweep_dir(sweep_id) / PLAN_FILE).read_text(encoding="utf-8"))
-    except (OSError, ValueError):
+    """The sweep's runs as expanded last (``[{"run", "label"}]``), before or while they train;
+    StoreError if its file is damaged."""
+    path = store.sweep_dir(sweep_id) / PLAN_FILE
+    if not os.path.lexists(path):
         return []
+    return [p.model_dump() for p in _read(path, _PLANNED)]
 
 
 def sweep_frame(store: RunStore, sweep_id: str) -> pd.DataFrame:
@@ -578,10 +627,10 @@ def _suggestions(spec: SweepSpec, store: RunStore, folder: Path, emit: Callable[
         return {}
     key = hashlib.sha256(json.dumps([spec.base.to_dict(), s.model_dump()], sort_keys=True).encode()).hexdigest()
     path = folder / SUGGESTED_FILE
-    with contextlib.suppress(OSError, ValueError, ValidationError):
-        saved = json.loads(path.read_text(encoding="utf-8"))
-        if saved["key"] == key:
-            return {label: LayerPlan.model_validate(plan) for label, plan in saved["plans"].items()}
+    if os.path.lexists(path):
+        saved = _read(path, _SUGGESTED)
+        if saved.key == key:  # else suggested for another base or budget: chosen again
+            return saved.plans
     if runner.cached_baseline(spec.base, store) is None:
         emit({"event": "baseline", "message": "training the FP32 baseline (for the sensitivity scan and the runs)"})
     loaded = runner.calibrated(spec.base, store, cancel=cancel)

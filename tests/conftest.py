@@ -154,3 +154,38 @@ def save_hf_models(root):
     ViTForImageClassification(ViTConfig(image_size=32, patch_size=4, num_hidden_layers=2, num_attention_heads=4,
                                         hidden_size=64, intermediate_size=128, num_labels=5)).save_pretrained(image)
     return text, image
+
+
+FIFO_RELEASE_SECONDS = 30.0  # after this, a reader blocked on a test's FIFO is a hang: it is released (and fails)
+
+
+@pytest.fixture
+def fifo():
+    """``fifo(path)`` makes a named pipe there. A reader blocked on one (a regression: a hang that a
+    streamlit script thread would never leave) gets end-of-file after ``FIFO_RELEASE_SECONDS`` and at
+    teardown, so the test fails instead of hanging the test run."""
+    import contextlib
+    import os
+    import threading
+
+    made, stop = [], threading.Event()
+
+    def release() -> None:
+        for path in made:
+            with contextlib.suppress(OSError):  # ENXIO: no reader waiting
+                os.close(os.open(path, os.O_WRONLY | os.O_NONBLOCK))
+
+    def watch() -> None:
+        if not stop.wait(FIFO_RELEASE_SECONDS):
+            while not stop.wait(0.5):
+                release()
+
+    def make(path):
+        os.mkfifo(path)
+        made.append(path)
+        return path
+
+    threading.Thread(target=watch, daemon=True).start()
+    yield make
+    stop.set()
+    release()

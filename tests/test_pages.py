@@ -319,6 +319,17 @@ def test_export_page_offers_downloads(digits_run):
     assert "Download HTML report" in {b.label for b in at.get("download_button")}
 
 
+def test_an_onnx_file_that_is_not_a_file_is_a_message_not_a_blocked_page(workspace, digits_run, tmp_path, monkeypatch,
+                                                                        fifo):
+    root = tmp_path / "ws"
+    shutil.copytree(workspace.run_dir(digits_run), root / "runs" / digits_run,
+                    ignore=shutil.ignore_patterns("*.onnx", "analysis", "*.html"))
+    fifo(root / "runs" / digits_run / "int8.onnx")  # the download read it to its end: it waited for a writer
+    monkeypatch.setenv("QAT_STUDIO_HOME", str(root))
+    at = ok(app("export", timeout=30))
+    assert any("int8.onnx" in e.value and "is not a regular file" in e.value for e in at.error), at.error
+
+
 # --- payload builders and upload parsing --------------------------------------------------------
 def test_config_payloads_reproduce_the_run(workspace, digits_run):
     expected = workspace.config(digits_run).to_dict()

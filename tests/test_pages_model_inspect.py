@@ -138,3 +138,18 @@ def test_suggest_plan_reports_each_candidate_and_otherwise_is_unchanged(workspac
     plain = search.suggest_plan(loaded, sens, average_bits=3.0, measure=2, top=2, batches=2)
     assert plain.widths == sug.widths and plain.plan == sug.plan
     pd.testing.assert_frame_equal(plain.candidates, sug.candidates)
+
+
+@pytest.mark.parametrize("kind", ["fifo", "directory"])
+def test_a_table_path_that_is_not_a_file_is_a_message_not_a_blocked_session(tmp_path, fifo, kind):
+    path = tmp_path / "table.csv"
+    if kind == "fifo":
+        fifo(path)
+    else:
+        path.mkdir()
+    at = apptest.app("model", timeout=30)  # pandas reading a FIFO waited for a writer: the run timed out
+    at.selectbox(key="zoo_model").select("table-mlp").run()
+    at.text_input(key="data_path").input(str(path)).run(timeout=30)
+    ok(at)
+    assert any("table.csv is not a regular file" in e.value or "table.csv is a directory" in e.value
+               for e in at.error), [e.value for e in at.error]

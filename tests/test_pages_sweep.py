@@ -91,3 +91,17 @@ def test_a_sweep_whose_runs_failed_shows_incomplete_and_how_to_finish_it(store):
     assert "1 of 1 runs did not finish (1 failed)" in warning and "training diverged" in warning
     assert "Resume" in warning and "run the same `qat-studio sweep` command again" in warning
     assert at.button(key="sw_resume")
+
+
+@pytest.mark.parametrize(("name", "text"), [("state.json", "[]"), ("plan.json", "[1, 2]"),
+                                            ("state.json", '{"state": "training", "total": "x"}')])
+def test_a_damaged_sweep_file_is_named_beside_resume_not_a_crash(store, name, text):
+    spec = sweep.from_dict({"name": "damaged", "base": small_base().to_dict(), "vary": {"weight_bits": [8, 4]}})
+    folder = store.sweep_dir("damaged")
+    folder.mkdir(parents=True)
+    (folder / sweep.SPEC_FILE).write_text(spec.to_yaml())
+    (folder / name).write_text(text)
+    at = sweep_page()
+    warning = " ".join(w.value for w in at.warning)
+    assert f"{name} is damaged" in warning and "run the same sweep again" in warning, warning
+    assert at.button(key="sw_resume").label == "Resume"
