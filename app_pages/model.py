@@ -99,7 +99,7 @@ data: dict = {}
 if plugin:
     st.caption("Data: the plugin's own loaders.")
 else:
-    own = entry.dataset if entry else zoo.default_dataset(model_id)
+    own = entry.dataset if entry else common.call(zoo.default_dataset, model_id)  # an hf: folder may be damaged
     options = ["generated-images", "image-folder"] if own == "generated-images" else [own]
     current = config.data.dataset if same_model and config.data.dataset in options else options[0]
     if len(options) > 1:

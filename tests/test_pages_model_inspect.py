@@ -153,3 +153,13 @@ def test_a_table_path_that_is_not_a_file_is_a_message_not_a_blocked_session(tmp_
     ok(at)
     assert any("table.csv is not a regular file" in e.value or "table.csv is a directory" in e.value
                for e in at.error), [e.value for e in at.error]
+
+
+def test_an_hf_folder_without_its_config_is_a_message_not_a_traceback(tmp_path):
+    folder = tmp_path / "not-saved"  # a folder, but not one save_pretrained wrote
+    folder.mkdir()
+    at = apptest.app("model", timeout=60)
+    at.radio(key="model_source").set_value("By name or path").run()
+    at.text_input(key="plugin_path").input(f"hf:{folder}").run(timeout=60)
+    ok(at)  # Streamlit's own error box (an exception) was shown here
+    assert any("no config.json" in e.value for e in at.error), [e.value for e in at.error]
