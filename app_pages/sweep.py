@@ -105,9 +105,12 @@ def show_sweep(sweep_id: str, was_running: bool) -> None:
         st.success(f"Done: {done} of {total} runs trained.")
     else:  # incomplete, cancelled, failed, stopped; or done when it ended, and a run was deleted since
         how = "incomplete" if state["state"] == "done" else state["state"]
-        why = state.get("error") or f"{total - done} of {total} runs did not finish"
-        st.warning(f"Sweep {how}: {why}. {done} of {total} runs are done and kept; **Resume** trains only the "
-                   "runs that did not finish (from a terminal: run the same `qat-studio sweep` command again).")
+        if state["state"] == "damaged":  # the error says which file and what to do
+            st.warning(f"Sweep damaged: {state['error']}.")
+        else:
+            why = state.get("error") or f"{total - done} of {total} runs did not finish"
+            st.warning(f"Sweep {how}: {why}. {done} of {total} runs are done and kept; **Resume** trains only the "
+                       "runs that did not finish (from a terminal: run the same `qat-studio sweep` command again).")
         if st.button("Resume", type="primary", key="sw_resume"):
             common.call(sweep.launch, common.call(sweep.saved_spec, store, sweep_id), store)
             st.rerun()

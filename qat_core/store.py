@@ -196,7 +196,7 @@ def _pid_alive(pid: int | None) -> bool:
     return True
 
 
-def first_error(err: ValidationError) -> str:
+def _first_error(err: ValidationError) -> str:
     e = err.errors()[0]
     where = ".".join(str(p) for p in e["loc"])
     return (f"{where}: " if where else "") + e["msg"][:300]
@@ -426,7 +426,7 @@ class RunStore:
             problem = f"{why}, and the run's {RECORD_FILE} " + \
                 (f"is damaged ({err.reason})" if os.path.lexists(record) else "is missing")
         except (ValueError, TypeError, RecursionError) as err:  # ValidationError is a ValueError
-            detail = first_error(err) if isinstance(err, ValidationError) else str(err)[:200]
+            detail = _first_error(err) if isinstance(err, ValidationError) else str(err)[:200]
             problem = f"{why}, and the run's {RECORD_FILE} is damaged ({detail})"
         config = "{}"
         try:
@@ -544,14 +544,14 @@ class RunStore:
             row = _Row.model_validate(values)
             folder = self.run_dir(row.id)
         except (ValidationError, StoreError) as err:
-            reason = first_error(err) if isinstance(err, ValidationError) else str(err)
+            reason = _first_error(err) if isinstance(err, ValidationError) else str(err)
             return self._repair(values, f"its index row is damaged ({reason})")
         if not folder.is_dir():
             return self._damaged(values, f"its folder {folder} is missing (deleted or moved)")
         try:
             RunConfig.model_validate(row.config)
         except ValidationError as err:  # saved by an older QAT Studio, or edited by hand
-            return self._damaged(values, f"its config is no longer valid ({first_error(err)}); start a new run "
+            return self._damaged(values, f"its config is no longer valid ({_first_error(err)}); start a new run "
                                          "from an edited copy of its config.yaml")
         status, error = row.status, row.error
         if status == "running" and not _pid_alive(row.pid):
@@ -713,7 +713,7 @@ class RunStore:
         except StoreError as err:  # not a regular file, too large, not UTF-8, not JSON
             raise StoreError(f"{path} is damaged ({err.reason}); {REDO.get(name, 'run that step again')}") from None
         except ValidationError as err:
-            raise StoreError(f"{path} is damaged ({first_error(err)}); {REDO.get(name, 'run that step again')}") from None
+            raise StoreError(f"{path} is damaged ({_first_error(err)}); {REDO.get(name, 'run that step again')}") from None
         return data
 
     def artifact(self, run_id: str, name: str) -> Path:

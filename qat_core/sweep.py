@@ -65,7 +65,7 @@ from qat_core import config as cfg
 from qat_core.config import LayerPlan, QuantOverride, RangeMethod, RunConfig
 from qat_core.errors import CancelledError, ConfigError, QATError, StoreError
 from qat_core.prepare import layer_table
-from qat_core.store import CANCEL_FLAG, RunStore, atomic_write_text, first_error, new_log
+from qat_core.store import CANCEL_FLAG, RunStore, atomic_write_text, new_log
 
 SPEC_VERSION = 1
 MAX_RUNS = 256  # variations in one sweep: more is a typo in a list, or a job for a cluster's own scheduler
@@ -325,8 +325,9 @@ def _read(path: Path, shape: TypeAdapter) -> Any:
         return shape.validate_python(files.read_json(path, "sweep file", StoreError))
     except StoreError as err:
         raise _damaged(path, err.reason) from None
-    except ValidationError as err:
-        raise _damaged(path, first_error(err)) from None
+    except ValidationError as err:  # valid JSON, but not what the driver writes there
+        where = ".".join(str(p) for p in err.errors()[0]["loc"])
+        raise _damaged(path, f"not what QAT Studio writes there{f', at {where}' if where else ''}") from None
 
 
 def state(store: RunStore, sweep_id: str) -> dict[str, Any]:
