@@ -84,6 +84,20 @@ def _unknown_name(library: str, name: str, names: list[str]) -> ConfigError:
     return ConfigError(f"{library} has no classification model {name!r}{hint}")
 
 
+def ids_for(name: str) -> list[str]:
+    """The library ids of a bare architecture name (``mobilenet_v3_small`` → ``torchvision:…``, ``timm:…``),
+    among the libraries installed here: what a user who typed the name alone meant."""
+    found = []
+    for prefix in ("torchvision", "timm"):
+        try:
+            lib = _library(prefix)
+        except ConfigError:  # not installed: nothing to suggest from it
+            continue
+        known = (name in lib.models.list_models(module=lib.models)) if prefix == "torchvision" else lib.is_model(name)
+        found += [f"{prefix}:{name}"] if known else []
+    return found
+
+
 def library_model(model_id: str, data: Data, weights: str | None = None) -> nn.Module:
     """A library's architecture by name, its head sized for the data's classes: randomly initialised
     (``load_checkpoint`` then loads the user's trained weights), or with the library's pretrained

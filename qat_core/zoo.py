@@ -9,6 +9,7 @@ from __future__ import annotations
 import importlib
 import math
 import os
+import re
 import sys
 import traceback
 from collections import OrderedDict
@@ -24,7 +25,16 @@ from qat_core import plugins
 from qat_core.config import DataConfig
 from qat_core.data import DATASETS, Data, digits, images224, sequences, table
 from qat_core.errors import ConfigError, PluginError
-from qat_core.library import head, hf_task, library_data, library_model, library_of, note_new_head, resolve_data
+from qat_core.library import (
+    head,
+    hf_task,
+    ids_for,
+    library_data,
+    library_model,
+    library_of,
+    note_new_head,
+    resolve_data,
+)
 from qat_core.modules import Add, MatMul
 
 # --- models --------------------------------------------------------------------------------------
@@ -388,8 +398,10 @@ def build(model_id: str, data_cfg: DataConfig, weights: str | None = None,
     else:
         entry = MODELS.get(model_id)
         if entry is None:
+            meant = ids_for(model_id) if re.fullmatch(r"[A-Za-z0-9_.]{1,100}", model_id) else []
+            hint = f"; did you mean {' or '.join(meant)}?" if meant else ""
             raise ConfigError(f"model {model_id!r} is not in the zoo ({', '.join(MODELS)}) "
-                              "and is not a plugin path 'package.module:factory'")
+                              f"and is not a plugin path 'package.module:factory'{hint}")
         if data_cfg.dataset != entry.dataset and not (entry.dataset == "generated-images"
                                                       and data_cfg.dataset == "image-folder"):
             raise ConfigError(f"model {model_id} is built for the {entry.dataset} data set, not {data_cfg.dataset}; "

@@ -86,3 +86,11 @@ def test_checkpoint_round_trip_and_bad_files(tmp_path):
 
     with pytest.raises(PluginError, match="does not exist"):
         zoo.load_checkpoint(fresh, tmp_path / "missing.pt")
+
+
+def test_a_bare_library_name_suggests_its_library_ids():
+    with pytest.raises(ConfigError, match=r"did you mean torchvision:mobilenet_v3_small\?"):
+        zoo.build("mobilenet_v3_small", DataConfig())
+    with pytest.raises(ConfigError) as refused:
+        zoo.build("no_such_net", DataConfig())
+    assert "did you mean" not in str(refused.value)
