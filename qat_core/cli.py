@@ -107,14 +107,16 @@ def _check_prepared(store, run_id: str) -> None:
 def cmd_runs(args: argparse.Namespace) -> None:
     records = _store(args).list()
     if args.json:
-        print(json.dumps([{k: r[k] for k in ("id", "path", "status", "error", "model", "metrics")} for r in records],
+        print(json.dumps([{k: r[k] for k in ("id", "name", "path", "status", "error", "model", "metrics")}
+                          for r in records],
                          indent=2))
         return
     for r in records:
         qat = r["metrics"].get("qat", {}).get("accuracy")
         acc = f"{qat:.2%}" if qat is not None else "-"
         damage = f"  ({r['error']})" if r["status"] == "damaged" else ""
-        print(f"{r['id']}  {r['status']:<9} {r['model']:<14} QAT {acc}{damage}")
+        name = f"  {r['name']}" if r["name"] else ""
+        print(f"{r['id']}  {r['status']:<9} {r['model']:<14} QAT {acc}{name}{damage}")
 
 
 def cmd_show(args: argparse.Namespace) -> None:
@@ -129,6 +131,25 @@ def cmd_show(args: argparse.Namespace) -> None:
     for phase in ("fp32", "ptq", "qat"):
         if phase in r["metrics"]:
             print(f"  {phase.upper():<5} accuracy {r['metrics'][phase]['accuracy']:.2%}")
+
+
+def cmd_rename(args: argparse.Namespace) -> None:
+    from qat_core.planning import run_title
+
+    record = _store(args).rename(args.run, args.name)
+    print(f"run {record['id']} is now named {run_title(record['config'])!r}")
+
+
+def cmd_delete(args: argparse.Namespace) -> None:
+    from qat_core.sweep import delete_run
+
+    store = _store(args)
+    record = store.get(args.run)
+    if not args.yes:  # stdin is /dev/null here: there is no one to ask
+        raise StoreError(f"deleting run {record['id']} removes its folder {record['path']} (weights, ONNX files, "
+                         "results) for good; add --yes to delete it")
+    delete_run(store, record["id"])
+    print(f"deleted run {record['id']}")
 
 
 def cmd_analyze(args: argparse.Namespace) -> None:
@@ -315,6 +336,17 @@ def parser() -> argparse.ArgumentParser:
     show.add_argument("run")
     show.add_argument("--json", action="store_true")
     show.set_defaults(func=cmd_show)
+
+    rn = sub.add_parser("rename", help="give a run another name (an empty name: its model and plan name it)")
+    rn.add_argument("run", help="run id (see `qat-studio runs`)")
+    rn.add_argument("name")
+    rn.set_defaults(func=cmd_rename)
+
+    de = sub.add_parser("delete", help="delete a run and its folder (not while it runs)")
+    de.add_argument("run", help="run id (see `qat-studio runs`)")
+    de.add_argument("--yes", action="store_true", help="delete without asking (required: the command never waits "
+                                                       "for an answer)")
+    de.set_defaults(func=cmd_delete)
 
     an = sub.add_parser("analyze", parents=[allow], help="write per-layer error, histograms, sensitivity (CSV) and "
                                                          "figures (HTML) into a finished run's analysis/ folder")

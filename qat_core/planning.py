@@ -42,23 +42,42 @@ def _widths(weight_bits: int | None, act_bits: int | None) -> str:
 
 def plan_summary(config: dict[str, Any] | cfg.RunConfig) -> str:
     """The plan in a few words, the one way every page, table and report names it: ``W8A8``,
-    ``W2A4, 2 layers W8A8`` (layers that differ from the default, by their widths), ``W4A4, 3 layers differ``."""
+    ``W2A4, 2 layers W8A8`` (layers that differ from the default, by their widths), ``W4A4, 3 layers differ``.
+    An override that repeats the default (a sweep's uniform plan lists every layer) differs in nothing."""
     plan = (config if isinstance(config, cfg.RunConfig) else cfg.RunConfig.model_validate(config)).plan
     text = _widths(plan.default.weight_bits, plan.default.act_bits)
-    if not plan.overrides:
+    differing = [name for name in plan.overrides if plan.spec_for(name) != plan.default]
+    if not differing:
         return text
-    count = len(plan.overrides)
+    count = len(differing)
     layers = f"{count} layer{'s' if count > 1 else ''}"
-    widths = {_widths(plan.spec_for(name).weight_bits, plan.spec_for(name).act_bits) for name in plan.overrides}
+    widths = {_widths(plan.spec_for(name).weight_bits, plan.spec_for(name).act_bits) for name in differing}
     if len(widths) == 1 and text not in widths:
         return f"{text}, {layers} {widths.pop()}"
     return f"{text}, {layers} differ"
 
 
+def default_name(config: dict[str, Any] | cfg.RunConfig) -> str:
+    """What a run is, for people: its model and plan (``digits-cnn · W8A8``); runs of two models never look alike."""
+    model = config.model if isinstance(config, cfg.RunConfig) else config.get("model", "?")
+    return f"{model} · {plan_summary(config)}"
+
+
 def run_title(config: dict[str, Any] | cfg.RunConfig) -> str:
-    """A run's name for people: the name the user gave it, else its plan."""
+    """A run's name for people: the name the user gave it, else its model and plan."""
     name = config.name if isinstance(config, cfg.RunConfig) else config.get("name", "")
-    return name or plan_summary(config)
+    return name or default_name(config)
+
+
+def settings_summary(config: cfg.RunConfig) -> str:
+    """A run's settings in one line, to tell two runs (or a draft and a run) apart: model, plan, data, training."""
+    d = config.data
+    data = d.dataset + (f" {d.path}" if d.path else "")
+    data += f" · {d.image_size} px crop" if d.image_size else ""
+    data += f" · at most {d.max_samples:,} samples" if d.max_samples else " · all samples"
+    ft = config.finetune
+    return (f"{default_name(config)} · data: {data} · fine-tune {ft.epochs:g} epochs, lr {ft.lr:g}, "
+            f"batch {ft.batch_size} · baseline {config.baseline.epochs} epochs · seed {config.seed}")
 
 
 def _most_common(values: list[Any], current: Any) -> Any:
@@ -137,7 +156,7 @@ def plan_from_frame(base: cfg.RunConfig, rows: Rows, frame: pd.DataFrame) -> cfg
     data = base.to_dict()
     data["plan"] = {"default": default, "overrides": overrides}
     try:
-        return _with_plain_default(cfg.from_dict(data), rows)
+        return plain_plan(cfg.from_dict(data), rows)
     except ConfigError as err:  # a cell the config rejects (an unknown range method): name layer and column
         text = str(err).removeprefix("invalid config:").strip()
         for name in overrides:
@@ -145,10 +164,11 @@ def plan_from_frame(base: cfg.RunConfig, rows: Rows, frame: pd.DataFrame) -> cfg
         raise ConfigError(text) from None
 
 
-def _with_plain_default(config: cfg.RunConfig, rows: Rows) -> cfg.RunConfig:
-    """The same plan with the widths most layers use as its default, so its name says what it is: every
-    layer set to 2 bits in the table over a W4 default is a W2 plan, not "W4 with 4 overrides". The first
-    and last weight layers do not vote when there are others (they are often kept at 8 bits)."""
+def plain_plan(config: cfg.RunConfig, rows: Rows) -> cfg.RunConfig:
+    """The same plan with the widths most layers use as its default and only the layers that differ from it as
+    overrides, so its name says what it is: every layer set to 2 bits in the table over a W4 default is a W2
+    plan, not "W4 with 4 overrides". The first and last weight layers do not vote when there are others (they
+    are often kept at 8 bits)."""
     plan = config.plan
     names = weight_layers(rows)
     voters = names[1:-1] or names
@@ -156,8 +176,6 @@ def _with_plain_default(config: cfg.RunConfig, rows: Rows) -> cfg.RunConfig:
     weight_bits = _most_common([plan.spec_for(n).weight_bits for n in voters], plan.default.weight_bits)
     act_bits = _most_common([plan.spec_for(n).act_bits for n in acts if n in voters or n not in names],
                             plan.default.act_bits)
-    if (weight_bits, act_bits) == (plan.default.weight_bits, plan.default.act_bits):
-        return config
     default = plan.default.model_copy(update={"weight_bits": weight_bits, "act_bits": act_bits})
     overrides = {}
     for row in rows:

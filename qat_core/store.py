@@ -50,6 +50,7 @@ CANCEL_FLAG = "CANCEL"
 WORKSPACE_PARTS = ("index.sqlite", "runs", "baselines", "drafts", "uploads", "sweeps")  # any of them: a workspace already
 RECORD_FILE = "run.json"  # the run's index row, kept in its folder: the index can be rebuilt from the folders
 DRAFT_ID = re.compile(r"^[A-Za-z0-9_-]{1,64}$")  # a draft id: safe as a file name and in a URL
+NAME_LIMIT = 80  # characters of a run's name: it heads tables and pickers
 RUN_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_-]{0,63}$")
 SWEEP_ID = re.compile(r"^[a-z0-9][a-z0-9_-]{0,39}$")  # short: its runs' ids start with it
 COLUMNS = ("id", "created", "updated", "name", "model", "status", "error", "pid", "config", "metrics")
@@ -194,6 +195,10 @@ def _pid_alive(pid: int | None) -> bool:
     except PermissionError:
         return True
     return True
+
+
+def _digest(config: RunConfig) -> str:
+    return hashlib.sha256(config.to_json().encode()).hexdigest()
 
 
 def _first_error(err: ValidationError) -> str:
@@ -645,10 +650,45 @@ class RunStore:
             (self.run_dir(run_id) / name).unlink(missing_ok=True)
         self._set_status(run_id, "cancelled" if cancelled else "failed", error)
 
+    def _refuse_running(self, record: dict[str, Any], doing: str) -> None:
+        """A running run's process writes its folder and row until it ends: it is not renamed or deleted."""
+        if record["status"] == "running":  # a listed run is running only while its process lives
+            raise StoreError(f"run {record['id']} is running: cancel it (Fine-tune page, or `touch "
+                             f"{self.run_dir(record['id']) / CANCEL_FLAG}`) and wait for it to stop, then {doing} it")
+
     def delete(self, run_id: str) -> None:
-        self.get(run_id)
+        """Remove a run's row and folder; a running run is refused (StoreError)."""
+        self._refuse_running(self.get(run_id), "delete")
         self._transaction(lambda db: db.execute("DELETE FROM runs WHERE id=?", (run_id,)), write=True)
         shutil.rmtree(self.run_dir(run_id), ignore_errors=True)
+
+    def rename(self, run_id: str, name: str) -> dict[str, Any]:
+        """Give a run another name (its config's ``name``; empty: its model and plan name it). The index row,
+        ``run.json`` and ``config.yaml`` change in one transaction: the row only once both files are written."""
+        record = self.get(run_id)
+        if record["status"] == "damaged":
+            raise StoreError(f"run {run_id} is damaged ({record['error']}); it cannot be renamed, only deleted")
+        self._refuse_running(record, "rename")
+        name = name.strip()
+        if len(name) > NAME_LIMIT:
+            raise StoreError(f"a run name is at most {NAME_LIMIT} characters; this one has {len(name)}")
+        if any(not c.isprintable() for c in name):
+            raise StoreError(f"a run name is one line of printable text; {name[:40]!r} is not")
+        before = RunConfig.model_validate(record["config"])
+        config = before.model_copy(update={"name": name})
+
+        def change(db: sqlite3.Connection) -> None:
+            db.execute("UPDATE runs SET name=?, config=?, updated=? WHERE id=?",
+                       (config.name, config.to_json(), time.time(), run_id))
+            atomic_write_text(self.run_dir(run_id) / "config.yaml", config.to_yaml())
+
+        try:
+            self._update(run_id, change)
+        except BaseException:  # the row was rolled back: so is its config.yaml
+            with contextlib.suppress(QATError):
+                atomic_write_text(self.run_dir(run_id) / "config.yaml", before.to_yaml())
+            raise
+        return self.get(run_id)
 
     def require_done(self, run_id: str) -> dict[str, Any]:
         record = self.get(run_id)
@@ -763,6 +803,35 @@ class RunStore:
         if not path.exists():
             raise StoreError(f"no draft {draft_id!r} in workspace {self.root}; it was never saved or was deleted")
         return load_config(path)
+
+    def _started_path(self, draft_id: str) -> Path:
+        return self.draft_path(draft_id).with_suffix(".started.json")
+
+    def draft_started(self, draft_id: str, config: RunConfig) -> str | None:
+        """The run this draft started last, if the draft is still ``config`` and the run still exists."""
+        try:
+            started = json.loads(self._started_path(draft_id).read_text())
+            if started["config"] != _digest(config) or not self.run_dir(started["run"]).is_dir():
+                return None
+            return started["run"]
+        except (OSError, ValueError, TypeError, KeyError, StoreError):  # none yet, or unreadable: not started
+            return None
+
+    def start_draft(self, draft_id: str, config: RunConfig, start: Callable[[RunConfig], str]) -> tuple[str, bool]:
+        """Start a run from a draft once: ``start(config)`` → run id, unless this draft, unchanged, started one
+        already (a second click, a rerun, another tab). Under a lock on the draft, so two at once start one run.
+        Returns (run id, whether it was started now)."""
+        with _open_lock(self.draft_path(draft_id).with_suffix(".lock")) as f:
+            fcntl.flock(f, fcntl.LOCK_EX)
+            try:
+                run_id = self.draft_started(draft_id, config)
+                if run_id is not None:
+                    return run_id, False
+                run_id = start(config)
+                atomic_write_text(self._started_path(draft_id), json.dumps({"config": _digest(config), "run": run_id}))
+                return run_id, True
+            finally:
+                fcntl.flock(f, fcntl.LOCK_UN)
 
     # --- uploads ---------------------------------------------------------------------------------
     def save_upload(self, name: str, data: bytes) -> Path:

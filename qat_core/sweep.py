@@ -60,7 +60,7 @@ import torch
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError, field_validator
 
-from qat_core import bench, cpu, files, report, runner, search, train, zoo
+from qat_core import bench, cpu, files, planning, report, runner, search, train, zoo
 from qat_core import config as cfg
 from qat_core.config import LayerPlan, QuantOverride, RangeMethod, RunConfig
 from qat_core.errors import CancelledError, ConfigError, QATError, StoreError
@@ -227,7 +227,8 @@ def plan_variations(spec: SweepSpec, rows: list[dict], suggested: dict[str, Laye
     """The plans a sweep tries, by label: uniform widths, named plans, suggestions (else the base's).
     ``rows``: the base model's ``prepare.layer_table``."""
     base = spec.base.plan
-    plans = {f"{b}-bit weights": search.uniform_widths(base, rows, b) for b in spec.vary.weight_bits}
+    plans = {f"{b}-bit weights": planning.plain_plan(spec.base.model_copy(update={"plan": search.uniform_widths(
+        base, rows, b)}), rows).plan for b in spec.vary.weight_bits}  # a 2-bit plan is named W2A8, not W8A8 + 4 layers
     known = {r["name"] for r in rows}
     for name, change in spec.vary.plans.items():
         unknown = sorted(set(change.overrides) - known)
@@ -376,6 +377,24 @@ def planned(store: RunStore, sweep_id: str) -> list[dict[str, str]]:
     if not os.path.lexists(path):
         return []
     return [p.model_dump() for p in _read(path, _PLANNED)]
+
+
+def delete_run(store: RunStore, run_id: str) -> None:
+    """Delete a run (``store.delete``: a running one is refused). A sweep's run also leaves the sweep's list,
+    so the sweep shows the runs it still has, not a "pending" one that nothing trains; while the sweep runs
+    it is refused. Running the sweep again trains the missing run anew."""
+    sweep_id = (store.get(run_id)["metrics"].get("sweep") or {}).get("id")
+    if not sweep_id:
+        store.delete(run_id)
+        return
+    if running(store, sweep_id):
+        raise StoreError(f"run {run_id} belongs to sweep {sweep_id}, which is running; cancel the sweep (Sweep page) "
+                         "or wait for it to finish, then delete the run")
+    with store.sweep_lock(sweep_id):  # no driver starts meanwhile
+        store.delete(run_id)
+        with contextlib.suppress(StoreError):  # a damaged list is rewritten when the sweep runs again
+            kept = [p for p in planned(store, sweep_id) if p["run"] != run_id]
+            atomic_write_text(store.sweep_dir(sweep_id) / PLAN_FILE, json.dumps(kept))
 
 
 def sweep_frame(store: RunStore, sweep_id: str) -> pd.DataFrame:
