@@ -24,7 +24,7 @@ from qat_core import analysis, cpu, library, planning, plots, prepare, report, r
 from qat_core import config as cfg
 from qat_core import data as datasets
 from qat_core.errors import ConfigError, QATError
-from qat_core.store import RunStore, default_workspace
+from qat_core.store import NAME_LIMIT, RunStore, default_workspace
 
 # --- keys (session_state and URL) -----------------------------------------------------------------
 DRAFT_PARAM = "draft"  # URL query parameter: the draft config being edited
@@ -70,13 +70,16 @@ def runs() -> list[dict[str, Any]]:
 
 
 def run_label(record: dict[str, Any]) -> str:
+    """A run in a picker: its name (if given), model and plan, status, accuracies as the metrics show them, id."""
     if record["status"] == "damaged":  # its config and metrics could not be read
         return f"{record['id']} · {record['model']} · damaged"
     qat = record["metrics"].get("qat", {}).get("accuracy")
     ort = record["metrics"].get("parity", {}).get("accuracy")
-    acc = f" · QAT {qat:.1%}" if qat is not None else ""
-    acc += f" (ONNX Runtime {ort:.1%})" if ort is not None else ""
-    return f"{planning.run_title(record['config'])} · {record['model']} · {record['status']}{acc} · {record['id']}"
+    acc = f" · QAT {qat:.2%}" if qat is not None else ""
+    acc += f" (ONNX Runtime {ort:.2%})" if ort is not None else ""
+    name = record["config"].get("name")
+    return f"{name + ' · ' if name else ''}{planning.default_name(record['config'])} · {record['status']}{acc} · " \
+           f"{record['id']}"
 
 
 def selected_run_id(records: list[dict[str, Any]]) -> str | None:
@@ -86,6 +89,14 @@ def selected_run_id(records: list[dict[str, Any]]) -> str | None:
         if candidate in ids:
             return candidate
     return ids[0] if ids else None
+
+
+def start_run(config: cfg.RunConfig, threads: int = 1) -> str:
+    """Start a run from this tab's draft, once: a second click or rerun on the same draft (before the first
+    is drawn, or from another tab) gets the run the first started (``RunStore.start_draft``)."""
+    s = store()
+    run_id, _ = call(s.start_draft, draft_id(), config, lambda c: runner.launch(c, s, threads))
+    return run_id
 
 
 def select_run(run_id: str) -> None:
@@ -107,6 +118,38 @@ def run_picker(records: list[dict[str, Any]], statuses: tuple[str, ...] = ("done
     if st.query_params.get(RUN_PARAM) != picked:
         st.query_params[RUN_PARAM] = picked
     return picked
+
+
+MANAGE_PICKER = "manage_run"  # the run chosen under "Manage runs"
+MANAGED = "managed"  # what the last rename or delete did, said once after the rerun that redraws the list
+
+
+def manage_runs(records: list[dict[str, Any]]) -> None:
+    """Rename or delete a run. A delete needs a ticked confirmation; a running run is refused with the reason."""
+    if MANAGED in st.session_state:
+        st.success(st.session_state.pop(MANAGED))
+    labels = {r["id"]: run_label(r) for r in records}
+    if st.session_state.get(MANAGE_PICKER) not in labels:  # deleted meanwhile (here or in another tab)
+        st.session_state.pop(MANAGE_PICKER, None)
+    run_id = st.selectbox("Run to rename or delete", list(labels), format_func=labels.__getitem__, key=MANAGE_PICKER)
+    record = next(r for r in records if r["id"] == run_id)
+    running = record["status"] == "running"
+    if running:
+        st.info("This run is running: cancel it on **Fine-tune** (or let it finish) to rename or delete it.")
+    c1, c2 = st.columns([4, 1], vertical_alignment="bottom")
+    name = c1.text_input("New name (empty: its model and plan name it)", value=record["name"] or "",
+                         key=f"rename_{run_id}", max_chars=NAME_LIMIT, disabled=running)
+    if c2.button("Rename", key="rename_run", disabled=running or record["status"] == "damaged"):
+        renamed = call(store().rename, run_id, name)
+        st.session_state[MANAGED] = f"Run {run_id} is now named “{planning.run_title(renamed['config'])}”."
+        st.rerun()
+    sure = st.checkbox(f"Yes, delete run {run_id} and its files (weights, ONNX models, results, report)",
+                       key=f"confirm_delete_{run_id}", disabled=running)
+    if st.button("Delete run", key="delete_run", disabled=running or not sure,
+                 help=None if sure else "Tick the box above to confirm: a deleted run cannot be restored"):
+        call(sweep.delete_run, store(), run_id)
+        st.session_state[MANAGED] = f"Deleted run {run_id} ({run_label(record)})."
+        st.rerun()
 
 
 # --- models ---------------------------------------------------------------------------------------
@@ -180,6 +223,13 @@ def default_config(model_id: str, data: dict[str, Any] | None = None, weights: s
     """A model's default config (its plan, training settings, data), on ``data`` when given."""
     data_json = json.dumps(data, sort_keys=True) if data else None
     return cfg.RunConfig.model_validate(_default_config(model_id, data_json, weights, checkpoint))
+
+
+def with_data(config: cfg.RunConfig, data: dict[str, Any]) -> cfg.RunConfig:
+    """The draft on other settings of its data set (``data``: what Model & data shows), its plan kept; an image
+    folder's preprocessing not given is taken from the model's weights, as ``default_config`` does."""
+    typed = cfg.from_dict({"model": config.model, "data": data}).data
+    return config.model_copy(update={"data": library.resolve_data(config.model, typed, config.weights)})
 
 
 def baseline_metrics(config: cfg.RunConfig) -> dict[str, float] | None:

@@ -16,7 +16,12 @@ common.show_table(frame[report.RUN_SUMMARY], report.RUN_HEADERS)
 with st.expander("Every column (FP32 and PTQ accuracy, stored size, FP32 latency, errors)"):
     common.show_table(frame, report.RUN_HEADERS)
 
+with st.expander("Manage runs: rename or delete"):
+    common.manage_runs(records)
+
 done = frame[frame["status"] == "done"]
+if "compare_runs" in st.session_state:  # a run deleted since it was picked is no option any more
+    st.session_state["compare_runs"] = [r for r in st.session_state["compare_runs"] if r in set(done["run"])]
 picked = st.multiselect("Runs side by side", list(done["run"]), default=list(done["run"][:4]), key="compare_runs",
                         format_func=dict(zip(done["run"], done["name"], strict=True)).get)
 if not picked:

@@ -4,16 +4,18 @@ curves and Cancel. The job lives in the run store, so a reload or a second tab f
 import streamlit as st
 
 from app_pages import _common as common
-from qat_core import planning, report, runner
+from qat_core import planning, report
+from qat_core.config import RunConfig
 from qat_core.store import STATUSES
 
 st.title("Fine-tune")
 config = common.draft()
 
-with st.expander(f"New run from this tab's draft: {config.model} · {planning.run_title(config)}", expanded=True):
+with st.expander(f"New run from this tab's draft: {planning.default_name(config)}", expanded=True):
     ft = config.finetune
+    st.caption(f"Data: {planning.data_summary(config.data)} (set on **Model & data**)")
     name = st.text_input("Run name (optional)", value=config.name, key="ft_name", max_chars=80,
-                         placeholder=planning.plan_summary(config), help="Shown in Compare, the run picker and the report")
+                         placeholder=planning.default_name(config), help="Shown in Compare, the run picker and the report")
     c1, c2, c3, c4, c5 = st.columns(5)
     # No min/max on the inputs: the browser would silently replace an out-of-range value. Every value
     # reaches the server, which says what is wrong beside the control and keeps Start disabled.
@@ -35,11 +37,16 @@ with st.expander(f"New run from this tab's draft: {config.model} · {planning.ru
             column.error(problems[field], icon="⚠️")
     if not problems:
         config = common.update_draft(config, **values)
-    if st.button("Start fine-tune", type="primary", key="start", disabled=bool(problems),
-                 help="Fix the values marked above first" if problems else None):
-        run_id = common.call(runner.launch, config, common.store(), threads)
-        common.select_run(run_id)
+    started = common.store().draft_started(common.draft_id(), config)
+    if st.button("Start fine-tune", type="primary", key="start", disabled=bool(problems) or started is not None,
+                 help="Fix the values marked above first" if problems else
+                 "This draft started its run already: change a setting (or the name) to start another" if started
+                 else None):
+        common.select_run(common.start_run(config, threads))
         st.rerun()
+    if started:
+        st.caption(f"This draft, as it is, started run `{started}` (shown below). Change a setting or the name to "
+                   "start another.")
 
 records = common.runs()
 if not records:
@@ -47,6 +54,14 @@ if not records:
     st.stop()
 run_id = common.run_picker(records, statuses=STATUSES)
 record = next(r for r in records if r["id"] == run_id)
+if record["status"] != "damaged":  # the form above is the draft; what is shown below is this run, as it was trained
+    shown = RunConfig.model_validate(record["config"])
+    differ = planning.differences(shown, config)
+    if differ:
+        st.info(f"Shown below: run `{run_id}`, **not** this tab's draft above (they differ in {', '.join(differ)}). "
+                f"The run's own settings: {planning.settings_summary(shown)}")
+    else:
+        st.caption(f"Shown below: run `{run_id}`, trained from the draft above: {planning.settings_summary(shown)}")
 
 
 def show_run(run_id: str, was_running: bool) -> None:

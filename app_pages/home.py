@@ -3,7 +3,7 @@
 import streamlit as st
 
 from app_pages import _common as common
-from qat_core import report, runner
+from qat_core import report
 
 st.title("QAT Studio")
 st.markdown(
@@ -21,7 +21,7 @@ st.markdown(
 if st.button("Quick start: fine-tune digits-cnn at 8 bits", type="primary", key="quick_start"):
     config = common.default_config(common.DEFAULT_MODEL)
     common.save_draft(config)
-    run_id = common.call(runner.launch, config, common.store())
+    run_id = common.start_run(config)
     common.select_run(run_id)
     st.switch_page(common.PAGES["finetune"])
 

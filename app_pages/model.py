@@ -141,6 +141,10 @@ wanted = (model_id, weights, checkpoint, data)
 have = (config.model, config.weights, config.checkpoint,
         {k: v for k, v in config.data.model_dump().items() if k in data})
 if wanted != have:
+    if wanted[:3] == have[:3] and data.get("dataset") == config.data.dataset:
+        # the same model and data set: what was typed (an image size, a sample cap) is saved before the default
+        # plan is built (seconds for a large model), so a page left meanwhile trains what was typed
+        common.save_draft(common.call(common.with_data, config, data))
     common.save_draft(common.call(common.default_config, model_id, data or None, weights, checkpoint))
     st.rerun()  # the widgets above show the new draft's settings (an image folder's crop from the weights)
 

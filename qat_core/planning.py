@@ -69,15 +69,27 @@ def run_title(config: dict[str, Any] | cfg.RunConfig) -> str:
     return name or default_name(config)
 
 
+def data_summary(data: cfg.DataConfig) -> str:
+    """The data a run trains on, in a few words: ``image-folder /photos · 64 px crop · at most 500 samples``."""
+    text = data.dataset + (f" {data.path}" if data.path else "")
+    text += f" · {data.image_size} px crop" if data.image_size else ""
+    return text + (f" · at most {data.max_samples:,} samples" if data.max_samples else " · all samples")
+
+
 def settings_summary(config: cfg.RunConfig) -> str:
     """A run's settings in one line, to tell two runs (or a draft and a run) apart: model, plan, data, training."""
-    d = config.data
-    data = d.dataset + (f" {d.path}" if d.path else "")
-    data += f" · {d.image_size} px crop" if d.image_size else ""
-    data += f" · at most {d.max_samples:,} samples" if d.max_samples else " · all samples"
     ft = config.finetune
-    return (f"{default_name(config)} · data: {data} · fine-tune {ft.epochs:g} epochs, lr {ft.lr:g}, "
-            f"batch {ft.batch_size} · baseline {config.baseline.epochs} epochs · seed {config.seed}")
+    return (f"{default_name(config)} · data: {data_summary(config.data)} · fine-tune {ft.epochs:g} epochs, "
+            f"lr {ft.lr:g}, batch {ft.batch_size} · baseline {config.baseline.epochs} epochs · seed {config.seed}")
+
+
+SETTINGS = {"model": "model", "weights": "weights", "checkpoint": "checkpoint", "data": "data", "plan": "plan",
+            "baseline": "baseline training", "finetune": "fine-tune settings", "seed": "seed", "device": "device"}
+
+
+def differences(a: cfg.RunConfig, b: cfg.RunConfig) -> list[str]:
+    """What makes two configs train different models, for people (``["model", "data"]``); the name does not."""
+    return [label for field, label in SETTINGS.items() if getattr(a, field) != getattr(b, field)]
 
 
 def _most_common(values: list[Any], current: Any) -> Any:

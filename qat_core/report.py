@@ -105,7 +105,7 @@ def runs_frame(store: RunStore, records: list[dict[str, Any]] | None = None) -> 
 RUN_COLUMNS = ["run", "name", "status", "model", "plan", "lr", "epochs", "batch size", "FP32 acc %", "PTQ acc %",
                "QAT acc %", "ORT int8 acc %", "size KB", "stored KB", "size ratio", "int8 latency ms",
                "fp32 latency ms", "latency batch", "error"]
-RUN_SUMMARY = ["name", "status", "plan", "QAT acc %", "ORT int8 acc %", "size KB", "int8 latency ms", "lr", "epochs",
+RUN_SUMMARY = ["name", "model", "status", "plan", "QAT acc %", "ORT int8 acc %", "size KB", "int8 latency ms", "lr", "epochs",
                "batch size", "run"]  # what fits a screen, most telling first
 RUN_HEADERS = {"size KB": "size KB (packed)", "stored KB": "KB in int8.onnx", "latency batch": "at batch"}
 
