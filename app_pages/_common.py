@@ -129,8 +129,8 @@ def manage_runs(records: list[dict[str, Any]]) -> None:
     if MANAGED in st.session_state:
         st.success(st.session_state.pop(MANAGED))
     labels = {r["id"]: run_label(r) for r in records}
-    if st.session_state.get(MANAGE_PICKER) not in labels:  # deleted meanwhile (here or in another tab)
-        st.session_state.pop(MANAGE_PICKER, None)
+    if st.session_state.get(MANAGE_PICKER) not in labels:  # deleted (here or in another tab): set, so the browser
+        st.session_state[MANAGE_PICKER] = next(iter(labels))  # shows the new pick, not the deleted run's label
     run_id = st.selectbox("Run to rename or delete", list(labels), format_func=labels.__getitem__, key=MANAGE_PICKER)
     record = next(r for r in records if r["id"] == run_id)
     running = record["status"] == "running"
@@ -148,7 +148,8 @@ def manage_runs(records: list[dict[str, Any]]) -> None:
     if st.button("Delete run", key="delete_run", disabled=running or not sure,
                  help=None if sure else "Tick the box above to confirm: a deleted run cannot be restored"):
         call(sweep.delete_run, store(), run_id)
-        st.session_state[MANAGED] = f"Deleted run {run_id} ({run_label(record)})."
+        what = record["model"] if record["status"] == "damaged" else planning.run_title(record["config"])
+        st.session_state[MANAGED] = f"Deleted run {run_id} ({what})."
         st.rerun()
 
 

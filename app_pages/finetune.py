@@ -61,7 +61,7 @@ if record["status"] != "damaged":  # the form above is the draft; what is shown 
         st.info(f"Shown below: run `{run_id}`, **not** this tab's draft above (they differ in {', '.join(differ)}). "
                 f"The run's own settings: {planning.settings_summary(shown)}")
     else:
-        st.caption(f"Shown below: run `{run_id}`, trained from the draft above: {planning.settings_summary(shown)}")
+        st.caption(f"Shown below: run `{run_id}`, with the settings of the draft above: {planning.settings_summary(shown)}")
 
 
 def show_run(run_id: str, was_running: bool) -> None:

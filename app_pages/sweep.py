@@ -19,7 +19,7 @@ store = common.store()
 config = common.draft()
 ids = store.sweeps()
 
-with st.expander(f"New sweep over this tab's draft: {config.model} · {planning.run_title(config)}",
+with st.expander(f"New sweep over this tab's draft: {planning.default_name(config)}",
                  expanded=not ids):
     name = st.text_input("Sweep name", value=common.sweep_name(config), key="sw_name", max_chars=40,
                          help="Its id: lower-case letters, digits, '-' and '_'. Starting a sweep of the same name "

@@ -58,12 +58,12 @@ def test_start_pressed_twice_starts_one_run(workspace, digits_run):
     at.button(key="start").click().run()
     ok(at)
     first = at.query_params[common.RUN_PARAM]
-    assert at.button(key="start").disabled  # this draft, as it is, started its run
-    assert any(f"started run `{first}`" in c.value for c in at.caption)
     stale.button(key="start").click().run()
     ok(stale)
     new = {r["id"] for r in workspace.list()} - before
     assert new == {first}, new
+    assert at.button(key="start").disabled  # this draft, as it is, started its run
+    assert any(f"started run `{first}`" in c.value for c in at.caption)
     assert stale.button(key="start").disabled and any(f"started run `{first}`" in c.value for c in stale.caption)
     wait_done(workspace, first)
     at.text_input(key="ft_name").set_value("again").run()  # the draft changed: Start starts another
@@ -100,7 +100,7 @@ def test_finetune_says_when_its_results_are_another_model_than_its_draft(own_wor
     at.run()
     ok(at)
     assert not any("not** this tab's draft" in i.value for i in at.info)
-    assert any(c.value.startswith(f"Shown below: run `{run_id}`, trained from the draft above") for c in at.caption)
+    assert any(c.value.startswith(f"Shown below: run `{run_id}`, with the settings of the draft above") for c in at.caption)
 
 
 def test_runs_are_renamed_and_deleted_on_compare_and_pages_survive_it(own_workspace):

@@ -116,7 +116,7 @@ def test_a_plan_is_named_by_the_widths_most_layers_use(base, rows):
     again = planning.plan_frame(rows, w2a4.plan)  # the same plan as the table, only written more plainly
     for column in ("weight_bits", "act_bits"):
         assert again[column].equals(table[column])
-    assert planning.run_title(w2a4) == "W2A4, 2 layers W8A8"
+    assert planning.run_title(w2a4) == f"{w2a4.model} · W2A4, 2 layers W8A8"  # an unnamed run: its model and plan
     assert planning.run_title(w2a4.model_copy(update={"name": "low-bit try"})) == "low-bit try"
 
 

@@ -181,7 +181,7 @@ def test_two_sessions_do_not_disturb_each_other(app_server, browser):
         wait_finished(a)
         no_exception(a)
         # A's run kept A's plan (W8A8), B's draft is W4A4; B sees A's run in the store
-        shown(a, "W8A8 · digits-cnn · done")
+        shown(a, "digits-cnn · W8A8 · done")
         shown(a, a_run)
         nav(b, "Compare", "Compare runs")
         shown(b, a_run)
