@@ -384,7 +384,7 @@ def delete_run(store: RunStore, run_id: str) -> None:
     so the sweep shows the runs it still has, not a "pending" one that nothing trains; while the sweep runs
     it is refused. Running the sweep again trains the missing run anew."""
     sweep_id = (store.get(run_id)["metrics"].get("sweep") or {}).get("id")
-    if not sweep_id:
+    if not sweep_id or not store.sweep_dir(sweep_id).is_dir():  # not a sweep's, or its sweep is gone
         store.delete(run_id)
         return
     if running(store, sweep_id):
