@@ -808,10 +808,11 @@ class RunStore:
         return self.draft_path(draft_id).with_suffix(".started.json")
 
     def draft_started(self, draft_id: str, config: RunConfig) -> str | None:
-        """The run this draft started last, if the draft is still ``config`` and the run still exists."""
+        """The run this draft started last, if the draft is still ``config`` and the run is running or done
+        (a failed, cancelled or deleted one may be started again)."""
         try:
             started = json.loads(self._started_path(draft_id).read_text())
-            if started["config"] != _digest(config) or not self.run_dir(started["run"]).is_dir():
+            if started["config"] != _digest(config) or self.get(started["run"])["status"] not in ("running", "done"):
                 return None
             return started["run"]
         except (OSError, ValueError, TypeError, KeyError, StoreError):  # none yet, or unreadable: not started

@@ -134,5 +134,8 @@ def test_a_draft_starts_one_run_however_often_start_is_pressed(tmp_path, monkeyp
     changed = config.model_copy(update={"name": "again"})
     assert store.draft_started("d1", changed) is None
     assert store.start_draft("d1", changed, start) == (started[1], True)
-    store.delete(started[1])  # its run deleted: the draft may start it again
+    store.fail(started[1], "cancelled", cancelled=True)  # a cancelled run: the draft may start again
+    assert store.draft_started("d1", changed) is None
+    assert store.start_draft("d1", changed, start) == (started[2], True)
+    store.delete(started[2])  # so may a deleted one
     assert store.draft_started("d1", changed) is None
