@@ -72,18 +72,20 @@ def test_start_pressed_twice_starts_one_run(workspace, digits_run):
 
 def test_pickers_name_the_model_and_show_accuracy_as_the_metrics_do(own_workspace):
     store, fake = own_workspace
-    cnn, mlp = fake("digits-cnn"), fake("digits-mlp", name="small one")
+    mobile, cnn = fake("torchvision:mobilenet_v3_small"), fake("digits-cnn", name="small one")
     at = ok(app("finetune"))
     options = at.selectbox(key=common.RUN_PICKER).options
-    assert any(o.startswith("digits-cnn · W8A8 · done · QAT 91.25% ·") and o.endswith(cnn) for o in options), options
-    assert any(o.startswith("small one · digits-mlp · W8A8 · done · QAT 91.25%") and o.endswith(mlp) for o in options)
+    assert any(o.startswith("torchvision:mobilenet_v3_small · W8A8 · done · QAT 91.25% ·") and o.endswith(mobile)
+               for o in options), options
+    assert any(o.startswith("small one · digits-cnn · W8A8 · done · QAT 91.25%") and o.endswith(cnn) for o in options)
     compare = ok(app("compare"))
     summary = compare.dataframe[0].value.set_index("run")
-    assert summary.loc[cnn, "model"] == "digits-cnn" and summary.loc[mlp, "model"] == "digits-mlp"
-    assert summary.loc[cnn, "name"] == "digits-cnn · W8A8" and summary.loc[mlp, "name"] == "small one"
-    home = ok(app())
-    assert "torchvision" not in home.dataframe[0].value["model"].tolist()
-    assert set(home.dataframe[0].value["model"]) == {"digits-cnn", "digits-mlp"}
+    assert summary.loc[mobile, "model"] == "torchvision:mobilenet_v3_small" and summary.loc[cnn, "model"] == "digits-cnn"
+    assert summary.loc[mobile, "name"] == "torchvision:mobilenet_v3_small · W8A8"
+    assert summary.loc[cnn, "name"] == "small one"
+    home = ok(app()).dataframe[0].value
+    assert list(home.columns[:2]) == ["name", "model"]  # beside the name: read first, not cut off at 800 px
+    assert set(home["model"]) == {"torchvision:mobilenet_v3_small", "digits-cnn"}
 
 
 def test_finetune_says_when_its_results_are_another_model_than_its_draft(own_workspace):
