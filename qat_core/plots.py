@@ -8,6 +8,7 @@ one HTML page that loads ``plotly.min.js`` from its own folder (written by ``ana
 from __future__ import annotations
 
 import html
+import itertools
 import math
 from collections.abc import Iterable, Mapping, Sequence
 from typing import TYPE_CHECKING
@@ -28,7 +29,16 @@ STAGE_COLORS = {"ptq": "#636EFA", "qat": "#EF553B", "": "#636EFA", "fp32": "#00A
 STAGE_NAMES = {"ptq": "before fine-tune (PTQ)", "qat": "after fine-tune (QAT)", "": "", "fp32": "FP32"}
 MAX_GRID_LINES = 512  # grids with more levels are drawn with every n-th line
 MAX_TICK_DECIMALS = 4
-LABEL_ALL_UP_TO = 4  # runs on a Pareto chart that are all labelled; with more, only the front's
+FRONT_COLOR, OFF_FRONT_COLOR = "#1f77b4", "#7f7f7f"  # runs on the Pareto front, and the others
+PARETO_PLOT_HEIGHT = 420  # px of a runs Pareto chart without its legend
+LEGEND_TWO_COLUMNS_UP_TO = 34  # a runs Pareto chart's legend (below the plot) has two columns up to this many chars
+MARKER_RADIUS_PX = 6
+LABEL_FONT_PX = 11
+LABEL_RINGS, LABEL_RING_PX = 6, 16  # a label tries rings this far apart around its marker, nearest first
+LABEL_PLOT_WIDTH_PX = 540  # the plot area a Pareto chart's labels are placed for: full width at 800 px (wider only helps)
+LEGEND_ROW_PX = 22
+LEGEND_GAP_PX = 60  # from the plot area's bottom to the legend: room for tick labels and the axis title
+LEGEND_NAME_CHARS = 40  # longer run names are cut in the legend (whole in the hover)
 
 
 def _need(df: pd.DataFrame, columns: Sequence[str], what: str) -> None:
@@ -82,20 +92,6 @@ def _nonnegative_range(values: Iterable[float]) -> list[float] | None:
         return [0.0, 1.2 * hi if hi > 0 else 1.0]
     pad = 0.1 * (hi - lo)
     return [max(0.0, lo - pad), hi + pad]
-
-
-def _inward_positions(x: Sequence[float], y: Sequence[float], x_range: Sequence[float],
-                      y_range: Sequence[float]) -> list[str]:
-    """A ``textposition`` per point that puts its label toward the middle of the plot, so labels of
-    points near an edge are not cut off: below points in the upper half, left of those in the right
-    third, right of those in the left third."""
-    out = []
-    for xi, yi in zip(x, y):
-        fx = (xi - x_range[0]) / ((x_range[1] - x_range[0]) or 1)
-        fy = (yi - y_range[0]) / ((y_range[1] - y_range[0]) or 1)
-        side = "right" if fx < 1 / 3 else "left" if fx > 2 / 3 else "center"
-        out.append(f"{'bottom' if fy > 0.5 else 'top'} {side}")
-    return out
 
 
 def histogram_figure(hists: Sequence[Histogram], log_y: bool = False) -> go.Figure:
@@ -325,26 +321,124 @@ def page(figures: Sequence[go.Figure], title: str) -> str:
             f"<script src=\"{PLOTLY_JS}\"></script></head>\n<body><h2>{html.escape(title)}</h2>\n{divs}\n</body></html>\n")
 
 
+def _value_text(value: float, column: str) -> str:
+    """A value of a runs-table column for a legend, with the unit its name ends with ("size KB" → "23.8 KB")."""
+    unit = column.rsplit(" ", 1)[-1] if " " in column else ""
+    return f"{value:,.1f} {unit}" if unit == "KB" else f"{value:,.4g} {unit}".rstrip()
+
+
+def _short(text: str, limit: int = LEGEND_NAME_CHARS) -> str:
+    return text if len(text) <= limit else text[: limit - 1] + "…"
+
+
 def runs_pareto_figure(runs: pd.DataFrame, x: str, title: str) -> go.Figure:
     """QAT accuracy of runs against ``x`` (a column of ``report.runs_frame``, smaller is better: size,
-    latency); the Pareto-optimal runs joined by a dashed line. Points are labelled with their names:
-    all of them up to ``LABEL_ALL_UP_TO`` runs, else those on the front (labels of nearby points
-    overlap); every name is in the hover."""
+    latency), for a room to read: every run is a numbered marker (filled on the Pareto front, hollow off
+    it) named in the legend below the plot ("3. W4A8 · 97.50% · 12.1 KB", one entry a run, two columns),
+    the front joined by a dashed line, and the FP32 accuracy (column ``FP32 acc %`` when present; one line
+    per distinct value, with the model when several) drawn as a labelled horizontal line. Runs at the same
+    point share one marker numbered "3,4". The height grows with the legend, so the plot keeps its size."""
     _need(runs, ["run", "plan", "QAT acc %", x], "runs_pareto_figure")
     data = runs.dropna(subset=[x, "QAT acc %"]).sort_values([x, "QAT acc %"], ascending=[True, False])
     xs, acc = data[x].to_numpy(dtype=float), data["QAT acc %"].to_numpy(dtype=float)
-    x_range, y_axis = _nonnegative_range(xs), _accuracy_axis(acc, percent=True)
-    fig = go.Figure()
-    labels = data["name"] if "name" in data else data["plan"]  # the user's name for a run, else its plan
+    labels = [str(v) for v in (data["name"] if "name" in data else data["plan"])]  # the user's name, else the plan
+    fp32 = _fp32_lines(data if len(data) else runs)
+    x_range, y_axis = _nonnegative_range(xs), _accuracy_axis([*acc, *(v for _, v in fp32)], percent=True)
     on_front = pareto_mask(xs, acc)
-    shown = [str(label) if front or len(data) <= LABEL_ALL_UP_TO else "" for label, front in zip(labels, on_front)]
-    fig.add_scatter(x=xs, y=acc, mode="markers+text", text=shown, hovertext=labels, name="runs",
-                    customdata=data["run"],
-                    textposition=_inward_positions(xs, acc, x_range, y_axis["range"]) if len(data) else None,
-                    cliponaxis=False, hovertemplate="%{hovertext}<br>%{customdata}<br>%{x:.2f}<br>%{y:.2f}%")
+    fig = go.Figure()
     if on_front.any():
-        fig.add_scatter(x=xs[on_front], y=acc[on_front], mode="lines", name="Pareto front", line={"dash": "dash"})
-    fig.update_layout(title=title, xaxis_title=x, yaxis_title="QAT test accuracy (%)", height=380)
+        fig.add_scatter(x=xs[on_front], y=acc[on_front], mode="lines", name="Pareto front (dashed)",
+                        line={"dash": "dash", "color": FRONT_COLOR}, hoverinfo="skip")
+    at: dict[tuple[float, float], list[str]] = {}  # a point → the numbers of the runs drawn there
+    for i, point in enumerate(zip(xs, acc)):
+        at.setdefault(point, []).append(str(i + 1))
+    for i, (xi, yi, label, front) in enumerate(zip(xs, acc, labels, on_front)):
+        color = FRONT_COLOR if front else OFF_FRONT_COLOR
+        fig.add_scatter(
+            x=[xi], y=[yi], mode="markers", cliponaxis=False,
+            marker={"size": 2 * MARKER_RADIUS_PX, "color": color if front else "white", "line": {"color": color, "width": 2}},
+            name=f"{i + 1}. {_short(label)} · {yi:.2f}% · {_value_text(xi, x)}", customdata=[data["run"].iloc[i]],
+            hovertext=[label],
+            hovertemplate=f"{i + 1}. %{{hovertext}}<br>run %{{customdata}}<br>{html.escape(x)} %{{x:,.4g}}"
+                          "<br>QAT accuracy %{y:.2f}%<extra></extra>")
+    points = list(at)
+    texts = [",".join(at[p]) for p in points]
+    for (xi, yi), text, (dx, dy), ring in zip(points, texts, *_place_labels(points, texts, x_range, y_axis["range"])):
+        near = {"showarrow": False, "xshift": dx, "yshift": dy}  # beside its marker
+        far = {"showarrow": True, "ax": dx, "ay": -dy, "arrowhead": 0, "arrowwidth": 1, "arrowcolor": OFF_FRONT_COLOR}
+        fig.add_annotation(x=xi, y=yi, xref="x", yref="y", text=text, font={"size": LABEL_FONT_PX, "color": "#222"},
+                           bgcolor="rgba(255,255,255,0.8)", **(far if ring else near))
+    for label, value in fp32:
+        fig.add_hline(y=value, line={"dash": "dot", "color": STAGE_COLORS["fp32"], "width": 1.5},
+                      annotation_text=f"{html.escape(label)} {value:.2f}%", annotation_position="top left",
+                      annotation_font_color=STAGE_COLORS["fp32"])
+    longest = max((len(t.name) for t in fig.data), default=0)
+    columns = 2 if longest <= LEGEND_TWO_COLUMNS_UP_TO else 1  # two columns of long names overlap at 800 px
+    rows = math.ceil(len(fig.data) / columns)
+    fig.update_layout(
+        title=title, xaxis_title=x, yaxis_title="QAT test accuracy (%)",
+        height=PARETO_PLOT_HEIGHT + LEGEND_ROW_PX * rows, margin={"t": 60, "b": 70 + LEGEND_ROW_PX * rows},
+        # the legend starts under the x-axis title: the plot area is the same height whatever the rows
+        legend={"orientation": "h", "x": 0, "xanchor": "left", "y": -LEGEND_GAP_PX / (PARETO_PLOT_HEIGHT - 130),
+                "yanchor": "top", "entrywidth": 1 / columns, "entrywidthmode": "fraction", "font": {"size": 12}},
+        hovermode="closest")
     fig.update_xaxes(range=x_range)
     fig.update_yaxes(**y_axis)
     return fig
+
+
+def _label_box(text: str) -> tuple[float, float]:
+    """A number label's width and height in px at ``LABEL_FONT_PX`` (digits ~0.62 em, plus padding)."""
+    return 0.62 * LABEL_FONT_PX * len(text) + 4, LABEL_FONT_PX + 4
+
+
+def _place_labels(points: Sequence[tuple[float, float]], texts: Sequence[str], x_range: Sequence[float],
+                  y_range: Sequence[float]) -> tuple[list[tuple[float, float]], list[int]]:
+    """Where each point's label goes, as a px offset (dx, dy; y up) from its point, and the ring it
+    took (0: touching its marker, no leader line needed). Greedy, in the order given: the first ring
+    and direction whose box overlaps no marker, no label placed before and stays near the plot wins,
+    on a plot area of ``LABEL_PLOT_WIDTH_PX`` by the chart's fixed plot height."""
+    width, height = LABEL_PLOT_WIDTH_PX, PARETO_PLOT_HEIGHT - 130
+    px = [((x - x_range[0]) / ((x_range[1] - x_range[0]) or 1) * width,
+           (y - y_range[0]) / ((y_range[1] - y_range[0]) or 1) * height) for x, y in points]
+    r = MARKER_RADIUS_PX + 1
+    boxes = [(x - r, y - r, x + r, y + r) for x, y in px]  # markers, then the labels placed so far
+
+    def free(box: tuple[float, float, float, float]) -> bool:
+        inside = box[0] >= -20 and box[2] <= width + 20 and box[1] >= -10 and box[3] <= height + 10
+        return inside and not any(box[0] < b[2] and b[0] < box[2] and box[1] < b[3] and b[1] < box[3] for b in boxes)
+
+    def spot(x: float, y: float, w: float, h: float, ring: int, angle: int) -> tuple[float, float, tuple]:
+        c, s = math.cos(math.radians(angle)), math.sin(math.radians(angle))
+        gap = r + 1 + LABEL_RING_PX * ring
+        dx, dy = c * (gap + w / 2), s * (gap + h / 2)
+        return dx, dy, (x + dx - w / 2, y + dy - h / 2, x + dx + w / 2, y + dy + h / 2)
+
+    offsets, rings = [], []
+    for (x, y), text in zip(px, texts):
+        w, h = _label_box(text)
+        for ring, angle in itertools.product(range(LABEL_RINGS), (45, 135, -45, -135, 90, -90, 0, 180)):
+            dx, dy, box = spot(x, y, w, h, ring, angle)
+            if free(box):
+                break
+        else:  # nowhere free: the outer ring, up and to the right
+            dx, dy, box = spot(x, y, w, h, LABEL_RINGS - 1, 45)
+        boxes.append(box)
+        offsets.append((round(dx, 1), round(dy, 1)))
+        rings.append(ring)
+    return offsets, rings
+
+
+def _fp32_lines(runs: pd.DataFrame) -> list[tuple[str, float]]:
+    """The FP32 reference accuracies (%) of ``runs`` (column ``FP32 acc %``), one per distinct value, as
+    (label, value): "FP32" when they share one value, else "FP32 <the models at it>"."""
+    if "FP32 acc %" not in runs.columns:
+        return []
+    known = runs.dropna(subset=["FP32 acc %"])
+    models = known["model"] if "model" in known else known["run"]
+    at: dict[float, list[str]] = {}
+    for model, value in zip(models, known["FP32 acc %"].astype(float)):
+        at.setdefault(value, []).append(str(model))
+    if len(at) == 1:
+        return [("FP32", next(iter(at)))]
+    return [(f"FP32 {', '.join(dict.fromkeys(names))}", value) for value, names in at.items()]

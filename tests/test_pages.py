@@ -278,7 +278,7 @@ def test_benchmark_exports_and_shows_parity_beside_latency(workspace, digits_run
     assert all(f in cpu_line for f in present) and not any(f"{f}," in cpu_line + "," for f in absent), cpu_line
 
 
-def test_compare_lists_runs_and_draws_pareto(digits_run, digits_run_w4a4):
+def test_compare_lists_runs_and_draws_pareto(workspace, digits_run, digits_run_w4a4):
     at = ok(app("compare"))
     frame = at.dataframe[0].value
     assert {digits_run, digits_run_w4a4} <= set(frame["run"])
@@ -286,6 +286,12 @@ def test_compare_lists_runs_and_draws_pareto(digits_run, digits_run_w4a4):
     ok(at)
     titles = [s["layout"]["title"]["text"] for s in plotly_specs(at)]
     assert "Accuracy vs model size (bit-packed)" in titles
+    assert not any(c.get("plotly_chart") for c in at.columns)  # full width: no chart squeezed into a column
+    size = next(s for s in plotly_specs(at) if s["layout"]["title"]["text"].startswith("Accuracy vs model size"))
+    names = [t["name"] for t in size["data"] if t["mode"] == "markers"]
+    assert len(names) == 2 and all(n[0] in "12" and "% · " in n and n.endswith(" KB") for n in names)
+    fp32 = workspace.get(digits_run)["metrics"]["fp32"]["accuracy"] * 100
+    assert [a["text"] for a in size["layout"]["annotations"] if a.get("xref") != "x"] == [f"FP32 {fp32:.2f}%"]
 
 
 def test_compare_shows_a_named_run_its_settings_and_a_batch_64_benchmark(workspace, digits_run, tmp_path,
