@@ -27,6 +27,10 @@ if TYPE_CHECKING:
 PLOTLY_JS = "plotly.min.js"
 STAGE_COLORS = {"ptq": "#636EFA", "qat": "#EF553B", "": "#636EFA", "fp32": "#00A000"}
 STAGE_NAMES = {"ptq": "before fine-tune (PTQ)", "qat": "after fine-tune (QAT)", "": "", "fp32": "FP32"}
+FIGURE_FRAME_PX = 170  # a per-layer chart's title, legend and x axis
+MIN_PLOT_PX = 240  # a per-layer chart's plot area for a few layers
+LAYER_ROW_PX, BAR_PX = 18, 8  # a layer's row in a per-layer bar chart: at least this, or this a bar
+LAYER_FONT_PX = 11
 MAX_GRID_LINES = 512  # grids with more levels are drawn with every n-th line
 MAX_TICK_DECIMALS = 4
 FRONT_COLOR, OFF_FRONT_COLOR = "#1f77b4", "#7f7f7f"  # runs on the Pareto front, and the others
@@ -56,6 +60,13 @@ def _label(stage: str) -> str:
 def _finite(values: Iterable[float]) -> np.ndarray:
     v = np.asarray(list(values), dtype=float)
     return v[np.isfinite(v)]
+
+
+def share_text(share: float) -> str:
+    """A share (0..1) as people read it: a percentage to 3 significant digits ("9.72%", "0.0433%"), "0%"
+    for none and "<0.001%" below that (the tables and the histogram legend say clipped shares so)."""
+    percent = share * 100
+    return "0%" if percent == 0 else "<0.001%" if percent < 0.001 else f"{percent:.3g}%"
 
 
 def accuracy_tickformat(span: float, percent: bool = False) -> dict[str, str]:
@@ -96,7 +107,9 @@ def _nonnegative_range(values: Iterable[float]) -> list[float] | None:
 
 def histogram_figure(hists: Sequence[Histogram], log_y: bool = False) -> go.Figure:
     """One layer's histogram(s) — typically before and after the fine-tune — as step lines, with
-    each stage's quantization grid (toggle in the legend) and clip range marked, share clipped in the legend."""
+    each stage's quantization grid (toggle in the legend) and clip range marked; the share clipped in the
+    legend, and what it means in the subtitle (how many values of how many, saturated to which range).
+    Counts are whole: the count axis ticks at whole steps."""
     if not hists:
         raise ConfigError("histogram_figure needs at least one histogram")
     first = hists[0]
@@ -106,12 +119,12 @@ def histogram_figure(hists: Sequence[Histogram], log_y: bool = False) -> go.Figu
         color = STAGE_COLORS.get(h.stage, None)
         centres = (h.edges[:-1] + h.edges[1:]) / 2
         name = _label(h.stage) or h.layer
-        clipped = f", {h.share_clipped:.3%} clipped" if h.bits is not None else ""
+        clipped = f": {share_text(h.share_clipped)} clipped" if h.bits is not None else ""
         fig.add_trace(go.Scatter(
             x=centres, y=h.counts, mode="lines", line={"shape": "hvh", "color": color}, name=f"{name}{clipped}",
             customdata=np.stack([h.edges[:-1], h.edges[1:]], axis=1),
             hovertemplate=(f"{html.escape(name)}<br>[%{{customdata[0]:.4g}}, %{{customdata[1]:.4g}})"
-                           "<br>%{y} values<extra></extra>")))
+                           "<br>%{y:,} values<extra></extra>")))
         if h.bits is None:
             continue
         grid = h.grid
@@ -137,12 +150,41 @@ def histogram_figure(hists: Sequence[Histogram], log_y: bool = False) -> go.Figu
         lo = min(h.value_min for h in hists)
         hi = max(h.value_max for h in hists)
         total += f"; {outside:,} beyond the plotted range, from {lo:.3g} to {hi:.3g}"
-    fig.update_layout(title=f"{first.layer}: {what} ({total})", xaxis_title="value (real units, after BN folding)"
-                      if first.tensor == "weight" else "value (real units)", yaxis_title="count (values per bin)",
+    subtitle = _clipped_text(hists)
+    fig.update_layout(title={"text": f"{first.layer}: {what} ({total})", "subtitle": {"text": subtitle},
+                             "yref": "container", "y": 1, "yanchor": "top", "pad": {"t": 15}},
+                      xaxis_title="value (real units, after BN folding)" if first.tensor == "weight"
+                      else "value (real units)", yaxis_title="count (values per bin)",
+                      margin={"t": 75 + 18 * subtitle.count("<br>")}, height=450 + 18 * subtitle.count("<br>"),
                       legend={"orientation": "h", "y": -0.25}, hovermode="closest")
     if log_y:
         fig.update_yaxes(type="log")
+    else:
+        fig.update_yaxes(rangemode="tozero", tick0=0, dtick=count_dtick(ymax), tickformat=",d")
     return fig
+
+
+def count_dtick(most: int) -> int:
+    """A tick step for a count axis from 0 to ``most``: about five ticks at 1, 2 or 5 × 10^k, never
+    below 1 (a count has no halves; plotly's own step for counts up to 4 is 0.5)."""
+    rough = max(most / 5, 1)
+    base = 10 ** math.floor(math.log10(rough))
+    return int(next(m * base for m in (1, 2, 5, 10) if m * base >= rough))
+
+
+def _clipped_text(hists: Sequence[Histogram]) -> str:
+    """What "clipped" means on a histogram: per stage, how many of its values lay beyond the quantizer's
+    clip range (its channel's, for per-channel weights) and were saturated to it."""
+    parts = []
+    for h in hists:
+        if h.bits is None:
+            continue
+        where = ("their channel's clip range" if h.granularity == "per_channel"
+                 else f"the clip range [{h.clip_lo:.3g}, {h.clip_hi:.3g}]")
+        seen = "weights" if h.tensor == "weight" else "values seen on the calibration batches"
+        parts.append(f"{_label(h.stage) or h.layer}: {h.clipped:,} of {h.total:,} {seen} ({share_text(h.share_clipped)}) "
+                     f"beyond {where}")
+    return "<br>".join(["Clipped (saturated to the nearest end of the grid):", *parts]) if parts else ""
 
 
 def channel_ranges_figure(channels: pd.DataFrame) -> go.Figure:
@@ -170,48 +212,87 @@ def channel_ranges_figure(channels: pd.DataFrame) -> go.Figure:
     return fig
 
 
+def _layer_rows_height(layers: int, bars: int) -> int:
+    """The height (px) of a chart with a row per layer of ``bars`` horizontal bars each: the rows keep
+    their size, so 150 layers make a tall chart that scrolls, not 150 squeezed rows."""
+    return FIGURE_FRAME_PX + max(MIN_PLOT_PX, layers * max(LAYER_ROW_PX, BAR_PX * bars + 4))
+
+
+def _layer_axis(layers: Sequence[str]) -> dict:
+    """A layer axis with every layer named (top to bottom in ``layers`` order), its labels given room."""
+    return {"categoryorder": "array", "categoryarray": list(layers)[::-1], "tickmode": "array",
+            "tickvals": list(layers), "tickfont": {"size": LAYER_FONT_PX}, "automargin": True}
+
+
 def sqnr_figure(errors: pd.DataFrame) -> go.Figure:
-    """Weight and activation SQNR per layer (dB; higher is better), one colour per stage."""
+    """Weight and activation SQNR per layer (dB; higher is better), one colour per stage: horizontal
+    bars, a row per layer in network order (first on top), weights left and activations right; the
+    height grows with the layers so every layer keeps a readable, named row."""
     _need(errors, ["layer", "weight_sqnr_db", "act_sqnr_db"], "sqnr_figure")
     df = errors[errors["layer"] != "(network)"]
     stages = list(df["stage"].unique()) if "stage" in df.columns else [""]
-    fig = make_subplots(rows=1, cols=2, subplot_titles=("weights", "output activations"), shared_yaxes=True)
-    for stage in stages:
+    layers = list(dict.fromkeys(df["layer"]))
+    fig = make_subplots(rows=1, cols=2, subplot_titles=("weights", "output activations"), shared_yaxes=True,
+                        horizontal_spacing=0.04)
+    for stage in stages[::-1]:  # a horizontal group draws its first bar lowest: the first stage on top
         part = df[df["stage"] == stage] if "stage" in df.columns else df
         for col, column, bits in ((1, "weight_sqnr_db", "weight_bits"), (2, "act_sqnr_db", "act_bits")):
-            y = part[column].replace([np.inf], np.nan)
+            x = part[column].replace([np.inf], np.nan)
             fig.add_trace(go.Bar(
-                x=part["layer"], y=y, name=_label(stage) or "SQNR", marker_color=STAGE_COLORS.get(stage),
-                legendgroup=stage, showlegend=col == 1,
+                y=part["layer"], x=x, orientation="h", name=_label(stage) or "SQNR",
+                marker_color=STAGE_COLORS.get(stage), legendgroup=stage, showlegend=col == 1,
                 customdata=part[bits].astype("float").to_numpy() if bits in part.columns else None,
-                hovertemplate=(f"%{{x}} ({html.escape(_label(stage))})<br>{column.split('_')[0]} SQNR "
-                               "%{y:.1f} dB<br>%{customdata}-bit<extra></extra>")), row=1, col=col)
+                hovertemplate=(f"%{{y}} ({html.escape(_label(stage))})<br>{column.split('_')[0]} SQNR "
+                               "%{x:.1f} dB<br>%{customdata}-bit<extra></extra>")), row=1, col=col)
     net = errors[errors["layer"] == "(network)"]
     out = "; ".join(f"{_label(r['stage'])} {r['output_sqnr_db']:.1f} dB" for _, r in net.iterrows()) \
         if "output_sqnr_db" in errors.columns and "stage" in errors.columns else ""
-    fig.update_layout(title="Per-layer SQNR" + (f" — network output vs FP32: {out}" if out else ""),
-                      barmode="group", yaxis_title="SQNR (dB, higher is better)")
-    fig.update_xaxes(title_text="layer")
+    height = _layer_rows_height(len(layers), len(stages))
+    fig.update_layout(title={"text": "Per-layer SQNR (dB, higher is better)", "subtitle": {
+                          "text": f"network output vs FP32: {out}" if out else ""}, "yref": "container", "y": 1,
+                          "yanchor": "top", "pad": {"t": 12}},
+                      barmode="group", height=height, margin={"t": 110, "b": 50},
+                      legend={"orientation": "h", "yref": "container", "y": 1 - 62 / height, "yanchor": "top",
+                              "x": 1, "xanchor": "right", "traceorder": "reversed"}, bargap=0.25)
+    fig.update_yaxes(**_layer_axis(layers))
+    fig.update_yaxes(title_text="layer (network order)", row=1, col=1)
+    fig.update_xaxes(title_text="SQNR (dB)", rangemode="tozero")
     return fig
 
 
-def sensitivity_figure(sens: pd.DataFrame, metric: str = "loss_increase") -> go.Figure:
-    """Layers ranked by the damage of quantizing them alone (horizontal bars, most sensitive on top)."""
+def sensitivity_figure(sens: pd.DataFrame, metric: str = "loss_increase", top: int | None = None) -> go.Figure:
+    """Layers ranked by the damage of quantizing them alone (horizontal bars, most sensitive on top), a
+    row per layer whose height does not shrink with the layer count; ``top``: only the ``top`` most
+    sensitive layers (the title says how many of how many)."""
     _need(sens, ["layer", "bits", metric, "accuracy_drop", "loss_increase"], "sensitivity_figure")
     if metric not in ("loss_increase", "accuracy_drop"):
         raise ConfigError(f"metric must be loss_increase or accuracy_drop, got {metric!r}")
-    order = (sens.groupby("layer")[metric].max().sort_values(ascending=True).index.tolist())
+    if top is not None and top < 1:
+        raise ConfigError(f"top must be at least 1 layer, got {top}")
+    ranked = sens.groupby("layer")[metric].max().sort_values(ascending=False).index.tolist()
+    shown = ranked[:top] if top else ranked
+    sens = sens[sens["layer"].isin(shown)]
     fig = go.Figure()
-    for bits, part in sorted(sens.groupby("bits"), key=lambda kv: -kv[0]):
-        part = part.set_index("layer").reindex(order)
+    widths = sorted(sens["bits"].unique(), reverse=True)
+    for bits, part in sorted(sens.groupby("bits")):  # the first bar of a group is drawn lowest: widest on top
+        part = part.set_index("layer").reindex(shown)
         fig.add_trace(go.Bar(
-            y=order, x=part[metric], orientation="h", name=f"{bits}-bit",
+            y=shown, x=part[metric], orientation="h", name=f"{bits}-bit",
             customdata=np.stack([part["loss_increase"], part["accuracy_drop"]], axis=1),
             hovertemplate=(f"%{{y}} at {bits} bits (rest FP32)<br>loss +%{{customdata[0]:.4f}} nats"
                            "<br>accuracy −%{customdata[1]:.2%}<extra></extra>")))
-    unit = "loss increase (nats per sample)" if metric == "loss_increase" else "accuracy drop (fraction)"
-    fig.update_layout(title="Sensitivity: one layer quantized at a time, the rest FP32", barmode="group",
-                      xaxis_title=unit, yaxis_title="layer (most sensitive on top)")
+    unit = "loss increase (nats per sample)" if metric == "loss_increase" else "accuracy drop"
+    which = f"the {len(shown)} most sensitive of {len(ranked)} layers" if len(shown) < len(ranked) else \
+        f"all {len(ranked)} layers"
+    height = _layer_rows_height(len(shown), len(widths))
+    fig.update_layout(title={"text": "Sensitivity: one layer quantized at a time, the rest FP32",
+                             "subtitle": {"text": f"{which}, most sensitive on top"}, "yref": "container", "y": 1,
+                             "yanchor": "top", "pad": {"t": 12}},
+                      barmode="group", height=height, margin={"t": 110, "b": 50}, bargap=0.25,
+                      legend={"orientation": "h", "yref": "container", "y": 1 - 62 / height, "yanchor": "top",
+                              "x": 1, "xanchor": "right", "traceorder": "reversed"},
+                      xaxis_title=unit, yaxis_title="layer")
+    fig.update_yaxes(**_layer_axis(shown))
     if metric == "accuracy_drop":  # bars start at 0, so the axis spans from 0 to the extreme drops
         drops = np.append(_finite(sens[metric]), 0.0)
         fig.update_xaxes(**accuracy_tickformat(drops.max() - drops.min()))

@@ -55,17 +55,17 @@ def test_histogram_figure_marks_grid_and_clip_range(loaded):
 def test_table_figures(workspace, digits_run, loaded):
     errors = pd.concat([analysis.error_table(loaded, s) for s in analysis.STAGES], ignore_index=True)
     fig = plots.sqnr_figure(errors)
-    assert "network output vs FP32" in fig.layout.title.text
-    assert fig.layout.yaxis.title.text == "SQNR (dB, higher is better)"
+    assert "network output vs FP32" in fig.layout.title.subtitle.text and "higher is better" in fig.layout.title.text
+    assert fig.layout.xaxis.title.text == "SQNR (dB)" and fig.layout.yaxis.title.text == "layer (network order)"
     assert {t.name for t in fig.data} == {"before fine-tune (PTQ)", "after fine-tune (QAT)"}
     assert all("dB" in t.hovertemplate for t in fig.data)
 
     sens = search.sensitivity(loaded, bits=(4, 2))
     fig = plots.sensitivity_figure(sens)
     _titled(fig)
-    assert [t.name for t in fig.data] == ["4-bit", "2-bit"]
+    assert [t.name for t in fig.data] == ["2-bit", "4-bit"] and fig.layout.legend.traceorder == "reversed"
     top = sens[sens["bits"] == 2].sort_values("rank").iloc[0]["layer"]
-    assert fig.data[1].y[-1] == top  # horizontal bars: the most sensitive on top
+    assert fig.layout.yaxis.categoryarray[-1] == top  # plotly lists categories bottom up: the most sensitive on top
     drops = [*sens["accuracy_drop"], 0.0]  # the bars start at 0
     assert plots.sensitivity_figure(sens, "accuracy_drop").layout.xaxis.tickformat == \
         plots.accuracy_tickformat(max(drops) - min(drops))["tickformat"]
@@ -287,3 +287,55 @@ def test_runs_pareto_draws_the_fp32_reference_line():
                                                                             "model": ["cnn", "mlp"]})
     fig = plots.runs_pareto_figure(two, "size KB", "size")
     assert sorted(a.text for a in fig.layout.annotations if a.xref != "x") == ["FP32 cnn 96.00%", "FP32 mlp 99.00%"]
+
+
+def _deep(layers: int = 150) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """A per-layer error table and a sensitivity table of a ``layers``-layer network (mobilenet-like names)."""
+    rng = np.random.default_rng(0)
+    names = [f"features.{i // 5}.block.{i % 5}.{('conv', 'fc1', 'fc2', 'proj', 'dw')[i % 5]}" for i in range(layers)]
+    errors = pd.DataFrame([{"stage": stage, "layer": name, "weight_sqnr_db": rng.uniform(10, 45),
+                            "act_sqnr_db": rng.uniform(5, 40), "weight_bits": 8, "act_bits": 8}
+                           for stage in ("ptq", "qat") for name in names])
+    sens = pd.DataFrame([{"layer": name, "bits": bits, "loss_increase": rng.exponential(0.05),
+                          "accuracy_drop": rng.exponential(0.01)} for name in names for bits in (4, 2)])
+    return errors, sens
+
+
+def test_per_layer_charts_give_each_of_150_layers_a_named_readable_row():
+    errors, sens = _deep(150)
+    for fig, bars in ((plots.sqnr_figure(errors), 2), (plots.sensitivity_figure(sens), 2)):
+        axis = fig.layout.yaxis
+        assert all(t.orientation == "h" for t in fig.data)  # layer names on the side, never rotated under bars
+        assert len(axis.tickvals) == 150 and axis.tickfont.size >= 10 and axis.automargin
+        plot_px = fig.layout.height - fig.layout.margin.t - fig.layout.margin.b
+        assert plot_px / 150 >= max(plots.LAYER_ROW_PX, plots.BAR_PX * bars)  # rows do not shrink with the count
+        assert fig.layout.legend.orientation == "h"
+    short = plots.sqnr_figure(_deep(6)[0])
+    assert 300 <= short.layout.height < 600  # a small network keeps a small chart
+    top = plots.sensitivity_figure(sens, top=30)
+    assert len(top.layout.yaxis.tickvals) == 30 and "the 30 most sensitive of 150 layers" in top.layout.title.subtitle.text
+    most = sens.groupby("layer")["loss_increase"].max().sort_values(ascending=False).index[:30]
+    assert list(top.layout.yaxis.tickvals) == list(most)
+    with pytest.raises(ConfigError, match="top must be at least 1"):
+        plots.sensitivity_figure(sens, top=0)
+
+
+def test_histogram_counts_tick_at_whole_numbers_and_clipping_is_explained(loaded):
+    hists = analysis.weight_histograms(loaded, "conv1.conv", bins=512)  # 144 weights: a few a bin at most
+    fig = plots.histogram_figure(hists)
+    most = max(int(h.counts.max()) for h in hists)
+    assert most <= 4  # where plotly ticks 0, 0.5, 1, … by itself
+    assert fig.layout.yaxis.dtick == 1 and fig.layout.yaxis.tickformat == ",d" and fig.layout.yaxis.rangemode == "tozero"
+    assert all(float(c).is_integer() for t in fig.data if t.line.shape == "hvh" for c in t.y)
+    assert plots.count_dtick(7) == 2 and plots.count_dtick(254_832) == 100_000 and plots.count_dtick(0) == 1
+    after = hists[-1]
+    share = plots.share_text(after.share_clipped)
+    assert any(t.name == f"after fine-tune (QAT): {share} clipped" for t in fig.data)
+    assert (f"after fine-tune (QAT): {after.clipped:,} of {after.total:,} weights ({share}) beyond their channel's "
+            "clip range") in fig.layout.title.subtitle.text
+    acts = analysis.activation_histograms(loaded, "conv3.conv")
+    text = plots.histogram_figure(acts).layout.title.subtitle.text
+    assert f"values seen on the calibration batches ({plots.share_text(acts[-1].share_clipped)}) beyond the clip range [" \
+        in text
+    assert [plots.share_text(v) for v in (0, 1e-7, 0.097222, 0.000433, 1)] == ["0%", "<0.001%", "9.72%", "0.0433%",
+                                                                               "100%"]
