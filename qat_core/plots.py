@@ -381,7 +381,10 @@ def training_figure(curves: pd.DataFrame, *, reference: Mapping[str, float | Non
                       "width": 1}, annotation_text=f"{html.escape(label)} {value:.2%}", annotation_position=where,
                       annotation_font_color=color)
     # the top margin holds the figure title above the "training loss" subplot title
-    fig.update_layout(title=title, hovermode="x unified", height=560, margin={"t": 80, "b": 60})
+    # the legend goes under the plots, in the bottom margin, so the plots keep the whole width
+    fig.update_layout(title=title, hovermode="x unified", height=620, margin={"t": 80, "b": 120},
+                      legend={"orientation": "h", "yref": "container", "y": 0, "yanchor": "bottom", "x": 0,
+                              "xanchor": "left"})
     fig.update_xaxes(title_text="step (optimizer updates in the phase)", row=2, col=1)
     fig.update_yaxes(title_text="cross-entropy (nats)", row=1, col=1)
     fig.update_yaxes(title_text="accuracy", row=2, col=1, **acc_axis)
