@@ -37,7 +37,7 @@ FRONT_COLOR, OFF_FRONT_COLOR = "#1f77b4", "#7f7f7f"  # runs on the Pareto front,
 PARETO_PLOT_HEIGHT = 420  # px of a runs Pareto chart without its legend
 LEGEND_TWO_COLUMNS_UP_TO = 34  # a runs Pareto chart's legend (below the plot) has two columns up to this many chars
 MARKER_RADIUS_PX = 6
-LABEL_FONT_PX = 11
+LABEL_FONT_PX = 12
 LABEL_RINGS, LABEL_RING_PX = 6, 16  # a label tries rings this far apart around its marker, nearest first
 LABEL_PLOT_WIDTH_PX = 540  # the plot area a Pareto chart's labels are placed for: full width at 800 px (wider only helps)
 LEGEND_ROW_PX = 22
@@ -441,8 +441,8 @@ def runs_pareto_figure(runs: pd.DataFrame, x: str, title: str) -> go.Figure:
         fig.add_scatter(
             x=[xi], y=[yi], mode="markers", cliponaxis=False,
             marker={"size": 2 * MARKER_RADIUS_PX, "color": color if front else "white", "line": {"color": color, "width": 2}},
-            name=f"{i + 1}. {_short(label)} · {yi:.2f}% · {_value_text(xi, x)}", customdata=[data["run"].iloc[i]],
-            hovertext=[label],
+            name=f"{i + 1}. {html.escape(_short(label))} · {yi:.2f}% · {_value_text(xi, x)}",
+            customdata=[data["run"].iloc[i]], hovertext=[html.escape(label)],
             hovertemplate=f"{i + 1}. %{{hovertext}}<br>run %{{customdata}}<br>{html.escape(x)} %{{x:,.4g}}"
                           "<br>QAT accuracy %{y:.2f}%<extra></extra>")
     points = list(at)
