@@ -35,6 +35,8 @@ MAX_GRID_LINES = 512  # grids with more levels are drawn with every n-th line
 MAX_TICK_DECIMALS = 4
 FRONT_COLOR, OFF_FRONT_COLOR = "#1f77b4", "#7f7f7f"  # runs on the Pareto front, and the others
 PARETO_PLOT_HEIGHT = 420  # px of a runs Pareto chart without its legend
+PARETO_TOP_PX, PARETO_BOTTOM_PX = 60, 70  # its margins: the title; tick labels and the x-axis title
+PARETO_AREA_PX = PARETO_PLOT_HEIGHT - PARETO_TOP_PX - PARETO_BOTTOM_PX  # its plot area, whatever the legend
 LEGEND_TWO_COLUMNS_UP_TO = 34  # a runs Pareto chart's legend (below the plot) has two columns up to this many chars
 MARKER_RADIUS_PX = 6
 LABEL_FONT_PX = 12
@@ -461,9 +463,10 @@ def runs_pareto_figure(runs: pd.DataFrame, x: str, title: str) -> go.Figure:
     rows = math.ceil(len(fig.data) / columns)
     fig.update_layout(
         title=title, xaxis_title=x, yaxis_title="QAT test accuracy (%)",
-        height=PARETO_PLOT_HEIGHT + LEGEND_ROW_PX * rows, margin={"t": 60, "b": 70 + LEGEND_ROW_PX * rows},
+        height=PARETO_PLOT_HEIGHT + LEGEND_ROW_PX * rows,
+        margin={"t": PARETO_TOP_PX, "b": PARETO_BOTTOM_PX + LEGEND_ROW_PX * rows},
         # the legend starts under the x-axis title: the plot area is the same height whatever the rows
-        legend={"orientation": "h", "x": 0, "xanchor": "left", "y": -LEGEND_GAP_PX / (PARETO_PLOT_HEIGHT - 130),
+        legend={"orientation": "h", "x": 0, "xanchor": "left", "y": -LEGEND_GAP_PX / PARETO_AREA_PX,
                 "yanchor": "top", "entrywidth": 1 / columns, "entrywidthmode": "fraction", "font": {"size": 12}},
         hovermode="closest")
     fig.update_xaxes(range=x_range)
@@ -482,7 +485,7 @@ def _place_labels(points: Sequence[tuple[float, float]], texts: Sequence[str], x
     took (0: touching its marker, no leader line needed). Greedy, in the order given: the first ring
     and direction whose box overlaps no marker, no label placed before and stays near the plot wins,
     on a plot area of ``LABEL_PLOT_WIDTH_PX`` by the chart's fixed plot height."""
-    width, height = LABEL_PLOT_WIDTH_PX, PARETO_PLOT_HEIGHT - 130
+    width, height = LABEL_PLOT_WIDTH_PX, PARETO_AREA_PX
     px = [((x - x_range[0]) / ((x_range[1] - x_range[0]) or 1) * width,
            (y - y_range[0]) / ((y_range[1] - y_range[0]) or 1) * height) for x, y in points]
     r = MARKER_RADIUS_PX + 1
