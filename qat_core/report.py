@@ -369,10 +369,10 @@ def report_html(store: RunStore, run_id: str, loaded: Loaded | None = None) -> b
         parts += [*section, fig]
     layers = store.read_result(run_id, "layers")
     if layers:
-        plan = plan_frame(layers, config.plan).astype({"weight_bits": "object", "act_bits": "object"})
-        headers = {c: c.replace("_", " ") for c in plan.columns}
-        parts += ["<h2>Layer plan</h2>", "<p>Empty bits: the layer stays FP32.</p>", _table(
-            plan.fillna("FP32").rename(columns=headers), {"weight bits": str, "act bits": str})]
+        plan = plan_frame(layers, config.plan)
+        bits = ["weight_bits", "act_bits"]  # a width, or FP32 where the plan leaves the layer in float: text
+        plan[bits] = plan[bits].astype("object").where(plan[bits].notna(), "FP32").astype(str)
+        parts += ["<h2>Layer plan</h2>", _table(plan.rename(columns={c: c.replace("_", " ") for c in plan.columns}))]
     parts += _bench_section(store, run_id, m)
     parts += _parity_section(store, run_id, m)
     parts += _config_section(run_id, config.to_yaml())
