@@ -31,6 +31,7 @@ FIGURE_FRAME_PX = 170  # a per-layer chart's title, legend and x axis
 MIN_PLOT_PX = 240  # a per-layer chart's plot area for a few layers
 LAYER_ROW_PX, BAR_PX = 18, 8  # a layer's row in a per-layer bar chart: at least this, or this a bar
 LAYER_FONT_PX = 11
+LEGEND_BELOW = {"orientation": "h", "y": -0.25}  # a legend under the plot, which keeps the whole width
 MAX_GRID_LINES = 512  # grids with more levels are drawn with every n-th line
 MAX_TICK_DECIMALS = 4
 FRONT_COLOR, OFF_FRONT_COLOR = "#1f77b4", "#7f7f7f"  # runs on the Pareto front, and the others
@@ -158,7 +159,7 @@ def histogram_figure(hists: Sequence[Histogram], log_y: bool = False) -> go.Figu
                       xaxis_title="value (real units, after BN folding)" if first.tensor == "weight"
                       else "value (real units)", yaxis_title="count (values per bin)",
                       margin={"t": 75 + 18 * subtitle.count("<br>")}, height=450 + 18 * subtitle.count("<br>"),
-                      legend={"orientation": "h", "y": -0.25}, hovermode="closest")
+                      legend=LEGEND_BELOW, hovermode="closest")
     if log_y:
         fig.update_yaxes(type="log")
     else:
@@ -210,7 +211,8 @@ def channel_ranges_figure(channels: pd.DataFrame) -> go.Figure:
                                      hovertemplate=f"channel %{{x}}: {col.replace('_', ' ')} %{{y:.4g}}<extra></extra>"))
     layer = channels["layer"].iloc[0] if len(channels) else ""
     fig.update_layout(title=f"{layer}: per-channel weight ranges and clip ranges", barmode="overlay",
-                      xaxis_title="output channel", yaxis_title="weight value (real units, after BN folding)")
+                      xaxis_title="output channel", yaxis_title="weight value (real units, after BN folding)",
+                      legend=LEGEND_BELOW)
     return fig
 
 
@@ -323,7 +325,7 @@ def pareto_figure(candidates: pd.DataFrame) -> go.Figure:
                                      marker={"symbol": symbol, "size": size}, customdata=custom(part),
                                      hovertemplate=hover))
     fig.update_layout(title="Mixed precision: model size vs accuracy (calibrated, before fine-tune)",
-                      xaxis_title="model size (bytes)", yaxis_title="test accuracy")
+                      xaxis_title="model size (bytes)", yaxis_title="test accuracy", legend=LEGEND_BELOW)
     fig.update_xaxes(range=_nonnegative_range(df["size_bytes"]))
     fig.update_yaxes(**_accuracy_axis(df["accuracy"]))
     fig.update_traces(cliponaxis=False)  # points on the padded range's edge stay whole
