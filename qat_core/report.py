@@ -162,11 +162,6 @@ details summary{cursor:pointer;color:#2a5a8a;margin:.3em 0}
 table{font-size:8pt}thead{display:table-header-group}tr,.js-plotly-plot{break-inside:avoid}
 h2{break-after:avoid}details{display:none}pre{font-size:8pt}}
 </style>"""
-# figures were drawn for the screen's width: redraw them at the page's before printing, and back after
-PRINT_SCRIPT = """<script>
-function qatResize(){document.querySelectorAll('.js-plotly-plot').forEach(function(d){Plotly.Plots.resize(d);});}
-window.addEventListener('beforeprint',qatResize);window.addEventListener('afterprint',qatResize);
-</script>"""
 def bytes_text(nbytes: float) -> str:
     """Bytes for people: "31.9 KB" up to a megabyte, then "10.77 MB" (1 KB = 1024 B)."""
     return f"{nbytes / 1024:,.1f} KB" if nbytes < 1024**2 else f"{nbytes / 1024**2:,.2f} MB"
@@ -379,7 +374,7 @@ def report_html(store: RunStore, run_id: str, loaded: Loaded | None = None) -> b
     # figures become divs in place; plotly.js itself goes once into <head>
     body = "".join(p.to_html(full_html=False, include_plotlyjs=False) if isinstance(p, go.Figure) else p for p in parts)
     has_figures = any(isinstance(p, go.Figure) for p in parts)
-    scripts = f'<script type="text/javascript">{plots.plotly_js()}</script>{PRINT_SCRIPT}' if has_figures else ""
+    scripts = f'<script type="text/javascript">{plots.plotly_js()}</script>' if has_figures else ""
     doc = (f"<!DOCTYPE html>\n<html><head><meta charset=\"utf-8\"><title>QAT Studio report {html.escape(run_id)}</title>"
            f"{STYLE}{scripts}</head>\n<body>{body}</body></html>\n")
     return doc.encode("utf-8")
