@@ -41,7 +41,7 @@ ERROR_COLUMNS = ["layer", "kind", "weight_bits", "act_bits", "weight_sqnr_db", "
 ERROR_HEADERS = {"layer": "layer", "kind": "kind", "weight_bits": "weight bits", "act_bits": "act bits",
                  "granularity": "granularity", "weight_sqnr_db": "weight SQNR (dB)", "act_sqnr_db": "activation SQNR (dB)",
                  "weight_share_clipped": "weights clipped", "act_share_clipped": "activations clipped",
-                 "size_bytes": "size", "output_sqnr_db": "network output SQNR (dB)",
+                 "size_bytes": "size (bytes)", "output_sqnr_db": "network output SQNR (dB)",
                  "output_sqnr_vs_baseline_db": "output SQNR vs FP32 (dB)"}
 REPORT_ERROR_COLUMNS = ["layer", "kind", "weight_bits", "act_bits", "weight_sqnr_db", "act_sqnr_db",
                         "weight_share_clipped", "act_share_clipped", "size_bytes"]  # what fits an A4 page
@@ -255,9 +255,10 @@ def _errors_section(loaded: Loaded) -> tuple[list[str], go.Figure]:
     errors = pd.concat([analysis.error_table(loaded, stage) for stage in ("ptq", "qat")], ignore_index=True)
     qat = errors[errors["stage"] == "qat"]
     layers, network = qat[qat["layer"] != "(network)"], qat[qat["layer"] == "(network)"]
-    formats = {ERROR_HEADERS[c]: f for c, f in ERROR_FORMATS.items()}
-    main = layers[REPORT_ERROR_COLUMNS].rename(columns=ERROR_HEADERS)
-    every = qat[[c for c in ERROR_COLUMNS if c in qat.columns]].rename(columns=ERROR_HEADERS)
+    headers = ERROR_HEADERS | {"size_bytes": "weights size"}  # in KB or MB here
+    formats = {headers[c]: f for c, f in ERROR_FORMATS.items()}
+    main = layers[REPORT_ERROR_COLUMNS].rename(columns=headers)
+    every = qat[[c for c in ERROR_COLUMNS if c in qat.columns]].rename(columns=headers)
     out = ["<h2>Per-layer error (after fine-tune)</h2>",
            "<p>SQNR in dB (higher is better) of each layer's quantized weights and output activations against "
            "float; the share of its weights (of all of them) and of its output activations (of those seen on the "

@@ -51,7 +51,8 @@ def test_report_reads_as_people_expect_and_fits_an_a4_page(workspace, digits_run
     # the per-layer table: the columns that fit a page, the rest in a detail block; no network row in it
     main_table = text.split("<h2>Per-layer error (after fine-tune)</h2>")[1].split("<details>")[0]
     heads = re.findall(r"<th>(.*?)</th>", main_table)
-    assert heads == [report.ERROR_HEADERS[c] for c in report.REPORT_ERROR_COLUMNS] and "(network)" not in main_table
+    assert heads == [report.ERROR_HEADERS[c] for c in report.REPORT_ERROR_COLUMNS[:-1]] + ["weights size"]
+    assert "(network)" not in main_table
     assert "granularity" in text.split("<details>")[1] and "against the FP32 baseline" in main_table
     assert "@page{size:A4" in page and "@media print" in page and "thead{display:table-header-group}" in page
     assert page.count('<div class="wide"><table>') >= 3  # every table scrolls in its box instead of running off
