@@ -32,19 +32,16 @@ side = chosen.drop(columns=["status", "error"]).rename(columns=report.RUN_HEADER
 # one column a run, values of every kind in it: as text
 common.show_table(side.map(common.cell_text), hide_index=False, height=common.rows_height(side))
 
-c1, c2 = st.columns(2)
-with c1:
-    common.show_plot(plots.runs_pareto_figure(chosen, "size KB", "Accuracy vs model size (bit-packed)"),
-                     key="pareto_size")
-with c2:
-    timed = chosen[chosen["int8 latency ms"].notna()]
-    batches = sorted(timed["latency batch"].dropna().unique())
-    if len(batches) == 1:
-        common.show_plot(plots.runs_pareto_figure(timed, "int8 latency ms",
-                                                  f"Accuracy vs int8 latency (ORT, batch {batches[0]})"),
-                         key="pareto_latency")
-    elif batches:
-        st.info(f"These runs were benchmarked at different batch sizes ({', '.join(map(str, batches))}); "
-                "latencies compare only at one batch size. Benchmark them at the same batch to see the chart.")
-    else:
-        st.info("No benchmarks yet for these runs: open **Benchmark** to measure latency.")
+# full width, one under the other: each point is numbered on the chart and named in the legend below it
+common.show_plot(plots.runs_pareto_figure(chosen, "size KB", "Accuracy vs model size (bit-packed)"), key="pareto_size")
+timed = chosen[chosen["int8 latency ms"].notna()]
+batches = sorted(timed["latency batch"].dropna().unique())
+if len(batches) == 1:
+    common.show_plot(plots.runs_pareto_figure(timed, "int8 latency ms",
+                                              f"Accuracy vs int8 latency (ORT, batch {batches[0]})"),
+                     key="pareto_latency")
+elif batches:
+    st.info(f"These runs were benchmarked at different batch sizes ({', '.join(map(str, batches))}); "
+            "latencies compare only at one batch size. Benchmark them at the same batch to see the chart.")
+else:
+    st.info("No benchmarks yet for these runs: open **Benchmark** to measure latency.")

@@ -4,7 +4,7 @@ import a config file to start a new run from it."""
 import streamlit as st
 
 from app_pages import _common as common
-from qat_core import export, files, planning, runner
+from qat_core import export, files, planning, report, runner
 from qat_core.errors import StoreError
 
 st.title("Export")
@@ -17,10 +17,10 @@ else:
     store = common.store()
     st.subheader("Config (reproduce with `qat-studio train <file>`)")
     c1, c2 = st.columns(2)
-    c1.download_button("Download config.yaml", common.config_payload(run_id, "yaml"), f"{run_id}.yaml",
-                       "application/x-yaml", key="dl_yaml")
-    c2.download_button("Download config.json", common.config_payload(run_id, "json"), f"{run_id}.json",
-                       "application/json", key="dl_json")
+    c1.download_button("Download config.yaml", common.config_payload(run_id, "yaml"),
+                       report.config_file_name(run_id), "application/x-yaml", key="dl_yaml")
+    c2.download_button("Download config.json", common.config_payload(run_id, "json"),
+                       report.config_file_name(run_id, "json"), "application/json", key="dl_json")
 
     st.subheader("ONNX models")
     onnx_files = {name: store.artifact(run_id, name) for name in ("int8.onnx", "fp32.onnx")}

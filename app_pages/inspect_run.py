@@ -1,10 +1,13 @@
 """Inspect: histograms with grid and clip marks (before/after the fine-tune), the per-layer error table,
 sensitivity and a mixed-precision suggestion that becomes a new plan in one click."""
 
+import pandas as pd
 import streamlit as st
 
 from app_pages import _common as common
 from qat_core import analysis, plots, report, search
+
+SENSITIVITY_TOP = 30  # layers the sensitivity chart shows before "Show all"
 
 st.title("Inspect")
 records = common.runs()
@@ -37,8 +40,12 @@ with error_tab:
     stage = st.radio("Model", ["qat", "ptq"], horizontal=True, key="error_stage",
                      format_func={"qat": "after fine-tune (QAT)", "ptq": "before fine-tune (PTQ)"}.get)
     errors = common.call(common.error_table, root, run_id, stage)
-    common.show_table(errors[[c for c in report.ERROR_COLUMNS if c in errors.columns]].round(4), report.ERROR_HEADERS)
-    st.caption("SQNR in dB (higher is better); clipped shares are fractions of the values seen. "
+    shown = errors[[c for c in report.ERROR_COLUMNS if c in errors.columns]].round(4)
+    for column in ("weight_share_clipped", "act_share_clipped"):  # as the report and the histograms say them
+        shown[column] = [common.MISSING if pd.isna(v) else plots.share_text(v) for v in shown[column]]
+    common.show_table(shown, report.ERROR_HEADERS)
+    st.caption("SQNR in dB (higher is better). Clipped: the share of a layer's weights, and of its output "
+               "activations on the calibration batches, beyond the quantizer's clip range (saturated to it). "
                "The CSV has every column (scales, zero points, MSE).")
     st.download_button("Download CSV", analysis.to_csv(errors), f"{run_id}-{stage}-errors.csv", "text/csv",
                        key="dl_errors")
@@ -61,7 +68,11 @@ with sens_tab:
     if sens is None:
         st.info("Measure sensitivity to rank the layers and get a mixed-precision suggestion.")
         st.stop()
-    common.show_plot(plots.sensitivity_figure(sens), key="sensitivity")
+    layers = sens["layer"].nunique()
+    every = layers <= SENSITIVITY_TOP or st.checkbox(
+        f"Show all {layers} layers", key="sens_all",
+        help=f"The chart shows the {SENSITIVITY_TOP} most sensitive layers; all of them make a long chart")
+    common.show_plot(plots.sensitivity_figure(sens, top=None if every else SENSITIVITY_TOP), key="sensitivity")
     st.subheader("Mixed-precision suggestion")
     c1, c2 = st.columns(2)
     avg = c1.number_input("Average weight bits (budget)", 2.0, 8.0, 3.0, 0.25, key="sug_bits")

@@ -120,21 +120,19 @@ def show_sweep(sweep_id: str, was_running: bool) -> None:
     finished = frame[frame["status"] == "done"].assign(name=lambda f: f["label"])
     if finished.empty:
         return
-    left, right = st.columns(2)
-    with left:
-        common.show_plot(plots.runs_pareto_figure(finished, "size KB", "Accuracy vs model size (bit-packed)"),
-                         key="sw_pareto_size")
-    with right:
-        timed = finished[finished["int8 latency ms"].notna()]
-        if timed.empty:
-            st.info("The latency chart appears once the int8 models are timed (after training)." if live else
-                    "No int8 latency measured in this sweep.")
-        else:
-            common.show_plot(plots.runs_pareto_figure(timed, "int8 latency ms", "Accuracy vs int8 latency "
-                                                      "(ONNX Runtime, batch 1)"), key="sw_pareto_latency")
-            if any(store.get(r)["metrics"].get("bench", {}).get("overhead_bound") for r in timed["run"]):
-                st.caption("This model is so small that per-call overhead, not arithmetic, sets its latency: "
-                           "the differences here are noise. Compare latency on a larger model or batch.")
+    # full width, one under the other: each run is numbered on the chart and named in the legend below it
+    common.show_plot(plots.runs_pareto_figure(finished, "size KB", "Accuracy vs model size (bit-packed)"),
+                     key="sw_pareto_size")
+    timed = finished[finished["int8 latency ms"].notna()]
+    if timed.empty:
+        st.info("The latency chart appears once the int8 models are timed (after training)." if live else
+                "No int8 latency measured in this sweep.")
+        return
+    common.show_plot(plots.runs_pareto_figure(timed, "int8 latency ms", "Accuracy vs int8 latency "
+                                              "(ONNX Runtime, batch 1)"), key="sw_pareto_latency")
+    if any(store.get(r)["metrics"].get("bench", {}).get("overhead_bound") for r in timed["run"]):
+        st.caption("This model is so small that per-call overhead, not arithmetic, sets its latency: "
+                   "the differences here are noise. Compare latency on a larger model or batch.")
 
 
 SHOWN = ["label", "status", "QAT acc %", "PTQ acc %", "avg weight bits", "size KB", "int8 latency ms", "error", "run"]

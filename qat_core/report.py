@@ -10,14 +10,17 @@ so the file opens offline and has no external ``<script src>``. :func:`analyze_r
 
 from __future__ import annotations
 
+import base64
 import html
 import json
 import math
+import numbers
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pandas as pd
 import plotly.graph_objects as go
 import torch
@@ -30,6 +33,7 @@ from qat_core.store import RunStore, atomic_write_bytes, atomic_write_text
 
 ANALYSIS_DIR = "analysis"  # sub-folder of a run that analyze_run writes into
 REPORT_FILE = "report.html"  # default name inside the run's folder
+MISSING = "—"  # a value that was not measured, in the report's tables
 BENCH_COLUMNS = ["backend", "batch", "threads", "median_ms", "p90_ms", "p99_ms", "throughput"]
 ERROR_COLUMNS = ["layer", "kind", "weight_bits", "act_bits", "weight_sqnr_db", "act_sqnr_db", "output_sqnr_db",
                  "output_sqnr_vs_baseline_db", "weight_share_clipped", "act_share_clipped", "granularity",
@@ -39,6 +43,8 @@ ERROR_HEADERS = {"layer": "layer", "kind": "kind", "weight_bits": "weight bits",
                  "weight_share_clipped": "weights clipped", "act_share_clipped": "activations clipped",
                  "size_bytes": "size (bytes)", "output_sqnr_db": "network output SQNR (dB)",
                  "output_sqnr_vs_baseline_db": "output SQNR vs FP32 (dB)"}
+REPORT_ERROR_COLUMNS = ["layer", "kind", "weight_bits", "act_bits", "weight_sqnr_db", "act_sqnr_db",
+                        "weight_share_clipped", "act_share_clipped", "size_bytes"]  # what fits an A4 page
 BACKEND_NAMES = {"ort_fp32": "ONNX Runtime FP32", "ort_int8": "ONNX Runtime int8", "torch_fp32": "PyTorch FP32 (eager)"}
 BENCH_HEADERS = {"median_ms": "median (ms)", "p90_ms": "p90 (ms)", "p99_ms": "p99 (ms)",
                  "throughput": "throughput (samples/s)"}
@@ -139,12 +145,72 @@ def float_reasons(float_layers: Any) -> dict[str, str]:
 
 
 # --- the report ----------------------------------------------------------------------------------
-def _table(frame: pd.DataFrame, float_format: str = "%.3f") -> str:
-    return frame.to_html(index=False, float_format=lambda v: float_format % v, na_rep="", border=0)
+# Screen: at most 1100 px wide; tables scroll sideways in their box rather than run off the page. Print
+# (A4): the whole width, smaller table text, headers repeated on each page, no row or figure split.
+STYLE = """<style>
+body{font-family:system-ui,sans-serif;color:#222;max-width:1100px;margin:2em auto;padding:0 1em}
+h1{font-size:1.7em}h2{margin-top:1.6em;border-bottom:1px solid #ddd}
+.wide{max-width:100%;overflow-x:auto}
+table{border-collapse:collapse;margin:.5em 0;font-size:.9em}
+td,th{border:1px solid #ccc;padding:2px 6px;text-align:left;vertical-align:top;overflow-wrap:break-word}
+th{background:#f3f3f3}td.num{text-align:right;white-space:nowrap;font-variant-numeric:tabular-nums}
+table.kv th{text-align:left;font-weight:normal}
+pre{background:#f6f6f6;padding:1em;overflow:auto;white-space:pre-wrap}
+details summary{cursor:pointer;color:#2a5a8a;margin:.3em 0}
+@page{size:A4;margin:12mm}
+@media print{body{max-width:none;margin:0;padding:0;font-size:10pt}.wide{overflow:visible}
+table{font-size:8pt}thead{display:table-header-group}tr,.js-plotly-plot{break-inside:avoid}
+h2{break-after:avoid}details{display:none}pre{font-size:8pt}}
+</style>"""
+def bytes_text(nbytes: float) -> str:
+    """Bytes for people: "31.9 KB" up to a megabyte, then "10.77 MB" (1 KB = 1024 B)."""
+    return f"{nbytes / 1024:,.1f} KB" if nbytes < 1024**2 else f"{nbytes / 1024**2:,.2f} MB"
+
+
+def _missing(value: Any) -> bool:
+    return value is None or (isinstance(value, float | np.floating) and math.isnan(value)) or value is pd.NA
+
+
+def _cell(value: Any, fmt: Callable[[Any], str] | None) -> tuple[str, bool]:
+    """A table cell's text and whether it is a number (right-aligned): MISSING for a missing value,
+    yes/no for a flag, ``fmt`` for the column's values, else whole numbers with separators, 4 digits."""
+    if _missing(value):
+        return MISSING, False
+    if isinstance(value, bool | np.bool_):
+        return ("yes" if value else "no"), False
+    if fmt is not None:
+        return fmt(value), isinstance(value, numbers.Number)
+    if isinstance(value, numbers.Integral):
+        return f"{value:,}", True
+    if isinstance(value, numbers.Real):
+        return f"{value:,.4g}", True
+    return str(value), False
+
+
+def _table(frame: pd.DataFrame, formats: dict[str, Callable[[Any], str]] | None = None) -> str:
+    """A table for people: a column's values in its format from ``formats`` (else :func:`_cell`'s), numbers
+    right-aligned, "—" where nothing was measured; in a box that scrolls sideways on a narrow screen."""
+    head = "".join(f"<th>{html.escape(str(c))}</th>" for c in frame.columns)
+    rows = []
+    for values in frame.itertuples(index=False):
+        cells = (_cell(v, (formats or {}).get(c)) for c, v in zip(frame.columns, values))
+        rows.append("".join(f"<td class=\"num\">{html.escape(t)}</td>" if num else f"<td>{html.escape(t)}</td>"
+                            for t, num in cells))
+    body = "".join(f"<tr>{r}</tr>" for r in rows)
+    return f"<div class=\"wide\"><table><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table></div>"
 
 
 def _kv(pairs: dict[str, Any]) -> str:
-    return _table(pd.DataFrame({"": list(pairs), "value": [str(v) for v in pairs.values()]}))
+    """Name → value rows (values already formatted as people read them; None is "—")."""
+    rows = "".join(f"<tr><th>{html.escape(str(k))}</th><td>{html.escape(MISSING if _missing(v) else str(v))}</td></tr>"
+                   for k, v in pairs.items())
+    return f"<table class=\"kv\"><tbody>{rows}</tbody></table>"
+
+
+ERROR_FORMATS: dict[str, Callable[[Any], str]] = {
+    "weight_bits": str, "act_bits": str, "weight_sqnr_db": "{:.1f}".format, "act_sqnr_db": "{:.1f}".format,
+    "output_sqnr_db": "{:.1f}".format, "output_sqnr_vs_baseline_db": "{:.1f}".format,
+    "weight_share_clipped": plots.share_text, "act_share_clipped": plots.share_text, "size_bytes": bytes_text}
 
 
 def _accuracy_section(m: dict[str, Any]) -> list[str]:
@@ -152,17 +218,18 @@ def _accuracy_section(m: dict[str, Any]) -> list[str]:
     if not stages:
         return []
     fp32 = m.get("fp32", {}).get("accuracy")
-    rows = [{"model": STAGE_TITLES[s], "test accuracy %": m[s]["accuracy"] * 100,
+    rows = [{"model": STAGE_TITLES[s], "test accuracy": m[s]["accuracy"] * 100,
              "vs FP32 (pt)": (m[s]["accuracy"] - fp32) * 100 if fp32 is not None else math.nan,
              "loss": m[s].get("loss", math.nan)} for s in stages]
     out = deployed(m)
     if out is not None:
-        rows.append({"model": "int8 in ONNX Runtime (deployed)", "test accuracy %": out["accuracy"] * 100,
+        rows.append({"model": "int8 in ONNX Runtime (deployed)", "test accuracy": out["accuracy"] * 100,
                      "vs FP32 (pt)": (out["accuracy"] - fp32) * 100 if fp32 is not None else math.nan,
                      "loss": math.nan})
+    formats = {"test accuracy": "{:.2f}%".format, "vs FP32 (pt)": "{:+.2f} pt".format, "loss": "{:.4f}".format}
     parts = ["<h2>Accuracy</h2>",
              "<p>PTQ and QAT accuracies are computed with ONNX Runtime's integer arithmetic: what the int8 model "
-             "predicts once deployed.</p>", _table(pd.DataFrame(rows), "%.2f")]
+             "predicts once deployed.</p>", _table(pd.DataFrame(rows), formats)]
     if out is not None and out["why"]:
         parts.append(f"<p>ONNX Runtime differs from the evaluation: {html.escape(out['why'])}</p>")
     return parts
@@ -187,11 +254,24 @@ def _size_section(m: dict[str, Any], exported: dict[str, Any] | None) -> list[st
 def _errors_section(loaded: Loaded) -> tuple[list[str], go.Figure]:
     errors = pd.concat([analysis.error_table(loaded, stage) for stage in ("ptq", "qat")], ignore_index=True)
     qat = errors[errors["stage"] == "qat"]
-    table = qat[[c for c in ERROR_COLUMNS if c in qat.columns]].rename(columns=ERROR_HEADERS)
-    return (["<h2>Per-layer error (after fine-tune)</h2>",
-             "<p>SQNR in dB (higher is better) of each layer's quantized weights and output activations against "
-             "float, share of values clipped, and the network output's SQNR against the FP32 model.</p>",
-             _table(table, "%.4g")], plots.sqnr_figure(errors))
+    layers, network = qat[qat["layer"] != "(network)"], qat[qat["layer"] == "(network)"]
+    headers = ERROR_HEADERS | {"size_bytes": "weights size"}  # in KB or MB here
+    formats = {headers[c]: f for c, f in ERROR_FORMATS.items()}
+    main = layers[REPORT_ERROR_COLUMNS].rename(columns=headers)
+    every = qat[[c for c in ERROR_COLUMNS if c in qat.columns]].rename(columns=headers)
+    out = ["<h2>Per-layer error (after fine-tune)</h2>",
+           "<p>SQNR in dB (higher is better) of each layer's quantized weights and output activations against "
+           "float; the share of its weights (of all of them) and of its output activations (of those seen on the "
+           "calibration batches) that fall outside the quantizer's clip range and are clipped to it; and the "
+           "bytes its weights take at their width.</p>"]
+    if len(network):
+        row = network.iloc[0]
+        out.append(f"<p>Network output (logits, test set): SQNR <b>{row['output_sqnr_db']:.1f} dB</b> against the "
+                   f"same weights in float (quantization noise alone), {row['output_sqnr_vs_baseline_db']:.1f} dB "
+                   "against the FP32 baseline (quantization plus what the fine-tune changed).</p>")
+    out += [_table(main, formats),
+            "<details><summary>Every column (granularity, network row)</summary>", _table(every, formats), "</details>"]
+    return out, plots.sqnr_figure(errors)
 
 
 def _bench_section(store: RunStore, run_id: str, m: dict[str, Any]) -> list[str]:
@@ -200,7 +280,9 @@ def _bench_section(store: RunStore, run_id: str, m: dict[str, Any]) -> list[str]
         if not m.get("bench"):
             return []
         return ["<h2>Benchmark</h2>", _kv(m["bench"])]
-    out = ["<h2>Benchmark (ONNX Runtime and PyTorch, this machine)</h2>", _table(bench_frame(result), "%.4g")]
+    ms = "{:.4g}".format
+    formats = {"median (ms)": ms, "p90 (ms)": ms, "p99 (ms)": ms, "throughput (samples/s)": "{:,.0f}".format}
+    out = ["<h2>Benchmark (ONNX Runtime and PyTorch, this machine)</h2>", _table(bench_frame(result), formats)]
     first = speedup(result)
     if first is not None:
         out.append(f"<p>Speed-up of int8 over FP32 (ORT median, batch {first['batch']}, {first['threads']} "
@@ -219,10 +301,11 @@ def _parity_section(store: RunStore, run_id: str, m: dict[str, Any]) -> list[str
     parity = store.read_result(run_id, "parity") or m.get("parity")
     if not parity:
         return []
-    summary = {"ORT int8 accuracy": parity.get("accuracy"), "evaluated accuracy": parity.get("sim_accuracy"),
-               "top-1 agreement": parity.get("agreement"), "max logit difference": parity.get("max_logit_diff"),
-               "fake-quant simulation accuracy": parity.get("fake_quant_accuracy")}
-    summary = {k: (f"{v:.4g}" if isinstance(v, float) else v) for k, v in summary.items() if v is not None}
+    shares = {"ORT int8 accuracy": "accuracy", "evaluated accuracy": "sim_accuracy", "top-1 agreement": "agreement",
+              "fake-quant simulation accuracy": "fake_quant_accuracy"}
+    summary = {k: f"{parity[v]:.2%}" for k, v in shares.items() if parity.get(v) is not None}  # beside the others
+    if parity.get("max_logit_diff") is not None:
+        summary["max logit difference"] = f"{parity['max_logit_diff']:.4g}"
     if "integer_layers" in parity:
         n_int, n_float = len(parity["integer_layers"]), len(parity.get("float_layers") or [])
         summary["integer-kernel coverage"] = f"{n_int}/{n_int + n_float} layers"
@@ -237,6 +320,22 @@ def _parity_section(store: RunStore, run_id: str, m: dict[str, Any]) -> list[str
         out.append("<p>Runs in float in ONNX Runtime: " + html.escape("; ".join(f"{k}: {v}" for k, v in reasons.items()))
                    + "</p>")
     return out
+
+
+def config_file_name(run_id: str, kind: str = "yaml") -> str:
+    """The name a run's config is downloaded under, by the Export page and the report's link (which also
+    names it in the command to run): ``<run id>.yaml`` / ``.json``."""
+    return f"{run_id}.{kind}"
+
+
+def _config_section(run_id: str, yaml_text: str) -> list[str]:
+    name = html.escape(config_file_name(run_id))
+    data = base64.b64encode(yaml_text.encode("utf-8")).decode("ascii")
+    link = f'<a download="{name}" href="data:application/x-yaml;base64,{data}">{name}</a>'
+    return ["<h2>Config</h2>",
+            f"<p>Reproduce the run: save this config as {link} (the link downloads it; the app's Export page saves "
+            f"the same file), then run <code>qat-studio train {name}</code>.</p>",
+            f"<pre>{html.escape(yaml_text)}</pre>"]
 
 
 def report_html(store: RunStore, run_id: str, loaded: Loaded | None = None) -> bytes:
@@ -266,22 +365,19 @@ def report_html(store: RunStore, run_id: str, loaded: Loaded | None = None) -> b
         parts += [*section, fig]
     layers = store.read_result(run_id, "layers")
     if layers:
-        plan = plan_frame(layers, config.plan).astype({"weight_bits": "object", "act_bits": "object"})
-        headers = {c: c.replace("_", " ") for c in plan.columns}
-        parts += ["<h2>Layer plan</h2>", _table(plan.fillna("FP32").rename(columns=headers))]
+        plan = plan_frame(layers, config.plan)
+        bits = ["weight_bits", "act_bits"]  # a width, or FP32 where the plan leaves the layer in float: text
+        plan[bits] = plan[bits].astype("object").where(plan[bits].notna(), "FP32").astype(str)
+        parts += ["<h2>Layer plan</h2>", _table(plan.rename(columns={c: c.replace("_", " ") for c in plan.columns}))]
     parts += _bench_section(store, run_id, m)
     parts += _parity_section(store, run_id, m)
-    parts += ["<h2>Config</h2>", "<p>Reproduce the run with <code>qat-studio train config.yaml</code>.</p>",
-              f"<pre>{html.escape(config.to_yaml())}</pre>"]
+    parts += _config_section(run_id, config.to_yaml())
     # figures become divs in place; plotly.js itself goes once into <head>
     body = "".join(p.to_html(full_html=False, include_plotlyjs=False) if isinstance(p, go.Figure) else p for p in parts)
     has_figures = any(isinstance(p, go.Figure) for p in parts)
-    script = f'<script type="text/javascript">{plots.plotly_js()}</script>' if has_figures else ""
-    style = ("body{font-family:sans-serif;max-width:1100px;margin:2em auto;padding:0 1em}"
-             "table{border-collapse:collapse;margin:.5em 0}td,th{border:1px solid #ccc;padding:2px 6px;text-align:right}"
-             "pre{background:#f6f6f6;padding:1em;overflow:auto}")
+    scripts = f'<script type="text/javascript">{plots.plotly_js()}</script>' if has_figures else ""
     doc = (f"<!DOCTYPE html>\n<html><head><meta charset=\"utf-8\"><title>QAT Studio report {html.escape(run_id)}</title>"
-           f"<style>{style}</style>{script}</head>\n<body>{body}</body></html>\n")
+           f"{STYLE}{scripts}</head>\n<body>{body}</body></html>\n")
     return doc.encode("utf-8")
 
 

@@ -257,9 +257,41 @@ def test_inspect_shows_histograms_and_error_table(digits_run):
     titles = [s["layout"]["title"]["text"] for s in plotly_specs(at)]
     assert any("folded weights" in t for t in titles), titles
     assert any("SQNR" in t for t in titles), titles
+    hist = next(s for s in plotly_specs(at) if "folded weights" in s["layout"]["title"]["text"])
+    assert "weights (" in hist["layout"]["title"]["subtitle"]["text"]  # clipped: how many of how many, of what
+    assert isinstance(hist["layout"]["yaxis"]["dtick"], int) and hist["layout"]["yaxis"]["dtick"] >= 1
+    table = next(d.value for d in at.dataframe if "weights clipped" in d.value.columns)
+    shares = [v for v in table["weights clipped"] if v != common.MISSING]
+    assert shares and all(v.endswith("%") for v in shares), shares  # 9.03%, not 0.0903
     at.radio(key="hist_tensor").set_value("activation").run()
     ok(at)
     assert any("output activations" in s["layout"]["title"]["text"] for s in plotly_specs(at))
+
+
+def test_inspect_sensitivity_of_150_layers_shows_the_top_30_then_all(workspace, digits_run, tmp_path, monkeypatch):
+    import numpy as np
+
+    root = tmp_path / "ws"  # its own copy: the shared workspace's run keeps no saved sensitivity
+    shutil.copytree(workspace.root, root)
+    rng = np.random.default_rng(0)
+    rows = [{"layer": f"block{i}.conv", "bits": b, "loss_increase": float(rng.exponential(0.05)),
+             "accuracy_drop": float(rng.exponential(0.01)), "rank": 0} for i in range(150) for b in (4, 2)]
+    RunStore(root).write_result(digits_run, "sensitivity_page", rows)
+    monkeypatch.setenv("QAT_STUDIO_HOME", str(root))
+    at = ok(app("inspect"))
+    at.selectbox(key="run_picker").set_value(digits_run).run()
+    ok(at)
+
+    def sensitivity() -> dict:
+        return next(s for s in plotly_specs(at) if s["layout"]["title"]["text"].startswith("Sensitivity"))
+
+    fig = sensitivity()
+    assert len(fig["layout"]["yaxis"]["tickvals"]) == 30 and "30 most sensitive of 150" in \
+        fig["layout"]["title"]["subtitle"]["text"]
+    at.checkbox(key="sens_all").check().run()
+    ok(at)
+    fig = sensitivity()
+    assert len(fig["layout"]["yaxis"]["tickvals"]) == 150 and fig["layout"]["height"] >= 150 * 18
 
 
 def test_benchmark_exports_and_shows_parity_beside_latency(workspace, digits_run):
@@ -278,7 +310,7 @@ def test_benchmark_exports_and_shows_parity_beside_latency(workspace, digits_run
     assert all(f in cpu_line for f in present) and not any(f"{f}," in cpu_line + "," for f in absent), cpu_line
 
 
-def test_compare_lists_runs_and_draws_pareto(digits_run, digits_run_w4a4):
+def test_compare_lists_runs_and_draws_pareto(workspace, digits_run, digits_run_w4a4):
     at = ok(app("compare"))
     frame = at.dataframe[0].value
     assert {digits_run, digits_run_w4a4} <= set(frame["run"])
@@ -286,6 +318,12 @@ def test_compare_lists_runs_and_draws_pareto(digits_run, digits_run_w4a4):
     ok(at)
     titles = [s["layout"]["title"]["text"] for s in plotly_specs(at)]
     assert "Accuracy vs model size (bit-packed)" in titles
+    assert not any(c.get("plotly_chart") for c in at.columns)  # full width: no chart squeezed into a column
+    size = next(s for s in plotly_specs(at) if s["layout"]["title"]["text"].startswith("Accuracy vs model size"))
+    names = [t["name"] for t in size["data"] if t["mode"] == "markers"]
+    assert len(names) == 2 and all(n[0] in "12" and "% · " in n and n.endswith(" KB") for n in names)
+    fp32 = workspace.get(digits_run)["metrics"]["fp32"]["accuracy"] * 100
+    assert [a["text"] for a in size["layout"]["annotations"] if a.get("xref") != "x"] == [f"FP32 {fp32:.2f}%"]
 
 
 def test_compare_shows_a_named_run_its_settings_and_a_batch_64_benchmark(workspace, digits_run, tmp_path,

@@ -79,7 +79,9 @@ def test_a_sweep_from_the_page_fills_the_table_and_the_front_and_cancel_then_res
     assert table["int8 latency ms"].notna().all()
     charts = [json.loads(c.proto.spec) for c in at.get("plotly_chart")]
     assert [c["layout"]["xaxis"]["title"]["text"] for c in charts] == ["size KB", "int8 latency ms"]
-    assert sorted(charts[0]["data"][0]["text"]) == sorted(table["variation"])
+    named = [t["name"] for t in charts[0]["data"] if t["mode"] == "markers"]  # each variation in the legend, numbered
+    assert sorted(n.split(". ", 1)[1].split(" · ")[0] for n in named) == sorted(table["variation"])
+    assert not any(c.get("plotly_chart") for c in at.columns)  # full width
 
 
 def test_a_sweep_whose_runs_failed_shows_incomplete_and_how_to_finish_it(store):

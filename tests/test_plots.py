@@ -55,17 +55,17 @@ def test_histogram_figure_marks_grid_and_clip_range(loaded):
 def test_table_figures(workspace, digits_run, loaded):
     errors = pd.concat([analysis.error_table(loaded, s) for s in analysis.STAGES], ignore_index=True)
     fig = plots.sqnr_figure(errors)
-    assert "network output vs FP32" in fig.layout.title.text
-    assert fig.layout.yaxis.title.text == "SQNR (dB, higher is better)"
+    assert "network output vs FP32" in fig.layout.title.subtitle.text and "higher is better" in fig.layout.title.text
+    assert fig.layout.xaxis.title.text == "SQNR (dB)" and fig.layout.yaxis.title.text == "layer (network order)"
     assert {t.name for t in fig.data} == {"before fine-tune (PTQ)", "after fine-tune (QAT)"}
     assert all("dB" in t.hovertemplate for t in fig.data)
 
     sens = search.sensitivity(loaded, bits=(4, 2))
     fig = plots.sensitivity_figure(sens)
     _titled(fig)
-    assert [t.name for t in fig.data] == ["4-bit", "2-bit"]
+    assert [t.name for t in fig.data] == ["2-bit", "4-bit"] and fig.layout.legend.traceorder == "reversed"
     top = sens[sens["bits"] == 2].sort_values("rank").iloc[0]["layer"]
-    assert fig.data[1].y[-1] == top  # horizontal bars: the most sensitive on top
+    assert fig.layout.yaxis.categoryarray[-1] == top  # plotly lists categories bottom up: the most sensitive on top
     drops = [*sens["accuracy_drop"], 0.0]  # the bars start at 0
     assert plots.sensitivity_figure(sens, "accuracy_drop").layout.xaxis.tickformat == \
         plots.accuracy_tickformat(max(drops) - min(drops))["tickformat"]
@@ -212,29 +212,130 @@ def test_runs_pareto_front_has_no_dominated_run():
     runs = _runs([("a", 10.0, 95.0), ("b", 10.0, 97.0), ("c", 20.0, 96.0), ("d", 30.0, 98.0), ("e", 5.0, np.nan)],
                  "size KB")
     fig = plots.runs_pareto_figure(runs, "size KB", "size")
-    front = next(t for t in fig.data if t.name == "Pareto front")
+    front = next(t for t in fig.data if t.name.startswith("Pareto front"))
     assert list(zip(front.x, front.y)) == [(10.0, 97.0), (30.0, 98.0)]  # a: as small as b but less accurate
 
 
-def test_runs_pareto_labels_only_the_front_when_there_are_many_runs():
-    few = plots.runs_pareto_figure(_runs([("a", 10.0, 95.0), ("b", 20.0, 94.0)], "size KB"), "size KB", "size")
-    assert list(next(t for t in few.data if t.name == "runs").text) == ["W8A8 a", "W8A8 b"]  # b: off the front, named
-    many = _runs([("a", 10.0, 95.0), ("b", 20.0, 94.0), ("c", 30.0, 99.0), ("d", 9.5, 94.5), ("e", 30.0, 98.0)],
-                 "size KB")
-    points = next(t for t in plots.runs_pareto_figure(many, "size KB", "size").data if t.name == "runs")
-    named = {run: text for run, text in zip(points.customdata, points.text, strict=True)}
-    assert named == {"d": "W8A8 d", "a": "W8A8 a", "b": "", "e": "", "c": "W8A8 c"}
-    assert sorted(points.hovertext) == [f"W8A8 {r}" for r in "abcde"]
+def _sweep_like(n: int = 23) -> pd.DataFrame:
+    """``n`` runs in clusters (widths 8/4/3/2, several learning rates and seeds), two at the same point."""
+    rng = np.random.default_rng(0)
+    rows = [{"run": f"r{i}", "plan": f"W{b}A8", "name": f"W{b}A8 · lr {1e-3 / (1 + i // 4):.0e} · seed {i % 3}",
+             "QAT acc %": round(90 + b + rng.normal(0, 0.8), 2), "size KB": 3 * b + rng.normal(0, 0.3),
+             "FP32 acc %": 98.9, "model": "digits-cnn"} for i, b in enumerate([8, 4, 3, 2] * (n // 4) + [8] * (n % 4))]
+    return pd.DataFrame(rows[:-1] + [rows[0] | {"run": "twin"}])
 
 
-def test_runs_pareto_labels_stay_inside():
-    runs = _runs([("a", 10.0, 95.0), ("b", 20.0, 97.0), ("c", 30.0, 99.5)], "size KB")
+def _label_boxes(fig: go.Figure) -> list[tuple[float, float, float, float]]:
+    """Each number label's box in px on the plot area the labels are placed for (y up)."""
+    (x0, x1), (y0, y1) = fig.layout.xaxis.range, fig.layout.yaxis.range
+    width, height = plots.LABEL_PLOT_WIDTH_PX, fig.layout.height - fig.layout.margin.t - fig.layout.margin.b
+    out = []
+    for a in fig.layout.annotations:
+        if a.xref != "x":
+            continue  # the FP32 line's label
+        dx, dy = (a.ax, -a.ay) if a.showarrow else (a.xshift, a.yshift)
+        w, h = plots._label_box(a.text)
+        cx, cy = (a.x - x0) / (x1 - x0) * width + dx, (a.y - y0) / (y1 - y0) * height + dy
+        out.append((cx - w / 2, cy - h / 2, cx + w / 2, cy + h / 2))
+    return out
+
+
+def test_runs_pareto_names_every_run_with_a_number_and_a_legend_entry():
+    runs = _sweep_like()
     fig = plots.runs_pareto_figure(runs, "size KB", "size")
-    points = next(t for t in fig.data if t.name == "runs")
-    assert points.cliponaxis is False
-    where = dict(zip(points.customdata, points.textposition))
-    assert where["a"].endswith("right") and where["c"].endswith("left")  # toward the middle
-    assert where["a"].startswith("top") and where["c"].startswith("bottom")  # the top run's label below it
-    x_lo, x_hi = fig.layout.xaxis.range
-    y_lo, y_hi = fig.layout.yaxis.range
-    assert x_lo < 10.0 and x_hi > 30.0 and y_lo < 95.0 and y_hi > 99.5
+    points = [t for t in fig.data if t.mode == "markers"]
+    assert len(points) == len(runs)  # every run: its own legend entry, named, with its accuracy and size
+    ordered = runs.sort_values(["size KB", "QAT acc %"], ascending=[True, False])
+    for i, (trace, (_, row)) in enumerate(zip(points, ordered.iterrows(), strict=True), start=1):
+        assert trace.name.startswith(f"{i}. {row['name']} · {row['QAT acc %']:.2f}% · ")
+        assert trace.name.endswith(f"{row['size KB']:,.1f} KB") and trace.customdata[0] == row["run"]
+    numbers = [n for a in fig.layout.annotations if a.xref == "x" for n in a.text.split(",")]
+    assert sorted(numbers, key=int) == [str(i) for i in range(1, len(runs) + 1)]  # each number on the chart once
+    assert any("," in a.text for a in fig.layout.annotations)  # the twins share one label
+    assert fig.layout.legend.orientation == "h" and fig.layout.legend.y < 0  # below the plot, not a third of it
+    few = plots.runs_pareto_figure(_runs([("a", 10.0, 95.0), ("b", 20.0, 94.0)], "size KB"), "size KB", "size")
+    assert few.layout.height < fig.layout.height  # the legend's rows add height; the plot keeps its own
+    assert few.layout.height - few.layout.margin.t - few.layout.margin.b == \
+        fig.layout.height - fig.layout.margin.t - fig.layout.margin.b
+
+
+def test_runs_pareto_number_labels_do_not_overlap():
+    fig = plots.runs_pareto_figure(_sweep_like(), "size KB", "size")
+    boxes = _label_boxes(fig)
+    r = plots.MARKER_RADIUS_PX
+    (x0, x1), (y0, y1) = fig.layout.xaxis.range, fig.layout.yaxis.range
+    height = fig.layout.height - fig.layout.margin.t - fig.layout.margin.b
+    markers = [((x - x0) / (x1 - x0) * plots.LABEL_PLOT_WIDTH_PX, (y - y0) / (y1 - y0) * height)
+               for t in fig.data if t.mode == "markers" for x, y in zip(t.x, t.y)]
+    markers = [(x - r, y - r, x + r, y + r) for x, y in markers]
+
+    def overlap(a, b):
+        return a[0] < b[2] and b[0] < a[2] and a[1] < b[3] and b[1] < a[3]
+
+    for i, box in enumerate(boxes):
+        assert not any(overlap(box, other) for other in boxes[i + 1:]), box
+        assert not any(overlap(box, m) for m in markers), box
+        assert -20 <= box[0] and box[2] <= plots.LABEL_PLOT_WIDTH_PX + 20 and -10 <= box[1] and box[3] <= height + 10
+
+
+def test_runs_pareto_draws_the_fp32_reference_line():
+    fig = plots.runs_pareto_figure(_sweep_like(), "size KB", "size")
+    assert [s.y0 for s in fig.layout.shapes] == [98.9]
+    assert any(a.text == "FP32 98.90%" for a in fig.layout.annotations)
+    assert fig.layout.yaxis.range[1] > 98.9  # the line is on the plot
+    two = _runs([("a", 10.0, 95.0), ("b", 20.0, 94.0)], "size KB").assign(**{"FP32 acc %": [96.0, 99.0],
+                                                                            "model": ["cnn", "mlp"]})
+    fig = plots.runs_pareto_figure(two, "size KB", "size")
+    assert sorted(a.text for a in fig.layout.annotations if a.xref != "x") == ["FP32 cnn 96.00%", "FP32 mlp 99.00%"]
+
+
+def _deep(layers: int = 150) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """A per-layer error table and a sensitivity table of a ``layers``-layer network (mobilenet-like names)."""
+    rng = np.random.default_rng(0)
+    names = [f"features.{i // 5}.block.{i % 5}.{('conv', 'fc1', 'fc2', 'proj', 'dw')[i % 5]}" for i in range(layers)]
+    errors = pd.DataFrame([{"stage": stage, "layer": name, "weight_sqnr_db": rng.uniform(10, 45),
+                            "act_sqnr_db": rng.uniform(5, 40), "weight_bits": 8, "act_bits": 8}
+                           for stage in ("ptq", "qat") for name in names])
+    sens = pd.DataFrame([{"layer": name, "bits": bits, "loss_increase": rng.exponential(0.05),
+                          "accuracy_drop": rng.exponential(0.01)} for name in names for bits in (4, 2)])
+    return errors, sens
+
+
+def test_per_layer_charts_give_each_of_150_layers_a_named_readable_row():
+    errors, sens = _deep(150)
+    for fig, bars in ((plots.sqnr_figure(errors), 2), (plots.sensitivity_figure(sens), 2)):
+        axis = fig.layout.yaxis
+        assert all(t.orientation == "h" for t in fig.data)  # layer names on the side, never rotated under bars
+        assert len(axis.tickvals) == 150 and axis.tickfont.size >= 10 and axis.automargin
+        plot_px = fig.layout.height - fig.layout.margin.t - fig.layout.margin.b
+        assert plot_px / 150 >= max(plots.LAYER_ROW_PX, plots.BAR_PX * bars)  # rows do not shrink with the count
+        assert fig.layout.legend.orientation == "h"
+    short = plots.sqnr_figure(_deep(6)[0])
+    assert 300 <= short.layout.height < 600  # a small network keeps a small chart
+    top = plots.sensitivity_figure(sens, top=30)
+    assert len(top.layout.yaxis.tickvals) == 30 and "the 30 most sensitive of 150 layers" in top.layout.title.subtitle.text
+    most = sens.groupby("layer")["loss_increase"].max().sort_values(ascending=False).index[:30]
+    assert list(top.layout.yaxis.tickvals) == list(most)
+    with pytest.raises(ConfigError, match="top must be at least 1"):
+        plots.sensitivity_figure(sens, top=0)
+
+
+def test_histogram_counts_tick_at_whole_numbers_and_clipping_is_explained(loaded):
+    hists = analysis.weight_histograms(loaded, "conv1.conv", bins=512)  # 144 weights: a few a bin at most
+    fig = plots.histogram_figure(hists)
+    most = max(int(h.counts.max()) for h in hists)
+    assert most <= 4  # where plotly ticks 0, 0.5, 1, … by itself
+    assert fig.layout.yaxis.dtick == 1 and fig.layout.yaxis.tickformat == ",d" and fig.layout.yaxis.rangemode == "tozero"
+    assert all(float(c).is_integer() for t in fig.data if t.line.shape == "hvh" for c in t.y)
+    assert plots.count_dtick(7) == 2 and plots.count_dtick(254_832) == 100_000 and plots.count_dtick(0) == 1
+    after = hists[-1]
+    share = plots.share_text(after.share_clipped)
+    assert any(t.name == f"after fine-tune (QAT): {share} clipped" for t in fig.data)
+    assert (f"after fine-tune (QAT): {after.clipped:,} of {after.total:,} weights ({share}) beyond their channel's "
+            "clip range") in fig.layout.title.subtitle.text
+    acts = analysis.activation_histograms(loaded, "conv3.conv")
+    text = plots.histogram_figure(acts).layout.title.subtitle.text
+    assert f"values seen on the calibration batches ({plots.share_text(acts[-1].share_clipped)}) beyond the clip range [" \
+        in text
+    assert [plots.share_text(v) for v in (0, 1e-7, 0.097222, 0.000433, 1)] == ["0%", "<0.001%", "9.72%", "0.0433%",
+                                                                               "100%"]

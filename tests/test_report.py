@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import base64
 import math
 import os
 import re
@@ -30,6 +31,39 @@ def test_report_of_a_finished_run_is_self_contained(workspace, digits_run):
     assert "model: digits-cnn" in page  # the config, as YAML
 
 
+def _text(page: str) -> str:
+    """The page without its scripts (plotly.js and the figures' data): what people read."""
+    return re.sub(r"<script.*?</script>", "", page, flags=re.S)
+
+
+def test_report_reads_as_people_expect_and_fits_an_a4_page(workspace, digits_run):
+    from qat_core import analysis, config, runner
+
+    page = report.report_html(workspace, digits_run).decode("utf-8")
+    text = _text(page)
+    assert "<NA>" not in text and "&lt;NA&gt;" not in text and ">nan<" not in text.lower()
+    words = re.sub(r"<[^>]+>", " ", text)  # the text itself, without the tags' ids and links
+    assert not re.search(r"\d\.?\d*e[+-]\d", words), re.search(r".{80}\d\.?\d*e[+-]\d.{20}", words)  # no 1.869e+04
+    errors = analysis.error_table(runner.load(workspace, digits_run), "qat").set_index("layer")
+    conv3 = errors.loc["conv3.conv"]
+    assert f"<td class=\"num\">{report.bytes_text(conv3['size_bytes'])}</td>" in page  # "18.2 KB", not bytes
+    assert f"<td class=\"num\">{plots.share_text(conv3['weight_share_clipped'])}</td>" in page  # a percentage
+    # the per-layer table: the columns that fit a page, the rest in a detail block; no network row in it
+    main_table = text.split("<h2>Per-layer error (after fine-tune)</h2>")[1].split("<details>")[0]
+    heads = re.findall(r"<th>(.*?)</th>", main_table)
+    assert heads == [report.ERROR_HEADERS[c] for c in report.REPORT_ERROR_COLUMNS[:-1]] + ["weights size"]
+    assert "(network)" not in main_table
+    assert "granularity" in text.split("<details>")[1] and "against the FP32 baseline" in main_table
+    assert "@page{size:A4" in page and "@media print" in page and "thead{display:table-header-group}" in page
+    assert page.count('<div class="wide"><table>') >= 3  # every table scrolls in its box instead of running off
+    # the config: the file the link saves is the file the command names, and it trains the same run
+    name = report.config_file_name(digits_run)
+    link = re.search(r'<a download="([^"]+)" href="data:application/x-yaml;base64,([^"]+)">', page)
+    assert link and link.group(1) == name and f"<code>qat-studio train {name}</code>" in page
+    assert config.parse(base64.b64decode(link.group(2)).decode("utf-8"), name) == workspace.config(digits_run)
+    assert "train config.yaml" not in page
+
+
 @pytest.fixture(scope="module")
 def measured_failed_run(workspace, digits_run) -> str:
     """A failed run (no models: its report is quick) with made-up benchmark and parity results."""
@@ -56,6 +90,11 @@ def test_report_adds_benchmark_and_parity_when_measured(workspace, measured_fail
     assert "Per-layer error" not in page and "plotly-graph-div" not in page  # unfinished: no models to measure
     assert "<b>2.00×</b>" in page and "Test CPU" in page and "avx2" in page
     assert "1/2 layers" in page and "gap: no integer kernel" in page
+    # parity in percent, beside the accuracies (not 0.98 beside 90.00%)
+    for label, value in (("ORT int8 accuracy", "90.00%"), ("evaluated accuracy", "91.00%"),
+                         ("top-1 agreement", "98.00%")):
+        assert f"<tr><th>{label}</th><td>{value}</td></tr>" in page
+    assert "<td>4,000</td>" not in page and "<td class=\"num\">4,000</td>" in page  # throughput, no 4e+03
     frame = report.runs_frame(workspace, [workspace.get(run_id)])
     assert frame.loc[0, "int8 latency ms"] == 0.25 and frame.loc[0, "fp32 latency ms"] == 0.5
     assert math.isnan(frame.loc[0, "QAT acc %"]) and frame.loc[0, "error"] == "stopped <early>"
@@ -69,7 +108,8 @@ def test_runs_frame_and_pareto(workspace, digits_run, digits_run_w4a4):
     assert report.latency_ms(None) is None and report.float_reasons(["fc"]) == {"fc": "runs in float"}
     fig = plots.runs_pareto_figure(frame, "size KB", "Accuracy vs model size")
     assert fig.layout.title.text == "Accuracy vs model size"
-    assert {t.name for t in fig.data} == {"runs", "Pareto front"}
+    names = [t.name for t in fig.data]
+    assert names[0].startswith("Pareto front") and any(n.startswith("1. W8A8") or n.startswith("1. W4A4") for n in names)
 
 
 def test_cli_report_writes_the_file(workspace, digits_run, measured_failed_run, tmp_path, capsys):

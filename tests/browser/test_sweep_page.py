@@ -6,6 +6,8 @@ draws the latency front)."""
 
 from __future__ import annotations
 
+import re
+
 import pytest
 
 from tests.browser.test_app_flow import RUN_TIMEOUT_MS, nav, no_exception, shot, shown
@@ -31,6 +33,20 @@ def test_a_first_sweep_from_the_defaults(app_server, page):
     titles = page.locator(".js-plotly-plot .gtitle").all_text_contents()
     assert titles == ["Accuracy vs model size (bit-packed)"]
     assert page.locator(".js-plotly-plot .scatterlayer .point").count() >= 4  # a point a run
+    chart = page.locator(".js-plotly-plot").first
+    table = page.locator('[data-testid="stDataFrame"]').first
+    assert chart.bounding_box()["width"] >= 0.95 * table.bounding_box()["width"]  # full width, not half
+    legend = chart.locator(".legendtext").all_text_contents()
+    for label in ("8-bit weights", "4-bit weights", "3-bit weights", "2-bit weights"):  # every run named
+        assert any(re.fullmatch(rf"\d+\. {label} · [\d.]+% · [\d.,]+ KB", entry) for entry in legend), legend
+    numbers = [a for a in chart.locator("g.annotation").all() if re.fullmatch(r"[\d,]+", a.text_content())]
+    boxes = [n.bounding_box() for n in numbers]
+    assert sorted(int(k) for n in numbers for k in n.text_content().split(",")) == [1, 2, 3, 4]  # on the chart
+    for i, a in enumerate(boxes):  # and readable: no number drawn over another
+        for b in boxes[i + 1:]:
+            assert (a["x"] + a["width"] <= b["x"] or b["x"] + b["width"] <= a["x"]
+                    or a["y"] + a["height"] <= b["y"] or b["y"] + b["height"] <= a["y"]), (a, b)
+    assert any(t.startswith("FP32 ") for t in chart.locator("g.annotation").all_text_contents())  # the reference
     shown(page, "No int8 latency measured in this sweep.")
     shot(page, "sweep")
     nav(page, "Compare", "Compare runs")
