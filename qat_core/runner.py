@@ -28,9 +28,9 @@ from qat_core.data import Data, data_fingerprint
 from qat_core.errors import CancelledError, ConfigError, QATError
 from qat_core.modules import QATModel
 from qat_core.prepare import layer_table, prepare
-from qat_core.summary import predicted_sizes, quantized_layers
 from qat_core.quantizers import quantizers
 from qat_core.store import RunStore, new_log
+from qat_core.summary import predicted_sizes, quantized_layers
 
 
 def baseline_key(config: RunConfig) -> str:
