@@ -22,7 +22,8 @@ import pandas as pd
 import plotly.graph_objects as go
 import torch
 
-from qat_core import analysis, cpu, files, plots, search, train
+from qat_core import analysis, cpu, files, plots, search, summary, train
+from qat_core.config import RunConfig
 from qat_core.errors import ConfigError, StoreError
 from qat_core.planning import plan_frame, plan_summary, run_title
 from qat_core.runner import Loaded, load
@@ -53,6 +54,25 @@ def latency_ms(bench: dict[str, Any] | None, backend: str = "int8", batch: int |
     return min((float(r["median_ms"]) for r in rows), default=None)
 
 
+def _legacy_layers(store: RunStore, record: dict[str, Any]) -> tuple[list[dict] | None, Any]:
+    """The layer table and plan of a finished run saved before its metrics held the predicted files and
+    the quantized-layer count (both are computed from these); (None, None) for other runs."""
+    m = record["metrics"]
+    if record["status"] != "done" or ("quantized_layers" in m and "int8_file_bytes" in m.get("size", {})):
+        return None, None
+    rows = store.read_result(record["id"], "layers")
+    return (rows, RunConfig.model_validate(record["config"]).plan) if rows else (None, None)
+
+
+def run_headline(store: RunStore, run_id: str, record: dict[str, Any] | None = None) -> summary.Headline:
+    """``summary.headline`` of a run in ``store`` (its metrics, config and bench result): what Fine-tune,
+    Benchmark, Compare, the CLI's ``show`` and the report's first lines say."""
+    record = record or store.get(run_id)
+    m = record["metrics"]
+    bench = store.read_result(run_id, "bench") if "bench" in m else None
+    return summary.headline(m, record["config"], bench, *_legacy_layers(store, record))
+
+
 def _pct(section: dict[str, Any] | None) -> float:
     return section["accuracy"] * 100 if section and "accuracy" in section else math.nan
 
@@ -71,7 +91,8 @@ def deployed(metrics: dict[str, Any]) -> dict[str, Any] | None:
 def runs_frame(store: RunStore, records: list[dict[str, Any]] | None = None) -> pd.DataFrame:
     """One row a run (``records`` from ``store.list()``, default all): its name (the user's, else its
     plan), status, model, plan, fine-tune settings, accuracy (%) of FP32/PTQ/QAT and of the int8 model
-    in ONNX Runtime (once measured), size (KB bit-packed and as stored in int8.onnx, ratio), ONNX
+    in ONNX Runtime (once measured), size (``summary.run_size``: int8.onnx KB, measured or predicted, ×
+    smaller than the FP32 file, bit-packed KB when some weights are under 8 bits), quantized layers, ONNX
     Runtime latency (ms) at the smallest batch benchmarked, error."""
     records = store.list() if records is None else records
     out = []
@@ -82,7 +103,12 @@ def runs_frame(store: RunStore, records: list[dict[str, Any]] | None = None) -> 
             bench = store.read_result(r["id"], "bench") if "bench" in m else None
         except StoreError as err:  # one damaged file costs its run a column, not the table
             bench, error = None, str(err)
-        size = m.get("size", {})
+        try:
+            legacy = _legacy_layers(store, r)
+        except StoreError as err:
+            legacy, error = (None, None), str(err)
+        size = summary.run_size(m, *legacy)
+        layers = summary.run_quantized_layers(m, *legacy)
         damaged = r["status"] == "damaged"
         ft = r["config"].get("finetune", {})
         batch = min((row["batch"] for row in (bench or {}).get("rows", [])), default=None)
@@ -92,22 +118,25 @@ def runs_frame(store: RunStore, records: list[dict[str, Any]] | None = None) -> 
                     "batch size": ft.get("batch_size", math.nan),
                     "FP32 acc %": _pct(m.get("fp32")), "PTQ acc %": _pct(m.get("ptq")), "QAT acc %": _pct(m.get("qat")),
                     "ORT int8 acc %": _pct(m.get("parity")),
-                    "size KB": size.get("quantized_bytes", math.nan) / 1024,
-                    "stored KB": size.get("stored_bytes", math.nan) / 1024,
-                    "size ratio": size.get("ratio", math.nan),
+                    "size KB": size.int8_bytes / 1024 if size else math.nan,
+                    "size from": size.label if size else "",
+                    "bit-packed KB": size.packed_bytes / 1024 if size and size.packed_bytes is not None else math.nan,
+                    "× smaller file": size.ratio if size else math.nan,
+                    "quantized layers": layers if layers is not None else math.nan,
                     "int8 latency ms": latency_ms(bench, "int8", batch), "fp32 latency ms": latency_ms(bench, "fp32", batch),
                     "latency batch": batch, "error": error})
-    return pd.DataFrame(out, columns=RUN_COLUMNS).astype({"latency batch": "Int64"}).round({
-        "FP32 acc %": 2, "PTQ acc %": 2, "QAT acc %": 2, "ORT int8 acc %": 2, "size KB": 1, "stored KB": 1,
-        "size ratio": 3, "int8 latency ms": 4, "fp32 latency ms": 4})
+    return pd.DataFrame(out, columns=RUN_COLUMNS).astype({"latency batch": "Int64", "quantized layers": "Int64"}).round({
+        "FP32 acc %": 2, "PTQ acc %": 2, "QAT acc %": 2, "ORT int8 acc %": 2, "size KB": 1, "bit-packed KB": 1,
+        "× smaller file": 1, "int8 latency ms": 4, "fp32 latency ms": 4})
 
 
 RUN_COLUMNS = ["run", "name", "status", "model", "plan", "lr", "epochs", "batch size", "FP32 acc %", "PTQ acc %",
-               "QAT acc %", "ORT int8 acc %", "size KB", "stored KB", "size ratio", "int8 latency ms",
-               "fp32 latency ms", "latency batch", "error"]
+               "QAT acc %", "ORT int8 acc %", "size KB", "size from", "× smaller file", "bit-packed KB",
+               "quantized layers", "int8 latency ms", "fp32 latency ms", "latency batch", "error"]
 RUN_SUMMARY = ["name", "status", "plan", "QAT acc %", "ORT int8 acc %", "size KB", "int8 latency ms", "lr", "epochs",
                "batch size", "run"]  # what fits a screen, most telling first
-RUN_HEADERS = {"size KB": "size KB (packed)", "stored KB": "KB in int8.onnx", "latency batch": "at batch"}
+RUN_HEADERS = {"size KB": "int8.onnx KB", "bit-packed KB": f"KB {summary.PACKED_LABEL}", "latency batch": "at batch"}
+SIZE_AXIS = "int8.onnx KB (predicted until exported)"  # the Pareto charts' size axis: the headline size
 
 
 def bench_frame(result: dict[str, Any]) -> pd.DataFrame:
@@ -168,20 +197,28 @@ def _accuracy_section(m: dict[str, Any]) -> list[str]:
     return parts
 
 
-def _size_section(m: dict[str, Any], exported: dict[str, Any] | None) -> list[str]:
+def _size_section(head: summary.Headline, m: dict[str, Any]) -> list[str]:
     out = []
-    if "size" in m:
-        sz = m["size"]
-        out.append(f"<p>Predicted size: <b>{sz['quantized_bytes'] / 1024:,.1f} KB</b> vs FP32 "
-                   f"{sz['fp32_bytes'] / 1024:,.1f} KB ({sz['ratio']:.3f}×).</p>")
-    if exported and "files" in exported:
-        files = exported["files"]
-        out.append("<p>ONNX files: " + ", ".join(f"{html.escape(k)} {v / 1024:,.1f} KB" for k, v in files.items())
-                   + "</p>")
+    size = head.size
+    if size is not None:
+        out.append(f"<p>Size: <b>{size.text()}</b>, {size.ratio_text()} than FP32 ({size.fp32_text()}).</p>")
+        if size.packed_text():
+            out.append(f"<p>Bit-packed, the narrow weights would take {html.escape(size.packed_text())}: ONNX has "
+                       "no type narrower than 8 bits, so int8.onnx stores 2..7-bit weights a byte each.</p>")
+    if head.quantized_layers is not None:
+        out.append(f"<p>Quantized layers: <b>{head.quantized_layers}</b> (layers whose weights or output "
+                   "activations the plan quantizes).</p>")
     if m.get("float_layers"):
         out.append("<p><b>Layers left in float:</b> " + html.escape("; ".join(
             f"{k}: {v}" for k, v in float_reasons(m["float_layers"]).items())) + "</p>")
     return (["<h2>Size</h2>", *out]) if out else []
+
+
+def report_title(record: dict[str, Any]) -> str:
+    """The report's title: "model · plan" (the run's name beside it when the user gave one)."""
+    config = record["config"]
+    name = config.get("name") or ""
+    return f"{record['model']} · {plan_summary(config)}" + (f" · {name}" if name else "")
 
 
 def _errors_section(loaded: Loaded) -> tuple[list[str], go.Figure]:
@@ -248,14 +285,19 @@ def report_html(store: RunStore, run_id: str, loaded: Loaded | None = None) -> b
     record = store.get(run_id)
     config = store.config(run_id)
     m = record["metrics"]
-    parts: list[str | go.Figure] = [f"<h1>QAT Studio report · run {html.escape(run_id)}</h1>",
+    head = run_headline(store, run_id, record)
+    title = report_title(record)
+    parts: list[str | go.Figure] = [f"<h1>{html.escape(title)}</h1>",
+             f"<p class=\"headline\"><b>{html.escape(head.text())}</b></p>",
+             *(f"<p class=\"remark\">{'⚠️ ' if r.level == 'warning' else ''}{html.escape(r.text)}</p>"
+               for r in head.remarks + ([summary.Remark("warning", head.noisy)] if head.noisy else [])),
              f"<p>Model <b>{html.escape(record['model'])}</b>, plan <b>{html.escape(plan_summary(config))}</b>, "
-             f"status <b>{html.escape(record['status'])}</b>, created "
+             f"run {html.escape(run_id)}, status <b>{html.escape(record['status'])}</b>, created "
              f"{time.strftime('%Y-%m-%d %H:%M:%S', time.localtime(record['created']))}.</p>"]
     if record["error"]:
         parts.append(f"<p><b>Error:</b> {html.escape(record['error'])}</p>")
     parts += _accuracy_section(m)
-    parts += _size_section(m, store.read_result(run_id, "export"))
+    parts += _size_section(head, m)
     events = store.events(run_id)
     if events:
         curves = analysis.training_curves(events)
@@ -280,7 +322,7 @@ def report_html(store: RunStore, run_id: str, loaded: Loaded | None = None) -> b
     style = ("body{font-family:sans-serif;max-width:1100px;margin:2em auto;padding:0 1em}"
              "table{border-collapse:collapse;margin:.5em 0}td,th{border:1px solid #ccc;padding:2px 6px;text-align:right}"
              "pre{background:#f6f6f6;padding:1em;overflow:auto}")
-    doc = (f"<!DOCTYPE html>\n<html><head><meta charset=\"utf-8\"><title>QAT Studio report {html.escape(run_id)}</title>"
+    doc = (f"<!DOCTYPE html>\n<html><head><meta charset=\"utf-8\"><title>{html.escape(title)} · QAT Studio report</title>"
            f"<style>{style}</style>{script}</head>\n<body>{body}</body></html>\n")
     return doc.encode("utf-8")
 

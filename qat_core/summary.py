@@ -44,7 +44,7 @@ LOSS_TOLERANCE = 0.01
 # A benchmark whose p99 is this many times its median was disturbed by other work (ORT's own spread on an
 # idle CPU stays under 1.5×): its median may still hold, but say so before anyone quotes the speed-up.
 NOISY_P99_OVER_MEDIAN = 3.0
-BENCHMARK_PAGE = "Benchmark page (or `qat-studio bench RUN`)"
+BENCHMARK_PAGE = "Benchmark page (qat-studio bench)"
 
 
 # --- formats ---------------------------------------------------------------------------------------
@@ -141,6 +141,15 @@ def draft_size(rows: list[dict], plan: LayerPlan) -> Size:
     return _size_of(predicted_sizes(rows, plan), None)
 
 
+def run_quantized_layers(metrics: dict[str, Any], rows: list[dict] | None = None,
+                         plan: LayerPlan | None = None) -> int | None:
+    """A run's quantized-layer count: recorded when it finished (``metrics["quantized_layers"]``), else
+    counted from its layer table and plan (runs from before the count was recorded); None without either."""
+    if "quantized_layers" in metrics:
+        return int(metrics["quantized_layers"])
+    return quantized_layers(rows, plan) if rows is not None and plan is not None else None
+
+
 def run_size(metrics: dict[str, Any], rows: list[dict] | None = None, plan: LayerPlan | None = None) -> Size | None:
     """A run's size: its exported files' bytes (``metrics["onnx"]``, written by the export), else the files
     predicted at the end of training (``metrics["size"]``); runs from before the prediction existed need
@@ -195,6 +204,7 @@ class Headline:
     ptq_accuracy: float | None
     size: Size | None
     speedup: float | None  # FP32 latency / int8 latency, ORT median
+    quantized_layers: int | None = None
     speedup_setting: str = ""  # "batch 1, 1 thread"
     noisy: str | None = None  # why the timing is not to be trusted, when it is not
     missing: dict[str, str] = field(default_factory=dict)
@@ -205,7 +215,9 @@ class Headline:
         if self.int8_accuracy is not None:
             return f"int8 in ONNX Runtime: {pct(self.int8_accuracy)}{fp32}"
         if self.qat_accuracy is not None:
-            return f"int8 (evaluated with integer arithmetic): {pct(self.qat_accuracy)}{fp32}"
+            fp32 = f", FP32 {pct(self.fp32_accuracy)}" if self.fp32_accuracy is not None else ""
+            return (f"int8 in ONNX Runtime: {self.missing['int8']} (evaluated with integer arithmetic: "
+                    f"{pct(self.qat_accuracy)}{fp32})")
         return f"accuracy: {self.missing.get('accuracy', 'not measured')}"
 
     def size_text(self) -> str:
@@ -218,12 +230,24 @@ class Headline:
         factor = self.speedup if self.speedup >= 1 else 1 / self.speedup
         return f"{factor:.1f}× {word} on this CPU" + (" (noisy timing)" if self.noisy else "")
 
+    def warnings(self) -> list[Remark]:
+        """The remarks and the noisy-timing warning: what every place showing the headline shows under it."""
+        return self.remarks + ([Remark("warning", self.noisy)] if self.noisy else [])
+
+    def to_dict(self) -> dict[str, Any]:
+        """The headline as JSON-ready data (``qat-studio show --json``): numbers as measured, sizes in bytes."""
+        size = None if self.size is None else {
+            "int8_bytes": self.size.int8_bytes, "fp32_bytes": self.size.fp32_bytes, "measured": self.size.measured,
+            "file": self.size.label, "times_smaller": self.size.ratio, "bit_packed_bytes": self.size.packed_bytes}
+        return {"text": self.text(), "fp32_accuracy": self.fp32_accuracy, "int8_ort_accuracy": self.int8_accuracy,
+                "qat_accuracy": self.qat_accuracy, "ptq_accuracy": self.ptq_accuracy, "size": size,
+                "quantized_layers": self.quantized_layers, "speedup": self.speedup, "speedup_at": self.speedup_setting,
+                "noisy_timing": self.noisy, "not_measured": self.missing,
+                "remarks": [{"level": r.level, "text": r.text} for r in self.remarks]}
+
     def text(self) -> str:
         """"int8 in ONNX Runtime: 99.56% (FP32 99.56%) · 3.0× smaller file · 1.9× faster on this CPU"."""
-        parts = [self.accuracy_text(), self.size_text(), self.speed_text()]
-        if "int8" in self.missing and self.qat_accuracy is not None:
-            parts.append(f"int8 in ONNX Runtime: {self.missing['int8']}")
-        return " · ".join(parts)
+        return " · ".join((self.accuracy_text(), self.size_text(), self.speed_text()))
 
 
 def _accuracy(metrics: dict[str, Any], stage: str) -> float | None:
@@ -302,4 +326,5 @@ def headline(metrics: dict[str, Any], config: dict[str, Any] | None = None, benc
         setting = f"batch {bench_metrics.get('batch')}, {threads} thread{'s' if threads != 1 else ''}"
         noisy = noisy_timing(bench, bench_metrics.get("batch"), threads)
     return Headline(_accuracy(metrics, "fp32"), parity.get("accuracy"), _accuracy(metrics, "qat"),
-                    _accuracy(metrics, "ptq"), size, speedup, setting, noisy, missing, remarks(metrics, config))
+                    _accuracy(metrics, "ptq"), size, speedup, run_quantized_layers(metrics, rows, plan), setting, noisy,
+                    missing, remarks(metrics, config))
