@@ -73,6 +73,22 @@ def run_headline(store: RunStore, run_id: str, record: dict[str, Any] | None = N
     return summary.headline(m, record["config"], bench, *_legacy_layers(store, record))
 
 
+def draft_size(store: RunStore, config: RunConfig, rows: list[dict]) -> summary.Size:
+    """A draft's size (Model & data, Plan): the exported files of the newest run of the same model, data,
+    weights and plan when there is one (the same tensors and graph: the same bytes), else the prediction."""
+    same = ("model", "data", "weights", "checkpoint", "plan")
+    for record in store.list():
+        if record["status"] != "done" or record["model"] != config.model or "onnx" not in record["metrics"]:
+            continue
+        try:
+            other = RunConfig.model_validate(record["config"])
+        except ValueError:  # a config this version cannot read is no match
+            continue
+        if all(getattr(other, k) == getattr(config, k) for k in same):
+            return summary.run_size(record["metrics"])
+    return summary.draft_size(rows, config.plan)
+
+
 def _pct(section: dict[str, Any] | None) -> float:
     return section["accuracy"] * 100 if section and "accuracy" in section else math.nan
 

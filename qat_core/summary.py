@@ -110,13 +110,18 @@ class Size:
         """"int8.onnx" or "int8.onnx, predicted"."""
         return INT8_FILE if self.measured else f"{INT8_FILE}, predicted"
 
+    @property
+    def fp32_label(self) -> str:
+        """"fp32.onnx" or "fp32.onnx, predicted"."""
+        return FP32_FILE if self.measured else f"{FP32_FILE}, predicted"
+
     def text(self) -> str:
         """"31.9 KB (int8.onnx)" / "33.5 KB (int8.onnx, predicted)"."""
         return f"{size_text(self.int8_bytes)} ({self.label})"
 
     def fp32_text(self) -> str:
         """"95.2 KB (fp32.onnx)" / "93.4 KB (fp32.onnx, predicted)"."""
-        return f"{size_text(self.fp32_bytes)} ({FP32_FILE}{'' if self.measured else ', predicted'})"
+        return f"{size_text(self.fp32_bytes)} ({self.fp32_label})"
 
     def ratio_text(self) -> str:
         """"3.0× smaller file" (before export: "3.0× smaller file (predicted: not exported yet)")."""
