@@ -200,7 +200,7 @@ elif not plugin:
                    f"{common.duration(est['finetune_epoch'])}. Measured the same way, with this draft's plan and "
                    "batch size (set on the Fine-tune page).")
 if metrics is not None:
-    st.success(f"FP32 baseline ready: test accuracy {metrics['accuracy']:.2%} (reused by every run of this model).")
+    st.success(f"FP32 baseline ready: test accuracy {summary.pct(metrics['accuracy'])} (reused by every run of this model).")
     st.page_link(common.PAGES["plan"], label="Next: plan the quantization →", icon="🎚️")
     st.stop()
 st.info("The baseline is trained on first use (a run trains it too). Train it now to see its accuracy.")
@@ -214,7 +214,7 @@ if st.button("Train FP32 baseline", type="primary", key="train_baseline"):
         last = event["step"] == event["total"]
         if last or time.monotonic() - shown[0] >= PROGRESS_SECONDS:
             shown[0] = time.monotonic()
-            acc = f", test accuracy {event['test_accuracy']:.1%}" if "test_accuracy" in event else ""
+            acc = f", test accuracy {summary.pct(event['test_accuracy'])}" if "test_accuracy" in event else ""
             bar.progress(event["step"] / event["total"],
                          text="Stage 3 of 3 · evaluating on the test set and saving the baseline…" if last else
                          f"Stage 2 of 3 · training: step {event['step']}/{event['total']}, "

@@ -244,7 +244,7 @@ def pareto_figure(candidates: pd.DataFrame) -> go.Figure:
                                      marker={"symbol": symbol, "size": size}, customdata=custom(part),
                                      hovertemplate=hover))
     fig.update_layout(title="Mixed precision: model size vs accuracy (calibrated, before fine-tune)",
-                      xaxis_title="model size (bytes)", yaxis_title="test accuracy")
+                      xaxis_title="bit-packed size (bytes; not a file yet)", yaxis_title="test accuracy")
     fig.update_xaxes(range=_nonnegative_range(df["size_bytes"]))
     fig.update_yaxes(**_accuracy_axis(df["accuracy"]))
     fig.update_traces(cliponaxis=False)  # points on the padded range's edge stay whole
