@@ -30,19 +30,14 @@ if c3.button("Export and benchmark", type="primary", key="bench_run"):
 parity = store.read_result(run_id, "parity")
 exported = store.read_result(run_id, "export")
 result = store.read_result(run_id, "bench")
-if parity is None and result is None:
-    st.info("Press **Export and benchmark**: it writes int8.onnx and fp32.onnx, checks that ONNX Runtime "
-            "predicts what the simulation predicted, and times both on this CPU.")
-    st.stop()
-
-# the headline first: what a reader asks (accuracy kept, file size cut, speed), then the evidence under it
+# the headline first, what is measured yet or not: accuracy kept, file size cut, speed; then the evidence
 head = common.call(report.run_headline, store, run_id)
 common.headline_strip(head)
 h1, h2, h3 = st.columns(3)  # three to a row: labels stay whole at 800 px
 h1.metric("FP32 accuracy", summary.pct(head.fp32_accuracy))
 h2.metric("int8 in ONNX Runtime", summary.pct(head.int8_accuracy),
           help=f"The run's evaluation (integer arithmetic) said {summary.pct(head.qat_accuracy)}")
-h3.metric("Speed-up (int8)", f"{head.speedup:.2f}×" if head.speedup is not None else common.MISSING,
+h3.metric("int8 speed on this CPU", head.speed_value() or common.MISSING,
           help=f"FP32 latency / int8 latency in ONNX Runtime (median), {head.speedup_setting}"
           if head.speedup is not None else head.missing.get("latency"))
 h4, h5, h6 = st.columns(3)
@@ -51,6 +46,11 @@ if head.size is not None:
     h5.metric("File size cut", f"{head.size.ratio:.1f}×", help=f"{head.size.fp32_text()} / {head.size.text()}")
 if head.quantized_layers is not None:
     common.layers_metric(h6, head.quantized_layers)
+
+if parity is None and result is None:
+    st.info("Press **Export and benchmark**: it writes int8.onnx and fp32.onnx, checks that ONNX Runtime "
+            "predicts what the simulation predicted, and times both on this CPU.")
+    st.stop()
 
 left, right = st.columns(2)
 with left:

@@ -41,6 +41,7 @@ def _metrics(at) -> dict[str, str]:
     return {m.label: m.value for m in at.metric}
 
 
+@pytest.mark.slow  # 20-40 s: exports, then renders seven pages
 @pytest.mark.parametrize("which", ["digits_run", "mobilenet_run"])
 def test_every_place_shows_one_size_and_one_quantized_layer_count(workspace, which, request, capsys):
     run_id = request.getfixturevalue(which)
@@ -145,6 +146,9 @@ def test_a_finetune_that_lost_to_its_ptq_start_says_so_everywhere(workspace, sma
     at = app("finetune")
     at.selectbox(key=common.RUN_PICKER).set_value(small_run).run()
     assert any(warning in w.value and "lower learning rate" in w.value for w in ok(at).warning)
+    at.switch_page(common.PAGES["compare"]).run()
+    at.multiselect(key="compare_runs").set_value([small_run]).run()
+    assert any(warning in w.value for w in ok(at).warning)  # Compare's headline of the best picked run
     assert main(["--workspace", str(workspace.root), "show", small_run]) == 0
     assert f"warning: {warning}" in capsys.readouterr().out
     assert warning in report.report_html(workspace, small_run).decode()
