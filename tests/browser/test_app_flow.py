@@ -85,10 +85,10 @@ def test_first_time_user_flow(app_server, page):
     shot(page, "home")
 
     nav(page, "Model & data")
-    page.get_by_text("Quantizable layers").wait_for()
+    page.get_by_text("Quantized layers", exact=True).wait_for()
     shot(page, "model")
     nav(page, "Quantization plan")
-    page.get_by_text("Predicted size").wait_for()
+    page.get_by_text("Size (int8.onnx").first.wait_for()
     shot(page, "plan")
 
     # a short fine-tune from the defaults (shorter epochs set in the UI)
@@ -108,7 +108,7 @@ def test_first_time_user_flow(app_server, page):
     nav(page, "Benchmark")
     page.get_by_role("button", name="Export and benchmark").click()
     page.get_by_text("Agreement", exact=True).wait_for(timeout=120_000)
-    page.get_by_text("Speed-up of int8 (ORT, median)").wait_for(timeout=60_000)
+    page.get_by_text("int8 speed on this CPU", exact=True).wait_for(timeout=60_000)
     no_exception(page)
     shot(page, "benchmark")
     nav(page, "Fine-tune")  # the deployed accuracy now stands beside the evaluated one
