@@ -328,7 +328,7 @@ def size_metric(column: Any, size: summary.Size, layers: int | None = None) -> N
     """The headline size as a metric (``summary.Size``): the int8.onnx file, measured or predicted, its FP32
     file and ratio in the help, and the bit-packed size under it when the plan has narrow weights."""
     column.metric(f"Size ({size.label})", summary.size_text(size.int8_bytes),
-                  help=f"{size.ratio_text()} than FP32: {size.fp32_text()}."
+                  help=f"{size.ratio_text()}: FP32 is {size.fp32_text()}."
                   + ("" if size.measured else " Predicted from the layer table: export the run (Benchmark) for the "
                                               "file's own bytes."))
     if size.packed_text():

@@ -68,7 +68,7 @@ def show_run(run_id: str, was_running: bool) -> None:
         m = record["metrics"]
         head = common.call(report.run_headline, store, run_id, record)
         common.headline_strip(head)
-        c1, c2, c3, c4, c5 = st.columns(5)
+        c1, c2, c3 = st.columns(3)  # three to a row: labels stay whole at 800 px
         fp32, ptq, qat = (m[phase]["accuracy"] for phase in ("fp32", "ptq", "qat"))
         c1.metric("FP32 accuracy", summary.pct(fp32))
         c2.metric("PTQ accuracy", summary.pct(ptq), **common.points_delta(ptq, fp32), help="vs FP32")
@@ -77,6 +77,7 @@ def show_run(run_id: str, was_running: bool) -> None:
                   help="vs FP32. Computed as ONNX Runtime will compute the int8 model (integer arithmetic)"
                   + (f"; the fake-quantized float simulation gives {summary.pct(m['qat']['fake_quant_accuracy'])}"
                      if "fake_quant_accuracy" in m["qat"] else ""))
+        c4, c5, _ = st.columns(3)
         if head.size is not None:
             common.size_metric(c4, head.size)
         if head.quantized_layers is not None:

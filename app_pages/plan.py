@@ -61,10 +61,11 @@ if advice:
     st.button("Use 7-bit weights (reduce range)", key="reduce_range", on_click=common.use_reduce_range)
 
 size = common.draft_size(config, rows)
-c1, c2, c3, c4 = st.columns(4)
+c1, c2 = st.columns(2)  # two to a row: "Size (int8.onnx, predicted)" stays whole at 800 px
 common.size_metric(c1, size)
 c2.metric(f"FP32 size ({size.fp32_label})", summary.size_text(size.fp32_bytes),
           help="BatchNorm folded into its convolution")
+c3, c4 = st.columns(2)
 c3.metric("File size cut", f"{size.ratio:.1f}×", help="FP32 file / int8 file")
 common.layers_metric(c4, summary.quantized_layers(rows, config.plan))
 st.page_link(common.PAGES["finetune"], label="Next: fine-tune this plan →", icon="🏋️")

@@ -179,7 +179,7 @@ def cmd_export(args: argparse.Namespace) -> None:
         print(json.dumps(result, indent=2))
         return
     size = run_size(store.get(args.run)["metrics"])
-    print(f"{size.text()}, {size.ratio_text()} than FP32 ({size.fp32_text()})")
+    print(f"{size.text()} · FP32 {size.fp32_text()} · {size.ratio_text()}")
     print(f"integer kernels: {len(result['integer_layers'])} layers")
     for name, why in result["float_layers"].items():
         print(f"  float: {name}: {why}")

@@ -217,7 +217,7 @@ def _size_section(head: summary.Headline, m: dict[str, Any]) -> list[str]:
     out = []
     size = head.size
     if size is not None:
-        out.append(f"<p>Size: <b>{size.text()}</b>, {size.ratio_text()} than FP32 ({size.fp32_text()}).</p>")
+        out.append(f"<p>Size: <b>{size.text()}</b> · FP32 {size.fp32_text()} · {size.ratio_text()}.</p>")
         if size.packed_text():
             out.append(f"<p>Bit-packed, the narrow weights would take {html.escape(size.packed_text())}: ONNX has "
                        "no type narrower than 8 bits, so int8.onnx stores 2..7-bit weights a byte each.</p>")
