@@ -271,7 +271,7 @@ def test_benchmark_exports_and_shows_parity_beside_latency(workspace, digits_run
     at.button(key="bench_run").click().run()
     ok(at)
     labels = {m.label for m in at.metric}
-    assert {"FP32 accuracy", "int8 in ONNX Runtime", "int8 speed on this CPU", "Size (int8.onnx)", "File size cut",
+    assert {"FP32 accuracy", "int8 accuracy (ORT)", "int8 speed-up", "Size (int8.onnx)", "File size cut",
             "Agreement", "Integer-kernel coverage"} <= labels, labels
     assert workspace.artifact(digits_run, "int8.onnx").exists()
     cpu_line = next(c.value for c in at.caption if "CPU:" in c.value)

@@ -108,7 +108,7 @@ def test_first_time_user_flow(app_server, page):
     nav(page, "Benchmark")
     page.get_by_role("button", name="Export and benchmark").click()
     page.get_by_text("Agreement", exact=True).wait_for(timeout=120_000)
-    page.get_by_text("int8 speed on this CPU", exact=True).wait_for(timeout=60_000)
+    page.get_by_text("int8 speed-up", exact=True).wait_for(timeout=60_000)
     no_exception(page)
     shot(page, "benchmark")
     nav(page, "Fine-tune")  # the deployed accuracy now stands beside the evaluated one

@@ -92,7 +92,7 @@ def test_a_library_checkpoint_and_an_image_folder_from_the_browser(users_files, 
         nav(page, "Benchmark")
         page.get_by_role("button", name="Export and benchmark").click()
         page.get_by_text("Agreement", exact=True).wait_for(timeout=RUN_TIMEOUT_MS)
-        page.get_by_text("int8 speed on this CPU", exact=True).wait_for(timeout=RUN_TIMEOUT_MS)
+        page.get_by_text("int8 speed-up", exact=True).wait_for(timeout=RUN_TIMEOUT_MS)
         no_exception(page)
         lap("exported and benchmarked")
         shot(page, "benchmark-image-folder")
