@@ -12,7 +12,7 @@ st.title("Quantization plan")
 config = common.draft()
 info = common.draft_info(config)
 rows = info["rows"]
-st.caption(f"Model **{config.model}** · {summary.layers_in_table(rows)} layers in the table · edits are saved to "
+st.caption(f"Model **{config.model}** · {summary.layers_in_table(rows)} layers (and the input) in the table · edits are saved to "
            "this tab's draft (it survives a reload).")
 
 st.write("Presets")

@@ -180,7 +180,8 @@ def cmd_export(args: argparse.Namespace) -> None:
         return
     size = run_size(store.get(args.run)["metrics"])
     print(f"{size.text()} · FP32 {size.fp32_text()} · {size.ratio_text()}")
-    print(f"integer kernels: {len(result['integer_layers'])} layers")
+    n_int, n_float = len(result["integer_layers"]), len(result["float_layers"])
+    print(f"integer-kernel coverage: {n_int}/{n_int + n_float} layers")
     for name, why in result["float_layers"].items():
         print(f"  float: {name}: {why}")
     for note in result["notes"]:
@@ -197,11 +198,12 @@ def cmd_eval(args: argparse.Namespace) -> None:
     print(f"ORT int8 accuracy {result['accuracy']:.2%}  evaluated {result['sim_accuracy']:.2%}  "
           f"agreement {result['agreement']:.2%}  max logit diff {result['max_logit_diff']:.4g}")
     print(f"fake-quant simulation {result['fake_quant_accuracy']:.2%} (agreement {result['fake_quant_agreement']:.2%})")
-    print(f"integer kernels: {len(result['integer_layers'])} layers; float: {len(result['float_layers'])}")
+    n_int, n_float = len(result["integer_layers"]), len(result["float_layers"])
+    print(f"integer-kernel coverage: {n_int}/{n_int + n_float} layers")
     for name, why in result["float_layers"].items():
         print(f"  float: {name}: {why}")
     differing = sum(r["differing"] for r in result["layers"])
-    print(f"output codes compared on {len(result['layers'])} layers: {differing} differ")
+    print(f"layers compared with ONNX Runtime: {len(result['layers'])}; {differing} differ")
     if result.get("explanation"):
         print(f"why they differ: {result['explanation']}")
 
