@@ -24,7 +24,7 @@ if not picked:
     st.stop()
 chosen = done[done["run"].isin(picked)]
 # the headline of the best of them: ONNX Runtime's int8 accuracy where measured, else the run's own
-best = chosen.loc[chosen["ORT int8 acc %"].fillna(chosen["QAT acc %"]).idxmax(), "run"]
+best = chosen.loc[chosen["ORT int8 acc %"].fillna(chosen["QAT acc %"]).fillna(-1.0).idxmax(), "run"]
 st.markdown(f"**Best of these runs:** {common.run_label(common.store().get(best))}")
 common.headline_strip(common.call(report.run_headline, common.store(), best))
 side = chosen.drop(columns=["status", "error"]).rename(columns=report.RUN_HEADERS).set_index("run").T
