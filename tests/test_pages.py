@@ -49,7 +49,8 @@ def test_home_tells_a_first_time_user_what_to_do():
 def test_model_page_shows_layers_and_params():
     at = ok(app("model"))
     assert at.selectbox(key="zoo_model").value == "digits-cnn"
-    assert {m.label for m in at.metric} >= {"Parameters", "Quantized layers", "FP32 size (fp32.onnx, predicted)"}
+    labels = {m.label for m in at.metric}
+    assert {"Parameters", "Quantized layers"} <= labels and any(x.startswith("FP32 size (fp32.onnx") for x in labels)
     layers = at.dataframe[0].value
     assert "conv1.conv" in list(layers["name"])
     at.selectbox(key="zoo_model").select("digits-mlp").run()
@@ -90,7 +91,8 @@ def test_a_library_model_by_name_from_the_model_page(workspace):
     ok(at)
     config = draft_of(at, workspace)
     assert config.model == "torchvision:mobilenet_v3_small" and config.data.dataset == "generated-images"
-    assert {"Parameters", "Quantized layers", "FP32 size (fp32.onnx, predicted)", "Classes"} <= {m.label for m in at.metric}
+    labels = {m.label for m in at.metric}
+    assert {"Parameters", "Quantized layers", "Classes"} <= labels and "FP32 size (fp32.onnx, predicted)" in labels
     at.run()  # a rerun keeps the library model (it was reset to the zoo's first model)
     assert draft_of(at, workspace).model == "torchvision:mobilenet_v3_small"
 

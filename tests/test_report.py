@@ -9,7 +9,7 @@ import stat
 
 import pytest
 
-from qat_core import plots, report
+from qat_core import plots, report, summary
 from qat_core.cli import main
 from qat_core.errors import StoreError
 
@@ -20,7 +20,7 @@ def test_report_of_a_finished_run_is_self_contained(workspace, digits_run):
     m = workspace.get(digits_run)["metrics"]
     for stage in ("fp32", "ptq", "qat"):  # the accuracy table, in percent with two decimals
         assert f"{m[stage]['accuracy'] * 100:.2f}" in page
-    assert f"{m['size']['int8_file_bytes'] / 1024:,.1f} KB (int8.onnx, predicted)" in page  # not exported yet
+    assert f"Size: <b>{summary.run_size(m).text()}</b>" in page  # the file, or its prediction before export
     for heading in ("Accuracy", "Training curves", "Per-layer error (after fine-tune)", "Layer plan", "Config"):
         assert f"<h2>{heading}</h2>" in page
     assert "conv2.conv" in page and "weight SQNR (dB)" in page  # the per-layer error table
