@@ -143,7 +143,7 @@ def show_sweep(sweep_id: str, was_running: bool) -> None:
                            "the differences here are noise. Compare latency on a larger model or batch.")
 
 
-SHOWN = ["label", "status", "QAT acc %", "PTQ acc %", "avg weight bits", "size KB", "bit-packed KB", "int8 latency ms",
-         "error", "run"]
+SHOWN = ["label", "status", "QAT acc %", "PTQ acc %", "avg weight bits", "size KB", "size from", "bit-packed KB",
+         "int8 latency ms", "error", "run"]
 running = sweep.running(store, sweep_id)
 st.fragment(show_sweep, run_every=common.POLL_SECONDS * 2 if running else None)(sweep_id, running)

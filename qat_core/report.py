@@ -149,8 +149,8 @@ def runs_frame(store: RunStore, records: list[dict[str, Any]] | None = None) -> 
 RUN_COLUMNS = ["run", "name", "status", "model", "plan", "lr", "epochs", "batch size", "FP32 acc %", "PTQ acc %",
                "QAT acc %", "ORT int8 acc %", "size KB", "size from", "× smaller file", "bit-packed KB",
                "quantized layers", "int8 latency ms", "fp32 latency ms", "latency batch", "error"]
-RUN_SUMMARY = ["name", "status", "plan", "QAT acc %", "ORT int8 acc %", "size KB", "int8 latency ms", "lr", "epochs",
-               "batch size", "run"]  # what fits a screen, most telling first
+RUN_SUMMARY = ["name", "status", "plan", "QAT acc %", "ORT int8 acc %", "size KB", "size from", "int8 latency ms", "lr",
+               "epochs", "batch size", "run"]  # what fits a screen, most telling first
 RUN_HEADERS = {"size KB": "int8.onnx KB", "bit-packed KB": f"KB {summary.PACKED_LABEL}", "latency batch": "at batch"}
 SIZE_AXIS = "int8.onnx KB (predicted until exported)"  # the Pareto charts' size axis: the headline size
 
