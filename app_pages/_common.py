@@ -324,7 +324,7 @@ PACKED_NOTE = ("ONNX has no type narrower than 8 bits, so int8.onnx stores 2..7-
                "stay on the narrow grid): the bit-packed size is what a runtime that packs them would load.")
 
 
-def size_metric(column: Any, size: summary.Size, layers: int | None = None) -> None:
+def size_metric(column: Any, size: summary.Size) -> None:
     """The headline size as a metric (``summary.Size``): the int8.onnx file, measured or predicted, its FP32
     file and ratio in the help, and the bit-packed size under it when the plan has narrow weights."""
     column.metric(f"Size ({size.label})", summary.size_text(size.int8_bytes),

@@ -200,7 +200,8 @@ elif not plugin:
                    f"{common.duration(est['finetune_epoch'])}. Measured the same way, with this draft's plan and "
                    "batch size (set on the Fine-tune page).")
 if metrics is not None:
-    st.success(f"FP32 baseline ready: test accuracy {summary.pct(metrics['accuracy'])} (reused by every run of this model).")
+    st.success(f"FP32 baseline ready: test accuracy {summary.pct(metrics['accuracy'])} (reused by every run of this "
+               "model).")
     st.page_link(common.PAGES["plan"], label="Next: plan the quantization →", icon="🎚️")
     st.stop()
 st.info("The baseline is trained on first use (a run trains it too). Train it now to see its accuracy.")
