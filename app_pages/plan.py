@@ -12,8 +12,8 @@ st.title("Quantization plan")
 config = common.draft()
 info = common.draft_info(config)
 rows = info["rows"]
-st.caption(f"Model **{config.model}** · {summary.layers_in_table(rows)} layers (and the input) in the table · edits are saved to "
-           "this tab's draft (it survives a reload).")
+st.caption(f"Model **{config.model}** · {summary.layers_in_table(rows)} layers (and the input) in the table · "
+           "edits are saved to this tab's draft (it survives a reload).")
 
 st.write("Presets")
 cols = st.columns(5)
