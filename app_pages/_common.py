@@ -20,7 +20,7 @@ import pandas as pd
 import plotly.graph_objects as go
 import streamlit as st
 
-from qat_core import analysis, cpu, library, planning, plots, prepare, report, runner, sweep, zoo
+from qat_core import analysis, cpu, library, planning, plots, prepare, report, runner, summary, sweep, zoo
 from qat_core import config as cfg
 from qat_core import data as datasets
 from qat_core.errors import ConfigError, QATError
@@ -168,6 +168,11 @@ def model_info(model_id: str, data_json: str | None = None, weights: str | None 
             "generated": data.generated, "classes": data.num_classes, "train": len(data.train_x),
             "test": len(data.test_x), "input_shape": list(data.example(1).shape[1:]), "skipped": len(data.skipped),
             "new_head": library.new_head(model)}
+
+
+def draft_size(config: cfg.RunConfig, rows: list[dict]) -> summary.Size:
+    """The draft's size: an exported run's files when one has the same model, data and plan, else predicted."""
+    return call(report.draft_size, store(), config, rows)
 
 
 def draft_info(config: cfg.RunConfig) -> dict[str, Any]:
@@ -366,17 +371,51 @@ def progress_of(events: list[dict[str, Any]]) -> tuple[float, str]:
     return 0.0, "Stage 1 of 3 · starting: loading PyTorch, the data and the FP32 baseline…"
 
 
-STORED_SIZE_NOTE = ("In int8.onnx the weights take about {kb:,.1f} KB: ONNX has no type narrower than 8 bits, so "
-                    "2..7-bit weights are stored one per byte (their values stay on the narrow grid).")
+PACKED_NOTE = ("ONNX has no type narrower than 8 bits, so int8.onnx stores 2..7-bit weights a byte each (their values "
+               "stay on the narrow grid): the bit-packed size is what a runtime that packs them would load.")
 
 
-def points_delta(value: float, reference: float) -> dict[str, str]:
+def size_metric(column: Any, size: summary.Size) -> None:
+    """The headline size as a metric (``summary.Size``): the int8.onnx file, measured or predicted, its FP32
+    file and ratio in the help, and the bit-packed size under it when the plan has narrow weights."""
+    column.metric(f"Size ({size.label})", summary.size_text(size.int8_bytes),
+                  help=f"{size.ratio_text()}: FP32 is {size.fp32_text()}."
+                  + ("" if size.measured else " Predicted from the layer table: export the run (Benchmark) for the "
+                                              "file's own bytes."))
+    if size.packed_text():
+        column.caption(size.packed_text(), help=PACKED_NOTE)
+
+
+def layers_metric(column: Any, count: int) -> None:
+    column.metric("Quantized layers", count, help="Layers whose weights or output activations the plan quantizes "
+                                                  "(the input is not a layer)")
+
+
+def headline_strip(head: summary.Headline) -> None:
+    """A run's headline (``summary.Headline``) as one line that wraps at any width, with its remarks and the
+    noisy-timing warning under it."""
+    with st.container(border=True):
+        st.markdown(f"**{_md(head.text())}**")
+    for remark in head.warnings():
+        (st.warning if remark.level == "warning" else st.info)(_md(remark.text), icon="⚠️" if remark.level ==
+                                                               "warning" else "ℹ️")
+
+
+def _md(text: str) -> str:
+    """Plain text for st.markdown: characters markdown would read as formatting are escaped."""
+    return re.sub(r"([\\`*_\[\]<>#|$~])", r"\\\1", text)
+
+
+def points_delta(value: float, reference: float, gain: bool = True) -> dict[str, str]:
     """``st.metric``'s delta for an accuracy against a reference, in percentage points: no arrow and no
-    colour for a change that rounds to zero (a green "+0.00 pt" reads as a gain)."""
+    colour for a change that rounds to zero (a green "+0.00 pt" reads as a gain), nor for a rise that is
+    no gain (``gain=False``: QAT above an undertrained baseline, see ``summary.remarks``)."""
     points = round((value - reference) * 100, 2)
     if not points:
         return {"delta": "±0.00 pt", "delta_color": "off", "delta_arrow": "off"}
-    return {"delta": f"{points:+.2f} pt", "delta_color": "normal", "delta_arrow": "auto"}
+    if points > 0 and not gain:
+        return {"delta": summary.points(value - reference), "delta_color": "off", "delta_arrow": "off"}
+    return {"delta": summary.points(value - reference), "delta_color": "normal", "delta_arrow": "auto"}
 
 
 def show_plot(fig: go.Figure, key: str | None = None) -> None:

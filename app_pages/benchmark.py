@@ -4,7 +4,7 @@
 import streamlit as st
 
 from app_pages import _common as common
-from qat_core import bench, export, report
+from qat_core import bench, export, report, summary
 
 st.title("Benchmark")
 records = common.runs()
@@ -30,57 +30,65 @@ if c3.button("Export and benchmark", type="primary", key="bench_run"):
 parity = store.read_result(run_id, "parity")
 exported = store.read_result(run_id, "export")
 result = store.read_result(run_id, "bench")
+# the headline first, what is measured yet or not: accuracy kept, file size cut, speed; then the evidence
+head = common.call(report.run_headline, store, run_id)
+common.headline_strip(head)
+h1, h2, h3 = st.columns(3)  # three to a row: labels stay whole at 800 px
+h1.metric("FP32 accuracy", summary.pct(head.fp32_accuracy))
+h2.metric("int8 accuracy (ORT)", summary.pct(head.int8_accuracy),
+          help=f"The int8 model in ONNX Runtime on the test split; the run's evaluation (integer arithmetic) said "
+               f"{summary.pct(head.qat_accuracy)}")
+h3.metric("int8 speed-up", f"{head.speedup:.1f}×" if head.speedup is not None else common.MISSING,
+          help=f"{head.speed_value()} on this CPU: FP32 latency / int8 latency in ONNX Runtime (median), "
+               f"{head.speedup_setting}"
+          if head.speedup is not None else head.missing.get("latency"))
+h4, h5, h6 = st.columns(3)
+if head.size is not None:
+    common.size_metric(h4, head.size)
+    h5.metric("File size cut", f"{head.size.ratio:.1f}×", help=f"{head.size.fp32_text()} / {head.size.text()}")
+if head.quantized_layers is not None:
+    common.layers_metric(h6, head.quantized_layers)
+
 if parity is None and result is None:
     st.info("Press **Export and benchmark**: it writes int8.onnx and fp32.onnx, checks that ONNX Runtime "
             "predicts what the simulation predicted, and times both on this CPU.")
     st.stop()
 
-left, right = st.columns(2)
-with left:
-    st.subheader("Parity")
-    if parity:
-        a1, a2, a3 = st.columns(3)
-        a1.metric("Agreement", f"{parity['agreement']:.2%}",
-                  help="Top-1 agreement of ONNX Runtime int8 with the run's evaluation on the test split")
-        a2.metric("ORT int8 accuracy", f"{parity['accuracy']:.2%}",
-                  help=f"The run's evaluation said {parity['sim_accuracy']:.2%}")
-        a3.metric("Max logit diff", f"{parity['max_logit_diff']:.3g}")
-        n_int, n_float = len(parity["integer_layers"]), len(parity["float_layers"])
-        st.metric("Integer-kernel coverage", f"{n_int}/{n_int + n_float} layers")
-        if parity["float_layers"]:
-            st.warning("Runs in float in ONNX Runtime: " + "; ".join(
-                f"{k}: {v}" for k, v in report.float_reasons(parity["float_layers"]).items()))
-        if parity.get("float_ops"):
-            with st.expander(f"{len(parity['float_ops'])} light ops run in float between integer kernels"):
-                st.caption("; ".join(f"{k}: {v}" for k, v in parity["float_ops"].items()))
-        if parity.get("layers"):
-            differing = [r for r in parity["layers"] if r["differing"]]
-            st.caption(f"Output codes of {len(parity['layers'])} layers compared with ONNX Runtime's: "
-                       f"{len(differing)} layer(s) differ.")
-        if parity.get("explanation"):
-            st.warning(parity["explanation"])
-    if exported:
-        sizes = exported["files"]
-        st.caption(f"int8.onnx {sizes['int8.onnx'] / 1024:,.1f} KB · fp32.onnx {sizes['fp32.onnx'] / 1024:,.1f} KB "
-                   f"({exported['size_ratio']:.2f}×)")
-        for note in exported.get("notes", []):
-            st.caption(note)
-with right:
-    st.subheader("Latency")
-    if result is None:
-        st.info("Press **Export and benchmark** to time it.")
-    else:
-        comparison = report.speedup(result)
-        if comparison is not None:
-            st.metric("Speed-up of int8 (ORT, median)", f"{comparison['speedup']:.2f}×",
-                      help=f"FP32 latency / int8 latency at batch {comparison['batch']}, {comparison['threads']} thread(s)")
-        if result.get("overhead_bound"):
-            note = result.get("note", "this model is too small for int8 to pay off here").rstrip(".")
-            st.warning(f"Overhead-bound: {note}. Try resnet18 or mobilenetv2 for real gains.")
-        machine = result.get("machine", {})
-        if machine:
-            st.caption(f"CPU: {machine.get('cpu', '?')} · cores {machine.get('cores', '?')} · flags "
-                       + (", ".join(report.cpu_flags(machine)) or "none of AVX2, AVX-512, VNNI"))
+# parity, then latency, each full width: three metrics to a row stay whole at 800 px
+st.subheader("Parity")
+if parity:
+    a1, a2, a3 = st.columns(3)
+    a1.metric("Agreement", f"{parity['agreement']:.2%}",
+              help="Top-1 agreement of ONNX Runtime int8 with the run's evaluation on the test split")
+    a2.metric("Max logit diff", f"{parity['max_logit_diff']:.3g}")
+    n_int, n_float = len(parity["integer_layers"]), len(parity["float_layers"])
+    a3.metric("Integer-kernel coverage", f"{n_int}/{n_int + n_float} layers",
+              help="Layers ONNX Runtime runs with integer kernels, of the layers it sees in int8.onnx")
+    if parity["float_layers"]:
+        st.warning("Runs in float in ONNX Runtime: " + "; ".join(
+            f"{k}: {v}" for k, v in report.float_reasons(parity["float_layers"]).items()))
+    if parity.get("float_ops"):
+        with st.expander(f"{len(parity['float_ops'])} light ops run in float between integer kernels"):
+            st.caption("; ".join(f"{k}: {v}" for k, v in parity["float_ops"].items()))
+    if parity.get("layers"):
+        differing = [r for r in parity["layers"] if r["differing"]]
+        st.caption(f"Layers compared with ONNX Runtime: {len(parity['layers'])}; {len(differing)} layer(s) differ.")
+    if parity.get("explanation"):
+        st.warning(parity["explanation"])
+if exported:
+    for note in exported.get("notes", []):
+        st.caption(note)
+st.subheader("Latency")
+if result is None:
+    st.info("Press **Export and benchmark** to time it.")
+else:
+    if result.get("overhead_bound"):
+        note = result.get("note", "this model is too small for int8 to pay off here").rstrip(".")
+        st.warning(f"Overhead-bound: {note}. Try resnet18 or mobilenetv2 for real gains.")
+    machine = result.get("machine", {})
+    if machine:
+        st.caption(f"CPU: {machine.get('cpu', '?')} · cores {machine.get('cores', '?')} · flags "
+                   + (", ".join(report.cpu_flags(machine)) or "none of AVX2, AVX-512, VNNI"))
 if result is not None:  # full width: every column on screen
     common.show_table(report.bench_frame(result))
 st.page_link(common.PAGES["export"], label="Next: download the models and a report →", icon="📦")

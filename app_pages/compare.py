@@ -13,7 +13,7 @@ if not records:
 
 frame = common.runs_frame(records)
 common.show_table(frame[report.RUN_SUMMARY], report.RUN_HEADERS)
-with st.expander("Every column (FP32 and PTQ accuracy, stored size, FP32 latency, errors)"):
+with st.expander("Every column (FP32 and PTQ accuracy, bit-packed size, quantized layers, FP32 latency, errors)"):
     common.show_table(frame, report.RUN_HEADERS)
 
 with st.expander("Manage runs: rename or delete"):
@@ -28,12 +28,17 @@ if not picked:
     st.info("Pick finished runs above to compare them.")
     st.stop()
 chosen = done[done["run"].isin(picked)]
+# the headline of the best of them: ONNX Runtime's int8 accuracy where measured, else the run's own
+best = chosen.loc[chosen["ORT int8 acc %"].fillna(chosen["QAT acc %"]).fillna(-1.0).idxmax(), "run"]
+st.markdown(f"**Best of these runs:** {common.run_label(common.store().get(best))}")
+common.headline_strip(common.call(report.run_headline, common.store(), best))
 side = chosen.drop(columns=["status", "error"]).rename(columns=report.RUN_HEADERS).set_index("run").T
 # one column a run, values of every kind in it: as text
 common.show_table(side.map(common.cell_text), hide_index=False, height=common.rows_height(side))
 
 # full width, one under the other: each point is numbered on the chart and named in the legend below it
-common.show_plot(plots.runs_pareto_figure(chosen, "size KB", "Accuracy vs model size (bit-packed)"), key="pareto_size")
+common.show_plot(plots.runs_pareto_figure(chosen.rename(columns={"size KB": report.SIZE_AXIS}), report.SIZE_AXIS,
+                                          "Accuracy vs int8.onnx file size"), key="pareto_size")
 timed = chosen[chosen["int8 latency ms"].notna()]
 batches = sorted(timed["latency batch"].dropna().unique())
 if len(batches) == 1:

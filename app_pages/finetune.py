@@ -4,7 +4,7 @@ curves and Cancel. The job lives in the run store, so a reload or a second tab f
 import streamlit as st
 
 from app_pages import _common as common
-from qat_core import planning, report
+from qat_core import planning, report, summary
 from qat_core.config import RunConfig
 from qat_core.store import STATUSES
 
@@ -81,30 +81,29 @@ def show_run(run_id: str, was_running: bool) -> None:
                  "Start a new run.")
     elif record["status"] == "done":
         m = record["metrics"]
-        c1, c2, c3, c4 = st.columns(4)
+        head = common.call(report.run_headline, store, run_id, record)
+        common.headline_strip(head)
+        c1, c2, c3 = st.columns(3)  # three to a row: labels stay whole at 800 px
         fp32, ptq, qat = (m[phase]["accuracy"] for phase in ("fp32", "ptq", "qat"))
-        c1.metric("FP32 accuracy", f"{fp32:.2%}")
-        c2.metric("PTQ accuracy", f"{ptq:.2%}", **common.points_delta(ptq, fp32), help="vs FP32")
-        c3.metric("QAT accuracy", f"{qat:.2%}", **common.points_delta(qat, fp32),
+        c1.metric("FP32 accuracy", summary.pct(fp32))
+        c2.metric("PTQ accuracy", summary.pct(ptq), **common.points_delta(ptq, fp32), help="vs FP32")
+        c3.metric("QAT accuracy", summary.pct(qat),
+                  **common.points_delta(qat, fp32, gain=not summary.undertrained_baseline(m)),
                   help="vs FP32. Computed as ONNX Runtime will compute the int8 model (integer arithmetic)"
-                  + (f"; the fake-quantized float simulation gives {m['qat']['fake_quant_accuracy']:.2%}"
+                  + (f"; the fake-quantized float simulation gives {summary.pct(m['qat']['fake_quant_accuracy'])}"
                      if "fake_quant_accuracy" in m["qat"] else ""))
-        size = m["size"]
-        c4.metric("Size (bit-packed)", f"{size['quantized_bytes'] / 1024:,.1f} KB",
-                  help=f"{size['ratio']:.2f}× of the FP32 model ({size['fp32_bytes'] / 1024:,.1f} KB). "
-                  + (common.STORED_SIZE_NOTE.format(kb=size["stored_bytes"] / 1024) if "stored_bytes" in size else ""))
-        if qat < ptq - 0.0005:
-            st.info(f"The fine-tune ended below PTQ ({ptq:.2%} → {qat:.2%}): for this plan, calibration alone "
-                    "was better. Keep the PTQ result, or retry with a lower learning rate or fewer epochs.")
+        c4, c5, _ = st.columns(3)
+        if head.size is not None:
+            common.size_metric(c4, head.size)
+        if head.quantized_layers is not None:
+            common.layers_metric(c5, head.quantized_layers)
         out = report.deployed(m)
-        if out is None:
-            st.caption("Deployed accuracy: not measured yet — **Benchmark** runs the int8 model in ONNX Runtime.")
-        elif out["same"]:
-            st.success(f"Deployed: the int8 model in ONNX Runtime scores {out['accuracy']:.2%}, the same predictions "
-                       "as this evaluation.")
-        else:
-            st.warning(f"Deployed: the int8 model in ONNX Runtime scores {out['accuracy']:.2%} (evaluated "
-                       f"{out['evaluated']:.2%}). {out['why']}")
+        if out is not None and out["same"]:  # not measured yet: the headline says where to measure it
+            st.success(f"Deployed: the int8 model in ONNX Runtime scores {summary.pct(out['accuracy'])}, the same "
+                       "predictions as this evaluation.")
+        elif out is not None:
+            st.warning(f"Deployed: the int8 model in ONNX Runtime scores {summary.pct(out['accuracy'])} (evaluated "
+                       f"{summary.pct(out['evaluated'])}). {out['why']}")
         if m.get("float_layers"):
             st.warning("Layers left in float: " + "; ".join(f"{k}: {v}" for k, v in m["float_layers"].items()))
     elif record["status"] == "cancelled":

@@ -31,6 +31,6 @@ if not records:
     st.info("No runs yet in this workspace. Press **Quick start**, or begin with **Model & data**.")
     st.stop()
 recent = common.runs_frame(records[:10])
-common.show_table(recent[["name", "model", "status", "QAT acc %", "ORT int8 acc %", "size KB", "int8 latency ms",
-                          "error", "run"]], report.RUN_HEADERS)
+common.show_table(recent[["name", "model", "status", "QAT acc %", "ORT int8 acc %", "size KB", "size from",
+                          "quantized layers", "int8 latency ms", "error", "run"]], report.RUN_HEADERS)
 st.caption(f"Workspace: `{common.store().root}` (set `QAT_STUDIO_HOME` to use another).")

@@ -5,7 +5,7 @@ import pandas as pd
 import streamlit as st
 
 from app_pages import _common as common
-from qat_core import analysis, plots, report, search
+from qat_core import analysis, plots, report, search, summary
 
 SENSITIVITY_TOP = 30  # layers the sensitivity chart shows before "Show all"
 
@@ -96,9 +96,9 @@ with sens_tab:
     if suggestion is None:
         st.stop()
     m1, m2, m3 = st.columns(3)
-    m1.metric("Suggested size", f"{suggestion['size_bytes'] / 1024:,.1f} KB")
+    m1.metric("Suggested size, bit-packed", summary.size_text(suggestion["size_bytes"]), help=common.PACKED_NOTE)
     m2.metric("Average weight bits", f"{suggestion['average_bits']:.2f}")
-    m3.metric("Accuracy after calibration", f"{suggestion['accuracy']:.2%}")
+    m3.metric("Accuracy after calibration", summary.pct(suggestion["accuracy"]))
     st.write("Weight bits per layer: " + ", ".join(f"`{k}` {v}" for k, v in suggestion["widths"].items()))
     candidates = common.saved_frame(run_id, "suggestion_page")
     if candidates is not None and not candidates.empty:

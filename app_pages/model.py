@@ -7,7 +7,7 @@ import pandas as pd
 import streamlit as st
 
 from app_pages import _common as common
-from qat_core import library, plugins, prepare, runner, train, zoo
+from qat_core import library, plugins, runner, summary, train, zoo
 from qat_core.files import MB
 from qat_core.store import UPLOAD_LIMIT
 
@@ -149,16 +149,16 @@ if wanted != have:
     st.rerun()  # the widgets above show the new draft's settings (an image folder's crop from the weights)
 
 info = common.draft_info(config)
-fp32_bytes = prepare.size_bytes(info["rows"], config.plan)["fp32_bytes"]
+size = common.draft_size(config, info["rows"])
 folded = info["params"] - sum(r["params"] for r in info["rows"])  # BatchNorm scale and shift
 c1, c2, c3, c4 = st.columns(4)
 c1.metric("Parameters", f"{info['params']:,}", help="Every parameter of the model as written (BatchNorm included).")
-c2.metric("Quantizable layers", sum(r["has_weights"] for r in info["rows"]))
-c3.metric("FP32 size", f"{fp32_bytes / 1024:,.1f} KB",
-          help="4 bytes for each parameter of the layers in the table below: the FP32 size the Plan page shows "
-               "too." + (" BatchNorm is no layer of its own once deployed: it is folded into the convolution before "
+common.layers_metric(c2, summary.quantized_layers(info["rows"], config.plan))
+c3.metric(f"FP32 size ({size.fp32_label})", summary.size_text(size.fp32_bytes),
+          help=f"The FP32 model as ONNX, the size the Plan page shows too; int8 with this draft's plan: {size.text()}."
+               + (" BatchNorm is no layer of its own once deployed: it is folded into the convolution before "
                          f"it, so its scale and shift ({folded:,} parameters) are not counted, "
-                         f"{folded * 4 / 1024:,.1f} KB less than Parameters × 4." if folded > 0 else ""))
+                         f"{summary.size_text(folded * 4)} less than Parameters × 4." if folded > 0 else ""))
 c4.metric("Classes", info["classes"])
 st.caption(f"Data: {info['data']} · input {info['input_shape']} · {info['train']} train samples"
            + (f" / {info['test']} test" if info["test"] else ""))
@@ -204,7 +204,8 @@ elif not plugin:
                    f"{common.duration(est['finetune_epoch'])}. Measured the same way, with this draft's plan and "
                    "batch size (set on the Fine-tune page).")
 if metrics is not None:
-    st.success(f"FP32 baseline ready: test accuracy {metrics['accuracy']:.2%} (reused by every run of this model).")
+    st.success(f"FP32 baseline ready: test accuracy {summary.pct(metrics['accuracy'])} (reused by every run of this "
+               "model).")
     st.page_link(common.PAGES["plan"], label="Next: plan the quantization →", icon="🎚️")
     st.stop()
 st.info("The baseline is trained on first use (a run trains it too). Train it now to see its accuracy.")
@@ -218,7 +219,7 @@ if st.button("Train FP32 baseline", type="primary", key="train_baseline"):
         last = event["step"] == event["total"]
         if last or time.monotonic() - shown[0] >= PROGRESS_SECONDS:
             shown[0] = time.monotonic()
-            acc = f", test accuracy {event['test_accuracy']:.1%}" if "test_accuracy" in event else ""
+            acc = f", test accuracy {summary.pct(event['test_accuracy'])}" if "test_accuracy" in event else ""
             bar.progress(event["step"] / event["total"],
                          text="Stage 3 of 3 · evaluating on the test set and saving the baseline…" if last else
                          f"Stage 2 of 3 · training: step {event['step']}/{event['total']}, "

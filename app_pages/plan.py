@@ -4,7 +4,7 @@ and the predicted model size. Every edit is validated on the server before it is
 import streamlit as st
 
 from app_pages import _common as common
-from qat_core import planning, prepare
+from qat_core import planning, summary
 from qat_core.config import RANGE_METHODS
 from qat_core.errors import ConfigError
 
@@ -12,8 +12,8 @@ st.title("Quantization plan")
 config = common.draft()
 info = common.draft_info(config)
 rows = info["rows"]
-st.caption(f"Model **{config.model}** · {len(rows)} layers · edits are saved to this tab's draft "
-           "(it survives a reload).")
+st.caption(f"Model **{config.model}** · {summary.layers_in_table(rows)} layers (and the input) in the table · "
+           "edits are saved to this tab's draft (it survives a reload).")
 
 st.write("Presets")
 cols = st.columns(5)
@@ -60,12 +60,12 @@ if advice:
     st.info(advice)
     st.button("Use 7-bit weights (reduce range)", key="reduce_range", on_click=common.use_reduce_range)
 
-size = prepare.size_bytes(rows, config.plan)
-c1, c2, c3, c4 = st.columns(4)
-c1.metric("Predicted size (bit-packed)", f"{size['quantized_bytes'] / 1024:,.1f} KB",
-          help="Each weight at its width, plus a scale per channel; biases and float layers at 4 bytes")
-c2.metric("In int8.onnx", f"{size['stored_bytes'] / 1024:,.1f} KB",
-          help=common.STORED_SIZE_NOTE.format(kb=size["stored_bytes"] / 1024) + " The file adds its graph.")
-c3.metric("FP32 size", f"{size['fp32_bytes'] / 1024:,.1f} KB", help="BatchNorm folded into its convolution")
-c4.metric("Ratio", f"{size['ratio']:.2f}×", help="bit-packed size / FP32 size")
+size = common.draft_size(config, rows)
+c1, c2 = st.columns(2)  # two to a row: "Size (int8.onnx, predicted)" stays whole at 800 px
+common.size_metric(c1, size)
+c2.metric(f"FP32 size ({size.fp32_label})", summary.size_text(size.fp32_bytes),
+          help="BatchNorm folded into its convolution")
+c3, c4 = st.columns(2)
+c3.metric("File size cut", f"{size.ratio:.1f}×", help="FP32 file / int8 file")
+common.layers_metric(c4, summary.quantized_layers(rows, config.plan))
 st.page_link(common.PAGES["finetune"], label="Next: fine-tune this plan →", icon="🏋️")

@@ -78,6 +78,7 @@ def cmd_train(args: argparse.Namespace) -> None:
     from qat_core import config as cfg
     from qat_core import cpu
     from qat_core.runner import execute
+    from qat_core.summary import pct, remarks
     from qat_core.zoo import check_plugin
 
     config = cfg.load(args.config)
@@ -91,8 +92,10 @@ def cmd_train(args: argparse.Namespace) -> None:
     execute(config, store, run_id, on_event=None if args.quiet else ProgressBar(), threads=args.threads)
     record = store.get(run_id)
     m = record["metrics"]
-    print(f"FP32 {m['fp32']['accuracy']:.2%}  PTQ {m['ptq']['accuracy']:.2%}  QAT {m['qat']['accuracy']:.2%}  "
+    print(f"FP32 {pct(m['fp32']['accuracy'])}  PTQ {pct(m['ptq']['accuracy'])}  QAT {pct(m['qat']['accuracy'])}  "
           f"({m['threads']} thread{'s' if m['threads'] > 1 else ''}, {m['seconds']:.1f} s)", file=sys.stderr)
+    for remark in remarks(m, record["config"]):
+        print(f"{remark.level}: {remark.text}", file=sys.stderr)
     print(run_id)
 
 
@@ -120,17 +123,31 @@ def cmd_runs(args: argparse.Namespace) -> None:
 
 
 def cmd_show(args: argparse.Namespace) -> None:
-    r = _store(args).get(args.run)
-    out = {k: r[k] for k in ("id", "path", "status", "error", "config", "metrics")}
+    from qat_core.report import report_title, run_headline
+    from qat_core.summary import pct
+
+    store = _store(args)
+    r = store.get(args.run)
+    head = run_headline(store, args.run, r)
+    out = {k: r[k] for k in ("id", "path", "status", "error", "config", "metrics")} | {"headline": head.to_dict()}
     if args.json:
         print(json.dumps(out, indent=2))
         return
-    print(f"run {r['id']} ({r['status']}) at {r['path']}")
+    print(f"run {r['id']} ({r['status']}): {report_title(r)} at {r['path']}")
     if r["error"]:
         print(f"error: {r['error']}")
+    if r["status"] == "done":
+        print(head.text())
     for phase in ("fp32", "ptq", "qat"):
         if phase in r["metrics"]:
-            print(f"  {phase.upper():<5} accuracy {r['metrics'][phase]['accuracy']:.2%}")
+            print(f"  {phase.upper():<5} accuracy {pct(r['metrics'][phase]['accuracy'])}")
+    if head.size is not None:
+        packed = head.size.packed_text()
+        print(f"  size  {head.size.text()}; FP32 {head.size.fp32_text()}" + (f"; {packed}" if packed else ""))
+    if head.quantized_layers is not None:
+        print(f"  quantized layers {head.quantized_layers}")
+    for remark in head.warnings():
+        print(f"{remark.level}: {remark.text}")
 
 
 def cmd_rename(args: argparse.Namespace) -> None:
@@ -175,14 +192,17 @@ def cmd_analyze(args: argparse.Namespace) -> None:
 
 def cmd_export(args: argparse.Namespace) -> None:
     from qat_core.export import export_run
+    from qat_core.summary import run_size
 
-    result = export_run(_store(args), args.run)
+    store = _store(args)
+    result = export_run(store, args.run)
     if args.json:
         print(json.dumps(result, indent=2))
         return
-    files = result["files"]
-    print(f"fp32.onnx {files['fp32.onnx']:,} B  int8.onnx {files['int8.onnx']:,} B  (x{result['size_ratio']:.2f})")
-    print(f"integer kernels: {len(result['integer_layers'])} layers")
+    size = run_size(store.get(args.run)["metrics"])
+    print(f"{size.text()} · FP32 {size.fp32_text()} · {size.ratio_text()}")
+    n_int, n_float = len(result["integer_layers"]), len(result["float_layers"])
+    print(f"integer-kernel coverage: {n_int}/{n_int + n_float} layers")
     for name, why in result["float_layers"].items():
         print(f"  float: {name}: {why}")
     for note in result["notes"]:
@@ -199,11 +219,12 @@ def cmd_eval(args: argparse.Namespace) -> None:
     print(f"ORT int8 accuracy {result['accuracy']:.2%}  evaluated {result['sim_accuracy']:.2%}  "
           f"agreement {result['agreement']:.2%}  max logit diff {result['max_logit_diff']:.4g}")
     print(f"fake-quant simulation {result['fake_quant_accuracy']:.2%} (agreement {result['fake_quant_agreement']:.2%})")
-    print(f"integer kernels: {len(result['integer_layers'])} layers; float: {len(result['float_layers'])}")
+    n_int, n_float = len(result["integer_layers"]), len(result["float_layers"])
+    print(f"integer-kernel coverage: {n_int}/{n_int + n_float} layers")
     for name, why in result["float_layers"].items():
         print(f"  float: {name}: {why}")
     differing = sum(r["differing"] for r in result["layers"])
-    print(f"output codes compared on {len(result['layers'])} layers: {differing} differ")
+    print(f"layers compared with ONNX Runtime: {len(result['layers'])}; {differing} differ")
     if result.get("explanation"):
         print(f"why they differ: {result['explanation']}")
 

@@ -325,7 +325,8 @@ def pareto_figure(candidates: pd.DataFrame) -> go.Figure:
                                      marker={"symbol": symbol, "size": size}, customdata=custom(part),
                                      hovertemplate=hover))
     fig.update_layout(title="Mixed precision: model size vs accuracy (calibrated, before fine-tune)",
-                      xaxis_title="model size (bytes)", yaxis_title="test accuracy", legend=LEGEND_BELOW)
+                      xaxis_title="bit-packed size (bytes; not a file yet)", yaxis_title="test accuracy",
+                      legend=LEGEND_BELOW)
     fig.update_xaxes(range=_nonnegative_range(df["size_bytes"]))
     fig.update_yaxes(**_accuracy_axis(df["accuracy"]))
     fig.update_traces(cliponaxis=False)  # points on the padded range's edge stay whole
@@ -411,8 +412,10 @@ def page(figures: Sequence[go.Figure], title: str) -> str:
 
 def _value_text(value: float, column: str) -> str:
     """A value of a runs-table column for a legend, with the unit its name ends with ("size KB" → "23.8 KB")."""
-    unit = column.rsplit(" ", 1)[-1] if " " in column else ""
-    return f"{value:,.1f} {unit}" if unit == "KB" else f"{value:,.4g} {unit}".rstrip()
+    words = column.split()
+    if "KB" in words:  # also "int8.onnx KB (predicted until exported)"
+        return f"{value:,.1f} KB"
+    return f"{value:,.4g} {words[-1] if len(words) > 1 else ''}".rstrip()
 
 
 def _short(text: str, limit: int = LEGEND_NAME_CHARS) -> str:

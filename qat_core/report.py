@@ -25,7 +25,8 @@ import pandas as pd
 import plotly.graph_objects as go
 import torch
 
-from qat_core import analysis, cpu, files, plots, search, train
+from qat_core import analysis, cpu, files, plots, search, summary, train
+from qat_core.config import RunConfig
 from qat_core.errors import ConfigError, StoreError
 from qat_core.planning import plan_frame, plan_summary, run_title
 from qat_core.runner import Loaded, load
@@ -59,6 +60,41 @@ def latency_ms(bench: dict[str, Any] | None, backend: str = "int8", batch: int |
     return min((float(r["median_ms"]) for r in rows), default=None)
 
 
+def _legacy_layers(store: RunStore, record: dict[str, Any]) -> tuple[list[dict] | None, Any]:
+    """The layer table and plan of a finished run saved before its metrics held the predicted files and
+    the quantized-layer count (both are computed from these); (None, None) for other runs."""
+    m = record["metrics"]
+    if record["status"] != "done" or ("quantized_layers" in m and "int8_file_bytes" in m.get("size", {})):
+        return None, None
+    rows = store.read_result(record["id"], "layers")
+    return (rows, RunConfig.model_validate(record["config"]).plan) if rows else (None, None)
+
+
+def run_headline(store: RunStore, run_id: str, record: dict[str, Any] | None = None) -> summary.Headline:
+    """``summary.headline`` of a run in ``store`` (its metrics, config and bench result): what Fine-tune,
+    Benchmark, Compare, the CLI's ``show`` and the report's first lines say."""
+    record = record or store.get(run_id)
+    m = record["metrics"]
+    bench = store.read_result(run_id, "bench") if "bench" in m else None
+    return summary.headline(m, record["config"], bench, *_legacy_layers(store, record))
+
+
+def draft_size(store: RunStore, config: RunConfig, rows: list[dict]) -> summary.Size:
+    """A draft's size (Model & data, Plan): the exported files of the newest run of the same model, data,
+    weights and plan when there is one (the same tensors and graph: the same bytes), else the prediction."""
+    same = ("model", "data", "weights", "checkpoint", "plan")
+    for record in store.list():
+        if record["status"] != "done" or record["model"] != config.model or "onnx" not in record["metrics"]:
+            continue
+        try:
+            other = RunConfig.model_validate(record["config"])
+        except ValueError:  # a config this version cannot read is no match
+            continue
+        if all(getattr(other, k) == getattr(config, k) for k in same):
+            return summary.run_size(record["metrics"])
+    return summary.draft_size(rows, config.plan)
+
+
 def _pct(section: dict[str, Any] | None) -> float:
     return section["accuracy"] * 100 if section and "accuracy" in section else math.nan
 
@@ -77,7 +113,8 @@ def deployed(metrics: dict[str, Any]) -> dict[str, Any] | None:
 def runs_frame(store: RunStore, records: list[dict[str, Any]] | None = None) -> pd.DataFrame:
     """One row a run (``records`` from ``store.list()``, default all): its name (the user's, else its
     plan), status, model, plan, fine-tune settings, accuracy (%) of FP32/PTQ/QAT and of the int8 model
-    in ONNX Runtime (once measured), size (KB bit-packed and as stored in int8.onnx, ratio), ONNX
+    in ONNX Runtime (once measured), size (``summary.run_size``: int8.onnx KB, measured or predicted, ×
+    smaller than the FP32 file, bit-packed KB when some weights are under 8 bits), quantized layers, ONNX
     Runtime latency (ms) at the smallest batch benchmarked, error."""
     records = store.list() if records is None else records
     out = []
@@ -88,7 +125,12 @@ def runs_frame(store: RunStore, records: list[dict[str, Any]] | None = None) -> 
             bench = store.read_result(r["id"], "bench") if "bench" in m else None
         except StoreError as err:  # one damaged file costs its run a column, not the table
             bench, error = None, str(err)
-        size = m.get("size", {})
+        try:
+            legacy = _legacy_layers(store, r)
+        except StoreError as err:
+            legacy, error = (None, None), str(err)
+        size = summary.run_size(m, *legacy)
+        layers = summary.run_quantized_layers(m, *legacy)
         damaged = r["status"] == "damaged"
         ft = r["config"].get("finetune", {})
         batch = min((row["batch"] for row in (bench or {}).get("rows", [])), default=None)
@@ -98,22 +140,25 @@ def runs_frame(store: RunStore, records: list[dict[str, Any]] | None = None) -> 
                     "batch size": ft.get("batch_size", math.nan),
                     "FP32 acc %": _pct(m.get("fp32")), "PTQ acc %": _pct(m.get("ptq")), "QAT acc %": _pct(m.get("qat")),
                     "ORT int8 acc %": _pct(m.get("parity")),
-                    "size KB": size.get("quantized_bytes", math.nan) / 1024,
-                    "stored KB": size.get("stored_bytes", math.nan) / 1024,
-                    "size ratio": size.get("ratio", math.nan),
+                    "size KB": size.int8_bytes / 1024 if size else math.nan,
+                    "size from": size.label if size else "",
+                    "bit-packed KB": size.packed_bytes / 1024 if size and size.packed_bytes is not None else math.nan,
+                    "× smaller file": size.ratio if size else math.nan,
+                    "quantized layers": layers if layers is not None else math.nan,
                     "int8 latency ms": latency_ms(bench, "int8", batch), "fp32 latency ms": latency_ms(bench, "fp32", batch),
                     "latency batch": batch, "error": error})
-    return pd.DataFrame(out, columns=RUN_COLUMNS).astype({"latency batch": "Int64"}).round({
-        "FP32 acc %": 2, "PTQ acc %": 2, "QAT acc %": 2, "ORT int8 acc %": 2, "size KB": 1, "stored KB": 1,
-        "size ratio": 3, "int8 latency ms": 4, "fp32 latency ms": 4})
+    return pd.DataFrame(out, columns=RUN_COLUMNS).astype({"latency batch": "Int64", "quantized layers": "Int64"}).round({
+        "FP32 acc %": 2, "PTQ acc %": 2, "QAT acc %": 2, "ORT int8 acc %": 2, "size KB": 1, "bit-packed KB": 1,
+        "× smaller file": 1, "int8 latency ms": 4, "fp32 latency ms": 4})
 
 
 RUN_COLUMNS = ["run", "name", "status", "model", "plan", "lr", "epochs", "batch size", "FP32 acc %", "PTQ acc %",
-               "QAT acc %", "ORT int8 acc %", "size KB", "stored KB", "size ratio", "int8 latency ms",
-               "fp32 latency ms", "latency batch", "error"]
-RUN_SUMMARY = ["name", "model", "status", "plan", "QAT acc %", "ORT int8 acc %", "size KB", "int8 latency ms", "lr", "epochs",
-               "batch size", "run"]  # what fits a screen, most telling first
-RUN_HEADERS = {"size KB": "size KB (packed)", "stored KB": "KB in int8.onnx", "latency batch": "at batch"}
+               "QAT acc %", "ORT int8 acc %", "size KB", "size from", "× smaller file", "bit-packed KB",
+               "quantized layers", "int8 latency ms", "fp32 latency ms", "latency batch", "error"]
+RUN_SUMMARY = ["name", "model", "status", "plan", "QAT acc %", "ORT int8 acc %", "size KB", "size from", "int8 latency ms", "lr",
+               "epochs", "batch size", "run"]  # what fits a screen, most telling first
+RUN_HEADERS = {"size KB": "int8.onnx KB", "bit-packed KB": f"KB {summary.PACKED_LABEL}", "latency batch": "at batch"}
+SIZE_AXIS = "int8.onnx KB (predicted until exported)"  # the Pareto charts' size axis: the headline size
 
 
 def bench_frame(result: dict[str, Any]) -> pd.DataFrame:
@@ -162,9 +207,6 @@ details summary{cursor:pointer;color:#2a5a8a;margin:.3em 0}
 table{font-size:8pt}thead{display:table-header-group}tr,.js-plotly-plot{break-inside:avoid}
 h2{break-after:avoid}details{display:none}pre{font-size:8pt}}
 </style>"""
-def bytes_text(nbytes: float) -> str:
-    """Bytes for people: "31.9 KB" up to a megabyte, then "10.77 MB" (1 KB = 1024 B)."""
-    return f"{nbytes / 1024:,.1f} KB" if nbytes < 1024**2 else f"{nbytes / 1024**2:,.2f} MB"
 
 
 def _missing(value: Any) -> bool:
@@ -210,7 +252,7 @@ def _kv(pairs: dict[str, Any]) -> str:
 ERROR_FORMATS: dict[str, Callable[[Any], str]] = {
     "weight_bits": str, "act_bits": str, "weight_sqnr_db": "{:.1f}".format, "act_sqnr_db": "{:.1f}".format,
     "output_sqnr_db": "{:.1f}".format, "output_sqnr_vs_baseline_db": "{:.1f}".format,
-    "weight_share_clipped": plots.share_text, "act_share_clipped": plots.share_text, "size_bytes": bytes_text}
+    "weight_share_clipped": plots.share_text, "act_share_clipped": plots.share_text, "size_bytes": summary.size_text}
 
 
 def _accuracy_section(m: dict[str, Any]) -> list[str]:
@@ -235,20 +277,28 @@ def _accuracy_section(m: dict[str, Any]) -> list[str]:
     return parts
 
 
-def _size_section(m: dict[str, Any], exported: dict[str, Any] | None) -> list[str]:
+def _size_section(head: summary.Headline, m: dict[str, Any]) -> list[str]:
     out = []
-    if "size" in m:
-        sz = m["size"]
-        out.append(f"<p>Predicted size: <b>{sz['quantized_bytes'] / 1024:,.1f} KB</b> vs FP32 "
-                   f"{sz['fp32_bytes'] / 1024:,.1f} KB ({sz['ratio']:.3f}×).</p>")
-    if exported and "files" in exported:
-        files = exported["files"]
-        out.append("<p>ONNX files: " + ", ".join(f"{html.escape(k)} {v / 1024:,.1f} KB" for k, v in files.items())
-                   + "</p>")
+    size = head.size
+    if size is not None:
+        out.append(f"<p>Size: <b>{size.text()}</b> · FP32 {size.fp32_text()} · {size.ratio_text()}.</p>")
+        if size.packed_text():
+            out.append(f"<p>Bit-packed, the narrow weights would take {html.escape(size.packed_text())}: ONNX has "
+                       "no type narrower than 8 bits, so int8.onnx stores 2..7-bit weights a byte each.</p>")
+    if head.quantized_layers is not None:
+        out.append(f"<p>Quantized layers: <b>{head.quantized_layers}</b> (layers whose weights or output "
+                   "activations the plan quantizes).</p>")
     if m.get("float_layers"):
         out.append("<p><b>Layers left in float:</b> " + html.escape("; ".join(
             f"{k}: {v}" for k, v in float_reasons(m["float_layers"]).items())) + "</p>")
     return (["<h2>Size</h2>", *out]) if out else []
+
+
+def report_title(record: dict[str, Any]) -> str:
+    """The report's title: "model · plan" (the run's name beside it when the user gave one)."""
+    config = record["config"]
+    name = config.get("name") or ""
+    return f"{record['model']} · {plan_summary(config)}" + (f" · {name}" if name else "")
 
 
 def _errors_section(loaded: Loaded) -> tuple[list[str], go.Figure]:
@@ -347,14 +397,19 @@ def report_html(store: RunStore, run_id: str, loaded: Loaded | None = None) -> b
     record = store.get(run_id)
     config = store.config(run_id)
     m = record["metrics"]
-    parts: list[str | go.Figure] = [f"<h1>QAT Studio report · run {html.escape(run_id)}</h1>",
+    head = run_headline(store, run_id, record)
+    title = report_title(record)
+    parts: list[str | go.Figure] = [f"<h1>{html.escape(title)}</h1>",
+             f"<p class=\"headline\"><b>{html.escape(head.text())}</b></p>",
+             *(f"<p class=\"remark\">{'⚠️ ' if r.level == 'warning' else ''}{html.escape(r.text)}</p>"
+               for r in head.remarks + ([summary.Remark("warning", head.noisy)] if head.noisy else [])),
              f"<p>Model <b>{html.escape(record['model'])}</b>, plan <b>{html.escape(plan_summary(config))}</b>, "
-             f"status <b>{html.escape(record['status'])}</b>, created "
+             f"run {html.escape(run_id)}, status <b>{html.escape(record['status'])}</b>, created "
              f"{time.strftime('%Y-%m-%d %H:%M:%S', time.localtime(record['created']))}.</p>"]
     if record["error"]:
         parts.append(f"<p><b>Error:</b> {html.escape(record['error'])}</p>")
     parts += _accuracy_section(m)
-    parts += _size_section(m, store.read_result(run_id, "export"))
+    parts += _size_section(head, m)
     events = store.events(run_id)
     if events:
         curves = analysis.training_curves(events)
@@ -376,7 +431,7 @@ def report_html(store: RunStore, run_id: str, loaded: Loaded | None = None) -> b
     body = "".join(p.to_html(full_html=False, include_plotlyjs=False) if isinstance(p, go.Figure) else p for p in parts)
     has_figures = any(isinstance(p, go.Figure) for p in parts)
     scripts = f'<script type="text/javascript">{plots.plotly_js()}</script>' if has_figures else ""
-    doc = (f"<!DOCTYPE html>\n<html><head><meta charset=\"utf-8\"><title>QAT Studio report {html.escape(run_id)}</title>"
+    doc = (f"<!DOCTYPE html>\n<html><head><meta charset=\"utf-8\"><title>{html.escape(title)} · QAT Studio report</title>"
            f"{STYLE}{scripts}</head>\n<body>{body}</body></html>\n")
     return doc.encode("utf-8")
 

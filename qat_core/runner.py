@@ -27,9 +27,10 @@ from qat_core.config import MAX_SEED, RunConfig, with_uniform_plan
 from qat_core.data import Data, data_fingerprint
 from qat_core.errors import CancelledError, ConfigError, QATError
 from qat_core.modules import QATModel
-from qat_core.prepare import layer_table, prepare, size_bytes
+from qat_core.prepare import layer_table, prepare
 from qat_core.quantizers import quantizers
 from qat_core.store import RunStore, new_log
+from qat_core.summary import predicted_sizes, quantized_layers
 
 
 def baseline_key(config: RunConfig) -> str:
@@ -225,7 +226,8 @@ def execute(config: RunConfig, store: RunStore, run_id: str | None = None, on_ev
         store.save_state(run_id, "qat.pt", qat.state_dict())
         store.write_result(run_id, "layers", rows)
         store.update_metrics(run_id, fp32=fp32_metrics, ptq=ptq_metrics, qat=qat_metrics,
-                             size=size_bytes(rows, config.plan), float_layers=qat.float_layers,
+                             size=predicted_sizes(rows, config.plan),
+                             quantized_layers=quantized_layers(rows, config.plan), float_layers=qat.float_layers,
                              generated_data=data.generated, seconds=time.perf_counter() - started, threads=threads)
         store.finish(run_id)
     except CancelledError as err:

@@ -22,6 +22,7 @@ from qat_core.config import BaselineConfig, FineTuneConfig
 from qat_core.errors import CancelledError, TrainingError
 from qat_core.modules import QATModel
 from qat_core.quantizers import FakeQuantizer, clamp_learned, freeze_ranges, quantizers
+from qat_core.summary import pct
 
 Event = dict[str, Any]
 OnEvent = Callable[[Event], None]
@@ -154,8 +155,8 @@ def chance_accuracy(loader: Iterable[Batch]) -> float:
 def check_not_collapsed(accuracy: float, start: float, chance: float, where: str, lr: float) -> None:
     """A fine-tune that starts well above chance must not end at it: the run would look "done"."""
     if start - chance >= MEANINGFUL_START and accuracy <= chance + COLLAPSE_MARGIN:
-        raise TrainingError(f"the fine-tune collapsed to chance {where}: test accuracy {accuracy:.1%}, from "
-                            f"{start:.1%} before it (always predicting the most common class scores {chance:.1%}). "
+        raise TrainingError(f"the fine-tune collapsed to chance {where}: test accuracy {pct(accuracy)}, from "
+                            f"{pct(start)} before it (always predicting the most common class scores {pct(chance)}). "
                             + _FIX.format(lr=lr))
 
 

@@ -49,7 +49,8 @@ def test_home_tells_a_first_time_user_what_to_do():
 def test_model_page_shows_layers_and_params():
     at = ok(app("model"))
     assert at.selectbox(key="zoo_model").value == "digits-cnn"
-    assert {m.label for m in at.metric} >= {"Parameters", "Quantizable layers", "FP32 size"}
+    labels = {m.label for m in at.metric}
+    assert {"Parameters", "Quantized layers"} <= labels and any(x.startswith("FP32 size (fp32.onnx") for x in labels)
     layers = at.dataframe[0].value
     assert "conv1.conv" in list(layers["name"])
     at.selectbox(key="zoo_model").select("digits-mlp").run()
@@ -90,7 +91,8 @@ def test_a_library_model_by_name_from_the_model_page(workspace):
     ok(at)
     config = draft_of(at, workspace)
     assert config.model == "torchvision:mobilenet_v3_small" and config.data.dataset == "generated-images"
-    assert {"Parameters", "Quantizable layers", "FP32 size", "Classes"} <= {m.label for m in at.metric}
+    labels = {m.label for m in at.metric}
+    assert {"Parameters", "Quantized layers", "Classes"} <= labels and "FP32 size (fp32.onnx, predicted)" in labels
     at.run()  # a rerun keeps the library model (it was reset to the zoo's first model)
     assert draft_of(at, workspace).model == "torchvision:mobilenet_v3_small"
 
@@ -116,7 +118,8 @@ def test_plan_edit_is_validated_on_the_server(workspace):
     at = ok(app("plan"))
     table = at.get("arrow_data_editor")[0] if at.get("arrow_data_editor") else None
     assert table is not None or at.session_state  # the editor renders (its proto type varies by version)
-    size_before = next(m.value for m in at.metric if m.label == "Predicted size (bit-packed)")
+    size_before = next(m.value for m in at.metric if m.label.startswith("Size (int8.onnx"))
+    assert not any("bit-packed" in c.value for c in at.caption)  # 8-bit weights: packing saves nothing
     rows = common.model_info("digits-cnn")["rows"]
     conv2 = [r["name"] for r in rows].index("conv2.conv")
     # an out-of-range width (the browser would block it; a seeded edit does not): rejected, not saved
@@ -137,8 +140,9 @@ def test_plan_edit_is_validated_on_the_server(workspace):
     ok(at)
     assert not at.error
     assert draft_of(at, workspace).plan.spec_for("conv2.conv").weight_bits == 4
-    size_after = next(m.value for m in at.metric if m.label == "Predicted size (bit-packed)")
-    assert size_after != size_before
+    # int8.onnx stores a 4-bit weight in a byte: the file is no smaller, and the bit-packed size says what is
+    assert next(m.value for m in at.metric if m.label.startswith("Size (int8.onnx")) == size_before
+    assert any(c.value.endswith("KB bit-packed (not a file yet)") for c in at.caption)
 
 
 def test_plan_grid_says_why_a_value_was_not_taken(workspace):
@@ -220,12 +224,13 @@ def test_finetune_launched_from_the_page_completes_with_curves_and_metrics(works
     at.run()
     ok(at)
     labels = {m.label: m.value for m in at.metric}
-    assert {"FP32 accuracy", "PTQ accuracy", "QAT accuracy", "Size (bit-packed)"} <= set(labels)
+    assert {"FP32 accuracy", "PTQ accuracy", "QAT accuracy", "Size (int8.onnx, predicted)",
+            "Quantized layers"} <= set(labels)
     assert float(labels["QAT accuracy"].rstrip("%")) > 80
     spec = plotly_specs(at)[0]
     names = [t["name"] for t in spec["data"]]
     assert any("QAT" in n and "loss" in n for n in names) and any("test accuracy" in n for n in names), names
-    assert any("not measured yet" in c.value for c in at.caption)
+    assert any("int8 in ONNX Runtime: not measured yet" in md.value for md in at.markdown)  # the headline
     export.parity(workspace, run_id)  # what the Benchmark page runs: the deployed accuracy joins the headline
     at.run()
     assert any("in ONNX Runtime scores" in s.value and labels["QAT accuracy"] in s.value for s in at.success)
@@ -300,7 +305,8 @@ def test_benchmark_exports_and_shows_parity_beside_latency(workspace, digits_run
     at.button(key="bench_run").click().run()
     ok(at)
     labels = {m.label for m in at.metric}
-    assert {"Agreement", "Integer-kernel coverage", "Speed-up of int8 (ORT, median)"} <= labels, labels
+    assert {"FP32 accuracy", "int8 accuracy (ORT)", "int8 speed-up", "Size (int8.onnx)", "File size cut",
+            "Agreement", "Integer-kernel coverage"} <= labels, labels
     assert workspace.artifact(digits_run, "int8.onnx").exists()
     cpu_line = next(c.value for c in at.caption if "CPU:" in c.value)
     from qat_core import bench
@@ -317,9 +323,9 @@ def test_compare_lists_runs_and_draws_pareto(workspace, digits_run, digits_run_w
     at.multiselect(key="compare_runs").set_value([digits_run, digits_run_w4a4]).run()
     ok(at)
     titles = [s["layout"]["title"]["text"] for s in plotly_specs(at)]
-    assert "Accuracy vs model size (bit-packed)" in titles
+    assert "Accuracy vs int8.onnx file size" in titles
     assert not any(c.get("plotly_chart") for c in at.columns)  # full width: no chart squeezed into a column
-    size = next(s for s in plotly_specs(at) if s["layout"]["title"]["text"].startswith("Accuracy vs model size"))
+    size = next(s for s in plotly_specs(at) if s["layout"]["title"]["text"].startswith("Accuracy vs int8.onnx file size"))
     names = [t["name"] for t in size["data"] if t["mode"] == "markers"]
     assert len(names) == 2 and all(n[0] in "12" and "% · " in n and n.endswith(" KB") for n in names)
     fp32 = workspace.get(digits_run)["metrics"]["fp32"]["accuracy"] * 100

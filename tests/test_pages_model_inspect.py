@@ -10,7 +10,7 @@ import pandas as pd
 import pytest
 import torch
 
-from qat_core import prepare, runner, search, train
+from qat_core import report, runner, search, summary, train
 from tests import apptest
 from tests.apptest import AppTest, common, ok
 
@@ -47,15 +47,15 @@ def test_model_page_fp32_size_is_the_plan_pages(workspace):
     at = ok(app("model"))
     rows = common.model_info("digits-cnn")["rows"]
     config = workspace.load_draft(at.query_params[common.DRAFT_PARAM])
-    expected = f"{prepare.size_bytes(rows, config.plan)['fp32_bytes'] / 1024:,.1f} KB"
-    size = metric(at, "FP32 size")
-    assert size.value == expected
+    draft = report.draft_size(workspace, config, rows)  # predicted, or an exported run's file of the same plan
+    size = metric(at, f"FP32 size ({draft.fp32_label})")
+    assert size.value == summary.size_text(draft.fp32_bytes)
     params = int(metric(at, "Parameters").value.replace(",", ""))
-    assert size.value != f"{params * 4 / 1024:,.1f} KB"  # digits-cnn has BatchNorm: params × 4 is more
+    assert size.value != summary.size_text(params * 4)  # digits-cnn has BatchNorm: params × 4 is more
     assert "BatchNorm" in size.help and "Plan page" in size.help
     at.switch_page(common.PAGES["plan"]).run()
     ok(at)
-    assert metric(at, "FP32 size").value == size.value
+    assert metric(at, f"FP32 size ({draft.fp32_label})").value == size.value
 
 
 def test_model_page_layer_table_has_human_headers_and_no_missing_markers():

@@ -8,7 +8,7 @@ import time
 
 import pytest
 
-from qat_core import sweep
+from qat_core import report, sweep
 from qat_core.store import RunStore
 from tests.apptest import ROOT, AppTest, common, ok
 from tests.conftest import small_base
@@ -78,7 +78,7 @@ def test_a_sweep_from_the_page_fills_the_table_and_the_front_and_cancel_then_res
     assert list(table["variation"]) == ["8-bit weights", "2-bit weights"]
     assert table["int8 latency ms"].notna().all()
     charts = [json.loads(c.proto.spec) for c in at.get("plotly_chart")]
-    assert [c["layout"]["xaxis"]["title"]["text"] for c in charts] == ["size KB", "int8 latency ms"]
+    assert [c["layout"]["xaxis"]["title"]["text"] for c in charts] == [report.SIZE_AXIS, "int8 latency ms"]
     named = [t["name"] for t in charts[0]["data"] if t["mode"] == "markers"]  # each variation in the legend, numbered
     assert sorted(n.split(". ", 1)[1].split(" · ")[0] for n in named) == sorted(table["variation"])
     assert not any(c.get("plotly_chart") for c in at.columns)  # full width

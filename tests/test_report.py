@@ -10,7 +10,7 @@ import stat
 
 import pytest
 
-from qat_core import plots, report
+from qat_core import plots, report, summary
 from qat_core.cli import main
 from qat_core.errors import StoreError
 
@@ -21,7 +21,7 @@ def test_report_of_a_finished_run_is_self_contained(workspace, digits_run):
     m = workspace.get(digits_run)["metrics"]
     for stage in ("fp32", "ptq", "qat"):  # the accuracy table, in percent with two decimals
         assert f"{m[stage]['accuracy'] * 100:.2f}" in page
-    assert f"{m['size']['quantized_bytes'] / 1024:,.1f} KB" in page
+    assert f"Size: <b>{summary.run_size(m).text()}</b>" in page  # the file, or its prediction before export
     for heading in ("Accuracy", "Training curves", "Per-layer error (after fine-tune)", "Layer plan", "Config"):
         assert f"<h2>{heading}</h2>" in page
     assert "conv2.conv" in page and "weight SQNR (dB)" in page  # the per-layer error table
@@ -46,7 +46,7 @@ def test_report_reads_as_people_expect_and_fits_an_a4_page(workspace, digits_run
     assert not re.search(r"\d\.?\d*e[+-]\d", words), re.search(r".{80}\d\.?\d*e[+-]\d.{20}", words)  # no 1.869e+04
     errors = analysis.error_table(runner.load(workspace, digits_run), "qat").set_index("layer")
     conv3 = errors.loc["conv3.conv"]
-    assert f"<td class=\"num\">{report.bytes_text(conv3['size_bytes'])}</td>" in page  # "18.2 KB", not bytes
+    assert f"<td class=\"num\">{summary.size_text(conv3['size_bytes'])}</td>" in page  # "18.2 KB", not bytes
     assert f"<td class=\"num\">{plots.share_text(conv3['weight_share_clipped'])}</td>" in page  # a percentage
     # the per-layer table: the columns that fit a page, the rest in a detail block; no network row in it
     main_table = text.split("<h2>Per-layer error (after fine-tune)</h2>")[1].split("<details>")[0]

@@ -105,7 +105,7 @@ def test_diverging_finetune_stops_with_a_clear_message_and_a_failed_run(workspac
     # lr 10 explodes or collapses first, depending on the baseline's last bits (thread count): either is a failure
     # with its reason, where it used to end "done" at 10%
     (10.0, "sgd", r"(diverged at step \d+: the loss exploded to .* guessing uniformly gives 2.3|collapsed to chance)"),
-    (0.1, "adam", r"collapsed to chance during training: test accuracy \d+.\d%, from 99.\d% .* most common class "
+    (0.1, "adam", r"collapsed to chance during training: test accuracy \d+\.\d\d%, from 99\.\d\d% .* most common class "
                   r"scores 10"),
 ])
 def test_a_finetune_that_explodes_or_collapses_to_chance_fails_with_the_reason(workspace, digits_run, lr, optimizer,

@@ -56,7 +56,7 @@ def test_a_library_checkpoint_and_an_image_folder_from_the_browser(users_files, 
         page.get_by_text("Give the checkpoint's path, or upload it.").wait_for(timeout=60_000)
         type_into(page, "Checkpoint (a state_dict saved with torch.save)", str(checkpoint))
         try:
-            page.get_by_text("Quantizable layers").wait_for(timeout=120_000)
+            page.get_by_text("Quantized layers", exact=True).wait_for(timeout=120_000)
         except Exception:
             shot(page, "failure-checkpoint")
             raise
@@ -78,7 +78,7 @@ def test_a_library_checkpoint_and_an_image_folder_from_the_browser(users_files, 
         shot(page, "model-image-folder")
 
         nav(page, "Quantization plan")
-        page.get_by_text("Predicted size").first.wait_for(timeout=60_000)
+        page.get_by_text("Size (int8.onnx").first.wait_for(timeout=60_000)
         no_exception(page)
         nav(page, "Fine-tune")
         page.get_by_role("button", name="Start fine-tune").click()
@@ -92,7 +92,7 @@ def test_a_library_checkpoint_and_an_image_folder_from_the_browser(users_files, 
         nav(page, "Benchmark")
         page.get_by_role("button", name="Export and benchmark").click()
         page.get_by_text("Agreement", exact=True).wait_for(timeout=RUN_TIMEOUT_MS)
-        page.get_by_text("Speed-up of int8 (ORT, median)").wait_for(timeout=RUN_TIMEOUT_MS)
+        page.get_by_text("int8 speed-up", exact=True).wait_for(timeout=RUN_TIMEOUT_MS)
         no_exception(page)
         lap("exported and benchmarked")
         shot(page, "benchmark-image-folder")
