@@ -75,8 +75,8 @@ def run_label(record: dict[str, Any]) -> str:
         return f"{record['id']} · {record['model']} · damaged"
     qat = record["metrics"].get("qat", {}).get("accuracy")
     ort = record["metrics"].get("parity", {}).get("accuracy")
-    acc = f" · QAT {qat:.2%}" if qat is not None else ""
-    acc += f" (ONNX Runtime {ort:.2%})" if ort is not None else ""
+    acc = f" · QAT {summary.pct(qat)}" if qat is not None else ""
+    acc += f" (ONNX Runtime {summary.pct(ort)})" if ort is not None else ""
     name = record["config"].get("name")
     return f"{name + ' · ' if name else ''}{planning.default_name(record['config'])} · {record['status']}{acc} · " \
            f"{record['id']}"
