@@ -75,7 +75,7 @@ def test_pickers_name_the_model_and_show_accuracy_as_the_metrics_do(own_workspac
     mobile, cnn = fake("torchvision:mobilenet_v3_small"), fake("digits-cnn", name="small one")
     at = ok(app("finetune"))
     options = at.selectbox(key=common.RUN_PICKER).options
-    assert any(o.startswith("torchvision:mobilenet_v3_small · W8A8 · done · QAT 91.25% ·") and o.endswith(mobile)
+    assert any(o.startswith("torchvision:mobilenet_v3_small · W8A8 · done · QAT 91.25%") and o.endswith(mobile)
                for o in options), options
     assert any(o.startswith("small one · digits-cnn · W8A8 · done · QAT 91.25%") and o.endswith(cnn) for o in options)
     compare = ok(app("compare"))
