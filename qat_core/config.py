@@ -321,12 +321,17 @@ def field_errors(data: dict[str, Any]) -> dict[str, str]:
     try:
         RunConfig.model_validate(data)
     except ValidationError as err:
-        out: dict[str, str] = {}
-        for e in err.errors(include_url=False):
-            where, _, message = _describe_one(e).partition(": ")
-            out.setdefault(where, message)
-        return out
+        return by_field(err)
     return {}
+
+
+def by_field(err: ValidationError) -> dict[str, str]:
+    """A validation error as ``{field: message}``, the first message of each field (see :func:`field_errors`)."""
+    out: dict[str, str] = {}
+    for e in err.errors(include_url=False):
+        where, _, message = _describe_one(e).partition(": ")
+        out.setdefault(where, message)
+    return out
 
 
 def from_dict(data: Any) -> RunConfig:
