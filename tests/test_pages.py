@@ -246,7 +246,7 @@ def test_cancel_reaches_the_user_as_a_message(workspace, digits_run):
     ok(at)
     assert wait_done(workspace, run_id, 60)["status"] == "cancelled"
     at.run()
-    assert any("cancelled" in w.value for w in at.warning)
+    assert any("Cancelled at step" in w.value and "(fine-tune)" in w.value for w in at.warning)
     assert not at.exception
 
 

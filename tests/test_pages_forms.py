@@ -79,3 +79,37 @@ def test_too_many_threads_for_this_machine_is_said_with_singular_and_plural(stor
     at.number_input(key="sw_workers").set_value(3)
     at.number_input(key="sw_threads").set_value(1).run()
     assert "3 workers × 1 thread is more than this machine's 2 cores" in errors(at), errors(at)
+
+
+# --- Fine-tune: a cancel in words -----------------------------------------------------------------
+class CancelAfter:
+    """A cancel that is set after ``checks`` looks: the user pressed Cancel at that step."""
+
+    def __init__(self, checks: int):
+        self.left = checks
+
+    def is_set(self) -> bool:
+        self.left -= 1
+        return self.left < 0
+
+
+@pytest.mark.parametrize(("steps", "said"), [(0, "Cancelled before the first fine-tune step"),
+                                             (16, "Cancelled at step 16 of 40 (fine-tune)")])
+def test_a_cancelled_run_says_where_it_stopped_in_words(store, steps, said):
+    import torch
+
+    from qat_core import train
+    from qat_core.errors import CancelledError
+
+    model = torch.nn.Linear(4, 2)
+    batches = [(torch.randn(8, 4), torch.randint(0, 2, (8,))) for _ in range(10)]
+    with pytest.raises(CancelledError) as err:
+        train._fit(model, batches, 4, None, torch.optim.SGD(model.parameters(), 0.1), "qat", lambda e: None,
+                   CancelAfter(steps))
+    assert str(err.value) == said
+    run_id = store.create_run(small_base())
+    store.fail(run_id, str(err.value), cancelled=True)  # as runner.execute records it
+    at = page("finetune")
+    ok(at)
+    warning = " ".join(w.value for w in at.warning)
+    assert f"{said}. Its partial weights were discarded" in warning and "Run cancelled: Cancelled" not in warning
