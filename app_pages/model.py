@@ -7,6 +7,7 @@ import pandas as pd
 import streamlit as st
 
 from app_pages import _common as common
+from qat_core import config as cfg
 from qat_core import library, plugins, prepare, runner, train, zoo
 from qat_core.files import MB
 from qat_core.store import UPLOAD_LIMIT
@@ -96,6 +97,7 @@ elif not plugin:
 
 # --- 3. its data -----------------------------------------------------------------------------------
 data: dict = {}
+notes: dict = {}  # config field → the place under its control where what is wrong with it shows
 if plugin:
     st.caption("Data: the plugin's own loaders.")
 else:
@@ -114,9 +116,12 @@ else:
                                   "One sub-folder of images per class (torchvision's ImageFolder layout): "
                                   "folder/cat/1.jpg, folder/dog/2.png. Unreadable files are skipped and counted.")
         if keep and config.data.image_size:
+            # no min/max on the numbers: the browser would only mark a value it refuses; the server says why
             data["image_size"] = int(st.number_input(
-                "Image size (pixels)", 8, 1024, config.data.image_size, key="image_size",
-                help="The center crop the model sees. Filled in from the weights' metadata; smaller trains faster."))
+                "Image size (pixels)", value=config.data.image_size, step=1, key="image_size",
+                help="The center crop the model sees. Filled in from the folder's images, at most the size the "
+                     "model's weights were trained at; smaller trains faster."))
+            notes["data.image_size"] = st.container()
     elif dataset in ("table", "text-table"):
         data["path"] = path_input("Table path", config.data.path if keep else "", "data_path",
                                   "A CSV or Parquet file, one row a sample.", ["csv", "parquet"])
@@ -131,16 +136,20 @@ else:
         if not data.get("path"):
             st.info(f"Give the {DATA[dataset].lower()}'s path.")
             st.stop()
-        cap = st.number_input("Use at most this many samples (0: all)", 0, 10_000_000,
-                              config.data.max_samples or 0 if keep else 0, step=100, key="max_samples",
+        cap = st.number_input("Use at most this many samples (0: all)", value=config.data.max_samples or 0 if keep
+                              else 0, step=100, key="max_samples",
                               help="A seeded random subset, for short fine-tunes on a CPU.")
         data["max_samples"] = int(cap) or None
+        notes["data.max_samples"] = st.container()
 
 # --- apply: a new model, weights or data starts a new default plan --------------------------------
+problems = cfg.field_errors({"model": model_id, "data": data}) if data else {}
+for field, message in problems.items():  # the config's own limits, as the Fine-tune form says them
+    notes.get(field, st).error(f"{message}. The draft keeps its last valid settings.", icon="⚠️")
 wanted = (model_id, weights, checkpoint, data)
 have = (config.model, config.weights, config.checkpoint,
         {k: v for k, v in config.data.model_dump().items() if k in data})
-if wanted != have:
+if wanted != have and not problems:
     common.save_draft(common.call(common.default_config, model_id, data or None, weights, checkpoint))
     st.rerun()  # the widgets above show the new draft's settings (an image folder's crop from the weights)
 
@@ -177,9 +186,14 @@ st.dataframe(layers, column_config=LAYER_COLUMNS, column_order=list(LAYER_COLUMN
 st.subheader("FP32 baseline")
 # keyed by the model's source: a new model, weights or data shows its own default epochs
 source_id = hash((config.model, config.weights, config.checkpoint, config.data.model_dump_json()))
-epochs = st.number_input("Baseline epochs", 1, 1000, int(config.baseline.epochs), key=f"baseline_epochs_{source_id}",
+epochs = st.number_input("Baseline epochs", value=int(config.baseline.epochs), step=1,
+                         key=f"baseline_epochs_{source_id}",
                          help="The float model is trained once per model, data, settings and seed, then reused.")
-config = common.update_draft(config, baseline={"epochs": int(epochs)})
+epoch_problems = cfg.field_errors(config.to_dict() | {"baseline": config.baseline.model_dump() | {"epochs": int(epochs)}})
+if epoch_problems:
+    st.error(f"{next(iter(epoch_problems.values()))}. Training keeps {config.baseline.epochs} epochs.", icon="⚠️")
+else:
+    config = common.update_draft(config, baseline={"epochs": int(epochs)})
 metrics = common.baseline_metrics(config)
 if not plugin and st.session_state.get(common.ESTIMATE_KEY) != source_id:
     if st.button("Estimate the training time on this machine", key="estimate_time",

@@ -113,3 +113,48 @@ def test_a_cancelled_run_says_where_it_stopped_in_words(store, steps, said):
     ok(at)
     warning = " ".join(w.value for w in at.warning)
     assert f"{said}. Its partial weights were discarded" in warning and "Run cancelled: Cancelled" not in warning
+
+
+# --- Model & data ---------------------------------------------------------------------------------
+def test_a_folder_of_small_images_is_cropped_at_their_size_not_224(tmp_path):
+    from qat_core import library, runner
+    from qat_core.config import DataConfig
+    from tests.conftest import write_image_folder
+
+    folder = write_image_folder(tmp_path / "small", classes=3, per_class=8, size=32)
+    data = {"dataset": "image-folder", "path": str(folder)}
+    config = runner.default_config("torchvision:mobilenet_v3_small", data=data)
+    assert (config.data.image_size, config.data.resize_size) == (32, 32)  # was 224 after 256: 49× the pixels
+    assert config.data.mean == pytest.approx((0.485, 0.456, 0.406))  # the weights' statistics stay
+    # a ViT's position embeddings fix its input: its own 224 stays
+    vit = library.resolve_data("timm:vit_tiny_patch16_224", DataConfig.model_validate(data))
+    assert vit.image_size == 224
+
+
+@pytest.fixture()
+def folder_draft(tmp_path, monkeypatch) -> RunStore:
+    from qat_core import runner
+    from tests.conftest import write_image_folder
+
+    monkeypatch.setenv("QAT_STUDIO_HOME", str(tmp_path / "ws"))
+    store = RunStore(tmp_path / "ws")
+    folder = write_image_folder(tmp_path / "small", classes=3, per_class=8, size=32)
+    store.save_draft("formdraft", runner.default_config("torchvision:mobilenet_v3_small",
+                                                        data={"dataset": "image-folder", "path": str(folder)}))
+    return store
+
+
+@pytest.mark.parametrize(("key", "value", "message"), [
+    ("image_size", 0, "must be greater than or equal to 8; got 0"),
+    ("image_size", 5000, "must be less than or equal to 1024; got 5000"),
+    ("max_samples", -5, "must be greater than or equal to 4; got -5"),
+])
+def test_model_and_data_refuse_bad_numbers_in_words_and_keep_the_draft(folder_draft, key, value, message):
+    at = page("model")
+    assert at.number_input(key="image_size").value == 32  # the folder's own size, shown
+    before = folder_draft.load_draft("formdraft")
+    at.number_input(key=key).set_value(value).run()
+    ok(at)
+    assert f"{message}. The draft keeps its last valid settings" in errors(at), errors(at)
+    assert folder_draft.load_draft("formdraft") == before
+    assert at.dataframe  # the page goes on: the draft's layers are still shown
