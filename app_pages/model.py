@@ -2,6 +2,7 @@
 its data (built in, an image folder, a table); the time a run takes here; its layers; the FP32 baseline."""
 
 import time
+from pathlib import Path
 
 import pandas as pd
 import streamlit as st
@@ -38,9 +39,13 @@ def path_input(label: str, value: str | None, key: str, help: str, upload_types:
     """A path on this machine, typed; or, with ``upload_types``, a file uploaded into the workspace."""
     path = st.text_input(label, value=value or "", key=key, help=help, placeholder="/path/on/this/machine").strip()
     if upload_types:
-        upload = st.file_uploader(f"…or upload it ({', '.join(upload_types)})", type=upload_types, key=f"{key}_upload",
+        # no type=: the browser would refuse another kind of file with a note seen only on hover; said here
+        upload = st.file_uploader(f"…or upload it ({', '.join(upload_types)})", key=f"{key}_upload",
                                   max_upload_size=UPLOAD_LIMIT // MB)
-        if upload is not None:
+        if upload is not None and Path(upload.name).suffix.lower().lstrip(".") not in upload_types:
+            st.error(f"{upload.name} is not a {' or '.join(f'.{t}' for t in upload_types)} file; upload one of those, "
+                     "or give its path above.", icon="⚠️")
+        elif upload is not None:
             path = common.save_upload(upload)
     return path
 

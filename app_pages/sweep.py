@@ -77,7 +77,8 @@ with st.expander(f"New sweep over this tab's draft: {config.model} · {planning.
             st.code(spec.to_yaml(), language="yaml")
             st.download_button("Download spec", spec.to_yaml(), f"{spec.name}.yaml", "application/yaml",
                                key="sw_download")
-    upload = st.file_uploader("…or start a spec file (YAML)", type=["yaml", "yml", "json"], key="sw_upload")
+    # no type=: a file of another kind reaches the server, which says why it is refused (not a note on hover)
+    upload = st.file_uploader("…or start a spec file (YAML)", key="sw_upload")
     if upload is not None:
         try:
             spec = common.parse_spec_upload(upload.name, upload.getvalue())

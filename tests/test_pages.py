@@ -313,7 +313,7 @@ def test_compare_shows_a_named_run_its_settings_and_a_batch_64_benchmark(workspa
 def test_export_page_offers_downloads(digits_run):
     at = ok(app("export"))
     labels = {b.label for b in at.get("download_button")}
-    assert {"Download config.yaml", "Download config.json"} <= labels
+    assert {"Download config (YAML)", "Download config (JSON)", "Download everything (.zip)"} <= labels
     at.button(key="build_report").click().run()
     ok(at)
     assert "Download HTML report" in {b.label for b in at.get("download_button")}

@@ -158,3 +158,49 @@ def test_model_and_data_refuse_bad_numbers_in_words_and_keep_the_draft(folder_dr
     assert f"{message}. The draft keeps its last valid settings" in errors(at), errors(at)
     assert folder_draft.load_draft("formdraft") == before
     assert at.dataframe  # the page goes on: the draft's layers are still shown
+
+
+# --- Export: downloads named for people, one zip, refusals said -----------------------------------
+def test_safe_filenames_keep_what_people_read_and_drop_what_a_file_system_refuses():
+    from qat_core.export import file_stem, safe_filename
+
+    assert safe_filename("W2A4, 2 layers W8A8") == "W2A4_2_layers_W8A8"
+    assert safe_filename("../../etc/passwd") == "etc_passwd" and safe_filename("CON") == "CON_"
+    assert safe_filename(" :/* ") == "run" and len(safe_filename("x" * 500)) == 80
+    assert file_stem({"name": "", "model": "torchvision:mobilenet_v3_small", "plan": {}}) == "mobilenet_v3_small_W8A8"
+    assert file_stem({"name": "careful lr: v2", "model": "digits-cnn", "plan": {}}) == "careful_lr_v2"
+
+
+def test_the_zip_of_a_run_holds_its_config_metrics_models_and_report(workspace, digits_run):
+    import io
+    import zipfile
+
+    import yaml
+
+    from qat_core import export
+
+    if not workspace.artifact(digits_run, export.INT8_FILE).exists():
+        export.export_run(workspace, digits_run)
+    stem = export.file_stem(workspace.get(digits_run)["config"])
+    assert stem == "digits-cnn_W8A8"
+    bundle = zipfile.ZipFile(io.BytesIO(export.run_bundle(workspace, digits_run, b"<html>report</html>")))
+    names = {f"{stem}/{stem}{end}" for end in (".yaml", "_metrics.json", "_int8.onnx", "_fp32.onnx", "_report.html")}
+    assert set(bundle.namelist()) == names
+    assert yaml.safe_load(bundle.read(f"{stem}/{stem}.yaml")) == workspace.config(digits_run).to_dict()
+    assert bundle.read(f"{stem}/{stem}_int8.onnx") == workspace.artifact(digits_run, export.INT8_FILE).read_bytes()
+    assert json.loads(bundle.read(f"{stem}/{stem}_metrics.json"))["qat"] == workspace.get(digits_run)["metrics"]["qat"]
+    without = zipfile.ZipFile(io.BytesIO(export.run_bundle(workspace, digits_run)))
+    assert f"{stem}/{stem}_report.html" not in without.namelist()
+
+
+def test_export_offers_named_downloads_and_says_why_an_upload_is_refused(workspace, digits_run, monkeypatch):
+    monkeypatch.setenv("QAT_STUDIO_HOME", str(workspace.root))
+    at = AppTest.from_file(str(ROOT / "app.py"), default_timeout=60)
+    at.switch_page(common.PAGES["export"]).run()
+    at.selectbox(key=common.RUN_PICKER).set_value(digits_run).run()
+    ok(at)
+    assert "Download everything (.zip)" in {b.label for b in at.get("download_button")}
+    uploader = at.get("file_uploader")[0]
+    assert not uploader.allowed_type  # the browser refuses nothing on its own, with a note seen only on hover
+    uploader.set_value(("model.pt", b"\x80\x04\x95 pickle bytes \xff", "application/octet-stream")).run()
+    assert "model.pt is not a text file" in errors(at), errors(at)
