@@ -43,8 +43,9 @@ def path_input(label: str, value: str | None, key: str, help: str, upload_types:
         upload = st.file_uploader(f"…or upload it ({', '.join(upload_types)})", key=f"{key}_upload",
                                   max_upload_size=UPLOAD_LIMIT // MB)
         if upload is not None and Path(upload.name).suffix.lower().lstrip(".") not in upload_types:
-            st.error(f"{upload.name} is not a {' or '.join(f'.{t}' for t in upload_types)} file; upload one of those, "
-                     "or give its path above.", icon="⚠️")
+            kinds = ", ".join(f".{t}" for t in upload_types[:-1]) + f" or .{upload_types[-1]}"
+            st.error(f"{upload.name} is not a {kinds} file: upload one of those, or give the file's path above.",
+                     icon="⚠️")
         elif upload is not None:
             path = common.save_upload(upload)
     return path

@@ -55,8 +55,9 @@ with st.expander(f"New sweep over this tab's draft: {config.model} · {planning.
                               help=f"torch threads each run uses, 1 to this machine's {cpu.cores()} cores; 0 chooses: "
                                    "1 for a model under 2M parameters, else every core up to 4. Runs × threads may "
                                    "not exceed the cores")
-    latency = c8.checkbox("Time each int8 model", value=True, key="sw_latency",
-                          help="ONNX Runtime, batch 1, one model at a time after training: the latency axis")
+    latency = c8.checkbox("Time int8 models", value=True, key="sw_latency",
+                          help="Each int8 model in ONNX Runtime, batch 1, one at a time after training: the latency "
+                               "axis")
     values = {"name": name.strip(), "base": config.to_dict(), "latency": latency,
               "vary": {"weight_bits": widths, "range_method": methods,
                        "lr": [common.parse_number(t) for t in lr_text.split(",") if t.strip()],

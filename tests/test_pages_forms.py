@@ -204,3 +204,13 @@ def test_export_offers_named_downloads_and_says_why_an_upload_is_refused(workspa
     assert not uploader.allowed_type  # the browser refuses nothing on its own, with a note seen only on hover
     uploader.set_value(("model.pt", b"\x80\x04\x95 pickle bytes \xff", "application/octet-stream")).run()
     assert "model.pt is not a text file" in errors(at), errors(at)
+
+
+def test_a_checkpoint_upload_of_another_kind_is_refused_in_words(store):
+    at = page("model")
+    at.radio(key="weights_source").set_value("checkpoint").run()
+    uploader = at.get("file_uploader")[0]  # the checkpoint's
+    assert not uploader.allowed_type  # not refused in the browser, with a note seen only on hover
+    uploader.set_value(("notes.txt", b"not a checkpoint", "text/plain")).run()
+    ok(at)
+    assert "notes.txt is not a .pt, .pth or .bin file" in errors(at), errors(at)
