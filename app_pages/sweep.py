@@ -91,7 +91,7 @@ with st.expander(f"New sweep over this tab's draft: {config.model} · {planning.
         try:
             sweep.launch(spec, store)
         except QATError as err:
-            notice.error(f"**Sweep {spec.name} was not started**: {str(err).rstrip('.')}.", icon="⚠️")
+            notice.error(f"**The sweep was not started**: {str(err).rstrip('.')}.", icon="⚠️")
         else:
             st.session_state[common.SWEEP_PICKER] = spec.name
             st.rerun()

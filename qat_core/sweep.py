@@ -614,8 +614,7 @@ def seed_list(first: int, count: int) -> list[int]:
     """``count`` seeds from ``first`` for ``vary.seed`` (the Sweep page's "seeds per plan"); [] for one: the
     base's own seed, no variation."""
     if isinstance(count, bool) or not isinstance(count, int) or not 1 <= count <= MAX_RUNS:
-        raise ConfigError(f"seeds per plan: give a whole number from 1 to {MAX_RUNS} (each plan is trained once per "
-                          f"seed); got {count!r}")
+        raise ConfigError(f"seeds per plan: give a whole number from 1 to {MAX_RUNS}; got {count!r}")
     return list(range(first, first + count)) if count > 1 else []
 
 
@@ -625,14 +624,17 @@ def from_form(data: dict[str, Any], params: int, seeds: int = 1) -> tuple[SweepS
     mapping without ``vary.seed``; ``seeds``: the form's seeds per plan (:func:`seed_list`); ``params``: the
     base model's parameters. The rules are :func:`from_dict`'s and :func:`executor_settings`'s, so the page
     refuses what the CLI refuses, each message beside its control."""
+    problems: dict[str, str] = {}
     try:
         seed = seed_list(data["base"].get("seed", 0), seeds)
-    except ConfigError as err:
-        return None, {"vary.seed": str(err).removeprefix("seeds per plan: ")}
+    except ConfigError as err:  # said beside the other fields' problems
+        seed, problems = [], {"vary.seed": str(err).removeprefix("seeds per plan: ")}
     try:
         spec = SweepSpec.model_validate(data | {"vary": data.get("vary", {}) | {"seed": seed}})
     except ValidationError as err:  # a list's item (vary.lr.1) is reported on its list, the first message kept
-        return None, {re.sub(r"\.\d+$", "", k): v for k, v in reversed(cfg.by_field(err).items())}
+        return None, {re.sub(r"\.\d+$", "", k): v for k, v in reversed(cfg.by_field(err).items())} | problems
+    if problems:
+        return None, problems
     try:
         spec = from_dict(spec.model_dump())  # its number of runs
     except ConfigError as err:

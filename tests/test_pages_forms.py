@@ -214,3 +214,10 @@ def test_a_checkpoint_upload_of_another_kind_is_refused_in_words(store):
     uploader.set_value(("notes.txt", b"not a checkpoint", "text/plain")).run()
     ok(at)
     assert "notes.txt is not a .pt, .pth or .bin file" in errors(at), errors(at)
+
+
+def test_every_bad_sweep_setting_is_said_at_once(store):
+    at = page("sweep")
+    at.text_input(key="sw_name").set_value("Digits Sweep")
+    at.number_input(key="sw_seeds").set_value(0).run()
+    assert "Sweep name**: use 1 to 40" in errors(at) and "Seeds per plan**: give a whole number" in errors(at)
