@@ -29,6 +29,7 @@ TRAIN_THREADS = 1  # torch threads for a baseline trained in the server (as in Q
 #                    2 OpenMP threads wait on each other whenever anything else runs (the server, the browser, a job)
 PROGRESS_SECONDS = 0.2  # at most ~5 progress updates a second: each one is a message to the browser
 BY_NAME = "By name or path"
+FIELDS = {"data.image_size": "Image size", "data.max_samples": "Samples"}  # a config field → its control's name
 WEIGHTS = {"init": "As built (the baseline trains them)", "checkpoint": "Checkpoint file",
            "pretrained": "Pretrained, by name"}
 DATA = {"generated-images": "Generated images", "image-folder": "Image folder", "table": "Table (CSV, Parquet)",
@@ -151,7 +152,8 @@ else:
 # --- apply: a new model, weights or data starts a new default plan --------------------------------
 problems = cfg.field_errors({"model": model_id, "data": data}) if data else {}
 for field, message in problems.items():  # the config's own limits, as the Fine-tune form says them
-    notes.get(field, st).error(f"{message}. The draft keeps its last valid settings.", icon="⚠️")
+    notes.get(field, st).error(f"**{FIELDS.get(field, field)}**: {message}. The draft keeps its last valid settings.",
+                               icon="⚠️")
 wanted = (model_id, weights, checkpoint, data)
 have = (config.model, config.weights, config.checkpoint,
         {k: v for k, v in config.data.model_dump().items() if k in data})
@@ -197,7 +199,8 @@ epochs = st.number_input("Baseline epochs", value=int(config.baseline.epochs), s
                          help="The float model is trained once per model, data, settings and seed, then reused.")
 epoch_problems = cfg.field_errors(config.to_dict() | {"baseline": config.baseline.model_dump() | {"epochs": int(epochs)}})
 if epoch_problems:
-    st.error(f"{next(iter(epoch_problems.values()))}. Training keeps {config.baseline.epochs} epochs.", icon="⚠️")
+    st.error(f"**Baseline epochs**: {next(iter(epoch_problems.values()))}. Training keeps {config.baseline.epochs} "
+             "epochs.", icon="⚠️")
 else:
     config = common.update_draft(config, baseline={"epochs": int(epochs)})
 metrics = common.baseline_metrics(config)

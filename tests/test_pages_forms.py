@@ -155,7 +155,7 @@ def test_model_and_data_refuse_bad_numbers_in_words_and_keep_the_draft(folder_dr
     before = folder_draft.load_draft("formdraft")
     at.number_input(key=key).set_value(value).run()
     ok(at)
-    assert f"{message}. The draft keeps its last valid settings" in errors(at), errors(at)
+    assert f"**: {message}. The draft keeps its last valid settings" in errors(at), errors(at)
     assert folder_draft.load_draft("formdraft") == before
     assert at.dataframe  # the page goes on: the draft's layers are still shown
 
@@ -221,3 +221,12 @@ def test_every_bad_sweep_setting_is_said_at_once(store):
     at.text_input(key="sw_name").set_value("Digits Sweep")
     at.number_input(key="sw_seeds").set_value(0).run()
     assert "Sweep name**: use 1 to 40" in errors(at) and "Seeds per plan**: give a whole number" in errors(at)
+
+
+def test_baseline_epochs_out_of_range_are_refused_in_words(store):
+    at = page("model")
+    epochs = next(n for n in at.number_input if n.label == "Baseline epochs")
+    epochs.set_value(0).run()
+    ok(at)
+    assert "Baseline epochs**: must be greater than or equal to 1; got 0. Training keeps 4 epochs" in errors(at)
+    assert store.load_draft("formdraft").baseline.epochs == 4
