@@ -4,7 +4,19 @@ import streamlit as st
 
 from app_pages._common import PAGES
 
-st.set_page_config(page_title="QAT Studio", page_icon="🧮", layout="wide")
+SIDEBAR_PX = 220  # the menu's longest entry fits; Streamlit's 300 px left 500 of an 800-px window to the page
+# The sidebar folds away by itself only under 768 px; at 800 px it stays open. A narrower one, metric labels that
+# wrap instead of ending in "…", values that shrink with the window, and columns of metrics that wrap onto a
+# second line rather than shrink below a number's width keep every number readable there.
+st.set_page_config(page_title="QAT Studio", page_icon="🧮", layout="wide", initial_sidebar_state=SIDEBAR_PX)
+st.html("""<style>
+[data-testid="stMetricLabel"], [data-testid="stMetricLabel"] * {
+  white-space: normal !important; overflow: visible !important; text-overflow: clip !important; height: auto !important;
+}
+[data-testid="stMetricValue"] { font-size: clamp(1.4rem, 2.6vw, 2.25rem); }
+[data-testid="stHorizontalBlock"]:has(> [data-testid="stColumn"] [data-testid="stMetric"]) { flex-wrap: wrap; }
+[data-testid="stColumn"]:has([data-testid="stMetric"]) { min-width: 7.5rem; }
+</style>""")
 
 nav = st.navigation({
     "Start": [st.Page(PAGES["home"], title="Home", icon="🏠", default=True)],

@@ -1,5 +1,5 @@
-"""Export: download a run's config (YAML, JSON), its ONNX models and a self-contained HTML report;
-import a config file to start a new run from it."""
+"""Export: download a run's config (YAML, JSON), its ONNX models, a self-contained HTML report, or all of them
+in one zip, each named for people (``digits-cnn_W8A8_int8.onnx``); import a config file to start a new run."""
 
 import streamlit as st
 
@@ -15,12 +15,14 @@ if run_id is None:
     st.info("No finished run yet: fine-tune one first. You can still import a config below.")
 else:
     store = common.store()
+    config = store.get(run_id)["config"]
+    stem = export.file_stem(config)  # downloads named for people, not by run id
     st.subheader("Config (reproduce with `qat-studio train <file>`)")
     c1, c2 = st.columns(2)
-    c1.download_button("Download config.yaml", common.config_payload(run_id, "yaml"),
-                       report.config_file_name(run_id), "application/x-yaml", key="dl_yaml")
-    c2.download_button("Download config.json", common.config_payload(run_id, "json"),
-                       report.config_file_name(run_id, "json"), "application/json", key="dl_json")
+    c1.download_button("Download config (YAML)", common.config_payload(run_id, "yaml"),
+                       report.config_file_name(config), "application/x-yaml", key="dl_yaml")
+    c2.download_button("Download config (JSON)", common.config_payload(run_id, "json"),
+                       report.config_file_name(config, "json"), "application/json", key="dl_json")
 
     st.subheader("ONNX models")
     onnx_files = {name: store.artifact(run_id, name) for name in ("int8.onnx", "fp32.onnx")}
@@ -33,7 +35,7 @@ else:
     for col, (name, path) in zip(cols, onnx_files.items(), strict=False):
         if path.exists():
             data = common.call(files.read_bytes, path, export.ONNX_LIMIT, name, StoreError)  # never waits on a FIFO
-            col.download_button(f"Download {name}", data, f"{run_id}-{name}", "application/octet-stream",
+            col.download_button(f"Download {name}", data, f"{stem}_{name}", "application/octet-stream",
                                 key=f"dl_{name}")
 
     st.subheader("Report")
@@ -43,12 +45,24 @@ else:
             common.build_report(run_id)
     payload = common.built_report(run_id)
     if payload is not None:
-        st.download_button("Download HTML report", payload, f"{run_id}-report.html", "text/html", key="dl_report")
+        st.download_button("Download HTML report", payload, f"{stem}_report.html", "text/html", key="dl_report")
+
+    st.subheader("Everything in one file")
+    held = ["the config", "the metrics"] + [name for name, p in onnx_files.items() if p.exists()]
+    held += ["the report"] if payload is not None else []
+    st.caption(f"A zip of {', '.join(held[:-1])} and {held[-1]}."
+               + ("" if all(p.exists() for p in onnx_files.values()) else " Export to ONNX above to add the models.")
+               + ("" if payload is not None else " Build the report above to add it."))
+    # built on click, off the page's thread: the ONNX models are read again only when someone wants the zip
+    st.download_button("Download everything (.zip)", lambda: export.run_bundle(store, run_id, payload),
+                       f"{stem}.zip", "application/zip", key="dl_zip", type="primary")
 
 st.divider()
 st.subheader("Import a config")
+# no type= and no 1 MB max_upload_size: the browser would refuse those files with a note seen only on hover;
+# here every file reaches the server, which says what is wrong with it (common.parse_upload)
 upload = st.file_uploader("A config file (YAML or JSON) from `qat-studio config init` or a download above",
-                          type=["yaml", "yml", "json"], key="upload", max_upload_size=1)
+                          key="upload")
 if upload is None:
     st.stop()
 config = common.call(common.parse_upload, upload.name, upload.getvalue())

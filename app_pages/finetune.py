@@ -107,7 +107,8 @@ def show_run(run_id: str, was_running: bool) -> None:
         if m.get("float_layers"):
             st.warning("Layers left in float: " + "; ".join(f"{k}: {v}" for k, v in m["float_layers"].items()))
     elif record["status"] == "cancelled":
-        st.warning(f"Run cancelled: {record['error']}. Its partial weights were discarded; start a new run.")
+        why = record["error"] if record["error"].startswith("Cancelled") else f"Run cancelled: {record['error']}"
+        st.warning(f"{why}. Its partial weights were discarded; start a new run.")
     elif record["status"] == "damaged":
         st.error(f"Run damaged: {record['error']}. The other runs are unaffected.")
     else:

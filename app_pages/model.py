@@ -2,11 +2,13 @@
 its data (built in, an image folder, a table); the time a run takes here; its layers; the FP32 baseline."""
 
 import time
+from pathlib import Path
 
 import pandas as pd
 import streamlit as st
 
 from app_pages import _common as common
+from qat_core import config as cfg
 from qat_core import library, plugins, runner, summary, train, zoo
 from qat_core.files import MB
 from qat_core.store import UPLOAD_LIMIT
@@ -27,6 +29,7 @@ TRAIN_THREADS = 1  # torch threads for a baseline trained in the server (as in Q
 #                    2 OpenMP threads wait on each other whenever anything else runs (the server, the browser, a job)
 PROGRESS_SECONDS = 0.2  # at most ~5 progress updates a second: each one is a message to the browser
 BY_NAME = "By name or path"
+FIELDS = {"data.image_size": "Image size", "data.max_samples": "Samples"}  # a config field → its control's name
 WEIGHTS = {"init": "As built (the baseline trains them)", "checkpoint": "Checkpoint file",
            "pretrained": "Pretrained, by name"}
 DATA = {"generated-images": "Generated images", "image-folder": "Image folder", "table": "Table (CSV, Parquet)",
@@ -37,9 +40,14 @@ def path_input(label: str, value: str | None, key: str, help: str, upload_types:
     """A path on this machine, typed; or, with ``upload_types``, a file uploaded into the workspace."""
     path = st.text_input(label, value=value or "", key=key, help=help, placeholder="/path/on/this/machine").strip()
     if upload_types:
-        upload = st.file_uploader(f"…or upload it ({', '.join(upload_types)})", type=upload_types, key=f"{key}_upload",
+        # no type=: the browser would refuse another kind of file with a note seen only on hover; said here
+        upload = st.file_uploader(f"…or upload it ({', '.join(upload_types)})", key=f"{key}_upload",
                                   max_upload_size=UPLOAD_LIMIT // MB)
-        if upload is not None:
+        if upload is not None and Path(upload.name).suffix.lower().lstrip(".") not in upload_types:
+            kinds = ", ".join(f".{t}" for t in upload_types[:-1]) + f" or .{upload_types[-1]}"
+            st.error(f"{upload.name} is not a {kinds} file: upload one of those, or give the file's path above.",
+                     icon="⚠️")
+        elif upload is not None:
             path = common.save_upload(upload)
     return path
 
@@ -96,6 +104,7 @@ elif not plugin:
 
 # --- 3. its data -----------------------------------------------------------------------------------
 data: dict = {}
+notes: dict = {}  # config field → the place under its control where what is wrong with it shows
 if plugin:
     st.caption("Data: the plugin's own loaders.")
 else:
@@ -114,9 +123,12 @@ else:
                                   "One sub-folder of images per class (torchvision's ImageFolder layout): "
                                   "folder/cat/1.jpg, folder/dog/2.png. Unreadable files are skipped and counted.")
         if keep and config.data.image_size:
+            # no min/max on the numbers: the browser would only mark a value it refuses; the server says why
             data["image_size"] = int(st.number_input(
-                "Image size (pixels)", 8, 1024, config.data.image_size, key="image_size",
-                help="The center crop the model sees. Filled in from the weights' metadata; smaller trains faster."))
+                "Image size (pixels)", value=config.data.image_size, step=1, key="image_size",
+                help="The center crop the model sees. Filled in from the folder's images, at most the size the "
+                     "model's weights were trained at; smaller trains faster."))
+            notes["data.image_size"] = st.container()
     elif dataset in ("table", "text-table"):
         data["path"] = path_input("Table path", config.data.path if keep else "", "data_path",
                                   "A CSV or Parquet file, one row a sample.", ["csv", "parquet"])
@@ -131,16 +143,21 @@ else:
         if not data.get("path"):
             st.info(f"Give the {DATA[dataset].lower()}'s path.")
             st.stop()
-        cap = st.number_input("Use at most this many samples (0: all)", 0, 10_000_000,
-                              config.data.max_samples or 0 if keep else 0, step=100, key="max_samples",
+        cap = st.number_input("Use at most this many samples (0: all)", value=config.data.max_samples or 0 if keep
+                              else 0, step=100, key="max_samples",
                               help="A seeded random subset, for short fine-tunes on a CPU.")
         data["max_samples"] = int(cap) or None
+        notes["data.max_samples"] = st.container()
 
 # --- apply: a new model, weights or data starts a new default plan --------------------------------
+problems = cfg.field_errors({"model": model_id, "data": data}) if data else {}
+for field, message in problems.items():  # the config's own limits, as the Fine-tune form says them
+    notes.get(field, st).error(f"**{FIELDS.get(field, field)}**: {message}. The draft keeps its last valid settings.",
+                               icon="⚠️")
 wanted = (model_id, weights, checkpoint, data)
 have = (config.model, config.weights, config.checkpoint,
         {k: v for k, v in config.data.model_dump().items() if k in data})
-if wanted != have:
+if wanted != have and not problems:
     if wanted[:3] == have[:3] and data.get("dataset") == config.data.dataset:
         # the same model and data set: what was typed (an image size, a sample cap) is saved before the default
         # plan is built (seconds for a large model), so a page left meanwhile trains what was typed
@@ -181,9 +198,15 @@ st.dataframe(layers, column_config=LAYER_COLUMNS, column_order=list(LAYER_COLUMN
 st.subheader("FP32 baseline")
 # keyed by the model's source: a new model, weights or data shows its own default epochs
 source_id = hash((config.model, config.weights, config.checkpoint, config.data.model_dump_json()))
-epochs = st.number_input("Baseline epochs", 1, 1000, int(config.baseline.epochs), key=f"baseline_epochs_{source_id}",
+epochs = st.number_input("Baseline epochs", value=int(config.baseline.epochs), step=1,
+                         key=f"baseline_epochs_{source_id}",
                          help="The float model is trained once per model, data, settings and seed, then reused.")
-config = common.update_draft(config, baseline={"epochs": int(epochs)})
+epoch_problems = cfg.field_errors(config.to_dict() | {"baseline": config.baseline.model_dump() | {"epochs": int(epochs)}})
+if epoch_problems:
+    st.error(f"**Baseline epochs**: {next(iter(epoch_problems.values()))}. Training keeps {config.baseline.epochs} "
+             "epochs.", icon="⚠️")
+else:
+    config = common.update_draft(config, baseline={"epochs": int(epochs)})
 metrics = common.baseline_metrics(config)
 if not plugin and st.session_state.get(common.ESTIMATE_KEY) != source_id:
     if st.button("Estimate the training time on this machine", key="estimate_time",

@@ -10,6 +10,11 @@ from app_pages import _common as common
 from qat_core import config as cfg
 from qat_core import cpu, planning, plots, report, sweep
 from qat_core.errors import QATError
+from qat_core.store import SWEEP_ID_RULE
+
+FIELDS = {"name": "Sweep name", "vary.lr": "Learning rates", "vary.seed": "Seeds per plan", "vary": "Variations",
+          "executor.workers": "Runs at a time", "executor.threads": "Threads per run",
+          "executor": "Runs at a time × threads per run"}  # a spec field → the control that sets it
 
 st.title("Sweep")
 st.caption("Which plan is best for your budget? Train the candidates and read the answer off the measured "
@@ -18,12 +23,15 @@ st.caption("Which plan is best for your budget? Train the candidates and read th
 store = common.store()
 config = common.draft()
 ids = store.sweeps()
+# what went wrong starting a sweep shows here, at the top: in a second tab the form below may be folded away
+notice = st.container()
 
 with st.expander(f"New sweep over this tab's draft: {planning.default_name(config)}",
                  expanded=not ids):
     name = st.text_input("Sweep name", value=common.sweep_name(config), key="sw_name", max_chars=40,
-                         help="Its id: lower-case letters, digits, '-' and '_'. Starting a sweep of the same name "
-                              "again trains only its missing runs")
+                         help=f"Its id: {SWEEP_ID_RULE}. Starting a sweep of the same name again trains only its "
+                              "missing runs")
+    name_note = st.container()  # what is wrong with the name, under it
     c1, c2 = st.columns(2)
     widths = c1.multiselect("Uniform weight widths", list(range(cfg.MAX_BITS, cfg.MIN_BITS - 1, -1)),
                             default=[8, 4, 3, 2], key="sw_widths",
@@ -36,6 +44,7 @@ with st.expander(f"New sweep over this tab's draft: {planning.default_name(confi
                              placeholder=f"as drafted ({config.plan.default.range_method})")
     lr_text = c4.text_input("Learning rates", key="sw_lrs", placeholder=f"as drafted ({config.finetune.lr:g})",
                             help="Comma-separated, e.g. 1e-3, 3e-4")
+    # No min/max on the numbers: the browser would silently replace an out-of-range value; the server says why
     seeds = c5.number_input("Seeds per plan", value=1, step=1, key="sw_seeds",
                             help=f"Each plan trained with seeds {config.seed}, {config.seed + 1}, …: the spread "
                                  "shows which differences are noise")
@@ -43,23 +52,24 @@ with st.expander(f"New sweep over this tab's draft: {planning.default_name(confi
     workers = c6.number_input("Runs at a time", value=0, step=1, key="sw_workers",
                               help=f"Worker processes; 0 chooses: this machine's {cpu.cores()} cores ÷ threads per run")
     threads = c7.number_input("Threads per run", value=0, step=1, key="sw_threads",
-                              help="torch threads each run uses; 0 chooses: 1 for a model under 2M parameters, "
-                                   "else every core up to 4. Runs × threads may not exceed the cores")
-    latency = c8.checkbox("Time each int8 model", value=True, key="sw_latency",
-                          help="ONNX Runtime, batch 1, one model at a time after training: the latency axis")
+                              help=f"torch threads each run uses, 1 to this machine's {cpu.cores()} cores; 0 chooses: "
+                                   "1 for a model under 2M parameters, else every core up to 4. Runs × threads may "
+                                   "not exceed the cores")
+    latency = c8.checkbox("Time int8 models", value=True, key="sw_latency",
+                          help="Each int8 model in ONNX Runtime, batch 1, one at a time after training: the latency "
+                               "axis")
     values = {"name": name.strip(), "base": config.to_dict(), "latency": latency,
               "vary": {"weight_bits": widths, "range_method": methods,
                        "lr": [common.parse_number(t) for t in lr_text.split(",") if t.strip()],
-                       "seed": list(range(config.seed, config.seed + int(seeds))) if seeds > 1 else [],
                        "suggested": {"average_bits": budgets, "widths": [8, 4, 3, 2]} if budgets else None},
               "executor": {"workers": int(workers) or None, "threads": int(threads) or None}}
-    try:
-        spec = sweep.from_dict(values)
-        settings = sweep.executor_settings(spec, common.draft_info(config)["params"])
-    except QATError as err:
-        st.error(str(err), icon="⚠️")
-        spec = None
+    params = common.draft_info(config)["params"]
+    spec, problems = sweep.from_form(values, params, int(seeds))
+    beside = {"name": name_note, "vary.lr": c4, "vary.seed": c5, "executor.workers": c6, "executor.threads": c7}
+    for field, message in problems.items():
+        beside.get(field, st).error(f"**{FIELDS.get(field, field)}**: {message}", icon="⚠️")
     if spec is not None:
+        settings = sweep.executor_settings(spec, params)
         count = sweep.variation_count(spec)
         st.caption(f"**{count} run{'s' if count > 1 else ''}**, {settings['workers']} at a time × "
                    f"{settings['threads']} thread{'s' if settings['threads'] > 1 else ''}; the FP32 baseline is "
@@ -68,13 +78,23 @@ with st.expander(f"New sweep over this tab's draft: {planning.default_name(confi
             st.code(spec.to_yaml(), language="yaml")
             st.download_button("Download spec", spec.to_yaml(), f"{spec.name}.yaml", "application/yaml",
                                key="sw_download")
-    upload = st.file_uploader("…or start a spec file (YAML)", type=["yaml", "yml", "json"], key="sw_upload")
+    # no type=: a file of another kind reaches the server, which says why it is refused (not a note on hover)
+    upload = st.file_uploader("…or start a spec file (YAML)", key="sw_upload")
     if upload is not None:
-        spec = common.call(common.parse_spec_upload, upload.name, upload.getvalue())
-    if st.button("Start sweep", type="primary", key="sw_start", disabled=spec is None):
-        common.call(sweep.launch, spec, store)
-        st.session_state[common.SWEEP_PICKER] = spec.name
-        st.rerun()
+        try:
+            spec = common.parse_spec_upload(upload.name, upload.getvalue())
+        except QATError as err:
+            st.error(f"{upload.name} cannot be used: {err}", icon="⚠️")
+            spec = None
+    if st.button("Start sweep", type="primary", key="sw_start", disabled=spec is None,
+                 help="Fix the values marked above first" if spec is None else None):
+        try:
+            sweep.launch(spec, store)
+        except QATError as err:
+            notice.error(f"**The sweep was not started**: {str(err).rstrip('.')}.", icon="⚠️")
+        else:
+            st.session_state[common.SWEEP_PICKER] = spec.name
+            st.rerun()
 
 ids = store.sweeps()
 if not ids:

@@ -46,6 +46,7 @@ IMAGE_FIELDS = ("image_size", "resize_size", "mean", "std")  # an image folder's
 TEXT_FIELDS = ("text_column", "max_length")  # a text table's
 DATASETS: tuple[str, ...] = Dataset.__args__
 MAX_SEED = 2**32 - 1  # NumPy and PyTorch seeds are 32-bit
+MIN_IMAGE_SIDE = 8  # pixels: the smallest crop an image model is given
 
 # Input limits: a real config is a few KB, four levels deep, with a few hundred values.
 MAX_INPUT_SIZE = 1_000_000  # characters of text, bytes of a file
@@ -204,7 +205,7 @@ class DataConfig(_Strict):
     split_seed: Seed = 0  # seed of the train/test split (independent of the training seed)
     # image-folder preprocessing (resize the shorter side, center-crop, normalise); None: from the model's
     # weights metadata when it has some, else ImageNet's 256 → 224 and mean/std
-    image_size: Int | None = Field(None, ge=8, le=1024)  # side of the center crop the model sees
+    image_size: Int | None = Field(None, ge=MIN_IMAGE_SIDE, le=1024)  # side of the center crop the model sees
     resize_size: Int | None = Field(None, ge=8, le=2048)  # the shorter side before the crop
     mean: tuple[Float, Float, Float] | None = None  # per RGB channel, of pixel values in [0, 1]
     std: tuple[Positive, Positive, Positive] | None = None
@@ -321,12 +322,17 @@ def field_errors(data: dict[str, Any]) -> dict[str, str]:
     try:
         RunConfig.model_validate(data)
     except ValidationError as err:
-        out: dict[str, str] = {}
-        for e in err.errors(include_url=False):
-            where, _, message = _describe_one(e).partition(": ")
-            out.setdefault(where, message)
-        return out
+        return by_field(err)
     return {}
+
+
+def by_field(err: ValidationError) -> dict[str, str]:
+    """A validation error as ``{field: message}``, the first message of each field (see :func:`field_errors`)."""
+    out: dict[str, str] = {}
+    for e in err.errors(include_url=False):
+        where, _, message = _describe_one(e).partition(": ")
+        out.setdefault(where, message)
+    return out
 
 
 def from_dict(data: Any) -> RunConfig:

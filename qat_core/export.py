@@ -29,6 +29,7 @@ import copy
 import io
 import json
 import os
+import re
 import tempfile
 import warnings
 from collections import Counter, defaultdict
@@ -41,6 +42,7 @@ from torch import fx, nn
 
 from qat_core import cpu, files, graph, integer
 from qat_core.errors import ExportError, StoreError
+from qat_core.planning import plan_summary
 from qat_core.quantizers import INT8_UNSIGNED, FakeQuantizer, quantizers
 
 OPSET = 17  # LayerNormalization is one node; scaled_dot_product_attention exports
@@ -820,3 +822,63 @@ def _run_session(sess: Any, x: np.ndarray) -> np.ndarray:
 
 
 __all__ = ["export_run", "parity", "session", "optimized_graph", "coverage", "int8_onnx", "to_onnx"]
+
+
+# --- downloads named for people -----------------------------------------------------------------------
+NAME_CHARS = 80  # of a file name's stem: room for "_report.html" within every file system's 255
+WINDOWS_RESERVED = {"CON", "PRN", "AUX", "NUL", *(f"COM{i}" for i in range(1, 10)), *(f"LPT{i}" for i in range(1, 10))}
+
+
+def safe_filename(text: str, fallback: str = "run") -> str:
+    """``text`` as a file name every OS accepts: letters, digits, ``-`` and ``.`` kept, every run of anything
+    else (spaces, ``/ : * ? " < > |``, control characters) one ``_``; no leading or trailing ``.``/``_``
+    (a hidden file, a name Windows trims); at most ``NAME_CHARS``; ``fallback`` when nothing is left."""
+    name = re.sub(r"_+", "_", re.sub(r"[^\w.-]+", "_", text)).strip("._")[:NAME_CHARS].rstrip("._")
+    if name.split(".")[0].upper() in WINDOWS_RESERVED:  # CON.yaml cannot be saved on Windows
+        name = f"{name}_"
+    return name or fallback
+
+
+
+def file_stem(config: dict[str, Any] | Any) -> str:
+    """What a run's downloads are called (``digits-cnn_W8A8``, then ``digits-cnn_W8A8_int8.onnx``): the name its
+    user gave it, else its model (``torchvision:mobilenet_v3_small`` → ``mobilenet_v3_small``, an ``hf:``
+    folder → the folder's name) and its plan, as :func:`safe_filename` writes them."""
+    data = config if isinstance(config, dict) else config.to_dict()
+    if data.get("name"):
+        return safe_filename(data["name"])
+    model = re.split(r"[:/\\]", str(data["model"]).rstrip("/\\"))[-1]
+    return safe_filename(f"{model}_{plan_summary(data)}")
+
+
+BUNDLE_LIMIT = files.GB  # a run's zip is built in memory: its files past this are a download each
+
+
+def run_bundle(store: Any, run_id: str, report_html: bytes | None = None) -> bytes:
+    """Everything of a run in one zip, its files named for people under a folder ``file_stem``: the config
+    (``.yaml``: ``qat-studio train`` reproduces the run), the metrics (``_metrics.json``), both ONNX models
+    once exported and ``report_html`` when given (``report.report_html``'s, built by the caller). The ONNX
+    models are stored as they are (protobuf floats hardly compress), the text deflated. Built in memory,
+    refused past ``BUNDLE_LIMIT``."""
+    import zipfile
+
+    record = store.get(run_id)
+    stem = file_stem(record["config"])
+    onnx = {f"{stem}_{name}": path for name in (INT8_FILE, FP32_FILE)
+            if (path := store.artifact(run_id, name)).is_file()}
+    total = sum(p.stat().st_size for p in onnx.values()) + len(report_html or b"")
+    if total > BUNDLE_LIMIT:
+        raise StoreError(f"run {run_id}'s files take {total / files.MB:,.0f} MB, more than one zip of at most "
+                         f"{BUNDLE_LIMIT / files.MB:,.0f} MB; download them one by one")
+    text = {f"{stem}.yaml": store.config(run_id).to_yaml(),
+            f"{stem}_metrics.json": json.dumps(record["metrics"], indent=1, default=str)}
+    if report_html is not None:
+        text[f"{stem}_report.html"] = report_html.decode("utf-8")
+    buffer = io.BytesIO()
+    with zipfile.ZipFile(buffer, "w") as bundle:
+        for name, body in text.items():
+            bundle.writestr(f"{stem}/{name}", body, zipfile.ZIP_DEFLATED)
+        for name, path in onnx.items():
+            bundle.writestr(f"{stem}/{name}", files.read_bytes(path, ONNX_LIMIT, name, StoreError), zipfile.ZIP_STORED)
+    return buffer.getvalue()
+

@@ -19,8 +19,8 @@ import torch
 from torch import nn
 
 from qat_core import files
-from qat_core.config import IMAGE_FIELDS, DataConfig
-from qat_core.data import DATASETS, IMAGENET_PRESET, Data, text_table
+from qat_core.config import IMAGE_FIELDS, MIN_IMAGE_SIDE, DataConfig
+from qat_core.data import DATASETS, IMAGENET_PRESET, Data, text_table, typical_side
 from qat_core.errors import ConfigError
 from qat_core.graph import first_line
 
@@ -329,17 +329,19 @@ def new_head(model: nn.Module) -> str | None:
 
 def image_preset(model_id: str, weights: str | None = None) -> dict[str, Any]:
     """How an image model's inputs are prepared (resize, crop, mean, std): from its weights' metadata —
-    torchvision's weight enums, timm's pretrained configs — else ImageNet's usual 256 → 224."""
+    torchvision's weight enums, timm's pretrained configs — else ImageNet's usual 256 → 224. ``min_side``:
+    the smallest crop the model runs on (a ViT's position embeddings fix its size)."""
     prefix = library_of(model_id)
     name = model_id.partition(":")[2]
     if prefix == "torchvision":
         tv = _library(prefix)
         try:
-            t = _torchvision_weights(tv, name, weights or "DEFAULT").transforms()
+            found = _torchvision_weights(tv, name, weights or "DEFAULT")
         except ConfigError:  # no pretrained weights: nothing says otherwise
             return dict(IMAGENET_PRESET)
+        t = found.transforms()
         return {"resize_size": t.resize_size[0], "image_size": t.crop_size[0], "mean": tuple(t.mean),
-                "std": tuple(t.std)}
+                "std": tuple(t.std), "min_side": found.meta.get("min_size", (1,))[0]}
     if prefix == "hf":
         return _hf_preset(model_id)
     if prefix == "timm":
@@ -347,7 +349,8 @@ def image_preset(model_id: str, weights: str | None = None) -> dict[str, Any]:
         if pretrained is not None:
             size = pretrained.input_size[-1]
             return {"resize_size": math.floor(size / pretrained.crop_pct), "image_size": size,
-                    "mean": tuple(pretrained.mean), "std": tuple(pretrained.std)}
+                    "mean": tuple(pretrained.mean), "std": tuple(pretrained.std),
+                    "min_side": size if pretrained.fixed_input_size else 1}
     return dict(IMAGENET_PRESET)
 
 
@@ -399,6 +402,10 @@ def resolve_data(model_id: str, data_cfg: DataConfig, weights: str | None = None
     if data_cfg.dataset != "image-folder" or not unset:
         return data_cfg
     preset = image_preset(model_id, weights)
+    side = typical_side(Path(data_cfg.path or "")) if data_cfg.image_size is None and library_of(model_id) != "hf" \
+        else None  # a Hugging Face model's config fixes its size
+    if side is not None and max(preset.get("min_side", 1), MIN_IMAGE_SIDE) <= side < preset["image_size"]:
+        preset |= {"image_size": side, "resize_size": side}  # small images, used whole
     if data_cfg.image_size is not None and data_cfg.resize_size is None:  # a crop of its own: keep the ratio
         preset["resize_size"] = max(data_cfg.image_size,
                                     round(data_cfg.image_size * preset["resize_size"] / preset["image_size"]))

@@ -25,7 +25,7 @@ import pandas as pd
 import plotly.graph_objects as go
 import torch
 
-from qat_core import analysis, cpu, files, plots, search, summary, train
+from qat_core import analysis, cpu, export, files, plots, search, summary, train
 from qat_core.config import RunConfig
 from qat_core.errors import ConfigError, StoreError
 from qat_core.planning import plan_frame, plan_summary, run_title
@@ -372,14 +372,14 @@ def _parity_section(store: RunStore, run_id: str, m: dict[str, Any]) -> list[str
     return out
 
 
-def config_file_name(run_id: str, kind: str = "yaml") -> str:
+def config_file_name(config: dict[str, Any] | RunConfig, kind: str = "yaml") -> str:
     """The name a run's config is downloaded under, by the Export page and the report's link (which also
-    names it in the command to run): ``<run id>.yaml`` / ``.json``."""
-    return f"{run_id}.{kind}"
+    names it in the command to run): ``digits-cnn_W8A8.yaml`` / ``.json`` (:func:`export.file_stem`)."""
+    return f"{export.file_stem(config)}.{kind}"
 
 
-def _config_section(run_id: str, yaml_text: str) -> list[str]:
-    name = html.escape(config_file_name(run_id))
+def _config_section(config: RunConfig) -> list[str]:
+    name, yaml_text = html.escape(config_file_name(config)), config.to_yaml()
     data = base64.b64encode(yaml_text.encode("utf-8")).decode("ascii")
     link = f'<a download="{name}" href="data:application/x-yaml;base64,{data}">{name}</a>'
     return ["<h2>Config</h2>",
@@ -426,7 +426,7 @@ def report_html(store: RunStore, run_id: str, loaded: Loaded | None = None) -> b
         parts += ["<h2>Layer plan</h2>", _table(plan.rename(columns={c: c.replace("_", " ") for c in plan.columns}))]
     parts += _bench_section(store, run_id, m)
     parts += _parity_section(store, run_id, m)
-    parts += _config_section(run_id, config.to_yaml())
+    parts += _config_section(config)
     # figures become divs in place; plotly.js itself goes once into <head>
     body = "".join(p.to_html(full_html=False, include_plotlyjs=False) if isinstance(p, go.Figure) else p for p in parts)
     has_figures = any(isinstance(p, go.Figure) for p in parts)

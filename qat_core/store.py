@@ -53,6 +53,7 @@ DRAFT_ID = re.compile(r"^[A-Za-z0-9_-]{1,64}$")  # a draft id: safe as a file na
 NAME_LIMIT = 80  # characters of a run's name: it heads tables and pickers
 RUN_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_-]{0,63}$")
 SWEEP_ID = re.compile(r"^[a-z0-9][a-z0-9_-]{0,39}$")  # short: its runs' ids start with it
+SWEEP_ID_RULE = "1 to 40 lower-case letters, digits, '-' or '_', starting with a letter or digit"  # SWEEP_ID in words
 COLUMNS = ("id", "created", "updated", "name", "model", "status", "error", "pid", "config", "metrics")
 SCHEMA_VERSION = 1  # 1: run.json beside each run (older workspaces get theirs when first opened)
 _SELECT = f"SELECT {', '.join(COLUMNS)} FROM runs"  # by name: an extra column added by hand is ignored
@@ -852,8 +853,7 @@ class RunStore:
     def sweep_dir(self, sweep_id: str) -> Path:
         """A sweep's folder: its spec, its expansion and its state (the runs are ordinary runs)."""
         if not isinstance(sweep_id, str) or not SWEEP_ID.match(sweep_id):
-            raise StoreError(f"{str(sweep_id)[:80]!r} is not a sweep name: use 1 to 40 lower-case letters, digits, "
-                             "'-' or '_', starting with a letter or digit")
+            raise StoreError(f"{str(sweep_id)[:80]!r} is not a sweep name: use {SWEEP_ID_RULE}")
         return self.root / "sweeps" / sweep_id
 
     def sweeps(self) -> list[str]:

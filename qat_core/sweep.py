@@ -41,6 +41,7 @@ import json
 import math
 import multiprocessing
 import os
+import re
 import shutil
 import socket
 import subprocess
@@ -65,7 +66,7 @@ from qat_core import config as cfg
 from qat_core.config import LayerPlan, QuantOverride, RangeMethod, RunConfig
 from qat_core.errors import CancelledError, ConfigError, QATError, StoreError
 from qat_core.prepare import layer_table
-from qat_core.store import CANCEL_FLAG, RunStore, atomic_write_text, new_log
+from qat_core.store import CANCEL_FLAG, SWEEP_ID, SWEEP_ID_RULE, RunStore, atomic_write_text, new_log
 
 SPEC_VERSION = 1
 MAX_RUNS = 256  # variations in one sweep: more is a typo in a list, or a job for a cluster's own scheduler
@@ -121,7 +122,7 @@ class SweepSpec(_Strict):
     """What a sweep trains; saved in its folder, so it can be resumed and reproduced."""
 
     version: int = SPEC_VERSION
-    name: str = Field(pattern=r"^[a-z0-9][a-z0-9_-]{0,39}$")  # 1-40 of a-z 0-9 - _: the sweep's id
+    name: str  # the sweep's id: SWEEP_ID_RULE
     base: RunConfig
     vary: Vary = Vary()
     executor: Executor = Executor()
@@ -132,6 +133,14 @@ class SweepSpec(_Strict):
     def _version(cls, v: int) -> int:
         if v != SPEC_VERSION:
             raise ValueError(f"this QAT Studio reads sweep version {SPEC_VERSION}; the file says {v!r}")
+        return v
+
+    @field_validator("name")
+    @classmethod
+    def _name(cls, v: str) -> str:
+        if not SWEEP_ID.match(v):  # said in words, with a name that would do: a regex tells people nothing
+            hint = re.sub(r"[^a-z0-9_-]+", "-", v.lower()).strip("-_")[:40]
+            raise ValueError(f"use {SWEEP_ID_RULE}" + (f", e.g. {hint!r}" if hint else "") + f"; got {v[:60]!r}")
         return v
 
     def to_yaml(self) -> str:
@@ -610,9 +619,50 @@ def executor_settings(spec: SweepSpec, params: int, workers: int | None = None, 
         cores = cpu.cores()
         workers = workers or max(1, cores // threads)
         if threads * workers > cores:
-            raise ConfigError(f"{workers} workers × {threads} threads is more than this machine's {cores} cores; "
-                              f"lower executor.workers or executor.threads (or --workers/--threads)")
+            raise ConfigError(f"{_plural(workers, 'worker')} × {_plural(threads, 'thread')} is more than this "
+                              f"machine's {_plural(cores, 'core')}; lower executor.workers or executor.threads "
+                              "(or --workers/--threads)")
     return {"workers": workers, "threads": threads, "ray": ray}
+
+
+def _plural(count: int, noun: str) -> str:
+    return f"{count} {noun}{'' if count == 1 else 's'}"
+
+
+def seed_list(first: int, count: int) -> list[int]:
+    """``count`` seeds from ``first`` for ``vary.seed`` (the Sweep page's "seeds per plan"); [] for one: the
+    base's own seed, no variation."""
+    if isinstance(count, bool) or not isinstance(count, int) or not 1 <= count <= MAX_RUNS:
+        raise ConfigError(f"seeds per plan: give a whole number from 1 to {MAX_RUNS}; got {count!r}")
+    return list(range(first, first + count)) if count > 1 else []
+
+
+def from_form(data: dict[str, Any], params: int, seeds: int = 1) -> tuple[SweepSpec | None, dict[str, str]]:
+    """The Sweep page's form as a spec, or None and what is wrong, by field (``name``, ``vary.lr``,
+    ``vary.seed``, ``vary``: too many runs, ``executor``: this machine's cores). ``data`` is a spec's
+    mapping without ``vary.seed``; ``seeds``: the form's seeds per plan (:func:`seed_list`); ``params``: the
+    base model's parameters. The rules are :func:`from_dict`'s and :func:`executor_settings`'s, so the page
+    refuses what the CLI refuses, each message beside its control."""
+    problems: dict[str, str] = {}
+    try:
+        seed = seed_list(data["base"].get("seed", 0), seeds)
+    except ConfigError as err:  # said beside the other fields' problems
+        seed, problems = [], {"vary.seed": str(err).removeprefix("seeds per plan: ")}
+    try:
+        spec = SweepSpec.model_validate(data | {"vary": data.get("vary", {}) | {"seed": seed}})
+    except ValidationError as err:  # a list's item (vary.lr.1) is reported on its list, the first message kept
+        return None, {re.sub(r"\.\d+$", "", k): v for k, v in reversed(cfg.by_field(err).items())} | problems
+    if problems:
+        return None, problems
+    try:
+        spec = from_dict(spec.model_dump())  # its number of runs
+    except ConfigError as err:
+        return None, {"vary": str(err)}
+    try:
+        executor_settings(spec, params)
+    except ConfigError as err:
+        return None, {"executor": str(err)}
+    return spec, {}
 
 
 # --- the driver -------------------------------------------------------------------------------------

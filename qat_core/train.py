@@ -160,6 +160,9 @@ def check_not_collapsed(accuracy: float, start: float, chance: float, where: str
                             + _FIX.format(lr=lr))
 
 
+PHASES = {"fp32": "FP32 baseline", "qat": "fine-tune"}  # a training phase in words, for messages
+
+
 def _fit(model: nn.Module, loader: Iterable[Batch], epochs: float, max_steps: int | None, optimizer: torch.optim.Optimizer,
          phase: str, on_event: OnEvent, cancel: Cancel, evaluate_fn: Callable[[], dict] | None = None,
          eval_every: float = 1.0, hooks: dict[float, Callable[[], None]] | None = None,
@@ -183,7 +186,8 @@ def _fit(model: nn.Module, loader: Iterable[Batch], epochs: float, max_steps: in
     while step < total:
         for x, y in loader:
             if cancel.is_set():
-                raise CancelledError(f"{phase} cancelled at step {step} of {total}")
+                raise CancelledError(f"Cancelled before the first {PHASES.get(phase, phase)} step" if step == 0 else
+                                     f"Cancelled at step {step} of {total} ({PHASES.get(phase, phase)})")
             while pending and step >= pending[0][0] * steps_per_epoch:
                 pending.pop(0)[1]()
             for g, base in zip(optimizer.param_groups, base_lrs):
@@ -286,7 +290,7 @@ def calibrate(model: QATModel, loader: Iterable[Batch], batches: int, cancel: Ca
     seen = 0
     for x, _ in loader:
         if cancel.is_set():
-            raise CancelledError("calibration cancelled")
+            raise CancelledError("Cancelled during calibration")
         model(x.to(device))
         seen += 1
         if seen >= batches:

@@ -27,10 +27,10 @@ def test_a_folder_of_class_folders_is_read_and_split_by_class(tmp_path):
 
 
 def test_preprocessing_comes_from_the_weights_metadata_and_is_recorded(tmp_path):
-    folder = write_image_folder(tmp_path / "digits", classes=3, per_class=8)
+    folder = write_image_folder(tmp_path / "digits", classes=3, per_class=8, size=300)
     config = runner.default_config("torchvision:mobilenet_v3_small",
                                    data={"dataset": "image-folder", "path": str(folder)})
-    # torchvision's MobileNet_V3_Small_Weights.IMAGENET1K_V1 transforms: resize 256, crop 224
+    # torchvision's MobileNet_V3_Small_Weights.IMAGENET1K_V1 transforms: resize 256, crop 224 (300-px images)
     assert (config.data.resize_size, config.data.image_size) == (256, 224)
     assert config.data.mean == pytest.approx((0.485, 0.456, 0.406))
     timm_config = runner.default_config("timm:resnet10t", data={"dataset": "image-folder", "path": str(folder),

@@ -37,7 +37,7 @@ def test_a_checkpoint_and_an_image_folder_typed_on_the_model_page(workspace, tmp
     config = draft(at, workspace)
     assert (config.model, config.checkpoint, config.data.dataset) == (
         "torchvision:mobilenet_v3_small", str(checkpoint), "image-folder")
-    assert config.data.image_size == 224 and config.baseline.epochs == 3  # from the weights; real data's epochs
+    assert config.data.image_size == 32 and config.baseline.epochs == 3  # the 32-px images, not 224; real data's epochs
     at.number_input(key="image_size").set_value(48).run()
     ok(at)
     assert draft(at, workspace).data.image_size == 48

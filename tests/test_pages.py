@@ -251,7 +251,7 @@ def test_cancel_reaches_the_user_as_a_message(workspace, digits_run):
     ok(at)
     assert wait_done(workspace, run_id, 60)["status"] == "cancelled"
     at.run()
-    assert any("cancelled" in w.value for w in at.warning)
+    assert any("Cancelled at step" in w.value and "(fine-tune)" in w.value for w in at.warning)
     assert not at.exception
 
 
@@ -357,7 +357,7 @@ def test_compare_shows_a_named_run_its_settings_and_a_batch_64_benchmark(workspa
 def test_export_page_offers_downloads(digits_run):
     at = ok(app("export"))
     labels = {b.label for b in at.get("download_button")}
-    assert {"Download config.yaml", "Download config.json"} <= labels
+    assert {"Download config (YAML)", "Download config (JSON)", "Download everything (.zip)"} <= labels
     at.button(key="build_report").click().run()
     ok(at)
     assert "Download HTML report" in {b.label for b in at.get("download_button")}

@@ -46,7 +46,7 @@ def test_impossible_settings_are_refused_beside_the_controls(store, monkeypatch)
     assert at.button(key="sw_start").disabled
     at.number_input(key="sw_threads").set_value(0)
     at.text_input(key="sw_name").set_value("Not A Name").run()
-    assert any("name: String should match pattern" in e.value for e in at.error)
+    assert any("Sweep name**: use 1 to 40 lower-case letters" in e.value for e in at.error)
     at.text_input(key="sw_name").set_value("ok").run()
     assert not at.error and not at.button(key="sw_start").disabled
     caption = next(c.value for c in at.caption if "runs**" in c.value)

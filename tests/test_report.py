@@ -57,7 +57,7 @@ def test_report_reads_as_people_expect_and_fits_an_a4_page(workspace, digits_run
     assert "@page{size:A4" in page and "@media print" in page and "thead{display:table-header-group}" in page
     assert page.count('<div class="wide"><table>') >= 3  # every table scrolls in its box instead of running off
     # the config: the file the link saves is the file the command names, and it trains the same run
-    name = report.config_file_name(digits_run)
+    name = report.config_file_name(workspace.config(digits_run))
     link = re.search(r'<a download="([^"]+)" href="data:application/x-yaml;base64,([^"]+)">', page)
     assert link and link.group(1) == name and f"<code>qat-studio train {name}</code>" in page
     assert config.parse(base64.b64decode(link.group(2)).decode("utf-8"), name) == workspace.config(digits_run)

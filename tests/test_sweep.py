@@ -44,7 +44,8 @@ def test_spec_round_trips_and_reads_its_base_from_a_file_beside_it(tmp_path):
 @pytest.mark.parametrize("text, message", [
     ("name: x\nbase: {}\nvary: {weight_bits: [9]}", r"vary\.weight_bits\.0: must be less than or equal to 8"),
     ("name: x\nbase: {}\nvary: {widths: [4]}", r"vary\.widths: unknown key"),
-    ("name: Big Sweep\nbase: {}", r"name: String should match pattern"),
+    ("name: Big Sweep\nbase: {}", r"name: use 1 to 40 lower-case letters, digits, .-. or ._., starting with a letter or "
+                                   r"digit, e.g. .big-sweep.; got .Big Sweep."),
     ("name: x\nbase: {}\nversion: 2", r"reads sweep version 1"),
     ("name: x\nbase: {finetune: {lr: -1}}", r"base\.finetune\.lr"),
     ("name: x\nbase: missing.yaml", r"config file .*missing\.yaml does not exist"),
