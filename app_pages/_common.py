@@ -449,9 +449,9 @@ def histograms(root: str, run_id: str, layer: str, tensor: str) -> list:
     return analysis.activation_histograms(loaded, layer)
 
 
-@st.cache_data(max_entries=16, show_spinner="Measuring every layer…")
+@st.cache_data(max_entries=16, show_spinner="Measuring every layer, before and after the fine-tune (once a run)…")
 def error_table(root: str, run_id: str, stage: str) -> pd.DataFrame:
-    return analysis.error_table(loaded_run(root, run_id), stage)
+    return analysis.run_error_tables(RunStore(root), run_id, loaded_run(root, run_id))[stage]
 
 
 def saved_frame(run_id: str, name: str) -> pd.DataFrame | None:

@@ -184,8 +184,10 @@ def _size_section(m: dict[str, Any], exported: dict[str, Any] | None) -> list[st
     return (["<h2>Size</h2>", *out]) if out else []
 
 
-def _errors_section(loaded: Loaded) -> tuple[list[str], go.Figure]:
-    errors = pd.concat([analysis.error_table(loaded, stage) for stage in ("ptq", "qat")], ignore_index=True)
+def _errors_section(store: RunStore, run_id: str, loaded: Loaded | None,
+                    on_progress: analysis.OnProgress | None) -> tuple[list[str], go.Figure]:
+    tables = analysis.run_error_tables(store, run_id, loaded, on_progress=on_progress)  # saved: once a run
+    errors = pd.concat([tables[stage] for stage in ("ptq", "qat")], ignore_index=True)
     qat = errors[errors["stage"] == "qat"]
     table = qat[[c for c in ERROR_COLUMNS if c in qat.columns]].rename(columns=ERROR_HEADERS)
     return (["<h2>Per-layer error (after fine-tune)</h2>",
@@ -239,11 +241,13 @@ def _parity_section(store: RunStore, run_id: str, m: dict[str, Any]) -> list[str
     return out
 
 
-def report_html(store: RunStore, run_id: str, loaded: Loaded | None = None) -> bytes:
+def report_html(store: RunStore, run_id: str, loaded: Loaded | None = None,
+                on_progress: analysis.OnProgress | None = None) -> bytes:
     """A self-contained HTML report of a run (UTF-8 bytes); see the module docstring for its sections.
 
     ``loaded`` (``runner.load(store, run_id)``) saves rebuilding a finished run's models when the
-    caller has them already; unfinished runs get no per-layer error section.
+    caller has them already; unfinished runs get no per-layer error section. The per-layer errors
+    are measured once a run (:func:`analysis.run_error_tables`); ``on_progress`` follows them.
     """
     record = store.get(run_id)
     config = store.config(run_id)
@@ -262,7 +266,7 @@ def report_html(store: RunStore, run_id: str, loaded: Loaded | None = None) -> b
         reference = {"FP32": m.get("fp32", {}).get("accuracy"), "PTQ": m.get("ptq", {}).get("accuracy")}
         parts += ["<h2>Training curves</h2>", plots.training_figure(curves, reference=reference)]
     if record["status"] == "done":
-        section, fig = _errors_section(loaded or load(store, run_id))
+        section, fig = _errors_section(store, run_id, loaded, on_progress)
         parts += [*section, fig]
     layers = store.read_result(run_id, "layers")
     if layers:
