@@ -20,7 +20,7 @@ import pandas as pd
 import plotly.graph_objects as go
 import streamlit as st
 
-from qat_core import analysis, cpu, library, planning, plots, prepare, report, runner, sweep, zoo
+from qat_core import analysis, cpu, library, planning, plots, prepare, progress, report, runner, sweep, zoo
 from qat_core import config as cfg
 from qat_core import data as datasets
 from qat_core.errors import ConfigError, QATError
@@ -154,14 +154,7 @@ def table_columns(path: str) -> list[str]:
     return _table_columns(path, os.path.getmtime(path) if os.path.isfile(path) else 0.0)
 
 
-def duration(seconds: float) -> str:
-    """``0.4 s``, ``12 s``, ``3 min 20 s``."""
-    if seconds < 10:
-        return f"{seconds:.1f} s"
-    if seconds < 60:
-        return f"{seconds:.0f} s"
-    minutes, rest = divmod(round(seconds), 60)
-    return f"{minutes} min {rest} s" if minutes < 60 else f"{minutes // 60} h {minutes % 60} min"
+duration = progress.duration  # "12 s", "3 min 20 s": every page and the CLI spell times alike
 
 
 def save_upload(upload: Any) -> str:
@@ -295,24 +288,9 @@ def curves_figure(events: list[dict[str, Any]]) -> go.Figure:
     return fig
 
 
-STAGES = {"fp32": "training the FP32 baseline", "ptq": "calibrating (PTQ)", "qat": "QAT fine-tune"}
-
-
 def progress_of(events: list[dict[str, Any]]) -> tuple[float, str]:
-    """Overall progress 0..1 and the stage a running job is in (of: FP32 baseline, PTQ, QAT fine-tune)."""
-    done = {e["phase"] for e in events if e.get("done")}
-    steps = [e for e in events if "step" in e]
-    last = steps[-1] if steps else None
-    if last is not None and last["phase"] not in done:
-        frac = last["step"] / last["total"]
-        stage, overall = (1, 0.4 * frac) if last["phase"] == "fp32" else (3, 0.5 + 0.5 * frac)
-        return min(overall, 1.0), (f"Stage {stage} of 3 · {STAGES.get(last['phase'], last['phase'])}: step "
-                                   f"{last['step']}/{last['total']}, loss {last['loss']:.4f}")
-    if "ptq" in done:
-        return 0.5, "Stage 3 of 3 · QAT fine-tune: preparing the model and calibrating…"
-    if "fp32" in done:
-        return 0.45, "Stage 2 of 3 · calibrating and measuring PTQ (the FP32 baseline is ready)…"
-    return 0.0, "Stage 1 of 3 · starting: loading PyTorch, the data and the FP32 baseline…"
+    """Overall progress 0..1 and what a running job is doing, with the time left in its stage."""
+    return progress.run_progress(events)
 
 
 STORED_SIZE_NOTE = ("In int8.onnx the weights take about {kb:,.1f} KB: ONNX has no type narrower than 8 bits, so "

@@ -94,6 +94,15 @@ def run_progress(events: Sequence[dict[str, Any]]) -> tuple[float, str]:
     return 0.0, "Stage 1 of 3 · starting: loading PyTorch, the data and the FP32 baseline…"
 
 
+def runs_progress(total: int, done: int, running: Sequence[float], elapsed: float | None) -> tuple[float, float | None]:
+    """A sweep's share of runs trained, each running run counting by its own progress (so the bar moves
+    while the first runs train), and the time left at the pace since training began (``elapsed`` s)."""
+    if not total:
+        return 0.0, None
+    share = min(1.0, (done + sum(running)) / total)
+    return share, seconds_left(share, 1.0, elapsed) if elapsed is not None else None
+
+
 def task_text(payload: dict[str, Any], what: str) -> str:
     """A progress payload (:meth:`Pace.payload`) as one line: ``what: 3 of 12 · about 40 s left``."""
     left = left_text(payload.get("seconds_left"))

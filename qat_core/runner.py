@@ -180,10 +180,11 @@ def _quantize(fp32: nn.Module, data: Data, config: RunConfig) -> QATModel:
     return model
 
 
-def calibrated(config: RunConfig, store: RunStore, cancel: train.Cancel = train.NeverCancel()) -> Loaded:
-    """The config's FP32 baseline (trained now unless cached) and its calibrated, not fine-tuned, model
-    as ``ptq`` and ``qat``: what a sensitivity scan needs before any run exists."""
-    fp32, data, _ = baseline(config, store, cancel=cancel)
+def calibrated(config: RunConfig, store: RunStore, cancel: train.Cancel = train.NeverCancel(),
+               on_event: train.OnEvent = lambda e: None) -> Loaded:
+    """The config's FP32 baseline (trained now unless cached: ``on_event`` follows it) and its calibrated,
+    not fine-tuned, model as ``ptq`` and ``qat``: what a sensitivity scan needs before any run exists."""
+    fp32, data, _ = baseline(config, store, on_event, cancel=cancel)
     fp32 = fp32.cpu().eval()
     train.seed_everything(config.seed)
     ptq = _quantize(fp32, data, config).eval()
