@@ -136,12 +136,12 @@ def _seconds_per_step(config_json: str, threads: int) -> dict[str, float]:
     return runner.seconds_per_step(cfg.RunConfig.model_validate_json(config_json), threads)
 
 
-def time_estimate(config: cfg.RunConfig, threads: int) -> dict[str, float]:
-    """Seconds an epoch and all training take for the draft, from steps timed once per model, data, plan and
-    batch size (epochs only multiply)."""
+def time_estimate(config: cfg.RunConfig, threads: int, train_baseline: bool = True) -> dict[str, float]:
+    """Seconds the parts of a run of the draft take (``runner.time_estimate``), from steps and passes timed
+    once per model, data, plan and batch size (epochs only multiply)."""
     timed = config.model_copy(update={"name": "", "baseline": config.baseline.model_copy(update={"epochs": 1}),
                                       "finetune": config.finetune.model_copy(update={"epochs": 1})})
-    return runner.time_estimate(config, call(_seconds_per_step, timed.model_dump_json(), threads))
+    return runner.time_estimate(config, call(_seconds_per_step, timed.model_dump_json(), threads), train_baseline)
 
 
 @st.cache_data(max_entries=16)

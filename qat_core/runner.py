@@ -9,12 +9,14 @@ from __future__ import annotations
 
 import copy
 import hashlib
+import itertools
 import json
 import math
 import os
 import subprocess
 import sys
 import time
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import Any
 
@@ -118,35 +120,100 @@ def _build_fp32(config: RunConfig) -> tuple[nn.Module, Data]:
     return model, data
 
 
+TIMED_BATCHES = 3  # test batches timed for the evaluation's pace (a large test set is not run whole)
+
+
+def _seconds_per_batch(run: Callable[[list[train.Batch]], Any], loader: Iterable[train.Batch]) -> tuple[float, int]:
+    """Seconds ``run`` takes per batch over the first ``TIMED_BATCHES`` of ``loader`` (after one untimed
+    warm-up batch), and the loader's batch count."""
+    batches = list(itertools.islice(iter(loader), TIMED_BATCHES))
+    run(batches[:1])
+    started = time.perf_counter()
+    run(batches)
+    return (time.perf_counter() - started) / max(1, len(batches)), len(loader)  # type: ignore[arg-type]
+
+
+def _startup_seconds() -> float:
+    """What a launched run spends before its first line of work: a new Python importing torch and QAT Studio."""
+    started = time.perf_counter()
+    subprocess.run([sys.executable, "-c", "import qat_core.cli, qat_core.runner"], check=False,
+                   stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, stdin=subprocess.DEVNULL)
+    return time.perf_counter() - started
+
+
 def seconds_per_step(config: RunConfig, threads: int = 1) -> dict[str, float]:
-    """What a step of this config's FP32 baseline and of its QAT fine-tune takes on this machine with
-    ``threads`` torch threads, measured on copies of the model (and its training split's size)."""
+    """What the parts of a run of this config take on this machine with ``threads`` torch threads, measured
+    on copies of the model: a training step of its FP32 baseline and of its QAT fine-tune, a calibration
+    batch, a test pass of the FP32 and of the quantized model (integer arithmetic and fake-quantized: a
+    run evaluates both), a batch of BatchNorm re-estimation, building the model and preparing it, and a
+    launched run's start (Python importing torch); and the training split's size."""
+    startup = _startup_seconds()
+    started = time.perf_counter()
     fp32, data = _build_fp32(config)
+    build = time.perf_counter() - started
     b, ft = config.baseline, config.finetune
+    test = data.test_loader()
     with train.torch_threads(threads):
         model = copy.deepcopy(fp32)
         baseline = train.seconds_per_step(model, data.train_loader(b.batch_size, True, config.seed),
                                           train.make_optimizer(model, "adam", b.lr, 0.0))
+        with torch.no_grad():  # as train.reestimate_batchnorm: forward in training mode, no gradients
+            bn_batch, _ = _seconds_per_batch(lambda xs: [model.train()(x) for x, _ in xs],
+                                             data.train_loader(b.batch_size, True, config.seed))
+        fp32_batch, test_batches = _seconds_per_batch(lambda xs: train.evaluate(model, xs), test)
+        started = time.perf_counter()
+        layer_table(fp32, data.example())
         qat = prepare(fp32, config.plan, data.example())
+        preparing = time.perf_counter() - started
         started = time.perf_counter()
         train.calibrate(qat, data.train_loader(ft.batch_size, True, config.seed), 1)
         calibration = time.perf_counter() - started  # a batch through every observer (MSE ranges: the most)
+        quantized_batch, _ = _seconds_per_batch(
+            lambda xs: (train.evaluate(qat, xs, integer=True), train.evaluate(qat, xs)), test)
         finetune = train.seconds_per_step(qat, data.train_loader(ft.batch_size, True, config.seed),
                                           train.make_optimizer(qat, ft.optimizer, ft.lr, ft.weight_decay))
-    return {"baseline": baseline, "finetune": finetune, "calibration": calibration, "train_samples": len(data.train_x)}
+    return {"baseline": baseline, "finetune": finetune, "calibration": calibration, "train_samples": len(data.train_x),
+            "fp32_eval": fp32_batch * test_batches, "quantized_eval": quantized_batch * test_batches,
+            "bn_batch": bn_batch, "build": build, "prepare": preparing, "startup": startup}
 
 
-def time_estimate(config: RunConfig, per_step: dict[str, float]) -> dict[str, float]:
-    """Seconds an epoch and all of training take for the baseline and the fine-tune: ``seconds_per_step``
-    × the steps (an epoch's batches, capped by max_steps); and the calibration before the fine-tune.
-    Loading, evaluation and export come on top."""
-    out = {"calibration_total": per_step["calibration"] * config.finetune.calibration_batches}
+def time_estimate(config: RunConfig, per_step: dict[str, float], train_baseline: bool = True) -> dict[str, float]:
+    """Seconds the parts of a run take, from :func:`seconds_per_step`'s measurements:
+
+    - ``baseline_epoch`` / ``baseline_total``: its training steps (an epoch's batches, capped by max_steps),
+      ``baseline_evaluation``: its evaluations (each re-estimates BatchNorm, then a test pass; and a last one);
+    - ``calibration_total``: the calibration batches before PTQ;
+    - ``finetune_epoch`` / ``finetune_total``: the QAT steps, ``quantized_evaluation``: PTQ's and QAT's
+      test passes (integer arithmetic and fake-quantized) and the fine-tune's evaluations;
+    - ``overhead``: starting the run's process, building and preparing the model;
+    - ``run_total``: all of it; without the baseline's training when ``train_baseline`` is False (cached,
+      or the user's trained weights).
+    """
+    steps: dict[str, tuple[int, int]] = {}
+    out: dict[str, float] = {}
     for part in ("baseline", "finetune"):
         section = getattr(config, part)
         per_epoch = math.ceil(per_step["train_samples"] / section.batch_size)
-        steps = math.ceil(per_epoch * section.epochs)
+        total = min(math.ceil(per_epoch * section.epochs), section.max_steps or math.ceil(per_epoch * section.epochs))
+        steps[part] = (total, per_epoch)
         out[f"{part}_epoch"] = per_epoch * per_step[part]
-        out[f"{part}_total"] = min(steps, section.max_steps or steps) * per_step[part]
+        out[f"{part}_total"] = total * per_step[part]
+    ft = config.finetune
+    out["calibration_total"] = per_step["calibration"] * min(ft.calibration_batches, steps["finetune"][1])
+    if "fp32_eval" not in per_step:  # measured before evaluation was timed: steps only
+        return out
+    total, per_epoch = steps["baseline"]
+    evals = len(train.evaluation_steps(total, per_epoch, train.baseline_eval_every(config.baseline.epochs)))
+    bn = per_step["bn_batch"] * min(train.BN_BATCHES, per_epoch)
+    out["baseline_evaluation"] = evals * (bn + per_step["fp32_eval"]) + per_step["fp32_eval"]
+    total, per_epoch = steps["finetune"]
+    evals = len(train.evaluation_steps(total, per_epoch, ft.eval_every_epochs)) if total else 0
+    # quantized_eval is both passes (integer arithmetic, fake-quantized): PTQ's and QAT's metrics take both,
+    # the fine-tune's own evaluations the integer one
+    out["quantized_evaluation"] = (2 + evals / 2) * per_step["quantized_eval"]
+    out["overhead"] = per_step["startup"] + per_step["build"] + per_step["prepare"]
+    parts = ["calibration_total", "finetune_total", "quantized_evaluation", "overhead"]
+    out["run_total"] = sum(out[k] for k in parts + (["baseline_total", "baseline_evaluation"] if train_baseline else []))
     return out
 
 
