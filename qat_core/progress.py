@@ -41,7 +41,7 @@ def left_text(seconds: float | None) -> str:
     """``about 40 s left``; ``""`` while nothing has been timed yet."""
     if seconds is None:
         return ""
-    return "almost done" if seconds < 1 else f"about {duration(seconds)} left"
+    return "under a second left" if seconds < 1 else f"about {duration(seconds)} left"
 
 
 class Pace:
