@@ -1,8 +1,10 @@
 """QAT Studio: the browser app. One page per task; the pages call ``qat_core`` (see app_pages/_common.py)."""
 
+import sys
+
 import streamlit as st
 
-from app_pages._common import PAGES
+from app_pages._pages import PAGES
 
 st.set_page_config(page_title="QAT Studio", page_icon="🧮", layout="wide")
 
@@ -21,4 +23,7 @@ nav = st.navigation({
         st.Page(PAGES["export"], title="Export", icon="📦"),
     ],
 })
+if "app_pages._common" not in sys.modules:  # a cold server: the menu shows while PyTorch loads, once
+    with st.spinner("Starting QAT Studio: loading PyTorch (once, when the server starts)…"):
+        import app_pages._common  # noqa: F401
 nav.run()

@@ -20,6 +20,7 @@ import pandas as pd
 import plotly.graph_objects as go
 import streamlit as st
 
+from app_pages._pages import PAGES  # noqa: F401  (the pages' own import of their files)
 from qat_core import analysis, cpu, library, planning, plots, prepare, progress, report, runner, sweep, zoo
 from qat_core import config as cfg
 from qat_core import data as datasets
@@ -37,11 +38,6 @@ SWEEP_PICKER = "sweep_picker"  # the Sweep page's selectbox of sweeps
 ESTIMATE_KEY = "estimated_source"  # the Model page's source (model, weights, data) whose training was timed
 DEFAULT_MODEL = "digits-cnn"
 POLL_SECONDS = 0.5
-PAGES = {  # page files, for st.navigation (app.py) and st.switch_page / st.page_link
-    "home": "app_pages/home.py", "model": "app_pages/model.py", "plan": "app_pages/plan.py",
-    "finetune": "app_pages/finetune.py", "inspect": "app_pages/inspect_run.py", "benchmark": "app_pages/benchmark.py",
-    "compare": "app_pages/compare.py", "export": "app_pages/export.py", "sweep": "app_pages/sweep.py",
-}
 
 
 # --- errors ---------------------------------------------------------------------------------------

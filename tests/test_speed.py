@@ -126,8 +126,8 @@ def test_sweep_progress_moves_with_running_runs_and_says_what_it_prepares(worksp
 def test_the_estimate_counts_the_evaluations_the_run_makes(workspace, digits_run):
     config = quick_config()
     events = workspace.events(digits_run)
-    for phase, section, every in (("qat", config.finetune, config.finetune.eval_every_epochs),
-                                  ("fp32", config.baseline, train.baseline_eval_every(config.baseline.epochs))):
+    for phase, every in (("qat", config.finetune.eval_every_epochs),
+                         ("fp32", train.baseline_eval_every(config.baseline.epochs))):
         steps = [e for e in events if e.get("phase") == phase and "step" in e]
         if not steps:  # the baseline was cached by an earlier run of the session
             continue
