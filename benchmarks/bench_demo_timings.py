@@ -76,7 +76,7 @@ def launched_run(config_yaml: str) -> float:
         started = time.perf_counter()
         subprocess.run([sys.executable, "-m", "qat_core.cli", "--workspace", str(Path(tmp) / "ws"), "train", str(path),
                         "--quiet"], check=True, env=os.environ | {"QAT_STUDIO_THREADS": "1"}, cwd=ROOT,
-                       stdout=subprocess.DEVNULL)
+                       stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         return time.perf_counter() - started
 
 

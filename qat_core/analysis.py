@@ -435,12 +435,6 @@ def activation_histograms(loaded: Loaded, layer: str, batches: int | None = None
 
 # --- per-layer error -----------------------------------------------------------------------
 
-@torch.no_grad()
-def output_sqnr(fp32: nn.Module, model: nn.Module, loader: Iterable[Batch]) -> float:
-    """SQNR (dB) of the quantized network's logits against the FP32 network's, over ``loader``."""
-    return sqnr_db(train.predict(fp32, loader), train.predict(model, loader))
-
-
 @contextlib.contextmanager
 def work_threads() -> Iterator[None]:
     """torch threads for analysis (per-layer error, sensitivity, suggestions, the report): 1 unless
@@ -587,17 +581,19 @@ def run_error_tables(store: RunStore, run_id: str, loaded: Loaded | None = None,
     """The error tables (:func:`error_table`) of a finished run before and after its fine-tune, by stage.
 
     Computed once and saved with the run (``results/error_tables.json``), keyed by what they depend on
-    (:func:`_errors_key`), so Inspect, the report and the CLI share one measurement; the FP32 logits are
+    (:func:`_errors_key`), so Inspect and the report share one measurement; the FP32 logits are
     predicted once for both stages. ``loaded``: the run's models, where the caller has them already.
     Progress: ``on_progress({"task": "per-layer error", "done", "total", "seconds_left"})`` per stage.
     """
     from qat_core import runner  # runner builds the models; it sits above this module
 
+    store.require_done(run_id)
     config = store.config(run_id)
     key = _errors_key(store, run_id, config, batches)
-    saved = store.read_result(run_id, ERRORS_RESULT)
-    if isinstance(saved, dict) and saved.get("key") == key and set(saved.get("stages", {})) == set(STAGES):
-        return {stage: _frame_from(saved["stages"][stage]) for stage in STAGES}
+    with contextlib.suppress(StoreError, KeyError, TypeError, ValueError):  # damaged or older: measured again
+        saved = store.read_result(run_id, ERRORS_RESULT)
+        if saved is not None and saved["key"] == key and set(saved["stages"]) == set(STAGES):
+            return {stage: _frame_from(saved["stages"][stage]) for stage in STAGES}
     pace = progress.Pace(len(STAGES))
     if on_progress is not None:
         on_progress(pace.payload("per-layer error", 0))

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import copy
 import hashlib
-import itertools
 import json
 import math
 import os
@@ -120,17 +119,18 @@ def _build_fp32(config: RunConfig) -> tuple[nn.Module, Data]:
     return model, data
 
 
-TIMED_BATCHES = 3  # test batches timed for the evaluation's pace (a large test set is not run whole)
+TIMED_SAMPLES = 16  # samples of a batch timed for a pass's pace (a large batch or test set is not run whole)
 
 
-def _seconds_per_batch(run: Callable[[list[train.Batch]], Any], loader: Iterable[train.Batch]) -> tuple[float, int]:
-    """Seconds ``run`` takes per batch over the first ``TIMED_BATCHES`` of ``loader`` (after one untimed
-    warm-up batch), and the loader's batch count."""
-    batches = list(itertools.islice(iter(loader), TIMED_BATCHES))
-    run(batches[:1])
+def _seconds_per_sample(run: Callable[[list[train.Batch]], Any], loader: Iterable[train.Batch]) -> float:
+    """Seconds ``run`` takes per sample on up to ``TIMED_SAMPLES`` samples of ``loader``'s first batch, after an
+    untimed warm-up on two (the first call of a path allocates and dispatches for the first time)."""
+    x, y = next(iter(loader))
+    run([(x[:2], y[:2])])
+    x, y = x[:TIMED_SAMPLES], y[:TIMED_SAMPLES]
     started = time.perf_counter()
-    run(batches)
-    return (time.perf_counter() - started) / max(1, len(batches)), len(loader)  # type: ignore[arg-type]
+    run([(x, y)])
+    return (time.perf_counter() - started) / len(x)
 
 
 def _startup_seconds() -> float:
@@ -145,7 +145,7 @@ def seconds_per_step(config: RunConfig, threads: int = 1) -> dict[str, float]:
     """What the parts of a run of this config take on this machine with ``threads`` torch threads, measured
     on copies of the model: a training step of its FP32 baseline and of its QAT fine-tune, a calibration
     batch, a test pass of the FP32 and of the quantized model (integer arithmetic and fake-quantized: a
-    run evaluates both), a batch of BatchNorm re-estimation, building the model and preparing it, and a
+    run evaluates both) and a batch of BatchNorm re-estimation (from a few samples' pace), building the model and preparing it, and a
     launched run's start (Python importing torch); and the training split's size."""
     startup = _startup_seconds()
     started = time.perf_counter()
@@ -158,9 +158,9 @@ def seconds_per_step(config: RunConfig, threads: int = 1) -> dict[str, float]:
         baseline = train.seconds_per_step(model, data.train_loader(b.batch_size, True, config.seed),
                                           train.make_optimizer(model, "adam", b.lr, 0.0))
         with torch.no_grad():  # as train.reestimate_batchnorm: forward in training mode, no gradients
-            bn_batch, _ = _seconds_per_batch(lambda xs: [model.train()(x) for x, _ in xs],
-                                             data.train_loader(b.batch_size, True, config.seed))
-        fp32_batch, test_batches = _seconds_per_batch(lambda xs: train.evaluate(model, xs), test)
+            bn_sample = _seconds_per_sample(lambda xs: [model.train()(x) for x, _ in xs],
+                                            data.train_loader(b.batch_size, True, config.seed))
+        fp32_sample = _seconds_per_sample(lambda xs: train.evaluate(model, xs), test)
         started = time.perf_counter()
         layer_table(fp32, data.example())
         qat = prepare(fp32, config.plan, data.example())
@@ -168,13 +168,14 @@ def seconds_per_step(config: RunConfig, threads: int = 1) -> dict[str, float]:
         started = time.perf_counter()
         train.calibrate(qat, data.train_loader(ft.batch_size, True, config.seed), 1)
         calibration = time.perf_counter() - started  # a batch through every observer (MSE ranges: the most)
-        quantized_batch, _ = _seconds_per_batch(
+        quantized_sample = _seconds_per_sample(
             lambda xs: (train.evaluate(qat, xs, integer=True), train.evaluate(qat, xs)), test)
         finetune = train.seconds_per_step(qat, data.train_loader(ft.batch_size, True, config.seed),
                                           train.make_optimizer(qat, ft.optimizer, ft.lr, ft.weight_decay))
     return {"baseline": baseline, "finetune": finetune, "calibration": calibration, "train_samples": len(data.train_x),
-            "fp32_eval": fp32_batch * test_batches, "quantized_eval": quantized_batch * test_batches,
-            "bn_batch": bn_batch, "build": build, "prepare": preparing, "startup": startup}
+            "fp32_eval": fp32_sample * len(data.test_x), "quantized_eval": quantized_sample * len(data.test_x),
+            "bn_batch": bn_sample * min(b.batch_size, len(data.train_x)), "build": build, "prepare": preparing,
+            "startup": startup}
 
 
 def time_estimate(config: RunConfig, per_step: dict[str, float], train_baseline: bool = True) -> dict[str, float]:

@@ -143,3 +143,11 @@ def test_the_estimate_counts_the_evaluations_the_run_makes(workspace, digits_run
     assert est["overhead"] == pytest.approx(3.5) and est["baseline_evaluation"] > 0 and est["quantized_evaluation"] > 0
     cached = runner.time_estimate(config, per_step, train_baseline=False)
     assert cached["run_total"] == pytest.approx(est["run_total"] - est["baseline_total"] - est["baseline_evaluation"])
+
+
+def test_a_damaged_saved_error_table_is_measured_again_not_an_error(workspace, digits_run, loaded):
+    saved = workspace.run_dir(digits_run) / "results" / f"{analysis.ERRORS_RESULT}.json"
+    saved.write_text('{"key": 3}')
+    tables = analysis.run_error_tables(workspace, digits_run, loaded)
+    assert set(tables) == set(analysis.STAGES) and "(network)" in set(tables["qat"]["layer"])
+    assert analysis.run_error_tables(workspace, digits_run)["qat"].equals(tables["qat"])  # and saved again
