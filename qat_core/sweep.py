@@ -661,7 +661,7 @@ def _suggestions(spec: SweepSpec, store: RunStore, folder: Path, emit: Callable[
         emit, "training the FP32 baseline (for the sensitivity scan and the runs)"))
     what = f"measuring each layer's sensitivity at {s.widths} bits"
     emit({"event": "sensitivity", "message": what})
-    sens = search.sensitivity(loaded, s.widths, cancel=cancel, on_progress=_task_notes(emit, "sensitivity", what))
+    sens = search.sensitivity(loaded, s.widths, cancel=cancel, on_progress=_task_notes(emit, what))
     budgets = [(f"suggested ≤ {b:g} bits", {"average_bits": b}) for b in s.average_bits]
     budgets += [(f"suggested ≤ {b:,.0f} B", {"budget_bytes": b}) for b in s.budget_bytes]
     plans = {}
@@ -669,7 +669,7 @@ def _suggestions(spec: SweepSpec, store: RunStore, folder: Path, emit: Callable[
         what = f"choosing the plan {label} (measuring candidate plans)"
         emit({"event": "suggestion", "message": what})
         plans[label] = search.suggest_plan(loaded, sens, **budget, cancel=cancel,
-                                           on_progress=_task_notes(emit, "suggestion", what)).plan
+                                           on_progress=_task_notes(emit, what)).plan
     atomic_write_text(path, json.dumps({"key": key, "plans": {k: p.model_dump(mode="json") for k, p in plans.items()}}))
     return plans
 
@@ -687,20 +687,21 @@ def _baselines(items: list[Item], store: RunStore, emit: Callable[[Event], None]
 NOTE_SECONDS = 1.0  # at most one progress message a second in the sweep's state file (the page polls it)
 
 
-def _throttled(emit: Callable[[Event], None], event: str) -> Callable[[str, bool], None]:
+def _throttled(emit: Callable[[Event], None]) -> Callable[[str, bool], None]:
+    """``note(message, final)``: a "progress" event, at most one each NOTE_SECONDS (and the last one)."""
     last = [0.0]
 
     def note(message: str, final: bool) -> None:
         if final or time.monotonic() - last[0] >= NOTE_SECONDS:
             last[0] = time.monotonic()
-            emit({"event": event, "message": message})
+            emit({"event": "progress", "message": message})
 
     return note
 
 
 def _step_notes(emit: Callable[[Event], None], what: str) -> train.OnEvent:
     """Training events (a baseline the driver trains) as messages: what, the step, the time left."""
-    note, first = _throttled(emit, "baseline"), []
+    note, first = _throttled(emit), []
 
     def on_event(event: Event) -> None:
         if "step" in event:
@@ -712,9 +713,9 @@ def _step_notes(emit: Callable[[Event], None], what: str) -> train.OnEvent:
     return on_event
 
 
-def _task_notes(emit: Callable[[Event], None], event: str, what: str) -> Callable[[Event], None]:
+def _task_notes(emit: Callable[[Event], None], what: str) -> Callable[[Event], None]:
     """Progress payloads of sensitivity and suggestions (with their time left) as messages."""
-    note = _throttled(emit, event)
+    note = _throttled(emit)
     return lambda payload: note(progress.task_text(payload, what), payload["done"] >= payload["total"])
 
 
