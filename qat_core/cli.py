@@ -38,6 +38,8 @@ class ProgressBar:
         if event.get("done"):
             self.stream.write(f"\r{event['phase']:>4}: test accuracy {event['test_accuracy']:.2%}".ljust(78) + "\n")
             return
+        if "step" not in event:  # calibration batches: the bar follows training steps
+            return
         first = self._first.setdefault(event["phase"], event)
         now = time.monotonic()
         if now - self._last < 0.1 and event["step"] != event["total"] and "test_accuracy" not in event:

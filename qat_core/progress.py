@@ -88,9 +88,19 @@ def run_progress(events: Sequence[dict[str, Any]]) -> tuple[float, str]:
                                    f"{last['step']}/{last['total']}, loss {last['loss']:.4f}"
                                    + (f" · {left} in this stage" if left else ""))
     if "ptq" in done:
-        return 0.5, "Stage 3 of 3 · QAT fine-tune: preparing the model and calibrating…"
+        return 0.5, "Stage 3 of 3 · QAT fine-tune: preparing the model…"
+    calibration = [e for e in events if "calibrated" in e]
+    if "fp32" in done and calibration:
+        last, first = calibration[-1], calibration[0]
+        left = left_text(seconds_left(last["calibrated"], last["of"], last["elapsed"],
+                                      (first["calibrated"], first["elapsed"])))
+        if last["calibrated"] >= last["of"]:
+            return 0.45, "Stage 2 of 3 · measuring PTQ accuracy on the test set…"
+        return 0.4 + 0.05 * last["calibrated"] / last["of"], (
+            f"Stage 2 of 3 · calibrating (PTQ): batch {last['calibrated']} of {last['of']}"
+            + (f" · {left} in this stage" if left else ""))
     if "fp32" in done:
-        return 0.45, "Stage 2 of 3 · calibrating and measuring PTQ (the FP32 baseline is ready)…"
+        return 0.4, "Stage 2 of 3 · calibrating and measuring PTQ (the FP32 baseline is ready)…"
     return 0.0, "Stage 1 of 3 · starting: loading PyTorch, the data and the FP32 baseline…"
 
 

@@ -240,11 +240,16 @@ def baseline(config: RunConfig, store: RunStore, on_event: train.OnEvent = lambd
     return model, data, metrics
 
 
-def _quantize(fp32: nn.Module, data: Data, config: RunConfig) -> QATModel:
+def _quantize(fp32: nn.Module, data: Data, config: RunConfig, on_event: train.OnEvent | None = None) -> QATModel:
+    """The config's plan on a copy of ``fp32``, calibrated; ``on_event`` gets ``{"phase": "ptq", "calibrated",
+    "of", "elapsed"}`` after each calibration batch (no "step": these are not training steps)."""
     device = next(fp32.parameters()).device
     model = prepare(fp32, config.plan, data.example().to(device)).to(device)
     ft = config.finetune
-    train.calibrate(model, data.train_loader(ft.batch_size, True, config.seed), ft.calibration_batches)
+    loader = data.train_loader(ft.batch_size, True, config.seed)
+    of, started = min(ft.calibration_batches, len(loader)), time.perf_counter()
+    train.calibrate(model, loader, ft.calibration_batches, on_batch=None if on_event is None else lambda seen: on_event(
+        {"phase": "ptq", "calibrated": seen, "of": of, "elapsed": time.perf_counter() - started}))
     return model
 
 
@@ -281,7 +286,7 @@ def execute(config: RunConfig, store: RunStore, run_id: str | None = None, on_ev
         emit({"phase": "fp32", "done": True, "test_accuracy": fp32_metrics["accuracy"]})
         rows = layer_table(fp32, data.example().to(next(fp32.parameters()).device))
         train.seed_everything(config.seed)
-        ptq = _quantize(fp32, data, config)  # prepare copies: fp32 stays the baseline
+        ptq = _quantize(fp32, data, config, emit)  # prepare copies: fp32 stays the baseline
         qat = copy.deepcopy(ptq)  # calibrated once (MSE ranges of a large model: many seconds), fine-tuned next
         ptq_metrics = train.quantized_metrics(ptq, data.test_loader())
         emit({"phase": "ptq", "done": True, "test_accuracy": ptq_metrics["accuracy"]})

@@ -288,8 +288,10 @@ def reestimate_batchnorm(model: nn.Module, loader: Iterable[Batch], batches: int
 
 
 @torch.no_grad()
-def calibrate(model: QATModel, loader: Iterable[Batch], batches: int, cancel: Cancel = NeverCancel()) -> None:
-    """Run ``batches`` batches in eval mode (BN folded as deployed) with every observer on."""
+def calibrate(model: QATModel, loader: Iterable[Batch], batches: int, cancel: Cancel = NeverCancel(),
+              on_batch: Callable[[int], None] | None = None) -> None:
+    """Run ``batches`` batches in eval mode (BN folded as deployed) with every observer on; ``on_batch(seen)``
+    after each (MSE ranges of a large model take seconds a batch)."""
     qs = quantizers(model)
     for q in qs:
         q.observer.reset()
@@ -302,6 +304,8 @@ def calibrate(model: QATModel, loader: Iterable[Batch], batches: int, cancel: Ca
             raise CancelledError("calibration cancelled")
         model(x.to(device))
         seen += 1
+        if on_batch is not None:
+            on_batch(seen)
         if seen >= batches:
             break
     for q in qs:

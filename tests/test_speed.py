@@ -151,3 +151,14 @@ def test_a_damaged_saved_error_table_is_measured_again_not_an_error(workspace, d
     tables = analysis.run_error_tables(workspace, digits_run, loaded)
     assert set(tables) == set(analysis.STAGES) and "(network)" in set(tables["qat"]["layer"])
     assert analysis.run_error_tables(workspace, digits_run)["qat"].equals(tables["qat"])  # and saved again
+
+
+def test_a_runs_calibration_says_its_batch_and_time_left(workspace):
+    run_id = runner.execute(quick_config(epochs=1), workspace)  # a new run: the fixtures' may predate the events
+    events = workspace.events(run_id)
+    calibration = [e for e in events if "calibrated" in e]
+    assert [e["calibrated"] for e in calibration] == list(range(1, calibration[0]["of"] + 1))
+    midway = events[:events.index(calibration[2]) + 1]
+    frac, text = progress.run_progress(midway)
+    assert 0.4 < frac < 0.45 and f"calibrating (PTQ): batch 3 of {calibration[0]['of']}" in text and "left" in text
+    assert not analysis.training_curves(events).empty and "calibrated" not in analysis.training_curves(events)
