@@ -1,8 +1,10 @@
 """QAT Studio: the browser app. One page per task; the pages call ``qat_core`` (see app_pages/_common.py)."""
 
+import sys
+
 import streamlit as st
 
-from app_pages._common import PAGES
+from app_pages._pages import PAGES
 
 SIDEBAR_PX = 220  # the menu's longest entry fits; Streamlit's 300 px left 500 of an 800-px window to the page
 # The sidebar folds away by itself only under 768 px; at 800 px it stays open. A narrower one, metric labels that
@@ -33,4 +35,7 @@ nav = st.navigation({
         st.Page(PAGES["export"], title="Export", icon="📦"),
     ],
 })
+if "app_pages._common" not in sys.modules:  # a cold server: the menu shows while PyTorch loads, once
+    with st.spinner("Starting QAT Studio: loading PyTorch (once, when the server starts)…"):
+        import app_pages._common  # noqa: F401
 nav.run()

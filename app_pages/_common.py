@@ -20,7 +20,8 @@ import pandas as pd
 import plotly.graph_objects as go
 import streamlit as st
 
-from qat_core import analysis, cpu, library, planning, plots, prepare, report, runner, summary, sweep, zoo
+from app_pages._pages import PAGES  # noqa: F401  (the pages' own import of their files)
+from qat_core import analysis, cpu, library, planning, plots, prepare, progress, report, runner, summary, sweep, zoo
 from qat_core import config as cfg
 from qat_core import data as datasets
 from qat_core.errors import ConfigError, QATError
@@ -37,11 +38,6 @@ SWEEP_PICKER = "sweep_picker"  # the Sweep page's selectbox of sweeps
 ESTIMATE_KEY = "estimated_source"  # the Model page's source (model, weights, data) whose training was timed
 DEFAULT_MODEL = "digits-cnn"
 POLL_SECONDS = 0.5
-PAGES = {  # page files, for st.navigation (app.py) and st.switch_page / st.page_link
-    "home": "app_pages/home.py", "model": "app_pages/model.py", "plan": "app_pages/plan.py",
-    "finetune": "app_pages/finetune.py", "inspect": "app_pages/inspect_run.py", "benchmark": "app_pages/benchmark.py",
-    "compare": "app_pages/compare.py", "export": "app_pages/export.py", "sweep": "app_pages/sweep.py",
-}
 
 
 # --- errors ---------------------------------------------------------------------------------------
@@ -185,12 +181,12 @@ def _seconds_per_step(config_json: str, threads: int) -> dict[str, float]:
     return runner.seconds_per_step(cfg.RunConfig.model_validate_json(config_json), threads)
 
 
-def time_estimate(config: cfg.RunConfig, threads: int) -> dict[str, float]:
-    """Seconds an epoch and all training take for the draft, from steps timed once per model, data, plan and
-    batch size (epochs only multiply)."""
+def time_estimate(config: cfg.RunConfig, threads: int, train_baseline: bool = True) -> dict[str, float]:
+    """Seconds the parts of a run of the draft take (``runner.time_estimate``), from steps and passes timed
+    once per model, data, plan and batch size (epochs only multiply)."""
     timed = config.model_copy(update={"name": "", "baseline": config.baseline.model_copy(update={"epochs": 1}),
                                       "finetune": config.finetune.model_copy(update={"epochs": 1})})
-    return runner.time_estimate(config, call(_seconds_per_step, timed.model_dump_json(), threads))
+    return runner.time_estimate(config, call(_seconds_per_step, timed.model_dump_json(), threads), train_baseline)
 
 
 @st.cache_data(max_entries=16)
@@ -203,14 +199,7 @@ def table_columns(path: str) -> list[str]:
     return _table_columns(path, os.path.getmtime(path) if os.path.isfile(path) else 0.0)
 
 
-def duration(seconds: float) -> str:
-    """``0.4 s``, ``12 s``, ``3 min 20 s``."""
-    if seconds < 10:
-        return f"{seconds:.1f} s"
-    if seconds < 60:
-        return f"{seconds:.0f} s"
-    minutes, rest = divmod(round(seconds), 60)
-    return f"{minutes} min {rest} s" if minutes < 60 else f"{minutes // 60} h {minutes % 60} min"
+duration = progress.duration  # "12 s", "3 min 20 s": every page and the CLI spell times alike
 
 
 def save_upload(upload: Any) -> str:
@@ -351,24 +340,9 @@ def curves_figure(events: list[dict[str, Any]]) -> go.Figure:
     return fig
 
 
-STAGES = {"fp32": "training the FP32 baseline", "ptq": "calibrating (PTQ)", "qat": "QAT fine-tune"}
-
-
 def progress_of(events: list[dict[str, Any]]) -> tuple[float, str]:
-    """Overall progress 0..1 and the stage a running job is in (of: FP32 baseline, PTQ, QAT fine-tune)."""
-    done = {e["phase"] for e in events if e.get("done")}
-    steps = [e for e in events if "step" in e]
-    last = steps[-1] if steps else None
-    if last is not None and last["phase"] not in done:
-        frac = last["step"] / last["total"]
-        stage, overall = (1, 0.4 * frac) if last["phase"] == "fp32" else (3, 0.5 + 0.5 * frac)
-        return min(overall, 1.0), (f"Stage {stage} of 3 · {STAGES.get(last['phase'], last['phase'])}: step "
-                                   f"{last['step']}/{last['total']}, loss {last['loss']:.4f}")
-    if "ptq" in done:
-        return 0.5, "Stage 3 of 3 · QAT fine-tune: preparing the model and calibrating…"
-    if "fp32" in done:
-        return 0.45, "Stage 2 of 3 · calibrating and measuring PTQ (the FP32 baseline is ready)…"
-    return 0.0, "Stage 1 of 3 · starting: loading PyTorch, the data and the FP32 baseline…"
+    """Overall progress 0..1 and what a running job is doing, with the time left in its stage."""
+    return progress.run_progress(events)
 
 
 PACKED_NOTE = ("ONNX has no type narrower than 8 bits, so int8.onnx stores 2..7-bit weights a byte each (their values "
@@ -539,9 +513,9 @@ def histograms(root: str, run_id: str, layer: str, tensor: str) -> list:
     return analysis.activation_histograms(loaded, layer)
 
 
-@st.cache_data(max_entries=16, show_spinner="Measuring every layer…")
+@st.cache_data(max_entries=16, show_spinner="Measuring every layer, before and after the fine-tune (once a run)…")
 def error_table(root: str, run_id: str, stage: str) -> pd.DataFrame:
-    return analysis.error_table(loaded_run(root, run_id), stage)
+    return analysis.run_error_tables(RunStore(root), run_id, loaded_run(root, run_id))[stage]
 
 
 def saved_frame(run_id: str, name: str) -> pd.DataFrame | None:

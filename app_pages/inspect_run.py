@@ -5,7 +5,7 @@ import pandas as pd
 import streamlit as st
 
 from app_pages import _common as common
-from qat_core import analysis, plots, report, search, summary
+from qat_core import analysis, plots, progress, report, search, summary
 
 SENSITIVITY_TOP = 30  # layers the sensitivity chart shows before "Show all"
 
@@ -58,8 +58,9 @@ with sens_tab:
         bar = st.progress(0.0, text="measuring…")
 
         def on_progress(p):
-            if p.get("total"):
-                bar.progress(p["done"] / p["total"], text=f"{p.get('layer', '')} at {p.get('bits')} bits")
+            if p.get("total") and p["done"] < p["total"]:
+                bar.progress(p["done"] / p["total"], text=progress.task_text(
+                    p, f"Measuring {p['layer']} at {p['bits']} bits (one layer at a time, on the test set)"))
 
         sens = common.call(search.sensitivity, loaded, sorted(bits, reverse=True), on_progress=on_progress)
         common.save_frame(run_id, "sensitivity_page", sens)
@@ -82,9 +83,10 @@ with sens_tab:
         def on_suggest(p):
             if p["done"] < p["total"]:
                 why = {"fits": "best predicted within the budget", "front": "on the predicted trade-off"}
+                left = progress.left_text(p["seconds_left"])
                 sug_bar.progress(p["done"] / p["total"], text=f"Measuring candidate plan {p['done'] + 1} of "
                                  f"{p['total']} ({why.get(p['candidate'], p['candidate'])}): calibrating and "
-                                 "evaluating…")
+                                 "evaluating…" + (f" · {left}" if left else ""))
 
         sug = common.call(search.suggest_plan, loaded, sens, average_bits=avg, measure=4, on_progress=on_suggest)
         sug_bar.empty()

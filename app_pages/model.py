@@ -215,17 +215,23 @@ if not plugin and st.session_state.get(common.ESTIMATE_KEY) != source_id:
         st.session_state[common.ESTIMATE_KEY] = source_id
         st.rerun()
 elif not plugin:
-    est = common.time_estimate(config, TRAIN_THREADS)
     trained = (config.checkpoint or config.weights) and not info["new_head"]  # the user's weights are the baseline
-    e1, e2 = st.columns(2)
+    est = common.time_estimate(config, TRAIN_THREADS, train_baseline=metrics is None and not trained)
+    e1, e2, e3 = st.columns(3)
     e1.metric("Baseline training", "ready" if metrics is not None else "none: your weights" if trained else
-              common.duration(est["baseline_total"]),
-              help=f"One epoch: {common.duration(est['baseline_epoch'])}, measured here with {TRAIN_THREADS} thread "
-                   "on a few training steps. Loading, evaluation and saving come on top.")
-    e2.metric("Calibration and fine-tune", common.duration(est["calibration_total"] + est["finetune_total"]),
+              common.duration(est["baseline_total"] + est["baseline_evaluation"]),
+              help=f"One epoch: {common.duration(est['baseline_epoch'])}; its evaluations (test set, BatchNorm "
+                   f"statistics): {common.duration(est['baseline_evaluation'])}. Measured here with {TRAIN_THREADS} "
+                   "thread on a few training steps and test batches.")
+    e2.metric("Calibration and fine-tune", common.duration(est["calibration_total"] + est["finetune_total"]
+                                                           + est["quantized_evaluation"]),
               help=f"Calibration: {common.duration(est['calibration_total'])}; one epoch of QAT: "
-                   f"{common.duration(est['finetune_epoch'])}. Measured the same way, with this draft's plan and "
-                   "batch size (set on the Fine-tune page).")
+                   f"{common.duration(est['finetune_epoch'])}; PTQ's and QAT's evaluations: "
+                   f"{common.duration(est['quantized_evaluation'])}. Measured the same way, with this draft's plan "
+                   "and batch size (set on the Fine-tune page).")
+    e3.metric("Whole run", common.duration(est["run_total"]),
+              help=f"Both, plus starting the run's process and building the model "
+                   f"({common.duration(est['overhead'])}).")
 if metrics is not None:
     st.success(f"FP32 baseline ready: test accuracy {summary.pct(metrics['accuracy'])} (reused by every run of this "
                "model).")

@@ -117,7 +117,7 @@ def show_sweep(sweep_id: str, was_running: bool) -> None:
     done = 0 if frame is None else int((frame["status"] == "done").sum())
     total = (0 if frame is None else len(frame)) or state.get("total") or 0
     if live:
-        st.progress(done / total if total else 0.0, text=f"{state['message']} · {done} of {total} runs done")
+        st.progress(*sweep.progress_of(store, state, frame))
         if st.button("Cancel sweep", key="sw_cancel"):
             sweep.request_cancel(store, sweep_id)
             st.toast("Cancel requested: running runs stop at their next step.")

@@ -16,11 +16,14 @@ number of bins (:class:`StreamingHistogram`), so memory does not grow with the d
 
 from __future__ import annotations
 
+import contextlib
 import copy
+import hashlib
 import io
 import itertools
+import json
 import math
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -29,13 +32,15 @@ import pandas as pd
 import torch
 from torch import nn
 
-from qat_core import train
-from qat_core.config import LayerPlan, QuantOverride
+from qat_core import cpu, progress, train
+from qat_core.config import LayerPlan, QuantOverride, RunConfig
+from qat_core.data import data_fingerprint
 from qat_core.errors import CancelledError, ConfigError, StoreError
 from qat_core.modules import QATModel, QuantConv2d, QuantLinear, QuantOutput
 from qat_core.prepare import size_bytes
 from qat_core.quant_math import sqnr_db
 from qat_core.quantizers import FakeQuantizer, set_enabled
+from qat_core.store import RunStore
 
 if TYPE_CHECKING:
     from qat_core.runner import Loaded
@@ -430,10 +435,14 @@ def activation_histograms(loaded: Loaded, layer: str, batches: int | None = None
 
 # --- per-layer error -----------------------------------------------------------------------
 
-@torch.no_grad()
-def output_sqnr(fp32: nn.Module, model: nn.Module, loader: Iterable[Batch]) -> float:
-    """SQNR (dB) of the quantized network's logits against the FP32 network's, over ``loader``."""
-    return sqnr_db(train.predict(fp32, loader), train.predict(model, loader))
+@contextlib.contextmanager
+def work_threads() -> Iterator[None]:
+    """torch threads for analysis (per-layer error, sensitivity, suggestions, the report): 1 unless
+    ``$QAT_STUDIO_THREADS`` says otherwise. It runs in the web server, beside the browser and other jobs;
+    on 2 shared cores torch's default of 2 threads made "Suggest a plan" on digits 10x slower beside one
+    busy process (36 s, against 3.6 s with 1), and the report of a mobilenet_v3_small 2.4x slower."""
+    with train.torch_threads(cpu.requested_threads() or 1):
+        yield
 
 
 def quantization_only(model: QATModel) -> nn.Module:
@@ -461,7 +470,8 @@ def _plan_of(model: QATModel) -> LayerPlan:
 
 @torch.no_grad()
 def error_table(loaded: Loaded, stage: str = "qat", batches: int | None = None,
-                stats: dict[str, ActivationStats] | None = None) -> pd.DataFrame:
+                stats: dict[str, ActivationStats] | None = None,
+                fp32_logits: torch.Tensor | None = None) -> pd.DataFrame:
     """One row per quantizable layer of the ``stage`` model ("ptq" or "qat"), then a ``(network)`` row.
 
     Columns: stage, layer, kind, fused, weight_bits, act_bits, granularity, weight_scale (median over
@@ -474,8 +484,15 @@ def error_table(loaded: Loaded, stage: str = "qat", batches: int | None = None,
     (on ``batches`` calibration batches), and on the network row, over the test set: output_sqnr_db
     (logits against the same weights in float: quantization noise alone) and
     output_sqnr_vs_baseline_db (against the FP32 baseline: quantization plus what the fine-tune
-    changed). ``df.attrs`` holds output_sqnr_db and stage.
+    changed). ``df.attrs`` holds output_sqnr_db and stage. ``fp32_logits``: the FP32 baseline's test
+    logits (``train.predict``), where the caller has them already (both stages share them).
     """
+    with work_threads():
+        return _error_table(loaded, stage, batches, stats, fp32_logits)
+
+
+def _error_table(loaded: Loaded, stage: str, batches: int | None, stats: dict[str, ActivationStats] | None,
+                 fp32_logits: torch.Tensor | None) -> pd.DataFrame:
     model = _stage_model(loaded, stage)
     if stats is None:
         stats = capture_activations(model, calibration_batches(loaded, batches))
@@ -512,8 +529,9 @@ def error_table(loaded: Loaded, stage: str = "qat", batches: int | None = None,
             "output_sqnr_db": math.nan, "output_sqnr_vs_baseline_db": math.nan,
         })
     test = loaded.data.test_loader()
-    out_sqnr = output_sqnr(quantization_only(model), model, test)
-    drift = output_sqnr(loaded.fp32, model, test)
+    logits = train.predict(model, test)  # once: against the same weights in float, and against FP32
+    out_sqnr = sqnr_db(train.predict(quantization_only(model), test), logits)
+    drift = sqnr_db(train.predict(loaded.fp32, test) if fp32_logits is None else fp32_logits, logits)
     total = size_bytes(model.layers, plan)
     rows.append({"stage": stage, "layer": "(network)", "kind": "network", "fused": "",
                  "params": sum(r["params"] for r in model.layers),
@@ -526,6 +544,69 @@ def error_table(loaded: Loaded, stage: str = "qat", batches: int | None = None,
     df["weight_zero_channels"] = df["weight_zero_channels"].astype("Int64")
     df.attrs.update({"stage": stage, "output_sqnr_db": out_sqnr})
     return df
+
+
+ERRORS_RESULT = "error_tables"  # a run's per-layer error tables, both stages, saved with the run
+ERRORS_VERSION = 1  # raise when error_table's columns or definitions change: saved tables are then remade
+
+
+def _errors_key(store: RunStore, run_id: str, config: RunConfig, batches: int | None) -> str:
+    """What a run's saved error tables were computed from: its weights files (as written), config, data
+    files and calibration batches. Anything else, and they are computed again."""
+    weights = {}
+    for name in ("fp32.pt", "ptq.pt", "qat.pt"):
+        info = store.artifact(run_id, name).stat()
+        weights[name] = [info.st_size, info.st_mtime_ns]
+    identity = {"version": ERRORS_VERSION, "weights": weights, "config": config.model_dump(mode="json", exclude={"name"}),
+                "data": data_fingerprint(config.data), "batches": batches, "torch": torch.__version__}
+    return hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def _frame_payload(df: pd.DataFrame) -> dict[str, Any]:
+    """A table as JSON-able lists: floats exactly (JSON keeps NaN and inf), missing values as null."""
+    rows = df.astype(object).where(df.notna(), None).to_numpy().tolist()
+    return {"columns": list(df.columns), "dtypes": [str(t) for t in df.dtypes], "rows": rows, "attrs": df.attrs}
+
+
+def _frame_from(payload: dict[str, Any]) -> pd.DataFrame:
+    df = pd.DataFrame(payload["rows"], columns=payload["columns"])
+    for column, dtype in zip(payload["columns"], payload["dtypes"]):
+        df[column] = df[column].astype(dtype) if dtype != "object" else df[column].where(df[column].notna(), np.nan)
+    df.attrs.update(payload["attrs"])
+    return df
+
+
+def run_error_tables(store: RunStore, run_id: str, loaded: Loaded | None = None, batches: int | None = None,
+                     on_progress: OnProgress | None = None) -> dict[str, pd.DataFrame]:
+    """The error tables (:func:`error_table`) of a finished run before and after its fine-tune, by stage.
+
+    Computed once and saved with the run (``results/error_tables.json``), keyed by what they depend on
+    (:func:`_errors_key`), so Inspect and the report share one measurement; the FP32 logits are
+    predicted once for both stages. ``loaded``: the run's models, where the caller has them already.
+    Progress: ``on_progress({"task": "per-layer error", "done", "total", "seconds_left"})`` per stage.
+    """
+    from qat_core import runner  # runner builds the models; it sits above this module
+
+    store.require_done(run_id)
+    config = store.config(run_id)
+    key = _errors_key(store, run_id, config, batches)
+    with contextlib.suppress(StoreError, KeyError, TypeError, ValueError):  # damaged or older: measured again
+        saved = store.read_result(run_id, ERRORS_RESULT)
+        if saved is not None and saved["key"] == key and set(saved["stages"]) == set(STAGES):
+            return {stage: _frame_from(saved["stages"][stage]) for stage in STAGES}
+    pace = progress.Pace(len(STAGES))
+    if on_progress is not None:
+        on_progress(pace.payload("per-layer error", 0))
+    loaded = loaded or runner.load(store, run_id)
+    with work_threads():
+        reference = train.predict(loaded.fp32, loaded.data.test_loader())
+        tables = {}
+        for k, stage in enumerate(STAGES):
+            tables[stage] = _error_table(loaded, stage, batches, None, reference)
+            if on_progress is not None:
+                on_progress(pace.payload("per-layer error", k + 1))
+    store.write_result(run_id, ERRORS_RESULT, {"key": key, "stages": {s: _frame_payload(t) for s, t in tables.items()}})
+    return tables
 
 
 def _stage_model(loaded: Loaded, stage: str) -> QATModel:

@@ -30,11 +30,17 @@ class ProgressBar:
 
     def __init__(self, stream=sys.stderr):
         self.stream, self._last = stream, 0.0
+        self._first: dict[str, dict[str, Any]] = {}  # each phase's first step: the pace is measured after it
 
     def __call__(self, event: dict[str, Any]) -> None:
+        from qat_core import progress
+
         if event.get("done"):
             self.stream.write(f"\r{event['phase']:>4}: test accuracy {event['test_accuracy']:.2%}".ljust(78) + "\n")
             return
+        if "step" not in event:  # calibration batches: the bar follows training steps
+            return
+        first = self._first.setdefault(event["phase"], event)
         now = time.monotonic()
         if now - self._last < 0.1 and event["step"] != event["total"] and "test_accuracy" not in event:
             return
@@ -42,8 +48,9 @@ class ProgressBar:
         width = 24
         filled = int(width * event["step"] / event["total"])
         acc = f" acc {event['test_accuracy']:.2%}" if "test_accuracy" in event else ""
+        left = progress.left_text(progress.step_seconds_left([first, event]))
         line = (f"\r{event['phase']:>4} [{'#' * filled}{'.' * (width - filled)}] {event['step']}/{event['total']} "
-                f"loss {event['loss']:.4f}{acc}")
+                f"loss {event['loss']:.4f}{acc}" + (f" {left}" if left else ""))
         self.stream.write(line.ljust(78))
         if event["step"] == event["total"]:
             self.stream.write("\n")

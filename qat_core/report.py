@@ -301,8 +301,10 @@ def report_title(record: dict[str, Any]) -> str:
     return f"{record['model']} · {plan_summary(config)}" + (f" · {name}" if name else "")
 
 
-def _errors_section(loaded: Loaded) -> tuple[list[str], go.Figure]:
-    errors = pd.concat([analysis.error_table(loaded, stage) for stage in ("ptq", "qat")], ignore_index=True)
+def _errors_section(store: RunStore, run_id: str, loaded: Loaded | None,
+                    on_progress: analysis.OnProgress | None) -> tuple[list[str], go.Figure]:
+    tables = analysis.run_error_tables(store, run_id, loaded, on_progress=on_progress)  # saved: once a run
+    errors = pd.concat([tables[stage] for stage in ("ptq", "qat")], ignore_index=True)
     qat = errors[errors["stage"] == "qat"]
     layers, network = qat[qat["layer"] != "(network)"], qat[qat["layer"] == "(network)"]
     headers = ERROR_HEADERS | {"size_bytes": "weights size"}  # in KB or MB here
@@ -388,11 +390,13 @@ def _config_section(config: RunConfig) -> list[str]:
             f"<pre>{html.escape(yaml_text)}</pre>"]
 
 
-def report_html(store: RunStore, run_id: str, loaded: Loaded | None = None) -> bytes:
+def report_html(store: RunStore, run_id: str, loaded: Loaded | None = None,
+                on_progress: analysis.OnProgress | None = None) -> bytes:
     """A self-contained HTML report of a run (UTF-8 bytes); see the module docstring for its sections.
 
     ``loaded`` (``runner.load(store, run_id)``) saves rebuilding a finished run's models when the
-    caller has them already; unfinished runs get no per-layer error section.
+    caller has them already; unfinished runs get no per-layer error section. The per-layer errors
+    are measured once a run (:func:`analysis.run_error_tables`); ``on_progress`` follows them.
     """
     record = store.get(run_id)
     config = store.config(run_id)
@@ -416,7 +420,7 @@ def report_html(store: RunStore, run_id: str, loaded: Loaded | None = None) -> b
         reference = {"FP32": m.get("fp32", {}).get("accuracy"), "PTQ": m.get("ptq", {}).get("accuracy")}
         parts += ["<h2>Training curves</h2>", plots.training_figure(curves, reference=reference)]
     if record["status"] == "done":
-        section, fig = _errors_section(loaded or load(store, run_id))
+        section, fig = _errors_section(store, run_id, loaded, on_progress)
         parts += [*section, fig]
     layers = store.read_result(run_id, "layers")
     if layers:

@@ -15,6 +15,7 @@ import os
 import subprocess
 import sys
 import time
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import Any
 
@@ -119,35 +120,102 @@ def _build_fp32(config: RunConfig) -> tuple[nn.Module, Data]:
     return model, data
 
 
+TIMED_SAMPLES = 16  # samples of a batch timed for a pass's pace (a large batch or test set is not run whole)
+
+
+def _seconds_per_sample(run: Callable[[list[train.Batch]], Any], loader: Iterable[train.Batch]) -> float:
+    """Seconds ``run`` takes per sample on up to ``TIMED_SAMPLES`` samples of ``loader``'s first batch, after an
+    untimed warm-up on two (the first call of a path allocates and dispatches for the first time)."""
+    x, y = next(iter(loader))
+    run([(x[:2], y[:2])])
+    x, y = x[:TIMED_SAMPLES], y[:TIMED_SAMPLES]
+    started = time.perf_counter()
+    run([(x, y)])
+    return (time.perf_counter() - started) / len(x)
+
+
+def _startup_seconds() -> float:
+    """What a launched run spends before its first line of work: a new Python importing torch and QAT Studio."""
+    started = time.perf_counter()
+    subprocess.run([sys.executable, "-c", "import qat_core.cli, qat_core.runner"], check=False,
+                   stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, stdin=subprocess.DEVNULL)
+    return time.perf_counter() - started
+
+
 def seconds_per_step(config: RunConfig, threads: int = 1) -> dict[str, float]:
-    """What a step of this config's FP32 baseline and of its QAT fine-tune takes on this machine with
-    ``threads`` torch threads, measured on copies of the model (and its training split's size)."""
+    """What the parts of a run of this config take on this machine with ``threads`` torch threads, measured
+    on copies of the model: a training step of its FP32 baseline and of its QAT fine-tune, a calibration
+    batch, a test pass of the FP32 and of the quantized model (integer arithmetic and fake-quantized: a
+    run evaluates both) and a batch of BatchNorm re-estimation (from a few samples' pace), building the model and preparing it, and a
+    launched run's start (Python importing torch); and the training split's size."""
+    startup = _startup_seconds()
+    started = time.perf_counter()
     fp32, data = _build_fp32(config)
+    build = time.perf_counter() - started
     b, ft = config.baseline, config.finetune
+    test = data.test_loader()
     with train.torch_threads(threads):
         model = copy.deepcopy(fp32)
         baseline = train.seconds_per_step(model, data.train_loader(b.batch_size, True, config.seed),
                                           train.make_optimizer(model, "adam", b.lr, 0.0))
+        with torch.no_grad():  # as train.reestimate_batchnorm: forward in training mode, no gradients
+            bn_sample = _seconds_per_sample(lambda xs: [model.train()(x) for x, _ in xs],
+                                            data.train_loader(b.batch_size, True, config.seed))
+        fp32_sample = _seconds_per_sample(lambda xs: train.evaluate(model, xs), test)
+        started = time.perf_counter()
+        layer_table(fp32, data.example())
         qat = prepare(fp32, config.plan, data.example())
+        preparing = time.perf_counter() - started
         started = time.perf_counter()
         train.calibrate(qat, data.train_loader(ft.batch_size, True, config.seed), 1)
         calibration = time.perf_counter() - started  # a batch through every observer (MSE ranges: the most)
+        quantized_sample = _seconds_per_sample(
+            lambda xs: (train.evaluate(qat, xs, integer=True), train.evaluate(qat, xs)), test)
         finetune = train.seconds_per_step(qat, data.train_loader(ft.batch_size, True, config.seed),
                                           train.make_optimizer(qat, ft.optimizer, ft.lr, ft.weight_decay))
-    return {"baseline": baseline, "finetune": finetune, "calibration": calibration, "train_samples": len(data.train_x)}
+    return {"baseline": baseline, "finetune": finetune, "calibration": calibration, "train_samples": len(data.train_x),
+            "fp32_eval": fp32_sample * len(data.test_x), "quantized_eval": quantized_sample * len(data.test_x),
+            "bn_batch": bn_sample * min(b.batch_size, len(data.train_x)), "build": build, "prepare": preparing,
+            "startup": startup}
 
 
-def time_estimate(config: RunConfig, per_step: dict[str, float]) -> dict[str, float]:
-    """Seconds an epoch and all of training take for the baseline and the fine-tune: ``seconds_per_step``
-    × the steps (an epoch's batches, capped by max_steps); and the calibration before the fine-tune.
-    Loading, evaluation and export come on top."""
-    out = {"calibration_total": per_step["calibration"] * config.finetune.calibration_batches}
+def time_estimate(config: RunConfig, per_step: dict[str, float], train_baseline: bool = True) -> dict[str, float]:
+    """Seconds the parts of a run take, from :func:`seconds_per_step`'s measurements:
+
+    - ``baseline_epoch`` / ``baseline_total``: its training steps (an epoch's batches, capped by max_steps),
+      ``baseline_evaluation``: its evaluations (each re-estimates BatchNorm, then a test pass; and a last one);
+    - ``calibration_total``: the calibration batches before PTQ;
+    - ``finetune_epoch`` / ``finetune_total``: the QAT steps, ``quantized_evaluation``: PTQ's and QAT's
+      test passes (integer arithmetic and fake-quantized) and the fine-tune's evaluations;
+    - ``overhead``: starting the run's process, building and preparing the model;
+    - ``run_total``: all of it; without the baseline's training when ``train_baseline`` is False (cached,
+      or the user's trained weights).
+    """
+    steps: dict[str, tuple[int, int]] = {}
+    out: dict[str, float] = {}
     for part in ("baseline", "finetune"):
         section = getattr(config, part)
         per_epoch = math.ceil(per_step["train_samples"] / section.batch_size)
-        steps = math.ceil(per_epoch * section.epochs)
+        total = min(math.ceil(per_epoch * section.epochs), section.max_steps or math.ceil(per_epoch * section.epochs))
+        steps[part] = (total, per_epoch)
         out[f"{part}_epoch"] = per_epoch * per_step[part]
-        out[f"{part}_total"] = min(steps, section.max_steps or steps) * per_step[part]
+        out[f"{part}_total"] = total * per_step[part]
+    ft = config.finetune
+    out["calibration_total"] = per_step["calibration"] * min(ft.calibration_batches, steps["finetune"][1])
+    if "fp32_eval" not in per_step:  # measured before evaluation was timed: steps only
+        return out
+    total, per_epoch = steps["baseline"]
+    evals = len(train.evaluation_steps(total, per_epoch, train.baseline_eval_every(config.baseline.epochs)))
+    bn = per_step["bn_batch"] * min(train.BN_BATCHES, per_epoch)
+    out["baseline_evaluation"] = evals * (bn + per_step["fp32_eval"]) + per_step["fp32_eval"]
+    total, per_epoch = steps["finetune"]
+    evals = len(train.evaluation_steps(total, per_epoch, ft.eval_every_epochs)) if total else 0
+    # quantized_eval is both passes (integer arithmetic, fake-quantized): PTQ's and QAT's metrics take both,
+    # the fine-tune's own evaluations the integer one
+    out["quantized_evaluation"] = (2 + evals / 2) * per_step["quantized_eval"]
+    out["overhead"] = per_step["startup"] + per_step["build"] + per_step["prepare"]
+    parts = ["calibration_total", "finetune_total", "quantized_evaluation", "overhead"]
+    out["run_total"] = sum(out[k] for k in parts + (["baseline_total", "baseline_evaluation"] if train_baseline else []))
     return out
 
 
@@ -173,18 +241,24 @@ def baseline(config: RunConfig, store: RunStore, on_event: train.OnEvent = lambd
     return model, data, metrics
 
 
-def _quantize(fp32: nn.Module, data: Data, config: RunConfig) -> QATModel:
+def _quantize(fp32: nn.Module, data: Data, config: RunConfig, on_event: train.OnEvent | None = None) -> QATModel:
+    """The config's plan on a copy of ``fp32``, calibrated; ``on_event`` gets ``{"phase": "ptq", "calibrated",
+    "of", "elapsed"}`` after each calibration batch (no "step": these are not training steps)."""
     device = next(fp32.parameters()).device
     model = prepare(fp32, config.plan, data.example().to(device)).to(device)
     ft = config.finetune
-    train.calibrate(model, data.train_loader(ft.batch_size, True, config.seed), ft.calibration_batches)
+    loader = data.train_loader(ft.batch_size, True, config.seed)
+    of, started = min(ft.calibration_batches, len(loader)), time.perf_counter()
+    train.calibrate(model, loader, ft.calibration_batches, on_batch=None if on_event is None else lambda seen: on_event(
+        {"phase": "ptq", "calibrated": seen, "of": of, "elapsed": time.perf_counter() - started}))
     return model
 
 
-def calibrated(config: RunConfig, store: RunStore, cancel: train.Cancel = train.NeverCancel()) -> Loaded:
-    """The config's FP32 baseline (trained now unless cached) and its calibrated, not fine-tuned, model
-    as ``ptq`` and ``qat``: what a sensitivity scan needs before any run exists."""
-    fp32, data, _ = baseline(config, store, cancel=cancel)
+def calibrated(config: RunConfig, store: RunStore, cancel: train.Cancel = train.NeverCancel(),
+               on_event: train.OnEvent = lambda e: None) -> Loaded:
+    """The config's FP32 baseline (trained now unless cached: ``on_event`` follows it) and its calibrated,
+    not fine-tuned, model as ``ptq`` and ``qat``: what a sensitivity scan needs before any run exists."""
+    fp32, data, _ = baseline(config, store, on_event, cancel=cancel)
     fp32 = fp32.cpu().eval()
     train.seed_everything(config.seed)
     ptq = _quantize(fp32, data, config).eval()
@@ -213,7 +287,7 @@ def execute(config: RunConfig, store: RunStore, run_id: str | None = None, on_ev
         emit({"phase": "fp32", "done": True, "test_accuracy": fp32_metrics["accuracy"]})
         rows = layer_table(fp32, data.example().to(next(fp32.parameters()).device))
         train.seed_everything(config.seed)
-        ptq = _quantize(fp32, data, config)  # prepare copies: fp32 stays the baseline
+        ptq = _quantize(fp32, data, config, emit)  # prepare copies: fp32 stays the baseline
         qat = copy.deepcopy(ptq)  # calibrated once (MSE ranges of a large model: many seconds), fine-tuned next
         ptq_metrics = train.quantized_metrics(ptq, data.test_loader())
         emit({"phase": "ptq", "done": True, "test_accuracy": ptq_metrics["accuracy"]})

@@ -19,10 +19,19 @@ import pandas as pd
 import torch
 
 from qat_core import train
-from qat_core.analysis import Batch, OnProgress, activation_layers, calibration_batches, layer_names, weight_layers
+from qat_core.analysis import (
+    Batch,
+    OnProgress,
+    activation_layers,
+    calibration_batches,
+    layer_names,
+    weight_layers,
+    work_threads,
+)
 from qat_core.config import MAX_BITS, MIN_BITS, LayerPlan, QuantOverride
 from qat_core.errors import CancelledError, ConfigError, StoreError
 from qat_core.prepare import prepare, size_bytes
+from qat_core.progress import Pace
 from qat_core.quantizers import quantizers, set_enabled
 
 if TYPE_CHECKING:
@@ -77,11 +86,13 @@ def width_plan(base: LayerPlan, layers: Sequence[str], bits: dict[str, int | Non
     return LayerPlan(default=base.default, overrides=overrides)
 
 
-def progress(on_progress: OnProgress | None, cancel: train.Cancel | None, what: str, **info: Any) -> None:
+def progress(on_progress: OnProgress | None, cancel: train.Cancel | None, what: str, pace: Pace | None = None,
+             **info: Any) -> None:
+    """Stop if cancelled, else tell ``on_progress`` how far ``what`` is (with its time left, given its ``pace``)."""
     if cancel is not None and cancel.is_set():
         raise CancelledError(f"{what} cancelled after {info.get('done', 0)} of {info.get('total', '?')} steps")
     if on_progress is not None:
-        on_progress({"task": what, **info})
+        on_progress(pace.payload(what, **info) if pace is not None else {"task": what, **info})
 
 
 @torch.no_grad()
@@ -99,8 +110,14 @@ def sensitivity(loaded: Loaded, bits: Sequence[int] = (4, 2), layers: Sequence[s
     Returns one row per (layer, bits): layer, bits, params, loss, accuracy, loss_increase,
     accuracy_drop (a fraction), rank (1 = most sensitive at that width, by loss increase).
     ``df.attrs``: baseline_loss, baseline_accuracy. Progress: ``onprogress({"task", "done",
-    "total", "layer", "bits"})``; ``cancel.is_set()`` stops with CancelledError.
+    "total", "elapsed", "seconds_left", "layer", "bits"})``; ``cancel.is_set()`` stops with CancelledError.
     """
+    with work_threads():
+        return _sensitivity(loaded, bits, layers, include_activations, batches, on_progress, cancel)
+
+
+def _sensitivity(loaded: Loaded, bits: Sequence[int], layers: Sequence[str] | None, include_activations: bool,
+                 batches: int | None, on_progress: OnProgress | None, cancel: train.Cancel | None) -> pd.DataFrame:
     widths = check_bits(bits)
     probe = loaded.qat
     allowed = weight_layers(probe) if not include_activations else [
@@ -113,6 +130,7 @@ def sensitivity(loaded: Loaded, bits: Sequence[int] = (4, 2), layers: Sequence[s
     base = train.evaluate(loaded.fp32, held)
     params = {r["name"]: r["params"] for r in probe.layers}
     total, done, rows = len(widths) * len(names), 0, []
+    pace = Pace(total)
     cal = calibration_batches(loaded)
     for b in widths:
         if include_activations:
@@ -126,7 +144,7 @@ def sensitivity(loaded: Loaded, bits: Sequence[int] = (4, 2), layers: Sequence[s
         set_enabled(model, False)  # calibrate every range on FP32 inputs
         train.calibrate(model, cal_batches, max(1, len(cal_batches)), cancel or train.NeverCancel())
         for name in names:
-            progress(on_progress, cancel, "sensitivity", done=done, total=total, layer=name, bits=b)
+            progress(on_progress, cancel, "sensitivity", pace, done=done, layer=name, bits=b)
             module = model.layer(name)
             qs = quantizers(module)
             for q in qs:
@@ -138,7 +156,7 @@ def sensitivity(loaded: Loaded, bits: Sequence[int] = (4, 2), layers: Sequence[s
                          "accuracy": m["accuracy"], "loss_increase": m["loss"] - base["loss"],
                          "accuracy_drop": base["accuracy"] - m["accuracy"]})
             done += 1
-    progress(on_progress, None, "sensitivity", done=done, total=total, layer="", bits=None)
+    progress(on_progress, None, "sensitivity", pace, done=done, layer="", bits=None)
     df = pd.DataFrame(rows)
     df["rank"] = df.groupby("bits")["loss_increase"].rank(ascending=False, method="first").astype(int)
     df = df.sort_values(["bits", "rank"], ascending=[False, True], ignore_index=True)
@@ -214,9 +232,17 @@ def suggest_plan(loaded: Loaded, sens: pd.DataFrame, budget_bytes: float | None 
     Progress (step 3 takes nearly all the time): ``onprogress({"task": "suggestion", "done", "total",
     "candidate", "widths", "layer": "", "bits": None})`` before each distinct plan is measured (``done`` of
     ``total`` measured so far; ``candidate``: why it is measured — "fits", "uniform 4-bit", "front";
-    ``widths``: "layer:bits ..."), then once with ``done == total``. ``cancel.is_set()`` stops with
-    CancelledError. Without them nothing changes.
+    ``widths``: "layer:bits ..."; ``elapsed`` and ``seconds_left`` as :class:`progress.Pace` measures them),
+    then once with ``done == total``. ``cancel.is_set()`` stops with CancelledError. Without them nothing
+    changes.
     """
+    with work_threads():
+        return _suggest_plan(loaded, sens, budget_bytes, average_bits, measure, top, batches, on_progress, cancel)
+
+
+def _suggest_plan(loaded: Loaded, sens: pd.DataFrame, budget_bytes: float | None, average_bits: float | None,
+                  measure: int, top: int, batches: int | None, on_progress: OnProgress | None,
+                  cancel: train.Cancel | None) -> Suggestion:
     if (budget_bytes is None) == (average_bits is None):
         raise ConfigError("give exactly one budget: budget_bytes (model size) or average_bits (mean weight width)")
     need = {"layer", "bits", "loss_increase"}
@@ -306,10 +332,11 @@ def suggest_plan(loaded: Loaded, sens: pd.DataFrame, budget_bytes: float | None 
     for kind, ch in named:
         todo.setdefault(tuple(int(v) for v in ch), kind)
     seen: dict[tuple, dict[str, Any]] = {}
+    pace = Pace(len(todo))
     for k, (key, kind) in enumerate(todo.items()):
         bits = {n: widths[w] for n, w in zip(varied, key)}
-        progress(on_progress, cancel, "suggestion", done=k, total=len(todo), layer="", bits=None, candidate=kind,
-                  widths=" ".join(f"{n}:{b}" for n, b in bits.items()))
+        progress(on_progress, cancel, "suggestion", pace, done=k, layer="", bits=None, candidate=kind,
+                 widths=" ".join(f"{n}:{b}" for n, b in bits.items()))
         plan = width_plan(config.plan, varied, bits)
         model = prepare(loaded.fp32, plan, loaded.data.example())
         train.calibrate(model, cal, max(1, len(cal)), cancel or train.NeverCancel())
@@ -319,8 +346,7 @@ def suggest_plan(loaded: Loaded, sens: pd.DataFrame, budget_bytes: float | None 
                      "predicted_loss_increase": float(damage[idx, np.array(key)].sum()),
                      "accuracy": m["accuracy"], "loss": m["loss"], "within_budget": bool(cost[idx, np.array(key)].sum()
                                                                                         <= limit + 1e-9)}
-    progress(on_progress, None, "suggestion", done=len(todo), total=len(todo), layer="", bits=None, candidate="",
-              widths="")
+    progress(on_progress, None, "suggestion", pace, done=len(todo), layer="", bits=None, candidate="", widths="")
     # 4. the choice: the measured plan within budget with the lowest held-out loss
     fits = [k for k, c in seen.items() if c["within_budget"]]
     pick = min(fits, key=lambda k: (seen[k]["loss"], seen[k]["predicted_loss_increase"]))

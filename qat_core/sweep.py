@@ -61,7 +61,7 @@ import torch
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError, field_validator
 
-from qat_core import bench, cpu, files, planning, report, runner, search, train, zoo
+from qat_core import bench, cpu, files, planning, progress, report, runner, search, train, zoo
 from qat_core import config as cfg
 from qat_core.config import LayerPlan, QuantOverride, RangeMethod, RunConfig
 from qat_core.errors import CancelledError, ConfigError, QATError, StoreError
@@ -429,6 +429,29 @@ def sweep_frame(store: RunStore, sweep_id: str) -> pd.DataFrame:
     return pd.DataFrame(rows, columns=columns).round({"avg weight bits": 2})
 
 
+def progress_of(store: RunStore, state: dict[str, Any], frame: pd.DataFrame | None) -> tuple[float, str]:
+    """A live sweep's bar (0..1) and text: what it is doing (the driver's message: a baseline's steps, the
+    sensitivity scan, each with its time left), then runs done, running runs counting by their own steps,
+    and the time left at the pace since training began (``progress.runs_progress``)."""
+    total = (0 if frame is None else len(frame)) or state.get("total") or 0
+    done = 0 if frame is None else int((frame["status"] == "done").sum())
+    share = done / total if total else 0.0
+    if state.get("state") != "training" or "training_started" not in state or frame is None:
+        return share, f"{state.get('message') or 'starting'} · {done} of {total} runs done"
+    running = frame.loc[frame["status"] == "running", "run"]
+    partial = []
+    for run_id in running:
+        with contextlib.suppress(QATError):  # a damaged log: that run counts as just started
+            partial.append(progress.run_progress(store.events(run_id))[0])
+    todo = state.get("training_total") or total
+    kept = total - todo  # trained before this start (a resumed sweep): not part of this pace
+    share_now, left = progress.runs_progress(todo, done - kept, partial, time.time() - state["training_started"])
+    text = f"Training: {done} of {total} runs done, {len(running)} running"
+    left_text = progress.left_text(left if share_now > 0 else None)
+    return (kept + share_now * todo) / total if total else 0.0, text + (f" · {left_text}" if left_text else
+                                                                         " · timing the first steps…")
+
+
 class _State:
     def __init__(self, folder: Path):
         self.path, self.data = folder / STATE_FILE, {"pid": os.getpid(), "started": time.time()}
@@ -703,15 +726,19 @@ def _suggestions(spec: SweepSpec, store: RunStore, folder: Path, emit: Callable[
             return saved.plans
     if runner.cached_baseline(spec.base, store) is None:
         emit({"event": "baseline", "message": "training the FP32 baseline (for the sensitivity scan and the runs)"})
-    loaded = runner.calibrated(spec.base, store, cancel=cancel)
-    emit({"event": "sensitivity", "message": f"measuring each layer's sensitivity at {s.widths} bits"})
-    sens = search.sensitivity(loaded, s.widths, cancel=cancel)
+    loaded = runner.calibrated(spec.base, store, cancel=cancel, on_event=_step_notes(
+        emit, "training the FP32 baseline (for the sensitivity scan and the runs)"))
+    what = f"measuring each layer's sensitivity at {s.widths} bits"
+    emit({"event": "sensitivity", "message": what})
+    sens = search.sensitivity(loaded, s.widths, cancel=cancel, on_progress=_task_notes(emit, what))
     budgets = [(f"suggested ≤ {b:g} bits", {"average_bits": b}) for b in s.average_bits]
     budgets += [(f"suggested ≤ {b:,.0f} B", {"budget_bytes": b}) for b in s.budget_bytes]
     plans = {}
     for label, budget in budgets:
-        emit({"event": "suggestion", "message": f"choosing the plan {label}"})
-        plans[label] = search.suggest_plan(loaded, sens, **budget, cancel=cancel).plan
+        what = f"choosing the plan {label} (measuring candidate plans)"
+        emit({"event": "suggestion", "message": what})
+        plans[label] = search.suggest_plan(loaded, sens, **budget, cancel=cancel,
+                                           on_progress=_task_notes(emit, what)).plan
     atomic_write_text(path, json.dumps({"key": key, "plans": {k: p.model_dump(mode="json") for k, p in plans.items()}}))
     return plans
 
@@ -721,8 +748,44 @@ def _baselines(items: list[Item], store: RunStore, emit: Callable[[Event], None]
     todo = {runner.baseline_key(i.config): i.config for i in items}
     for k, config in enumerate(todo.values()):
         if runner.cached_baseline(config, store) is None:
-            emit({"event": "baseline", "message": f"training FP32 baseline {k + 1} of {len(todo)} (seed {config.seed})"})
-            runner.baseline(config, store, cancel=cancel)
+            what = f"training FP32 baseline {k + 1} of {len(todo)} (seed {config.seed})"
+            emit({"event": "baseline", "message": what})
+            runner.baseline(config, store, _step_notes(emit, what), cancel)
+
+
+NOTE_SECONDS = 1.0  # at most one progress message a second in the sweep's state file (the page polls it)
+
+
+def _throttled(emit: Callable[[Event], None]) -> Callable[[str, bool], None]:
+    """``note(message, final)``: a "progress" event, at most one each NOTE_SECONDS (and the last one)."""
+    last = [0.0]
+
+    def note(message: str, final: bool) -> None:
+        if final or time.monotonic() - last[0] >= NOTE_SECONDS:
+            last[0] = time.monotonic()
+            emit({"event": "progress", "message": message})
+
+    return note
+
+
+def _step_notes(emit: Callable[[Event], None], what: str) -> train.OnEvent:
+    """Training events (a baseline the driver trains) as messages: what, the step, the time left."""
+    note, first = _throttled(emit), []
+
+    def on_event(event: Event) -> None:
+        if "step" in event:
+            first[:] = first or [event]  # the pace is measured after the first step
+            left = progress.step_seconds_left([first[0], event])
+            note(progress.task_text({"done": event["step"], "total": event["total"], "seconds_left": left}, what),
+                 event["step"] == event["total"])
+
+    return on_event
+
+
+def _task_notes(emit: Callable[[Event], None], what: str) -> Callable[[Event], None]:
+    """Progress payloads of sensitivity and suggestions (with their time left) as messages."""
+    note = _throttled(emit)
+    return lambda payload: note(progress.task_text(payload, what), payload["done"] >= payload["total"])
 
 
 def _reconcile(store: RunStore, sweep_id: str, items: list[Item], emit: Callable[[Event], None]) -> list[Item]:
@@ -804,7 +867,8 @@ def _drive(spec: SweepSpec, store: RunStore, folder: Path, status: _State, cance
                 with train.torch_threads(cpu.training_threads(params)):
                     _baselines(todo, store, note, cancel)
                 at_once = settings["workers"] or "as many as Ray places"
-                status.write(state="training", message=f"training {len(todo)} runs, {at_once} at a time")
+                status.write(state="training", message=f"training {len(todo)} runs, {at_once} at a time",
+                             training_started=time.time(), training_total=len(todo))
                 _train(pool, todo, store, spec.name, settings, cancel, emit)
             except KeyboardInterrupt:  # Ctrl-C: every run stops at its next step and is recorded cancelled
                 request_cancel(store, spec.name)

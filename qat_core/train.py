@@ -179,7 +179,7 @@ def _fit(model: nn.Module, loader: Iterable[Batch], epochs: float, max_steps: in
         return
     base_lrs = [g["lr"] for g in optimizer.param_groups]
     pending = sorted((hooks or {}).items())
-    next_eval = eval_every * steps_per_epoch
+    evaluated_at = set(evaluation_steps(total, steps_per_epoch, eval_every))
     device = device_of(model)
     start, step, first_loss = time.perf_counter(), 0, None
     model.train()
@@ -206,13 +206,27 @@ def _fit(model: nn.Module, loader: Iterable[Batch], epochs: float, max_steps: in
             step += 1
             event: Event = {"phase": phase, "step": step, "total": total, "epoch": step / steps_per_epoch,
                             "loss": value, "elapsed": time.perf_counter() - start}
-            if evaluate_fn is not None and (step >= next_eval or step == total):
+            if evaluate_fn is not None and step in evaluated_at:
                 event["test_accuracy"] = evaluate_fn()["accuracy"]
-                next_eval += eval_every * steps_per_epoch
                 model.train()
             on_event(event)
             if step >= total:
                 break
+
+
+def evaluation_steps(total: int, steps_per_epoch: int, eval_every: float) -> list[int]:
+    """The steps after which the training loop evaluates: every ``eval_every`` epochs, and the last step."""
+    out, next_eval = [], eval_every * steps_per_epoch
+    for step in range(1, total + 1):
+        if step >= next_eval or step == total:
+            out.append(step)
+            next_eval += eval_every * steps_per_epoch
+    return out
+
+
+def baseline_eval_every(epochs: float) -> float:
+    """Epochs between the FP32 baseline's evaluations: each epoch, at most ten times a training."""
+    return max(1.0, epochs / 10)
 
 
 def seconds_per_step(model: nn.Module, loader: Iterable[Batch], optimizer: torch.optim.Optimizer,
@@ -251,7 +265,7 @@ def train_fp32(model: nn.Module, train_loader: Iterable[Batch], test_loader: Ite
         return evaluate(model, test_loader)
 
     _fit(model, train_loader, cfg.epochs, cfg.max_steps, optimizer, "fp32", on_event, cancel, evaluate_now,
-         eval_every=max(1.0, cfg.epochs / 10))
+         eval_every=baseline_eval_every(cfg.epochs))
     return evaluate(model, test_loader)  # the last step was evaluated (and its statistics re-estimated)
 
 
@@ -279,8 +293,10 @@ def reestimate_batchnorm(model: nn.Module, loader: Iterable[Batch], batches: int
 
 
 @torch.no_grad()
-def calibrate(model: QATModel, loader: Iterable[Batch], batches: int, cancel: Cancel = NeverCancel()) -> None:
-    """Run ``batches`` batches in eval mode (BN folded as deployed) with every observer on."""
+def calibrate(model: QATModel, loader: Iterable[Batch], batches: int, cancel: Cancel = NeverCancel(),
+              on_batch: Callable[[int], None] | None = None) -> None:
+    """Run ``batches`` batches in eval mode (BN folded as deployed) with every observer on; ``on_batch(seen)``
+    after each (MSE ranges of a large model take seconds a batch)."""
     qs = quantizers(model)
     for q in qs:
         q.observer.reset()
@@ -293,6 +309,8 @@ def calibrate(model: QATModel, loader: Iterable[Batch], batches: int, cancel: Ca
             raise CancelledError("Cancelled during calibration")
         model(x.to(device))
         seen += 1
+        if on_batch is not None:
+            on_batch(seen)
         if seen >= batches:
             break
     for q in qs:

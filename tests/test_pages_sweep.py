@@ -4,6 +4,7 @@ Pareto charts fill in, Cancel stops it, Resume finishes it; impossible settings 
 from __future__ import annotations
 
 import json
+import os
 import time
 
 import pytest
@@ -107,3 +108,24 @@ def test_a_damaged_sweep_file_is_named_beside_resume_not_a_crash(store, name, te
     warning = " ".join(w.value for w in at.warning)
     assert f"{name} is damaged" in warning and "run the same sweep again" in warning, warning
     assert at.button(key="sw_resume").label == "Resume"
+
+
+def test_a_training_sweep_moves_its_bar_with_the_running_runs_steps_and_says_the_time_left(store):
+    spec = sweep.from_dict({"name": "live", "base": small_base().to_dict(), "vary": {"weight_bits": [8, 4]}})
+    folder = store.sweep_dir("live")
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / sweep.SPEC_FILE).write_text(spec.to_yaml())
+    runs = [("live-a", "8-bit weights"), ("live-b", "4-bit weights")]
+    (folder / sweep.PLAN_FILE).write_text(json.dumps([{"run": r, "label": label} for r, label in runs]))
+    (folder / sweep.STATE_FILE).write_text(json.dumps({  # its driver (this process) trains since 10 s
+        "state": "training", "message": "training 2 runs, 1 at a time", "pid": os.getpid(), "total": 2,
+        "training_started": time.time() - 10, "training_total": 2}))
+    run_id = store.create_run(small_base(), os.getpid(), "live-a", {"sweep": {"id": "live", "label": "8-bit weights"}})
+    log = store.event_log(run_id)
+    for step in range(1, 6):  # the fine-tune half way: 5 of 10 steps
+        log({"phase": "qat", "step": step, "total": 10, "epoch": step / 10, "loss": 1.0, "elapsed": 0.5 * step})
+    log.flush()
+    at = sweep_page()
+    bar = at.get("progress")[0].proto
+    assert 0 < bar.value < 100  # not 0% while the first run trains (0.75 of one run of 2)
+    assert "0 of 2 runs done, 1 running" in bar.text and "left" in bar.text
