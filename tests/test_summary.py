@@ -12,8 +12,9 @@ import pytest
 from qat_core import bench, export, library, report, runner, summary
 from qat_core.cli import main
 from qat_core.config import RunConfig
+from qat_core.store import RunStore
 from tests.apptest import app, common, ok
-from tests.conftest import small_base, write_image_folder
+from tests.conftest import quick_config, small_base, write_image_folder
 
 
 @pytest.fixture(autouse=True)
@@ -22,7 +23,18 @@ def _workspace(workspace, monkeypatch):
 
 
 @pytest.fixture(scope="module")
-def mobilenet_run(workspace, tmp_path_factory) -> str:
+def bar_workspace(tmp_path_factory) -> RunStore:
+    """A workspace of its own: Home lists the ten newest runs, which the session's shared one outgrows."""
+    return RunStore(tmp_path_factory.mktemp("bar"))
+
+
+@pytest.fixture(scope="module")
+def digits_bar_run(bar_workspace) -> str:
+    return runner.execute(quick_config(), bar_workspace)
+
+
+@pytest.fixture(scope="module")
+def mobilenet_run(bar_workspace, tmp_path_factory) -> str:
     """torchvision's mobilenet_v3_small (107 quantized layers) on a 4-class, 32-pixel image folder: seconds."""
     library.import_torchvision()
     folder = write_image_folder(tmp_path_factory.mktemp("images"), classes=4, per_class=10, size=32)
@@ -30,7 +42,7 @@ def mobilenet_run(workspace, tmp_path_factory) -> str:
                                  data={"dataset": "image-folder", "path": str(folder), "image_size": 32}).to_dict()
     data["baseline"] |= {"epochs": 1}
     data["finetune"] |= {"epochs": 1}
-    return runner.execute(RunConfig.model_validate(data), workspace)
+    return runner.execute(RunConfig.model_validate(data), bar_workspace)
 
 
 def _kb(nbytes: float) -> float:
@@ -42,8 +54,11 @@ def _metrics(at) -> dict[str, str]:
 
 
 @pytest.mark.slow  # 20-40 s: exports, then renders seven pages
-@pytest.mark.parametrize("which", ["digits_run", "mobilenet_run"])
-def test_every_place_shows_one_size_and_one_quantized_layer_count(workspace, which, request, capsys):
+@pytest.mark.parametrize("which", ["digits_bar_run", "mobilenet_run"])
+def test_every_place_shows_one_size_and_one_quantized_layer_count(bar_workspace, which, request, capsys,
+                                                                  monkeypatch):
+    workspace = bar_workspace
+    monkeypatch.setenv("QAT_STUDIO_HOME", str(workspace.root))
     run_id = request.getfixturevalue(which)
     export.export_run(workspace, run_id)
     record = workspace.get(run_id)

@@ -22,7 +22,7 @@ def test_a_first_sweep_from_the_defaults(app_server, page):
     shown(page, "5 runs")
     page.get_by_role("button", name="Remove 3.0", exact=True).click()  # Streamlit 1.67's chip buttons
     shown(page, "4 runs")
-    page.get_by_text("Time each int8 model").click()
+    page.get_by_text("Time int8 models").click()
     page.get_by_role("button", name="Start sweep").click()
     page.get_by_role("button", name="Cancel sweep").wait_for(timeout=60_000)  # watching it run
     page.get_by_text("Done: 4 of 4 runs trained.").wait_for(timeout=RUN_TIMEOUT_MS)

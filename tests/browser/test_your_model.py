@@ -99,7 +99,7 @@ def test_a_library_checkpoint_and_an_image_folder_from_the_browser(users_files, 
 
         nav(page, "Export")
         with page.expect_download() as download:
-            page.get_by_role("button", name="Download config.yaml").click()
+            page.get_by_role("button", name="Download config (YAML)").click()
         exported = tmp_path / "config.yaml"
         exported.write_bytes(Path(download.value.path()).read_bytes())
 
