@@ -26,7 +26,8 @@ CLI = [sys.executable, "-m", "qat_core.cli"]
 RUNS = {"w8": ["--model", "digits-cnn"], "w4": ["--model", "digits-cnn", "--weight-bits", "4"],
         "mb": ["--model", "torchvision:mobilenet_v3_small"]}
 PAGES = [("home", "", None), ("model", "model", None), ("plan", "plan", None), ("finetune", "finetune", "w8"),
-         ("inspect", "inspect_run", "mb"), ("benchmark", "benchmark", "w8"), ("compare", "compare", None),
+         ("inspect", "inspect_run", "mb"), ("benchmark", "benchmark", "w8"),
+         ("benchmark-mobilenet", "benchmark", "mb"), ("compare", "compare", None),
          ("export", "export", "w8"), ("sweep", "sweep", None)]
 WIDTHS, HEIGHT = (1400, 800), 1600
 LAUNCH_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking"]
