@@ -10,6 +10,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import yaml
 
 from qat_core import export, runner, train, zoo
 from qat_core.config import DataConfig
@@ -49,6 +50,18 @@ def test_a_text_classifier_and_its_tokenizer_train_quantize_and_export(hf, tmp_p
     assert "model.bert.encoder.layer.0.attention.self.query" in exported["integer_layers"]
     assert set(exported["float_layers"]) == {f"model.bert.embeddings.{e}_embeddings" for e in
                                              ("word", "token_type", "position")}  # no QAT layer for Embedding
+
+
+def test_config_init_makes_a_text_table_config_for_a_text_model(hf, capsys):
+    from qat_core.cli import main
+
+    assert main(["config", "init", "--model", f"hf:{hf['text']}", "--data", str(hf["texts"]),
+                 "--label-column", "topic"]) == 0  # before: a numeric table, "no label column" on the texts (exit 2)
+    data = yaml.safe_load(capsys.readouterr().out)["data"]
+    assert (data["dataset"], data["text_column"], data["label_column"]) == ("text-table", "text", "topic")
+    assert main(["config", "init", "--model", "table-mlp", "--data", str(hf["texts"]), "--label-column", "topic",
+                 "--text-column", "text"]) == 2  # a named text column makes a text table, which table-mlp refuses
+    assert "model table-mlp is built for the table data set, not text-table" in capsys.readouterr().err
 
 
 def test_an_image_classifier_trains_on_an_image_folder_and_exports(hf, tmp_path):
