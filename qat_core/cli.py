@@ -60,7 +60,8 @@ class ProgressBar:
 def _store(args: argparse.Namespace):
     from qat_core.store import RunStore
 
-    return RunStore(args.workspace)
+    here = getattr(args, "workspace_here", None)  # given after the subcommand: it wins, as a later option does
+    return RunStore(here if here is not None else args.workspace)
 
 
 def cmd_models(args: argparse.Namespace) -> None:
@@ -72,11 +73,16 @@ def cmd_models(args: argparse.Namespace) -> None:
 
 def cmd_config_init(args: argparse.Namespace) -> None:
     from qat_core.runner import default_config
+    from qat_core.zoo import default_dataset
 
     data = {k: v for k, v in (("path", args.data), ("label_column", args.label_column),
-                              ("image_size", args.image_size), ("max_samples", args.max_samples)) if v is not None}
-    if args.data is not None:
-        data["dataset"] = "image-folder" if Path(args.data).is_dir() else "table"
+                              ("text_column", args.text_column), ("image_size", args.image_size),
+                              ("max_samples", args.max_samples)) if v is not None}
+    if args.data is not None and Path(args.data).is_dir():
+        data["dataset"] = "image-folder"
+    elif args.data is not None:  # a file: texts for a text model (or where a text column is named), else numbers
+        texts = args.text_column is not None or default_dataset(args.model) == "text-table"
+        data["dataset"] = "text-table" if texts else "table"
     print(default_config(args.model, args.weight_bits, args.act_bits, data, args.weights, args.checkpoint).to_yaml(),
           end="")
 
@@ -313,14 +319,17 @@ def _threads(text: str) -> int | str:
         raise argparse.ArgumentTypeError(f"threads must be a whole number >= 1 or 'all', got {text!r}") from None
 
 
+WORKSPACE_HELP = "workspace folder for runs (default: $QAT_STUDIO_HOME, else ~/.qat-studio)"
 ALLOW_HELP = ("run model factories (package.module:factory in a config) from this top-level package; repeatable. "
               "Only allowed packages and entry points in group qat_studio.models run; see also $QAT_STUDIO_PLUGINS")
 
 
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="qat-studio", description="Quantization-aware training studio (engine CLI).")
-    p.add_argument("--workspace", type=Path, default=None,
-                   help="workspace folder for runs (default: $QAT_STUDIO_HOME, else ~/.qat-studio)")
+    p.add_argument("--workspace", type=Path, default=None, help=WORKSPACE_HELP)
+    # also after each subcommand that reads or writes runs (``qat-studio runs --workspace W``), under its own name
+    ws = argparse.ArgumentParser(add_help=False)
+    ws.add_argument("--workspace", type=Path, default=None, dest="workspace_here", help=WORKSPACE_HELP)
     p.add_argument("--allow-plugin", action="append", default=[], metavar="PKG", help=ALLOW_HELP)
     # also after each subcommand that builds a model, under its own name: its value would replace the global one
     allow = argparse.ArgumentParser(add_help=False)
@@ -336,8 +345,10 @@ def parser() -> argparse.ArgumentParser:
     init.add_argument("--weight-bits", type=_bits, default=8, help="weight bits for inner layers: 2..8 or off")
     init.add_argument("--act-bits", type=_bits, default=8, help="activation bits for inner layers: 2..8 or off")
     init.add_argument("--data", default=None, help="data.path: a folder with one sub-folder of images per class, or "
-                                                   "a CSV or Parquet table (for table-mlp)")
+                                                   "a CSV or Parquet table (numbers for table-mlp, texts for a text classifier)")
     init.add_argument("--label-column", default=None, help="the table's label column (default: label)")
+    init.add_argument("--text-column", default=None, help="a text table's text column (default: text); a table "
+                                                          "given to a Hugging Face text classifier is a text table")
     init.add_argument("--image-size", type=int, default=None, help="an image folder's crop side in pixels "
                                                                    "(default: what the model's weights expect)")
     init.add_argument("--max-samples", type=int, default=None, help="use a seeded random subset of this many samples")
@@ -347,7 +358,7 @@ def parser() -> argparse.ArgumentParser:
                                                          "of classes is replaced)")
     init.set_defaults(func=cmd_config_init)
 
-    tr = sub.add_parser("train", parents=[allow], help="train a run from a config; prints the run id last")
+    tr = sub.add_parser("train", parents=[allow, ws], help="train a run from a config; prints the run id last")
     tr.add_argument("config", type=Path)
     tr.add_argument("--run-id", default=None, help=argparse.SUPPRESS)  # the app pre-creates runs it launches
     tr.add_argument("--quiet", action="store_true", help="no progress bar")
@@ -356,27 +367,27 @@ def parser() -> argparse.ArgumentParser:
                          "parameters and every core up to 4 for a larger one)")
     tr.set_defaults(func=cmd_train)
 
-    runs = sub.add_parser("runs", help="list runs")
+    runs = sub.add_parser("runs", parents=[ws], help="list runs")
     runs.add_argument("--json", action="store_true")
     runs.set_defaults(func=cmd_runs)
 
-    show = sub.add_parser("show", help="show one run")
+    show = sub.add_parser("show", parents=[ws], help="show one run")
     show.add_argument("run")
     show.add_argument("--json", action="store_true")
     show.set_defaults(func=cmd_show)
 
-    rn = sub.add_parser("rename", help="give a run another name (an empty name: its model and plan name it)")
+    rn = sub.add_parser("rename", parents=[ws], help="give a run another name (an empty name: its model and plan name it)")
     rn.add_argument("run", help="run id (see `qat-studio runs`)")
     rn.add_argument("name")
     rn.set_defaults(func=cmd_rename)
 
-    de = sub.add_parser("delete", help="delete a run and its folder (not while it runs)")
+    de = sub.add_parser("delete", parents=[ws], help="delete a run and its folder (not while it runs)")
     de.add_argument("run", help="run id (see `qat-studio runs`)")
     de.add_argument("--yes", action="store_true", help="delete without asking (required: the command never waits "
                                                        "for an answer)")
     de.set_defaults(func=cmd_delete)
 
-    an = sub.add_parser("analyze", parents=[allow], help="write per-layer error, histograms, sensitivity (CSV) and "
+    an = sub.add_parser("analyze", parents=[allow, ws], help="write per-layer error, histograms, sensitivity (CSV) and "
                                                          "figures (HTML) into a finished run's analysis/ folder")
     an.add_argument("run", help="run id (see `qat-studio runs`)")
     an.add_argument("--bits", type=int, nargs="*", default=[4, 2],
@@ -391,20 +402,20 @@ def parser() -> argparse.ArgumentParser:
     an.add_argument("--json", action="store_true", help="print the written files as JSON")
     an.add_argument("--quiet", action="store_true", help="no progress on stderr")
     an.set_defaults(func=cmd_analyze)
-    ex = sub.add_parser("export", parents=[allow],
+    ex = sub.add_parser("export", parents=[allow, ws],
                         help="write fp32.onnx and int8.onnx (QDQ, the run's own scales) into a run")
     ex.add_argument("run", help="run id (see `qat-studio runs`)")
     ex.add_argument("--json", action="store_true")
     ex.set_defaults(func=cmd_export)
 
-    ev = sub.add_parser("eval", parents=[allow],
+    ev = sub.add_parser("eval", parents=[allow, ws],
                         help="accuracy of the exported int8 model and its agreement with the simulation")
     ev.add_argument("run", help="run id (see `qat-studio runs`)")
     ev.add_argument("--backend", choices=["onnxruntime"], default="onnxruntime")
     ev.add_argument("--json", action="store_true")
     ev.set_defaults(func=cmd_eval)
 
-    be = sub.add_parser("bench", parents=[allow], help="latency: ONNX Runtime FP32 vs int8 vs PyTorch eager")
+    be = sub.add_parser("bench", parents=[allow, ws], help="latency: ONNX Runtime FP32 vs int8 vs PyTorch eager")
     be.add_argument("run", help="run id (see `qat-studio runs`)")
     be.add_argument("--batch", type=int, nargs="+", default=[1, 32], help="batch sizes (>= 1); default 1 32")
     be.add_argument("--threads", type=_threads, nargs="+", default=[1, "all"],
@@ -414,7 +425,7 @@ def parser() -> argparse.ArgumentParser:
     be.add_argument("--json", action="store_true")
     be.set_defaults(func=cmd_bench)
 
-    sw = sub.add_parser("sweep", parents=[allow], help="train a base config × variations (widths, plans, suggestions, "
+    sw = sub.add_parser("sweep", parents=[allow, ws], help="train a base config × variations (widths, plans, suggestions, "
                                                        "range methods, learning rates, seeds) in parallel; run it "
                                                        "again to resume")
     sw.add_argument("spec", type=Path, nargs="?", help="sweep spec (YAML); see --example")
@@ -430,7 +441,7 @@ def parser() -> argparse.ArgumentParser:
     sw.add_argument("--quiet", action="store_true", help="no progress on stderr")
     sw.set_defaults(func=cmd_sweep)
 
-    rp = sub.add_parser("report", parents=[allow],
+    rp = sub.add_parser("report", parents=[allow, ws],
                         help="write a self-contained HTML report of a run; prints its path")
     rp.add_argument("run", help="run id (see `qat-studio runs`)")
     rp.add_argument("-o", "--output", type=Path, default=None, help="HTML file (default: report.html in the run folder)")

@@ -101,10 +101,11 @@ class _ValueProxy(fx.Proxy):
             value = self._value()
             if value is not None and not hasattr(value, name):
                 raise AttributeError(name)
-            if name == "dtype" and isinstance(value, torch.Tensor):
-                # fixed, like the model's dtype: a weight read only for its dtype (transformers' ViT casts its
-                # input to the patch projection's) then leaves the graph instead of pinning a swapped-out weight
-                return value.dtype
+            if name in ("dtype", "device") and isinstance(value, torch.Tensor):
+                # fixed, like the model's dtype and device: a weight read only for them (transformers' ViT casts
+                # its input to the patch projection's dtype, timm's EdgeNeXt builds its position grid on the
+                # projection's device) then leaves the graph instead of pinning a swapped-out weight
+                return getattr(value, name)
         return super().__getattr__(name)
 
     def __iter__(self):

@@ -267,4 +267,6 @@ def softmax(x: Quantized, dim: int, output: Grid) -> Quantized:
         total = total + e[..., j]
     steps = torch.floor(torch.tensor(1.0, dtype=torch.float32) / _f32(output.scale))
     q = torch.round((e.double() * steps.double()) / total[..., None].double()) + output.zero_point  # in double
-    return output.values(q.clamp_(*UINT8).clamp_(output.qmin, output.qmax).movedim(-1, dim))
+    # codes (whole numbers to 255, exact in float32) back in the input's dtype: DequantizeLinear's float32, which
+    # ops without an integer kernel (einsum) then take with their other float32 operand
+    return output.values(q.clamp_(*UINT8).clamp_(output.qmin, output.qmax).to(x.dtype).movedim(-1, dim))

@@ -236,10 +236,16 @@ def hf_tokenizer(model_id: str) -> Any:
     for name in present:  # typed and bounded first: transformers would block on a FIFO
         files.read_bytes(folder / name, TOKENIZER_LIMIT, f"{model_id}: the tokenizer's {name}", ConfigError)
     try:
-        return AutoTokenizer.from_pretrained(folder, local_files_only=True, trust_remote_code=False)
+        tokenizer = AutoTokenizer.from_pretrained(folder, local_files_only=True, trust_remote_code=False)
     except Exception as err:  # a damaged file, whatever transformers or tokenizers raise for it
         raise ConfigError(f"{model_id}: the tokenizer saved in {folder} cannot be loaded ({first_line(err)}); save it "
                           "again beside the model with tokenizer.save_pretrained(FOLDER)") from None
+    if tokenizer.pad_token is None:  # GPT-2's: texts of a batch are padded with its end-of-text token
+        if tokenizer.eos_token is None:
+            raise ConfigError(f"{model_id}: the tokenizer saved in {folder} has neither a padding nor an end-of-text "
+                              "token to pad a batch's texts with; set tokenizer.pad_token and save it again")
+        tokenizer.pad_token = tokenizer.eos_token
+    return tokenizer
 
 
 def hf_model(model_id: str, data: Data) -> nn.Module:
@@ -265,6 +271,8 @@ def hf_model(model_id: str, data: Data) -> nn.Module:
             transformers.utils.logging.enable_progress_bar()
     model.eval()
     pad = hf_tokenizer(model_id).pad_token_id if task == "text" else None  # the ids the data is padded with
+    if pad is not None and getattr(model.config, "pad_token_id", None) is None:
+        model.config.pad_token_id = pad  # GPT-2's classifier reads the logits at each text's last token before it
     pad = pad if pad is not None else getattr(model.config, "pad_token_id", None)
     wrapped = HFClassifier(model, task, pad if pad is not None else 0)
     if old != data.num_classes:

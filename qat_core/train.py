@@ -63,6 +63,16 @@ def device_of(model: nn.Module) -> torch.device:
     return next(model.parameters()).device
 
 
+def main_logits(output: Any) -> torch.Tensor:
+    """The logits a training step's loss is taken on. GoogLeNet and Inception v3 (torchvision) return their
+    auxiliary classifiers' logits beside the main ones in training mode (a namedtuple, main logits first); the
+    loss uses the main output only: the auxiliary heads help train such a network from scratch, and the
+    deployed model, traced in eval mode, has none."""
+    if isinstance(output, tuple) and output and isinstance(output[0], torch.Tensor):
+        return output[0]
+    return output
+
+
 @torch.no_grad()
 def evaluate(model: nn.Module, loader: Iterable[Batch], integer: bool = False) -> dict[str, float]:
     """Top-1 accuracy (a fraction) and mean cross-entropy of ``model`` on ``loader``.
@@ -193,7 +203,7 @@ def _fit(model: nn.Module, loader: Iterable[Batch], epochs: float, max_steps: in
             for g, base in zip(optimizer.param_groups, base_lrs):
                 g["lr"] = base * 0.5 * (1 + math.cos(math.pi * step / total))
             x, y = x.to(device), y.to(device)
-            logits = model(x)
+            logits = main_logits(model(x))
             loss = F.cross_entropy(logits, y)
             value = loss.item()
             first_loss = value if first_loss is None else first_loss
@@ -245,7 +255,7 @@ def seconds_per_step(model: nn.Module, loader: Iterable[Batch], optimizer: torch
         except StopIteration:  # fewer batches than steps: start the epoch again
             batches = iter(loader)
             x, y = next(batches)
-        loss = F.cross_entropy(model(x.to(device)), y.to(device))
+        loss = F.cross_entropy(main_logits(model(x.to(device))), y.to(device))
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()

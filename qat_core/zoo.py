@@ -29,6 +29,7 @@ from qat_core.library import (
     head,
     hf_task,
     ids_for,
+    image_preset,
     library_data,
     library_model,
     library_of,
@@ -230,17 +231,28 @@ def default_dataset(model_id: str) -> str:
     return "generated-images" if library_of(model_id) else "digits"
 
 
-def _check_fits(model: nn.Module, data: Data, model_id: str, dataset: str) -> None:
+def _check_fits(model: nn.Module, data: Data, model_id: str, dataset: str, weights: str | None = None) -> None:
     """A model and data that do not fit (channels, sizes) fail here with both named, not mid-training."""
     x = data.example(2)
     try:
         out = _out_features(model, x)
     except Exception as err:  # whatever the model's forward raises on a wrong input
         raise ConfigError(f"{model_id} cannot run on {dataset} inputs of shape {tuple(x.shape[1:])} "
-                          f"({type(err).__name__}: {str(err)[:200]}); choose data that fits it, e.g. "
-                          "data.dataset: generated-images for an image model") from None
+                          f"({type(err).__name__}: {str(err)[:200]}); {_fit_hint(model_id, dataset, weights)}") from None
     if out != data.num_classes:
         raise ConfigError(f"{model_id} gives {out} outputs for {data.num_classes} classes")
+
+
+def _fit_hint(model_id: str, dataset: str, weights: str | None) -> str:
+    """What to change when a model cannot run on the data: an image folder's crop size for a library's image
+    model (the size its weights expect; a ViT's position embeddings take that size only), else other data."""
+    if dataset != "image-folder" or not library_of(model_id):
+        return "choose data that fits it, e.g. data.dataset: generated-images for an image model"
+    preset = image_preset(model_id, weights)
+    side = preset["image_size"]
+    only = " only" if preset.get("min_side", side) >= side else ""
+    return (f"{model_id} takes {side}×{side} images{only}: set data.image_size: {side} "
+            f"(qat-studio config init … --image-size {side})")
 
 
 _loading_plugin = False  # a plugin whose factory loads a plugin again (QAT Studio's own CLI, say) would recurse
@@ -411,5 +423,5 @@ def build(model_id: str, data_cfg: DataConfig, weights: str | None = None,
     if checkpoint:
         load_checkpoint(model, checkpoint)
     if not is_plugin(model_id):
-        _check_fits(model, data, model_id, data_cfg.dataset)
+        _check_fits(model, data, model_id, data_cfg.dataset, weights)
     return model, data

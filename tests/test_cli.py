@@ -124,3 +124,18 @@ def test_a_bug_is_one_line_with_the_way_to_its_traceback(monkeypatch, capsys):
     monkeypatch.setenv("QAT_STUDIO_DEBUG", "1")
     with pytest.raises(AttributeError):
         main(["models"])
+
+
+def test_workspace_is_taken_after_the_subcommand_too(tmp_path, capsys):
+    from qat_core.config import RunConfig
+    from qat_core.store import RunStore
+
+    here, there = RunStore(tmp_path / "here"), RunStore(tmp_path / "there")
+    run_id = here.create_run(RunConfig(model="digits-cnn"))
+    assert main(["runs", "--workspace", str(here.root), "--json"]) == 0  # before: "unrecognized arguments" (exit 2)
+    assert [r["id"] for r in json.loads(capsys.readouterr().out)] == [run_id]
+    assert main(["show", run_id, "--workspace", str(here.root), "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["id"] == run_id
+    # both: the one after the subcommand wins, as a later option does
+    assert main(["--workspace", str(there.root), "runs", "--workspace", str(here.root), "--json"]) == 0
+    assert [r["id"] for r in json.loads(capsys.readouterr().out)] == [run_id]

@@ -309,3 +309,22 @@ def test_models_in_other_threads_run_while_one_traces():
     for t in threads:
         t.join()
     assert errors == []
+
+
+class _ReadsWeightDevice(nn.Module):
+    """timm's EdgeNeXt position encoding: builds a grid on its projection's device and dtype, then projects it."""
+
+    def __init__(self):
+        super().__init__()
+        self.proj = nn.Conv2d(2, 4, 1)
+
+    def forward(self, x):
+        grid = torch.ones(1, 2, *x.shape[-2:]).to(device=self.proj.weight.device, dtype=self.proj.weight.dtype)
+        return x + self.proj(grid)
+
+
+def test_a_weight_read_for_its_device_does_not_pin_the_swapped_out_layer():
+    model, x = _ReadsWeightDevice().eval(), torch.randn(8, 4, 5, 5)
+    qat = _prepared(model, x)  # before: "references nonexistent attribute weight" (exit 70 for edgenext)
+    assert "proj" in {r["name"] for r in qat.layers if r["has_weights"]}
+    assert_close(qat(x), model(x), atol=0.1, rtol=0)  # 8-bit codes of the float model's numbers

@@ -10,8 +10,9 @@ import sys
 from pathlib import Path
 
 import pytest
+import yaml
 
-from qat_core import export, runner, zoo
+from qat_core import export, runner, train, zoo
 from qat_core.config import DataConfig
 from qat_core.errors import ConfigError
 from qat_core.store import RunStore
@@ -49,6 +50,18 @@ def test_a_text_classifier_and_its_tokenizer_train_quantize_and_export(hf, tmp_p
     assert "model.bert.encoder.layer.0.attention.self.query" in exported["integer_layers"]
     assert set(exported["float_layers"]) == {f"model.bert.embeddings.{e}_embeddings" for e in
                                              ("word", "token_type", "position")}  # no QAT layer for Embedding
+
+
+def test_config_init_makes_a_text_table_config_for_a_text_model(hf, capsys):
+    from qat_core.cli import main
+
+    assert main(["config", "init", "--model", f"hf:{hf['text']}", "--data", str(hf["texts"]),
+                 "--label-column", "topic"]) == 0  # before: a numeric table, "no label column" on the texts (exit 2)
+    data = yaml.safe_load(capsys.readouterr().out)["data"]
+    assert (data["dataset"], data["text_column"], data["label_column"]) == ("text-table", "text", "topic")
+    assert main(["config", "init", "--model", "table-mlp", "--data", str(hf["texts"]), "--label-column", "topic",
+                 "--text-column", "text"]) == 2  # a named text column makes a text table, which table-mlp refuses
+    assert "model table-mlp is built for the table data set, not text-table" in capsys.readouterr().err
 
 
 def test_an_image_classifier_trains_on_an_image_folder_and_exports(hf, tmp_path):
@@ -160,3 +173,32 @@ def test_damaged_folders_are_named_damage(hf, tmp_path, model, name, damage, mes
         DataConfig(dataset="text-table", path=str(hf["texts"]), label_column="topic")
     with pytest.raises(ConfigError, match=message):
         runner.default_config(f"hf:{folder}", data=data.model_dump(exclude_unset=True))
+
+
+def _save_gpt2(folder, eos: str | None = "<|endoftext|>"):
+    """A tiny GPT-2 text classifier whose tokenizer, like GPT-2's, has an end-of-text token but no padding token."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import GPT2Config, GPT2ForSequenceClassification, PreTrainedTokenizerFast
+
+    from tests.conftest import FILLER, TOPICS
+
+    words = ["<|endoftext|>"] + FILLER + " ".join(TOPICS.values()).split()
+    tokenizer = Tokenizer(models.WordLevel({w: i for i, w in enumerate(words)}, unk_token="<|endoftext|>"))
+    tokenizer.pre_tokenizer = pre_tokenizers.Whitespace()
+    PreTrainedTokenizerFast(tokenizer_object=tokenizer, eos_token=eos, unk_token="<|endoftext|>").save_pretrained(folder)
+    GPT2ForSequenceClassification(GPT2Config(vocab_size=len(words), n_embd=32, n_layer=1, n_head=2, n_positions=64,
+                                             bos_token_id=0, eos_token_id=0, num_labels=2)).save_pretrained(folder)
+    return folder
+
+
+def test_a_tokenizer_without_a_padding_token_pads_with_its_end_of_text_token(hf, tmp_path):
+    folder = _save_gpt2(tmp_path / "gpt2")
+    data = {"path": str(hf["texts"]), "label_column": "topic", "max_length": 32}
+    config = runner.default_config(f"hf:{folder}", data=data)  # before: "Asking to pad but the tokenizer …" (exit 70)
+    model, built = zoo.build(config.model, config.data)
+    assert model.pad_id == model.model.config.pad_token_id == 0  # the classifier finds each text's last real token
+    assert (built.train_x == 0).any()  # the shorter texts of a batch were padded
+    assert train.evaluate(model, built.test_loader(16))["accuracy"] >= 0  # batches of several texts run
+    _save_gpt2(tmp_path / "no-eos", eos=None)
+    with pytest.raises(ConfigError, match="neither a padding nor an end-of-text token"):
+        zoo.build(f"hf:{tmp_path / 'no-eos'}", config.data)

@@ -247,3 +247,35 @@ def test_each_layer_knows_the_quantizer_of_its_input_for_its_bias_grid(digits_ru
     simulated = modules._int32_bias(bias, conv.input_quant, conv.weight_quant)
     assert torch.equal(simulated, (torch.round(bias.double() / step.double()) * step.double()).float())
     assert not torch.equal(simulated, bias)
+
+
+class _EinsumAttention(torch.nn.Module):
+    """Attention written with einsum (as some libraries do): its softmax is an integer kernel, the einsum after
+    it has none and runs in float on the softmax's dequantized output and the values."""
+
+    def __init__(self):
+        super().__init__()
+        self.q, self.k, self.v, self.out = (torch.nn.Linear(8, 8) for _ in range(4))
+
+    def forward(self, x):  # (B, T, 8)
+        att = torch.einsum("bid,bjd->bij", self.q(x), self.k(x)).softmax(dim=-1)  # (B, T, T)
+        return self.out(torch.einsum("bij,bjd->bid", att, self.v(x))).mean(dim=1)
+
+
+def test_a_float_op_after_the_integer_softmax_takes_its_float32_output(tmp_path):
+    from qat_core import train
+    from qat_core.config import LayerPlan
+    from qat_core.export import int8_onnx, session
+    from qat_core.prepare import prepare
+
+    torch.manual_seed(0)
+    x = torch.randn(64, 5, 8)
+    qat = prepare(_EinsumAttention().eval(), LayerPlan(), x)
+    train.calibrate(qat, [(x, None)], 1)
+    with qat.eval().integer_arithmetic():  # before: "expected scalar type Double but found Float"
+        ours = qat(x)
+    path = tmp_path / "int8.onnx"
+    path.write_bytes(int8_onnx(qat, x[:1]))
+    theirs = session(path).run(None, {"input": x.numpy()})[0]
+    assert ours.dtype == torch.float32
+    np.testing.assert_allclose(ours.numpy(), theirs, rtol=0, atol=1e-6)  # the float mean's summation order only

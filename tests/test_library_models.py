@@ -140,3 +140,9 @@ def test_weights_and_a_checkpoint_together_are_refused():
 
     with pytest.raises(ConfigError, match=r"give weights .* or checkpoint .*, not both"):
         from_dict({"model": "torchvision:resnet18", "weights": "DEFAULT", "checkpoint": "x.pt"})
+
+
+def test_a_fixed_size_model_on_smaller_images_is_told_the_size_it_takes(tmp_path):
+    with pytest.raises(ConfigError, match=r"timm:deit_tiny_patch16_224 takes 224×224 images only: set "
+                                          r"data.image_size: 224 \(qat-studio config init … --image-size 224\)"):
+        zoo.build("timm:deit_tiny_patch16_224", _tiny_folder(tmp_path))  # 32 px (before: "use generated images")

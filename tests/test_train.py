@@ -1,5 +1,6 @@
 """The fine-tune engine on real data: BN folding, PTQ vs QAT, determinism, divergence, cancel."""
 
+import collections
 import copy
 import re
 import sys
@@ -31,6 +32,33 @@ def _trained_cnn(digits, steps=60):
     train.train_fp32(model, digits.train_loader(64, True, 0), digits.test_loader(),
                      BaselineConfig(epochs=5, max_steps=steps), lambda e: None)
     return model
+
+
+class _AuxOutputs(torch.nn.Module):
+    """GoogLeNet's and Inception v3's pattern: in training mode an auxiliary classifier's logits come back
+    beside the main ones, in a namedtuple (main first); in eval mode the main logits alone."""
+
+    Outputs = collections.namedtuple("Outputs", ["logits", "aux_logits"])
+
+    def __init__(self):
+        super().__init__()
+        self.body, self.main, self.aux = zoo.mlp(16), torch.nn.Linear(16, 10), torch.nn.Linear(16, 10)
+
+    def forward(self, x):
+        h = self.body(x)
+        return self.Outputs(self.main(h), self.aux(h)) if self.training else self.main(h)
+
+
+def test_a_model_with_auxiliary_outputs_in_training_trains_on_its_main_logits(digits):
+    train.seed_everything(0)
+    model = _AuxOutputs()
+    metrics = train.train_fp32(model, digits.train_loader(64, True, 0), digits.test_loader(),
+                               BaselineConfig(epochs=1, max_steps=20), lambda e: None)
+    assert metrics["accuracy"] > 0.5  # the main head learned (before: cross_entropy of a namedtuple, exit 70)
+    qat = prepare(model.eval(), LayerPlan(), digits.example())
+    assert "aux" not in {r["name"] for r in qat.layers}  # traced in eval mode: the deployed model has no aux head
+    twin = copy.deepcopy(model)
+    assert train.seconds_per_step(twin, digits.train_loader(64, True, 0), torch.optim.SGD(twin.parameters(), lr=0.01)) > 0
 
 
 def test_folded_network_equals_the_float_network_with_quantizers_off(digits):
