@@ -14,7 +14,7 @@ MSE_CANDIDATES = 24  # clip ratios tried by the MSE search, from MSE_LOWEST_RATI
 MSE_LOWEST_RATIO = 0.2
 MSE_SAMPLE = 1 << 16  # elements of a large batch that every candidate is scored on (per-tensor ranges)
 MSE_RESCORED = 1  # candidates each side of the estimate's best scored again on the whole batch
-MSE_BLOCK = 1 << 18  # candidate × element errors computed at once (bounds the search's memory)
+MSE_BLOCK = 1 << 20  # candidate × element errors computed at once: bounds memory (4 MB a temporary) and the ops
 EMA_MOMENTUM = 0.01  # moving-average update weight (torch.ao's default averaging constant)
 PERCENTILE_SAMPLE = 1 << 20  # elements sampled per batch for the percentile (keeps it O(1) memory)
 
@@ -142,10 +142,16 @@ def _squared_errors(rows: torch.Tensor, scale: torch.Tensor, zero_point: torch.T
     cache-sized block of elements at a time; each element's quantization is :func:`fake_quantize`'s, op for op."""
     inv, s = (1.0 / scale).unsqueeze(-1), scale.unsqueeze(-1)  # (K, C, 1)
     z = zero_point.round().clamp(qmin, qmax).unsqueeze(-1)
+    offset = bool(z.any())  # a zero offset skips its two passes, as fake_quantize's does
     err = torch.zeros(scale.shape, dtype=torch.float64)
     step = max(1, MSE_BLOCK // scale.numel())
     for start in range(0, rows.shape[1], step):
         block = rows[:, start:start + step]  # (C, n)
-        q = (block * inv).add_(z).round_().clamp_(qmin, qmax)  # (K, C, n)
-        err += q.sub_(z).mul_(s).sub_(block).square_().sum(-1, dtype=torch.float64)
+        q = block * inv  # (K, C, n)
+        if offset:
+            q.add_(z)
+        q.round_().clamp_(qmin, qmax)
+        if offset:
+            q.sub_(z)
+        err += q.mul_(s).sub_(block).square_().sum(-1)
     return err
