@@ -104,7 +104,7 @@ class Observer:
             rows = x.reshape(1, -1)  # (1, N)
         else:
             rows = x.transpose(0, self.axis).reshape(x.shape[self.axis], -1)  # (C, N)
-        ratios = torch.linspace(MSE_LOWEST_RATIO, 1.0, MSE_CANDIDATES).reshape(-1, 1)  # (K, 1)
+        ratios = torch.linspace(MSE_LOWEST_RATIO, 1.0, MSE_CANDIDATES, device=x.device).reshape(-1, 1)  # (K, 1)
         scale, zp = qparams_from_minmax(lo.reshape(1, -1) * ratios, hi.reshape(1, -1) * ratios,
                                         self.qmin, self.qmax, self.symmetric)  # (K, C)
         if self.axis is None and rows.shape[1] > 4 * MSE_SAMPLE:
@@ -143,7 +143,7 @@ def _squared_errors(rows: torch.Tensor, scale: torch.Tensor, zero_point: torch.T
     inv, s = (1.0 / scale).unsqueeze(-1), scale.unsqueeze(-1)  # (K, C, 1)
     z = zero_point.round().clamp(qmin, qmax).unsqueeze(-1)
     offset = bool(z.any())  # a zero offset skips its two passes, as fake_quantize's does
-    err = torch.zeros(scale.shape, dtype=torch.float64)
+    err = torch.zeros(scale.shape, dtype=torch.float64, device=scale.device)
     step = max(1, MSE_BLOCK // scale.numel())
     for start in range(0, rows.shape[1], step):
         block = rows[:, start:start + step]  # (C, n)
