@@ -6,7 +6,10 @@ The same random-init FP32 weights and the same generated calibration samples (2 
   - torch.ao QAT: ``prepare_qat_fx`` with the fbgemm QAT qconfig mapping (moving-average min-max fake
     quantizers, per-channel weights), the batches through it in train mode (its observers run there);
   - torch.ao PTQ: ``prepare_fx`` with the fbgemm qconfig mapping (histogram observers: a range search
-    like ours), the batches through it in eval mode.
+    like ours), the batches through it in eval mode;
+  - NNCF, where it can be imported (it is not a dependency: install it apart, e.g. ``pip install --target DIR
+    nncf`` and put DIR on PYTHONPATH): ``nncf.quantize`` on the same two batches (its defaults: min-max
+    ranges, fast bias correction).
 Rounds are interleaved so machine noise hits all alike; medians and the ratios ours / torch.ao are printed.
 Threads: what a run of this model chooses (``cpu.training_threads``), or ``--threads``.
 
@@ -17,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import importlib.util
 import statistics
 import time
 import warnings
@@ -60,6 +64,15 @@ def torch_ao(qat: bool) -> Callable[[nn.Module, list[torch.Tensor]], tuple[float
     return run
 
 
+def nncf_quantize(fp32: nn.Module, batches: list[torch.Tensor]) -> tuple[float, float]:
+    """Preparation and calibration are one call in NNCF: all of it is counted as calibration."""
+    import nncf
+
+    started = time.perf_counter()
+    nncf.quantize(copy.deepcopy(fp32).eval(), nncf.Dataset(batches), subset_size=len(batches))
+    return 0.0, time.perf_counter() - started
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--rounds", type=int, default=3, help="interleaved rounds (the median is printed)")
@@ -72,6 +85,8 @@ def main() -> None:
     torch.set_num_threads(threads)
     batches = list(torch.randn(BATCHES * BATCH, 3, SIZE, SIZE).split(BATCH))
     contenders = {"ours": ours, "torch.ao QAT": torch_ao(qat=True), "torch.ao PTQ": torch_ao(qat=False)}
+    if importlib.util.find_spec("nncf") is not None:
+        contenders["NNCF"] = nncf_quantize
     print(f"torch {torch.__version__}, {threads} threads, {cpu.cores()} cores; resnet18 at {SIZE}, "
           f"{BATCHES}×{BATCH} calibration samples; median of {args.rounds} interleaved rounds", flush=True)
     times: dict[str, list[tuple[float, float]]] = {name: [] for name in contenders}
