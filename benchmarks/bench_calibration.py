@@ -9,7 +9,8 @@ The same random-init FP32 weights and the same generated calibration samples (2 
     like ours), the batches through it in eval mode;
   - NNCF, where it can be imported (it is not a dependency: install it apart, e.g. ``pip install --target DIR
     nncf`` and put DIR on PYTHONPATH): ``nncf.quantize`` on the same two batches (its defaults: min-max
-    ranges, fast bias correction).
+    ranges, fast bias correction). Its first use compiles a C++ extension (over 10 minutes on a loaded
+    2-core machine: set NNCF_EXTENSION_LOAD_TIMEOUT=0 and let one run finish before timing).
 Rounds are interleaved so machine noise hits all alike; medians and the ratios ours / torch.ao are printed.
 Threads: what a run of this model chooses (``cpu.training_threads``), or ``--threads``.
 
