@@ -120,7 +120,7 @@ class Observer:
 
 def _sampled_errors(flat: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor, qmin: int,
                     qmax: int) -> torch.Tensor:
-    """An unbiased estimate of :func:`_squared_errors` over ``flat`` (N,) from about 2 × ``MSE_SAMPLE`` elements.
+    """An estimate of :func:`_squared_errors` over ``flat`` (N,) from about 2 × ``MSE_SAMPLE`` elements.
 
     Stratified: the largest magnitudes (where clipping errors are, which a plain sample misses in a
     heavy-tailed batch) are all scored; the rest by a strided sample weighted by how many it stands for.
@@ -139,7 +139,7 @@ def _sampled_errors(flat: torch.Tensor, scale: torch.Tensor, zero_point: torch.T
 def _squared_errors(rows: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor, qmin: int,
                     qmax: int) -> torch.Tensor:
     """(K, C) sums over each row of ``rows`` (C, N) of (x - fq(x))^2 for K candidate qparams (K, C), a
-    cache-sized block of elements at a time; each element's quantization is :func:`fake_quantize`'s, op for op."""
+    block of ``MSE_BLOCK`` candidate-elements at a time; each element's quantization is :func:`fake_quantize`'s, op for op."""
     inv, s = (1.0 / scale).unsqueeze(-1), scale.unsqueeze(-1)  # (K, C, 1)
     z = zero_point.round().clamp(qmin, qmax).unsqueeze(-1)
     offset = bool(z.any())  # a zero offset skips its two passes, as fake_quantize's does
