@@ -8,18 +8,22 @@ from __future__ import annotations
 
 import torch
 
-from qat_core.quant_math import fake_quantize, qparams_from_minmax
+from qat_core.quant_math import qparams_from_minmax
 
 MSE_CANDIDATES = 24  # clip ratios tried by the MSE search, from MSE_LOWEST_RATIO to 1
 MSE_LOWEST_RATIO = 0.2
+MSE_SAMPLE = 1 << 16  # elements of a large batch that every candidate is scored on (per-tensor ranges)
+MSE_RESCORED = 1  # candidates each side of the estimate's best scored again on the whole batch
+MSE_BLOCK = 1 << 20  # candidate × element errors computed at once: bounds memory (4 MB a temporary) and the ops
 EMA_MOMENTUM = 0.01  # moving-average update weight (torch.ao's default averaging constant)
 PERCENTILE_SAMPLE = 1 << 20  # elements sampled per batch for the percentile (keeps it O(1) memory)
 
 
-def _reduce_dims(x: torch.Tensor, axis: int | None) -> tuple[int, ...] | None:
-    if axis is None:
-        return None
-    return tuple(d for d in range(x.dim()) if d != axis)
+def subsample(flat: torch.Tensor, size: int) -> torch.Tensor:
+    """At most about ``size`` elements of a 1-D tensor, at a fixed stride: deterministic and O(1) memory."""
+    if flat.numel() <= size:
+        return flat
+    return flat[:: flat.numel() // size + 1]
 
 
 def _minmax(x: torch.Tensor, axis: int | None) -> tuple[torch.Tensor, torch.Tensor]:
@@ -81,29 +85,73 @@ class Observer:
     def _percentile(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         q = torch.tensor([1 - self.percentile / 100, self.percentile / 100])
         if self.axis is None:
-            flat = x.reshape(-1)
-            if flat.numel() > PERCENTILE_SAMPLE:  # a fixed stride: deterministic and O(1) memory
-                flat = flat[:: flat.numel() // PERCENTILE_SAMPLE + 1]
-            lo, hi = torch.quantile(flat, q)
+            lo, hi = torch.quantile(subsample(x.reshape(-1), PERCENTILE_SAMPLE), q)
             return lo, hi
         flat = x.transpose(0, self.axis).reshape(x.shape[self.axis], -1)
         bounds = torch.quantile(flat, q, dim=1)  # (2, C)
         return bounds[0], bounds[1]
 
     def _mse_range(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Shrink the min-max range by the ratio that minimises ||x - fq(x)||^2 (per channel)."""
+        """Shrink the min-max range by the ratio that minimises ||x - fq(x)||^2 (per channel).
+
+        A per-channel (weight) search scores every candidate on every element. A per-tensor search of a
+        large batch first estimates each candidate's error from a sample (:func:`_sampled_errors`), then
+        scores the estimate's best and its ``MSE_RESCORED`` neighbours each side on the whole batch: the
+        choice scoring every candidate on the whole batch makes, wherever the estimate's best is that close.
+        """
         lo, hi = _minmax(x, self.axis)
-        dims = _reduce_dims(x, self.axis)
-        best_err, best_ratio = None, torch.ones_like(hi)
-        for ratio in torch.linspace(MSE_LOWEST_RATIO, 1.0, MSE_CANDIDATES):
-            scale, zp = qparams_from_minmax(lo * ratio, hi * ratio, self.qmin, self.qmax, self.symmetric)
-            err = (fake_quantize(x, scale, zp, self.qmin, self.qmax, self.axis) - x).pow(2)
-            err = err.sum() if dims is None else err.sum(dim=dims)
-            if best_err is None:
-                best_err = err
-                best_ratio = torch.full_like(hi, float(ratio))
-            else:
-                better = err < best_err
-                best_err = torch.where(better, err, best_err)
-                best_ratio = torch.where(better, torch.full_like(hi, float(ratio)), best_ratio)
-        return lo * best_ratio, hi * best_ratio
+        if self.axis is None:
+            rows = x.reshape(1, -1)  # (1, N)
+        else:
+            rows = x.transpose(0, self.axis).reshape(x.shape[self.axis], -1)  # (C, N)
+        ratios = torch.linspace(MSE_LOWEST_RATIO, 1.0, MSE_CANDIDATES, device=x.device).reshape(-1, 1)  # (K, 1)
+        scale, zp = qparams_from_minmax(lo.reshape(1, -1) * ratios, hi.reshape(1, -1) * ratios,
+                                        self.qmin, self.qmax, self.symmetric)  # (K, C)
+        if self.axis is None and rows.shape[1] > 4 * MSE_SAMPLE:
+            estimate = _sampled_errors(rows[0], scale, zp, self.qmin, self.qmax)
+            first = max(0, int(estimate.argmin()) - MSE_RESCORED)
+            near = slice(first, min(MSE_CANDIDATES, first + 2 * MSE_RESCORED + 1))
+            best = first + _squared_errors(rows, scale[near], zp[near], self.qmin, self.qmax).argmin(0)
+        else:
+            best = _squared_errors(rows, scale, zp, self.qmin, self.qmax).argmin(0)  # the first of equal errors
+        best = ratios.reshape(-1)[best].reshape(hi.shape)  # (C,)
+        return lo * best, hi * best
+
+
+def _sampled_errors(flat: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor, qmin: int,
+                    qmax: int) -> torch.Tensor:
+    """An estimate of :func:`_squared_errors` over ``flat`` (N,) from about 2 × ``MSE_SAMPLE`` elements.
+
+    Stratified: the largest magnitudes (where clipping errors are, which a plain sample misses in a
+    heavy-tailed batch) are all scored; the rest by a strided sample weighted by how many it stands for.
+    """
+    sample = subsample(flat, MSE_SAMPLE)
+    threshold = sample.abs().kthvalue(max(1, sample.numel() - MSE_SAMPLE * sample.numel() // flat.numel())).values
+    large = flat.abs() > threshold
+    body = sample[sample.abs() <= threshold]
+    err = _squared_errors(flat[large].reshape(1, -1), scale, zero_point, qmin, qmax)
+    if body.numel():
+        weight = (flat.numel() - int(large.sum())) / body.numel()
+        err += weight * _squared_errors(body.reshape(1, -1), scale, zero_point, qmin, qmax)
+    return err
+
+
+def _squared_errors(rows: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor, qmin: int,
+                    qmax: int) -> torch.Tensor:
+    """(K, C) sums over each row of ``rows`` (C, N) of (x - fq(x))^2 for K candidate qparams (K, C), a
+    block of ``MSE_BLOCK`` candidate-elements at a time; each element's quantization is :func:`fake_quantize`'s, op for op."""
+    inv, s = (1.0 / scale).unsqueeze(-1), scale.unsqueeze(-1)  # (K, C, 1)
+    z = zero_point.round().clamp(qmin, qmax).unsqueeze(-1)
+    offset = bool(z.any())  # a zero offset skips its two passes, as fake_quantize's does
+    err = torch.zeros(scale.shape, dtype=torch.float64, device=scale.device)
+    step = max(1, MSE_BLOCK // scale.numel())
+    for start in range(0, rows.shape[1], step):
+        block = rows[:, start:start + step]  # (C, n)
+        q = block * inv  # (K, C, n)
+        if offset:
+            q.add_(z)
+        q.round_().clamp_(qmin, qmax)
+        if offset:
+            q.sub_(z)
+        err += q.mul_(s).sub_(block).square_().sum(-1)
+    return err

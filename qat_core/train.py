@@ -21,7 +21,7 @@ from torch import nn
 from qat_core.config import BaselineConfig, FineTuneConfig
 from qat_core.errors import CancelledError, TrainingError
 from qat_core.modules import QATModel
-from qat_core.quantizers import FakeQuantizer, clamp_learned, freeze_ranges, quantizers
+from qat_core.quantizers import FakeQuantizer, clamp_learned, freeze_ranges, quantizers, set_observing
 from qat_core.summary import pct
 
 Event = dict[str, Any]
@@ -306,7 +306,8 @@ def reestimate_batchnorm(model: nn.Module, loader: Iterable[Batch], batches: int
 def calibrate(model: QATModel, loader: Iterable[Batch], batches: int, cancel: Cancel = NeverCancel(),
               on_batch: Callable[[int], None] | None = None) -> None:
     """Run ``batches`` batches in eval mode (BN folded as deployed) with every observer on; ``on_batch(seen)``
-    after each (MSE ranges of a large model take seconds a batch)."""
+    after each (MSE ranges of a large model take seconds a batch). A weight's range depends on the weight alone,
+    which eval mode leaves as it is: weights are observed in the first batch only."""
     qs = quantizers(model)
     for q in qs:
         q.observer.reset()
@@ -319,6 +320,7 @@ def calibrate(model: QATModel, loader: Iterable[Batch], batches: int, cancel: Ca
             raise CancelledError("Cancelled during calibration")
         model(x.to(device))
         seen += 1
+        set_observing(model, False, activations=False)
         if on_batch is not None:
             on_batch(seen)
         if seen >= batches:
