@@ -90,6 +90,8 @@ def test_the_time_estimate_is_measured_steps_times_the_steps_to_run():
     batches = -(-1347 // config.finetune.batch_size)  # ceil
     assert est["finetune_epoch"] == pytest.approx(batches * per_step["finetune"])
     assert est["finetune_total"] == pytest.approx(config.finetune.epochs * est["finetune_epoch"])
-    assert est["calibration_total"] == pytest.approx(config.finetune.calibration_batches * per_step["calibration"])
+    # the first calibration batch also searches the weights' ranges; the others only the activations'
+    assert est["calibration_total"] == pytest.approx(
+        per_step["calibration"] + (config.finetune.calibration_batches - 1) * per_step["calibration_next"])
     capped = config.model_copy(update={"finetune": config.finetune.model_copy(update={"max_steps": 3})})
     assert runner.time_estimate(capped, per_step)["finetune_total"] == pytest.approx(3 * per_step["finetune"])
