@@ -109,7 +109,7 @@ def test_runs_frame_and_pareto(workspace, digits_run, digits_run_w4a4):
     fig = plots.runs_pareto_figure(frame, "size KB", "Accuracy vs model size")
     assert fig.layout.title.text == "Accuracy vs model size"
     names = [t.name for t in fig.data]
-    assert names[0].startswith("Pareto front") and any(n.startswith(("1. digits-cnn · W8A8", "1. digits-cnn · W4A4")) for n in names)
+    assert names[0].startswith("Pareto front") and any(re.match(r"\d+\. digits-cnn · W4A4", n) for n in names)
 
 
 def test_cli_report_writes_the_file(workspace, digits_run, measured_failed_run, tmp_path, capsys):

@@ -31,7 +31,7 @@ def test_a_first_sweep_from_the_defaults(app_server, page):
         shown(page, label)
     page.locator(".js-plotly-plot").first.wait_for(state="visible", timeout=30_000)
     titles = page.locator(".js-plotly-plot .gtitle").all_text_contents()
-    assert titles == ["Accuracy vs int8.onnx file size"]
+    assert set(titles) == {"Accuracy vs int8.onnx file size"}  # no latency chart (a live redraw may leave a copy)
     assert page.locator(".js-plotly-plot .scatterlayer .point").count() >= 4  # a point a run
     chart = page.locator(".js-plotly-plot").first
     table = page.locator('[data-testid="stDataFrame"]').first
