@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -28,3 +29,12 @@ def app(page: str | None = None, timeout: float = 60) -> AppTest:
 def ok(at: AppTest) -> AppTest:
     assert not at.exception, [e.value for e in at.exception]
     return at
+
+
+def wait_done(store, run_id: str, timeout: float = 120) -> dict:
+    """The run's record once it no longer runs (a page started it in a worker)."""
+    t0 = time.monotonic()
+    while (record := store.get(run_id))["status"] == "running":
+        assert time.monotonic() - t0 < timeout, f"run {run_id} still running after {timeout} s"
+        time.sleep(0.2)
+    return record

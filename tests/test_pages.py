@@ -14,21 +14,13 @@ import yaml
 from qat_core import export, planning
 from qat_core.errors import ConfigError, QATError
 from qat_core.store import RunStore
-from tests.apptest import ROOT, AppTest, app, common, ok
+from tests.apptest import ROOT, AppTest, app, common, ok, wait_done
 
 
 @pytest.fixture(autouse=True)
 def _workspace(workspace, monkeypatch):
     """The pages use the tests' session workspace (shared with tests/conftest.py's runs)."""
     monkeypatch.setenv("QAT_STUDIO_HOME", str(workspace.root))
-
-
-def wait_done(store, run_id: str, timeout: float = 120) -> dict:
-    t0 = time.monotonic()
-    while (record := store.get(run_id))["status"] == "running":
-        assert time.monotonic() - t0 < timeout, f"run {run_id} still running after {timeout} s"
-        time.sleep(0.2)
-    return record
 
 
 def plotly_specs(at: AppTest) -> list[dict]:

@@ -3,27 +3,17 @@ renamed and deleted on Compare, every label names the model, and Fine-tune says 
 
 from __future__ import annotations
 
-import time
-
 import pytest
 
 from qat_core import planning, runner
 from qat_core.store import RunStore
-from tests.apptest import ROOT, AppTest, app, common, ok
+from tests.apptest import ROOT, AppTest, app, common, ok, wait_done
 from tests.conftest import write_image_folder
 
 
 @pytest.fixture(autouse=True)
 def _workspace(workspace, monkeypatch):
     monkeypatch.setenv("QAT_STUDIO_HOME", str(workspace.root))
-
-
-def wait_done(store, run_id: str, timeout: float = 120) -> dict:
-    t0 = time.monotonic()
-    while (record := store.get(run_id))["status"] == "running":
-        assert time.monotonic() - t0 < timeout, f"run {run_id} still running after {timeout} s"
-        time.sleep(0.2)
-    return record
 
 
 @pytest.fixture
