@@ -82,9 +82,9 @@ def screenshots(url: str, ids: dict[str, str], only: list[str]) -> None:
                     continue
                 page.goto(f"{url}/{path}" + (f"?run={ids[run]}" if run else ""), wait_until="domcontentloaded")
                 page.wait_for_selector('[data-testid="stMain"]', timeout=60_000)
-                time.sleep(3)  # the script starts; then wait until it has stopped running
+                time.sleep(3)  # the script starts; then wait until it has stopped and every fragment has drawn
                 for _ in range(240):
-                    if not page.locator('[data-testid="stStatusWidget"]').count():
+                    if not page.locator('[data-testid="stStatusWidget"], [data-testid="stSkeleton"]').count():
                         break
                     time.sleep(0.5)
                 time.sleep(1.5)  # charts finish their transitions
