@@ -5,7 +5,9 @@ its concrete value), so shapes, dtypes and rank-dependent Python (``(*x.shape[:-
 known during the trace, and the graph is found wherever the layers stand — in an
 ``nn.Sequential``, a custom ``forward``, or a library's code (torchvision, timm, transformers):
 
-- a ``Conv2d`` whose only user is a ``BatchNorm2d`` → the BN is folded into it;
+- a ``Conv2d`` whose only user is a ``BatchNorm2d`` → the BN is folded into it (timm's ``BatchNormAct2d``
+  is split into its BN and its activation first, so it folds and fuses too; transformers' ``Conv1D`` is
+  replaced by the ``nn.Linear`` it is);
 - a layer whose only user is ReLU / ReLU6 / Hardtanh / clamp with a lower bound of 0 → fused:
   the output quantizer sits after the activation and its range stays inside the activation's;
 - every other op that computes new float values (``+``, ``*``, ``cat``, ``@``, ``mean``, pooling,
@@ -25,6 +27,7 @@ from __future__ import annotations
 import copy
 import inspect
 import math
+import sys
 import threading
 from collections import Counter
 from dataclasses import dataclass, field
@@ -234,12 +237,60 @@ def decompose_attention(model: nn.Module) -> None:
             setattr(model.get_submodule(parent) if parent else model, attr, DecomposedMultiheadAttention.from_float(mod))
 
 
+class _BatchNormAct(nn.Module):
+    """timm's ``BatchNormAct2d`` (a BatchNorm2d subclass that also runs ``drop`` and ``act``) as its parts,
+    so the trace sees a plain BatchNorm2d to fold and an activation to fuse; an Identity part is left out."""
+
+    def __init__(self, norm_act: nn.BatchNorm2d):
+        super().__init__()
+        self.bn = nn.BatchNorm2d(norm_act.num_features, norm_act.eps, norm_act.momentum, norm_act.affine,
+                                 norm_act.track_running_stats, device=norm_act.running_mean.device,
+                                 dtype=norm_act.running_mean.dtype)
+        self.bn.load_state_dict({k: v for k, v in norm_act.state_dict().items() if "." not in k})
+        self.drop, self.act = norm_act.drop, norm_act.act
+        self.train(norm_act.training)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.bn(x)
+        for part in (self.drop, self.act):
+            if not isinstance(part, nn.Identity):
+                x = part(x)
+        return x
+
+
+@torch.no_grad()
+def _linear_from_conv1d(conv1d: nn.Module) -> nn.Linear:
+    """transformers' ``Conv1D`` (GPT-2: ``x @ W + b``, ``W`` shaped (in, out)) as the Linear it is."""
+    linear = nn.Linear(conv1d.nx, conv1d.nf, device=conv1d.weight.device, dtype=conv1d.weight.dtype)
+    linear.weight.copy_(conv1d.weight.t())
+    linear.bias.copy_(conv1d.bias)
+    return linear
+
+
+def split_library_layers(model: nn.Module) -> None:
+    """Replace library layers that are a Linear or a BatchNorm2d + activation in disguise by those parts
+    (in place): transformers' ``Conv1D`` becomes an ``nn.Linear``, timm's ``BatchNormAct2d`` its BN, drop
+    and act. Their classes are looked up among the modules already imported: a model using one imported it."""
+    conv1d = getattr(sys.modules.get("transformers.pytorch_utils"), "Conv1D", None)
+    norm_act = getattr(sys.modules.get("timm.layers.norm_act"), "BatchNormAct2d", None)
+    for name, mod in list(model.named_modules()):
+        if conv1d is not None and isinstance(mod, conv1d):
+            new = _linear_from_conv1d(mod)
+        elif norm_act is not None and isinstance(mod, norm_act):
+            new = _BatchNormAct(mod)
+        else:
+            continue
+        parent, _, attr = name.rpartition(".")
+        setattr(model.get_submodule(parent) if parent else model, attr, new)
+
+
 def trace(model: nn.Module, example: torch.Tensor) -> tuple[fx.GraphModule, dict[fx.Node, Any], dict[str, str], nn.Module]:
     """A traced copy of ``model`` in eval mode, the example value of every node, the modules that had
     to be kept whole (path -> why), and the module tree the trace was made from (attention decomposed).
     Raises TracingError when the top-level forward cannot be traced."""
     net = copy.deepcopy(model).eval()
     decompose_attention(net)
+    split_library_layers(net)
     for mod in net.modules():  # in-place activations would overwrite values the quantizers saved
         if getattr(mod, "inplace", False) is True:
             mod.inplace = False

@@ -1,0 +1,128 @@
+"""Library layers that are a familiar layer in disguise: timm's ``BatchNormAct2d`` (a BatchNorm2d that also
+runs its activation) folds into the convolution before it, and transformers' GPT-2 ``Conv1D`` (a Linear with
+its weight transposed) is a weight layer. Each is checked through the export: ONNX Runtime computes, code
+for code, what the run's integer arithmetic computes, with our weight codes."""
+
+from __future__ import annotations
+
+import os
+
+import numpy as np
+import onnx
+import pytest
+import torch
+from onnx import numpy_helper
+from torch import nn
+
+from qat_core import library, train
+from qat_core.config import LayerPlan, QuantSpec
+from qat_core.export import compare_codes, coverage, int8_onnx, optimized_graph, session
+from qat_core.modules import QuantConv2d, QuantLinear
+from qat_core.prepare import layer_table, prepare
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+library.import_torchvision()  # timm and transformers import it
+timm = pytest.importorskip("timm")
+
+
+def _exported(model: nn.Module, x: torch.Tensor, tmp_path):
+    """The calibrated QAT model, its int8.onnx, and ONNX Runtime's and the integer arithmetic's outputs."""
+    qat = prepare(model, LayerPlan(), x)
+    train.calibrate(qat, [(x, None)], 1)
+    qat.eval()
+    path = tmp_path / "int8.onnx"
+    path.write_bytes(int8_onnx(qat, x[:1]))
+    with torch.no_grad(), qat.integer_arithmetic():
+        ours = qat(x).as_subclass(torch.Tensor).numpy()
+    return qat, path, ours, session(path).run(None, {"input": x.numpy()})[0]
+
+
+class _NormActNet(nn.Module):
+    """Convolutions followed by timm's BatchNormAct2d with a ReLU, a SiLU and no activation."""
+
+    def __init__(self):
+        super().__init__()
+        from timm.layers import BatchNormAct2d
+
+        self.conv1, self.bn1 = nn.Conv2d(3, 8, 3, padding=1, bias=False), BatchNormAct2d(8)
+        self.conv2, self.bn2 = nn.Conv2d(8, 8, 3, padding=1, bias=False), BatchNormAct2d(8, act_layer=nn.SiLU)
+        self.conv3, self.bn3 = nn.Conv2d(8, 8, 1), BatchNormAct2d(8, apply_act=False)
+        self.head = nn.Linear(8, 4)
+        for bn in (self.bn1, self.bn2, self.bn3):  # statistics far from the identity: a missed fold shows
+            bn.running_mean.uniform_(-1, 1)
+            bn.running_var.uniform_(0.5, 2)
+            nn.init.uniform_(bn.weight, 0.5, 1.5)
+            nn.init.uniform_(bn.bias, -0.5, 0.5)
+
+    def forward(self, x):
+        x = self.bn3(self.conv3(self.bn2(self.conv2(self.bn1(self.conv1(x))))))
+        return self.head(x.mean((2, 3)))
+
+
+def test_timm_batchnormact_folds_into_its_conv_and_its_relu_fuses(tmp_path):
+    torch.manual_seed(0)
+    model, x = _NormActNet().eval(), torch.randn(32, 3, 16, 16)
+    rows = {r["name"]: r for r in layer_table(model, x)}
+    # before: each BatchNormAct2d was a float "batch_norm" layer of its own, nothing folded
+    assert (rows["conv1"]["fused"], rows["conv2"]["fused"], rows["conv3"]["fused"]) == ("BN+ReLU", "BN", "BN")
+    assert rows["bn2.act"]["kind"] == "SiLU" and not [r for r in rows.values() if "batch_norm" in r["kind"]]
+    qat, path, ours, theirs = _exported(model, x, tmp_path)
+    assert sum(1 for m in qat.modules() if isinstance(m, QuantConv2d) and m.bn is not None) == 3
+    np.testing.assert_array_equal(ours, theirs)
+    assert not [r["layer"] for r in compare_codes(qat, path, x.numpy()) if r["differing"]]
+    cov = coverage(optimized_graph(path), qat.layers, qat.float_layers)
+    assert {"conv1", "conv2", "conv3", "head"} <= set(cov["integer_layers"])
+
+
+def test_a_timm_model_built_from_batchnormact_folds_every_bn_and_ort_agrees_code_for_code(tmp_path):
+    from timm.layers import BatchNormAct2d
+
+    torch.manual_seed(0)
+    model, x = timm.create_model("regnetx_002", pretrained=False, num_classes=4).eval(), torch.randn(8, 3, 32, 32)
+    norms = sum(isinstance(m, BatchNormAct2d) for m in model.modules())
+    qat, path, ours, theirs = _exported(model, x, tmp_path)
+    assert norms == 44 and sum(1 for m in qat.modules() if isinstance(m, QuantConv2d) and m.bn is not None) == norms
+    np.testing.assert_array_equal(ours, theirs)
+    assert not [r["layer"] for r in compare_codes(qat, path, x.numpy()) if r["differing"]]
+
+
+def _gpt2() -> nn.Module:
+    from transformers import GPT2Config, GPT2ForSequenceClassification
+
+    config = GPT2Config(vocab_size=50, n_embd=32, n_layer=2, n_head=2, n_positions=64, bos_token_id=0, eos_token_id=0,
+                        pad_token_id=0, num_labels=2, use_cache=False)
+    return library.HFClassifier(GPT2ForSequenceClassification(config), "text", pad_id=0).eval()
+
+
+def _weight_codes(proto: onnx.ModelProto) -> dict[str, np.ndarray]:
+    """Each Gemm / MatMul / Conv of the int8 graph → its weight's stored integer codes (absent: a float weight)."""
+    inits = {t.name: t for t in proto.graph.initializer}
+    producer = {o: n for n in proto.graph.node for o in n.output}
+    codes = {}
+    for node in proto.graph.node:
+        if node.op_type in ("Gemm", "MatMul", "Conv") and len(node.input) > 1:
+            dq = producer.get(node.input[1])
+            if dq is not None and dq.op_type == "DequantizeLinear" and dq.input[0] in inits:
+                codes[node.name] = numpy_helper.to_array(inits[dq.input[0]])
+            elif node.input[1] in inits:
+                codes[node.name] = None
+    return codes
+
+
+def test_gpt2_conv1d_weights_are_quantized_by_the_run_not_by_onnx_runtime(tmp_path):
+    torch.manual_seed(0)
+    model, x = _gpt2(), torch.randint(1, 50, (16, 12))
+    rows = {r["name"]: r for r in layer_table(model, x)}
+    proj = [f"model.transformer.h.{i}.{p}" for i in range(2) for p in ("attn.c_attn", "attn.c_proj", "mlp.c_fc",
+                                                                          "mlp.c_proj")]
+    # before: each Conv1D was traced through to an ``addmm`` op with float weights (kind "addmm")
+    assert all(rows[p]["kind"] == "Linear" and rows[p]["has_weights"] for p in proj)
+    assert rows["model.transformer.h.0.attn.c_attn"]["weight_params"] == 32 * 96
+    qat, path, ours, theirs = _exported(model, x, tmp_path)
+    assert all(isinstance(qat.layer(p), QuantLinear) for p in proj)
+    codes = _weight_codes(onnx.load(str(path)))
+    assert codes and all(c is not None and c.dtype in (np.int8, np.uint8) for c in codes.values()), codes
+    np.testing.assert_array_equal(ours, theirs)
+    assert not [r["layer"] for r in compare_codes(qat, path, x.numpy()) if r["differing"]]
+    with torch.no_grad():  # the Linear computes what the Conv1D computed
+        torch.testing.assert_close(prepare(model, LayerPlan(default=QuantSpec(weight_bits=None, act_bits=None)), x)(x), model(x))
