@@ -61,12 +61,11 @@ if parity:
     a1.metric("Agreement", f"{parity['agreement']:.2%}",
               help="Top-1 agreement of ONNX Runtime int8 with the run's evaluation on the test split")
     a2.metric("Max logit diff", f"{parity['max_logit_diff']:.3g}")
-    n_int, n_float = len(parity["integer_layers"]), len(parity["float_layers"])
-    a3.metric("Integer-kernel coverage", f"{n_int}/{n_int + n_float} layers",
-              help="Layers ONNX Runtime runs with integer kernels, of the layers it sees in int8.onnx")
-    if parity["float_layers"]:
-        st.warning("Runs in float in ONNX Runtime: " + "; ".join(
-            f"{k}: {v}" for k, v in report.float_reasons(parity["float_layers"]).items()))
+    a3.metric("Integer-kernel coverage", summary.coverage_value(parity),
+              help="Conv/Gemm/MatMul ops of the FP32 model that ONNX Runtime runs as integer kernels in int8.onnx")
+    floating = summary.float_parts(parity)
+    if floating:
+        st.warning("Runs in float in ONNX Runtime: " + "; ".join(f"{k}: {v}" for k, v in floating.items()))
     if parity.get("float_ops"):
         with st.expander(f"{len(parity['float_ops'])} light ops run in float between integer kernels"):
             st.caption("; ".join(f"{k}: {v}" for k, v in parity["float_ops"].items()))

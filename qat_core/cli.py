@@ -205,7 +205,7 @@ def cmd_analyze(args: argparse.Namespace) -> None:
 
 def cmd_export(args: argparse.Namespace) -> None:
     from qat_core.export import export_run
-    from qat_core.summary import run_size
+    from qat_core.summary import coverage_text, float_parts, run_size
 
     store = _store(args)
     result = export_run(store, args.run)
@@ -214,9 +214,8 @@ def cmd_export(args: argparse.Namespace) -> None:
         return
     size = run_size(store.get(args.run)["metrics"])
     print(f"{size.text()} · FP32 {size.fp32_text()} · {size.ratio_text()}")
-    n_int, n_float = len(result["integer_layers"]), len(result["float_layers"])
-    print(f"integer-kernel coverage: {n_int}/{n_int + n_float} layers")
-    for name, why in result["float_layers"].items():
+    print(coverage_text(result))
+    for name, why in float_parts(result).items():
         print(f"  float: {name}: {why}")
     for note in result["notes"]:
         print(f"note: {note}")
@@ -224,6 +223,7 @@ def cmd_export(args: argparse.Namespace) -> None:
 
 def cmd_eval(args: argparse.Namespace) -> None:
     from qat_core.export import parity
+    from qat_core.summary import coverage_text, float_parts
 
     result = parity(_store(args), args.run)
     if args.json:
@@ -232,9 +232,8 @@ def cmd_eval(args: argparse.Namespace) -> None:
     print(f"ORT int8 accuracy {result['accuracy']:.2%}  evaluated {result['sim_accuracy']:.2%}  "
           f"agreement {result['agreement']:.2%}  max logit diff {result['max_logit_diff']:.4g}")
     print(f"fake-quant simulation {result['fake_quant_accuracy']:.2%} (agreement {result['fake_quant_agreement']:.2%})")
-    n_int, n_float = len(result["integer_layers"]), len(result["float_layers"])
-    print(f"integer-kernel coverage: {n_int}/{n_int + n_float} layers")
-    for name, why in result["float_layers"].items():
+    print(coverage_text(result))
+    for name, why in float_parts(result).items():
         print(f"  float: {name}: {why}")
     differing = sum(r["differing"] for r in result["layers"])
     print(f"layers compared with ONNX Runtime: {len(result['layers'])}; {differing} differ")

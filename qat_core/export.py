@@ -63,6 +63,14 @@ DATA_MOVEMENT = frozenset({"QuantizeLinear", "DequantizeLinear", "MaxPool", "Nhw
                            "Relu", "Cast", "Constant", "Clip"})
 # layer kinds whose work is a matrix product of two activations (heavy, like a conv or linear)
 MATMUL_KINDS = frozenset({"matmul", "bmm", "MatMul"})
+# the heavy ops of an exported FP32 model (GPT-2's Conv1D exports as Gemm): what coverage is counted against
+HEAVY_OPS = frozenset({"Conv", "ConvTranspose", "Gemm", "MatMul", "Einsum"})
+# ONNX Runtime's integer kernels for them, and its float forms of them after its fusions
+INTEGER_HEAVY_OPS = frozenset({"QLinearConv", "NhwcQLinearConv", "QGemm", "QLinearMatMul", "MatMulIntegerToFloat",
+                               "DynamicQuantizeMatMul", "ConvInteger", "MatMulInteger", "QLinearConvTranspose",
+                               "QAttention"})
+FLOAT_HEAVY_OPS = HEAVY_OPS | {"FusedConv", "NhwcFusedConv", "FusedGemm", "FusedMatMul", "Attention",
+                               "MultiHeadAttention"}
 
 
 def is_heavy(row: dict) -> bool:
@@ -549,8 +557,13 @@ def optimized_graph(path: str | Path) -> Any:
         return onnx.load(str(opt))
 
 
-def coverage(optimized: Any, layers: list[dict], float_reasons: dict[str, str]) -> dict[str, Any]:
+def coverage(optimized: Any, layers: list[dict], float_reasons: dict[str, str], fp32: Any = None) -> dict[str, Any]:
     """Which quantized layers run as integer kernels in the optimized graph, and which in float (why).
+
+    Counted independently of our layer table too, so that nothing can be missed: ``heavy_ops`` is the
+    number of Conv / Gemm / MatMul nodes of the FP32 model (``fp32``, its ONNX graph),
+    ``integer_heavy_ops`` the integer kernels among ONNX Runtime's optimized int8 graph, and
+    ``float_heavy_ops`` every heavy op that graph still runs in float: its layer (or module scope) and why.
 
     ``layers`` are the QAT model's layer rows (with ``spec``); ``float_reasons`` are the layers the
     plan or prepare already left in float. ``float_layers`` names every layer that stays float and
@@ -591,8 +604,34 @@ def coverage(optimized: Any, layers: list[dict], float_reasons: dict[str, str]) 
             float_ops[name] = (f"ONNX Runtime has no integer kernel for {row['kind']} here; it runs in float "
                                "between DequantizeLinear and QuantizeLinear")
     ops = Counter(n.op_type for n in optimized.graph.node)
-    return {"integer_layers": integer, "float_layers": floating, "float_ops": float_ops,
-            "ops": dict(sorted(ops.items()))}
+    result = {"integer_layers": integer, "float_layers": floating, "float_ops": float_ops,
+              "ops": dict(sorted(ops.items()))}
+    if fp32 is not None:
+        result |= _heavy_ops(optimized, fp32, names, floating)
+    return result
+
+
+COVERAGE_COUNTS = ("heavy_ops", "integer_heavy_ops", "float_heavy_ops")  # the export's, copied into parity
+
+
+def _heavy_ops(optimized: Any, fp32: Any, names: list[str], floating: dict[str, str]) -> dict[str, Any]:
+    """The heavy-op count of the FP32 graph, the integer kernels among them in ONNX Runtime's int8 graph,
+    and each heavy op it runs in float, named by our layer (or its module scope) with the reason we know."""
+    known = [*names, *floating]
+    float_heavy = []
+    for node in optimized.graph.node:
+        if node.op_type not in FLOAT_HEAVY_OPS:
+            continue
+        name = node.name[node.name.find("/"):] if "/" in node.name else node.name  # ORT's "fused /net/…"
+        layer = _layer_of(name, known)
+        scope = _scope(name).removeprefix("net.").removeprefix("net")
+        why = floating.get(layer) or ("ONNX Runtime runs it in float: its input or output is not quantized" if layer
+                                      else "ONNX Runtime runs it in float: it is no layer of the traced graph, so "
+                                      "no quantizer stands before it")
+        float_heavy.append({"op": node.op_type, "layer": layer or scope or node.name, "why": why})
+    return {"heavy_ops": sum(n.op_type in HEAVY_OPS for n in fp32.graph.node),
+            "integer_heavy_ops": sum(n.op_type in INTEGER_HEAVY_OPS for n in optimized.graph.node),
+            "float_heavy_ops": float_heavy}
 
 
 # --- runs -----------------------------------------------------------------------------------------
@@ -614,6 +653,8 @@ def export_run(store: Any, run_id: str) -> dict[str, Any]:
     ``fp32.onnx`` is the run's FP32 baseline; ``int8.onnx`` is the fine-tuned QAT model with its
     learned scales and zero points, BN folded.
     """
+    import onnx
+
     from qat_core.store import atomic_write_bytes
 
     loaded = _load(store, run_id)
@@ -626,7 +667,7 @@ def export_run(store: Any, run_id: str) -> dict[str, Any]:
     atomic_write_bytes(fp32_path, fp32_bytes)
     atomic_write_bytes(int8_path, int8_bytes)
     optimized = optimized_graph(int8_path)
-    cov = coverage(optimized, loaded.qat.layers, loaded.qat.float_layers)
+    cov = coverage(optimized, loaded.qat.layers, loaded.qat.float_layers, onnx.load_from_string(fp32_bytes))
     result = {
         "files": {FP32_FILE: len(fp32_bytes), INT8_FILE: len(int8_bytes)},
         "size_ratio": len(int8_bytes) / len(fp32_bytes),
@@ -783,6 +824,7 @@ def parity(store: Any, run_id: str, batch_size: int = 256) -> dict[str, Any]:
         "integer_layers": export["integer_layers"],
         "float_layers": export["float_layers"],
         "float_ops": export.get("float_ops", {}),
+        **{k: export[k] for k in COVERAGE_COUNTS if k in export},
     }
     result["explanation"] = explain_parity(result)
     store.write_result(run_id, "parity", result)

@@ -163,6 +163,8 @@ class _Tracer(fx.Tracer):
     def call_module(self, m: nn.Module, forward: Any, args: Any, kwargs: Any) -> Any:
         if threading.get_ident() != self.thread:
             return forward(*args, **kwargs)
+        if _built_in_forward(self, m):  # DistilBERT's FFN calls nn.ReLU() made on the spot: its ops are the caller's
+            return forward(*args, **kwargs)
         try:
             return super().call_module(m, forward, args, kwargs)
         except Exception as err:
@@ -200,6 +202,15 @@ class _Tracer(fx.Tracer):
         if kind == "call_module":
             return self.root.get_submodule(target)(*args, **kwargs)
         return None
+
+
+def _built_in_forward(tracer: fx.Tracer, m: nn.Module) -> bool:
+    """Whether ``m`` is a module without weights that a forward builds and calls on the spot (not a submodule)."""
+    try:
+        tracer.path_of_module(m)
+        return False
+    except NameError:
+        return not any(True for _ in m.parameters()) and not any(True for _ in m.buffers())
 
 
 def _decomposed_sdpa(query: Any, key: Any, value: Any, attn_mask: Any = None, dropout_p: float = 0.0,
@@ -468,8 +479,8 @@ def analyze(model: nn.Module, example: torch.Tensor) -> ModelGraph:
             continue  # applies a mask (-inf, or a dtype's minimum): its range is the mask's; it stays float
         layers[node] = Layer("", op_kind(node, gm), node)
         if mod is not None and node.target in leaves:
-            float_layers[node.target] = f"kept whole, not traced ({leaves[node.target]}): the layers inside it stay FP32"
-        elif isinstance(mod, UNSUPPORTED_WEIGHTS + WEIGHT_LAYERS):
+            continue  # named below with every other module kept whole
+        if isinstance(mod, UNSUPPORTED_WEIGHTS + WEIGHT_LAYERS):
             why = (f"QAT Studio has no QAT layer for {type(mod).__name__}" if not isinstance(mod, WEIGHT_LAYERS) else
                    f"{type(mod).__name__} is called more than once" if calls[node.target] > 1 else
                    f"{type(mod).__name__}'s forward computes something other than a plain "
@@ -478,6 +489,8 @@ def analyze(model: nn.Module, example: torch.Tensor) -> ModelGraph:
         elif isinstance(mod, nn.BatchNorm2d):
             float_layers[node.target] = ("BatchNorm2d does not follow a Conv2d that only it reads, so it cannot be "
                                          "folded; it runs in float")
+    for name, why in leaves.items():  # also one whose output is no tensor (a ModelOutput): it has no row
+        float_layers[name] = f"kept whole, not traced ({why}): the layers inside it stay FP32"
     ordered = list(layers.values())
     _name_ops(ordered, gm, source)
     _mark_output(ordered, graph, gm, values, absorbed)

@@ -31,6 +31,7 @@ from qat_core.errors import ConfigError, StoreError
 from qat_core.planning import plan_frame, plan_summary, run_title
 from qat_core.runner import Loaded, load
 from qat_core.store import RunStore, atomic_write_bytes, atomic_write_text
+from qat_core.summary import coverage_value, float_parts
 
 ANALYSIS_DIR = "analysis"  # sub-folder of a run that analyze_run writes into
 REPORT_FILE = "report.html"  # default name inside the run's folder
@@ -359,15 +360,14 @@ def _parity_section(store: RunStore, run_id: str, m: dict[str, Any]) -> list[str
     if parity.get("max_logit_diff") is not None:
         summary["max logit difference"] = f"{parity['max_logit_diff']:.4g}"
     if "integer_layers" in parity:
-        n_int, n_float = len(parity["integer_layers"]), len(parity.get("float_layers") or [])
-        summary["integer-kernel coverage"] = f"{n_int}/{n_int + n_float} layers"
+        summary["integer-kernel coverage"] = coverage_value(parity)
     if parity.get("layers"):
         summary["layers with differing codes"] = f"{sum(1 for r in parity['layers'] if r['differing'])}/" \
                                                  f"{len(parity['layers'])}"
     if parity.get("explanation"):
         summary["why they differ"] = parity["explanation"]
     out = ["<h2>Parity (ONNX Runtime int8 vs the run's evaluation)</h2>", _kv(summary)]
-    reasons = float_reasons(parity.get("float_layers"))
+    reasons = float_parts(parity)
     if reasons:
         out.append("<p>Runs in float in ONNX Runtime: " + html.escape("; ".join(f"{k}: {v}" for k, v in reasons.items()))
                    + "</p>")

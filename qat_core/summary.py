@@ -189,6 +189,44 @@ def layers_in_table(rows: list[dict]) -> int:
     return sum(row["kind"] != "input" for row in rows)
 
 
+# --- integer-kernel coverage ------------------------------------------------------------------------
+def coverage_value(result: dict[str, Any]) -> str:
+    """Integer-kernel coverage of an export (or parity) result: "57/59 heavy ops", the integer kernels in
+    ONNX Runtime's optimized int8 graph of the FP32 model's Conv/Gemm/MatMul ops; results exported before
+    those were counted give their layer count ("12/14 layers")."""
+    if "heavy_ops" in result:
+        return f"{result['integer_heavy_ops']}/{result['heavy_ops']} heavy ops"
+    n_int, n_float = len(result.get("integer_layers") or []), len(result.get("float_layers") or [])
+    return f"{n_int}/{n_int + n_float} layers"
+
+
+def coverage_text(result: dict[str, Any]) -> str:
+    """The one-line form: "integer-kernel coverage: 57/59 heavy ops (Conv/Gemm/MatMul of the FP32 model)";
+    a model with nothing on integer kernels says so."""
+    if "heavy_ops" not in result:
+        return f"integer-kernel coverage: {coverage_value(result)}"
+    if result["integer_heavy_ops"] == 0:
+        return (f"integer-kernel coverage: {coverage_value(result)}: nothing runs as an integer kernel, all "
+                f"{result['heavy_ops']} Conv/Gemm/MatMul ops of the FP32 model stay float")
+    return f"integer-kernel coverage: {coverage_value(result)} (Conv/Gemm/MatMul of the FP32 model)"
+
+
+def float_parts(result: dict[str, Any]) -> dict[str, str]:
+    """Everything an export (or parity) result runs in float that matters → why: the layers left float,
+    then the heavy ops ONNX Runtime runs in float outside them ("scope (MatMul ×3)")."""
+    floating = result.get("float_layers") or {}
+    parts = dict(floating) if isinstance(floating, dict) else {name: "runs in float" for name in floating}
+    ops: dict[tuple[str, str], list[str]] = {}
+    for op in result.get("float_heavy_ops") or []:
+        if op["layer"] not in parts:
+            ops.setdefault((op["layer"], op["why"]), []).append(op["op"])
+    for (layer, why), kinds in ops.items():
+        counts = {k: kinds.count(k) for k in dict.fromkeys(kinds)}
+        label = ", ".join(f"{k} ×{n}" if n > 1 else k for k, n in counts.items())
+        parts[f"{layer or 'the model'} ({label})"] = why
+    return parts
+
+
 # --- the headline -----------------------------------------------------------------------------------
 @dataclass(frozen=True)
 class Remark:

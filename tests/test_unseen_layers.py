@@ -11,12 +11,13 @@ import numpy as np
 import onnx
 import pytest
 import torch
+import torch.nn.functional as F
 from onnx import numpy_helper
 from torch import nn
 
-from qat_core import library, train
+from qat_core import library, summary, train
 from qat_core.config import LayerPlan, QuantSpec
-from qat_core.export import compare_codes, coverage, int8_onnx, optimized_graph, session
+from qat_core.export import compare_codes, coverage, int8_onnx, optimized_graph, session, to_onnx
 from qat_core.modules import QuantConv2d, QuantLinear
 from qat_core.prepare import layer_table, prepare
 
@@ -126,3 +127,82 @@ def test_gpt2_conv1d_weights_are_quantized_by_the_run_not_by_onnx_runtime(tmp_pa
     assert not [r["layer"] for r in compare_codes(qat, path, x.numpy()) if r["differing"]]
     with torch.no_grad():  # the Linear computes what the Conv1D computed
         torch.testing.assert_close(prepare(model, LayerPlan(default=QuantSpec(weight_bits=None, act_bits=None)), x)(x), model(x))
+
+
+# --- integer-kernel coverage, counted from ONNX Runtime's graph against the FP32 model's heavy ops --------------
+
+def _coverage_of(model: nn.Module, x: torch.Tensor, tmp_path, plan: LayerPlan | None = None) -> dict:
+    qat = prepare(model, plan or LayerPlan(), x)
+    train.calibrate(qat, [(x, None)], 1)
+    path = tmp_path / "int8.onnx"
+    path.write_bytes(int8_onnx(qat.eval(), x[:1]))
+    fp32 = onnx.load_from_string(to_onnx(model, x[:1]))
+    return coverage(optimized_graph(path), qat.layers, qat.float_layers, fp32)
+
+
+class _FunctionalWeight(nn.Module):
+    """A Linear, then a weight used functionally (as torchvision's swin passes its qkv weight to a function):
+    the second product is no layer of ours, yet a heavy op of the FP32 model."""
+
+    def __init__(self):
+        super().__init__()
+        self.fc = nn.Linear(16, 16)
+        self.w = nn.Parameter(torch.randn(4, 16) * 0.1)
+
+    def forward(self, x):  # (B, 16) -> (B, 4)
+        return F.linear(torch.relu(self.fc(x)), self.w)
+
+
+def test_coverage_counts_every_heavy_op_of_the_fp32_model_and_names_the_ones_left_float(tmp_path):
+    torch.manual_seed(0)
+    model, x = _FunctionalWeight().eval(), torch.randn(32, 16)
+    cov = _coverage_of(model, x, tmp_path)
+    assert (cov["heavy_ops"], cov["integer_heavy_ops"]) == (2, 1)  # before: "1/1 layers", the F.linear unseen
+    assert summary.coverage_text(cov) == "integer-kernel coverage: 1/2 heavy ops (Conv/Gemm/MatMul of the FP32 model)"
+    [op] = cov["float_heavy_ops"]
+    assert op["layer"] == "linear" and "not quantized" in op["why"]
+    assert list(summary.float_parts(cov)) == [f"linear ({op['op']})"]
+    off = _coverage_of(model, x, tmp_path, LayerPlan(default=QuantSpec(weight_bits=None, act_bits=None)))
+    assert summary.coverage_text(off) == ("integer-kernel coverage: 0/2 heavy ops: nothing runs as an integer kernel, "
+                                          "all 2 Conv/Gemm/MatMul ops of the FP32 model stay float")
+    assert summary.float_parts(off)["fc"] == "weight bits are off in the plan"
+
+
+def test_distilbert_is_traced_through_its_inline_relu_and_every_heavy_op_is_an_integer_kernel(tmp_path):
+    from transformers import DistilBertConfig, DistilBertForSequenceClassification
+
+    torch.manual_seed(0)
+    config = DistilBertConfig(vocab_size=50, dim=32, n_layers=1, n_heads=2, hidden_dim=64, max_position_embeddings=64,
+                              num_labels=2)
+    model = library.HFClassifier(DistilBertForSequenceClassification(config), "text", pad_id=0).eval()
+    x = torch.randint(1, 50, (16, 12))
+    # before: the whole model was kept as one leaf (it calls an nn.ReLU() made in its forward) and, returning a
+    # ModelOutput, had no row: "0 layers" and nothing named as float
+    assert "model.pre_classifier" in {r["name"] for r in layer_table(model, x)}
+    cov = _coverage_of(model, x, tmp_path)
+    assert cov["heavy_ops"] == cov["integer_heavy_ops"] == 10 and not cov["float_heavy_ops"]
+
+
+def test_a_module_kept_whole_is_named_with_its_heavy_ops_left_float(tmp_path):
+    class Untraceable(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.fc = nn.Linear(16, 16)
+
+        def forward(self, x):
+            if x.sum() > 0:  # a branch on a value: fx cannot trace it
+                return self.fc(x)
+            return self.fc(-x)
+
+    class Net(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.block, self.head = Untraceable(), nn.Linear(16, 4)
+
+        def forward(self, x):
+            return self.head(torch.relu(self.block(x)))
+
+    torch.manual_seed(0)
+    cov = _coverage_of(Net().eval(), torch.randn(32, 16), tmp_path)
+    assert cov["heavy_ops"] == 2 and cov["integer_heavy_ops"] == 1
+    assert summary.float_parts(cov)["block"].startswith("kept whole, not traced")
