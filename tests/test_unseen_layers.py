@@ -206,3 +206,15 @@ def test_a_module_kept_whole_is_named_with_its_heavy_ops_left_float(tmp_path):
     cov = _coverage_of(Net().eval(), torch.randn(32, 16), tmp_path)
     assert cov["heavy_ops"] == 2 and cov["integer_heavy_ops"] == 1
     assert summary.float_parts(cov)["block"].startswith("kept whole, not traced")
+
+
+def test_export_and_the_report_show_the_heavy_op_coverage_from_one_definition(workspace, digits_run, capsys):
+    from qat_core import cli, export, report
+
+    assert cli.main(["--workspace", str(workspace.root), "export", digits_run]) == 0
+    result = workspace.read_result(digits_run, "export")
+    assert result["heavy_ops"] == result["integer_heavy_ops"] > 0  # digits-cnn: every conv and linear integer
+    assert summary.coverage_text(result) in capsys.readouterr().out.splitlines()
+    parity = export.parity(workspace, digits_run)
+    assert summary.coverage_value(parity) == f"{result['heavy_ops']}/{result['heavy_ops']} heavy ops"
+    assert summary.coverage_value(parity) in report.report_html(workspace, digits_run).decode("utf-8")
