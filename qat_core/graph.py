@@ -35,7 +35,7 @@ import torch.nn.functional as F
 from torch import fx, nn
 from torch.fx.node import map_aggregate
 
-from qat_core.integer import MOVING_FUNCTIONS, MOVING_METHODS, MOVING_MODULES
+from qat_core.integer import MOVING_FUNCTIONS, MOVING_METHODS, MOVING_MODULES, is_neutral_arithmetic
 from qat_core.modules import PLAIN_OPERATOR, DecomposedMultiheadAttention, attention
 
 MAX_LEAF_RETRIES = 32  # modules kept whole before tracing gives up
@@ -317,6 +317,9 @@ def _moves_values(node: fx.Node, gm: fx.GraphModule, values: dict[fx.Node, Any])
         return True
     if node.op == "call_method" and node.target in MOVING_METHODS:
         return node.target not in ("to", "float") or values.get(node).dtype == values.get(node.args[0]).dtype
+    name = node.target if isinstance(node.target, str) else getattr(node.target, "__name__", "")
+    if node.op in ("call_function", "call_method") and is_neutral_arithmetic(name, node.args, node.kwargs):
+        return values.get(node).dtype == values.get(_tensor_inputs(node, values)[0]).dtype
     out = values.get(node)  # anything else that returns a view of an input (dropout in eval, identity)
     return isinstance(out, torch.Tensor) and any(
         out.untyped_storage().data_ptr() == values[n].untyped_storage().data_ptr()
