@@ -138,14 +138,37 @@ def to_onnx(model: nn.Module, example: torch.Tensor, opset: int = OPSET) -> byte
                               dynamic_axes={INPUT_NAME: dims, OUTPUT_NAME: dims})
     except Exception as err:  # the exporter raises many types; all mean "ONNX cannot express this"
         first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-        raise ExportError(f"ONNX (opset {opset}) cannot express part of this model: {first}. Replace that op in "
-                          "the model, or keep the layer that uses it out of the export") from None
+        raise ExportError(f"ONNX (opset {opset}) cannot express {_failed_op(err) or 'part of this model'}: {first}. "
+                          "Replace that op in the model, or keep the layer that uses it out of the export") from None
     import onnx
 
     proto = onnx.load_from_string(buffer.getvalue())
     if static_reshapes(proto):
         cleanup(proto)
     return proto.SerializeToString()
+
+
+def _failed_op(err: BaseException) -> str | None:
+    """The op the TorchScript exporter was converting when ``err`` was raised, and where the model calls it
+    (``aten::cat in layers.0.attn``, ``aten::cat at model.py(8): forward``): its messages (an assertion on
+    ranks) name no op, and the graph it prints ends with the model's last op, not the failed one."""
+    tb, node = err.__traceback__, None
+    while tb is not None:
+        if tb.tb_frame.f_code.co_name == "_run_symbolic_function":
+            node = tb.tb_frame.f_locals.get("node")
+        tb = tb.tb_next
+    try:
+        kind, scope, calls = node.kind(), node.scopeName(), str(node.sourceRange()).splitlines()
+    except Exception:  # no node (the error came before the ops were converted), or a torch without these methods
+        return None
+    names = [part.split("::", 1)[1].rsplit(".", 1)[-1] for part in scope.split("/") if "::" in part]  # as _scope
+    module = ".".join(n for n in names if n).replace(FLAT_SEP, ".")
+    if scope.startswith("qat_core.modules.QATModel::"):
+        module = module.removeprefix("net.")  # the QAT model's layer names (QATModel holds the model as .net)
+    if module:
+        return f"{kind} in {module}"
+    call = next((c for c in calls if "<eval_with_key>" not in c and "/torch/" not in c), None)
+    return f"{kind} at {call.strip()}" if call else kind
 
 
 # --- graph passes (each takes and changes an onnx.ModelProto) -------------------------------------

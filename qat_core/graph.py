@@ -256,13 +256,36 @@ def trace(model: nn.Module, example: torch.Tensor) -> tuple[fx.GraphModule, dict
                 raise TracingError(f"tracing stopped in the model's forward: {first_line(err)}") from None
             leaves[failed[0]] = failed[1]
             continue
+        _skip_empty_in_cat(graph, tracer.values, net)
         for node in [n for n in graph.nodes if n.op == "get_attr" and not n.users]:
-            graph.erase_node(node)  # read for metadata only (see _ValueProxy)
+            graph.erase_node(node)  # read for metadata only (see _ValueProxy), or an empty tensor cat skipped
         gm = fx.GraphModule(net, graph, class_name=type(model).__name__)
         _check_traced(model, gm, example, tracer.fixed_branches)
         values = {node: tracer.values.get(node) for node in graph.nodes}
         return gm, values, leaves, net
     raise TracingError(f"more than {MAX_LEAF_RETRIES} modules could not be traced")
+
+
+def _skip_empty_in_cat(graph: fx.Graph, values: dict[fx.Node, Any], root: nn.Module) -> None:
+    """Drop the 1-D empty tensors of a ``torch.cat``, which torch skips whatever the others' rank
+    (transformers' key/value cache starts as ``torch.tensor([])`` and each layer concatenates its keys to it).
+    The trace keeps such a tensor as a constant attribute, which the ONNX exporter cannot skip ("All tensors
+    must have the same rank"); a cat left with one tensor is that tensor, with no quantizer of its own."""
+    for node in list(graph.nodes):
+        if node.op != "call_function" or node.target not in (torch.cat, torch.concat, torch.concatenate) \
+                or not node.args or not isinstance(node.args[0], (list, tuple)):
+            continue
+        parts = node.args[0]
+        empty = [p for p in parts if isinstance(p, fx.Node) and p.op == "get_attr"  # a constant the trace made
+                 and isinstance(t := _attr(root, p.target), torch.Tensor) and t.shape == (0,)]
+        kept = [p for p in parts if p not in empty]
+        if not kept or len(kept) == len(parts):
+            continue
+        if len(kept) > 1:
+            node.args = (type(parts)(kept), *node.args[1:])
+        elif isinstance(values.get(kept[0]), torch.Tensor) and values[kept[0]].dtype == values[node].dtype:
+            node.replace_all_uses_with(kept[0])
+            graph.erase_node(node)
 
 
 def _fixed_arguments(net: nn.Module) -> dict[str, Any]:
