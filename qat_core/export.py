@@ -146,14 +146,37 @@ def to_onnx(model: nn.Module, example: torch.Tensor, opset: int = OPSET) -> byte
                               dynamic_axes={INPUT_NAME: dims, OUTPUT_NAME: dims})
     except Exception as err:  # the exporter raises many types; all mean "ONNX cannot express this"
         first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-        raise ExportError(f"ONNX (opset {opset}) cannot express part of this model: {first}. Replace that op in "
-                          "the model, or keep the layer that uses it out of the export") from None
+        raise ExportError(f"ONNX (opset {opset}) cannot express {_failed_op(err) or 'part of this model'}: {first}. "
+                          "Replace that op in the model, or keep the layer that uses it out of the export") from None
     import onnx
 
     proto = onnx.load_from_string(buffer.getvalue())
     if static_reshapes(proto):
         cleanup(proto)
     return proto.SerializeToString()
+
+
+def _failed_op(err: BaseException) -> str | None:
+    """The op the TorchScript exporter was converting when ``err`` was raised, and where the model calls it
+    (``aten::cat in layers.0.attn``, ``aten::cat at model.py(8): forward``): its messages (an assertion on
+    ranks) name no op, and the graph it prints ends with the model's last op, not the failed one."""
+    tb, node = err.__traceback__, None
+    while tb is not None:
+        if tb.tb_frame.f_code.co_name == "_run_symbolic_function":
+            node = tb.tb_frame.f_locals.get("node")
+        tb = tb.tb_next
+    try:
+        kind, scope, calls = node.kind(), node.scopeName(), str(node.sourceRange()).splitlines()
+    except Exception:  # no node (the error came before the ops were converted), or a torch without these methods
+        return None
+    names = [part.split("::", 1)[1].rsplit(".", 1)[-1] for part in scope.split("/") if "::" in part]  # as _scope
+    module = ".".join(n for n in names if n).replace(FLAT_SEP, ".")
+    if scope.startswith("qat_core.modules.QATModel::"):
+        module = module.removeprefix("net.")  # the QAT model's layer names (QATModel holds the model as .net)
+    if module:
+        return f"{kind} in {module}"
+    call = next((c for c in calls if "<eval_with_key>" not in c and "/torch/" not in c), None)
+    return f"{kind} at {call.strip()}" if call else kind
 
 
 # --- graph passes (each takes and changes an onnx.ModelProto) -------------------------------------
@@ -668,12 +691,14 @@ def export_run(store: Any, run_id: str) -> dict[str, Any]:
     atomic_write_bytes(int8_path, int8_bytes)
     optimized = optimized_graph(int8_path)
     cov = coverage(optimized, loaded.qat.layers, loaded.qat.float_layers, onnx.load_from_string(fp32_bytes))
+    merged = merged_quantizers(onnx.load_from_string(int8_bytes), [r["name"] for r in loaded.qat.layers])
     result = {
         "files": {FP32_FILE: len(fp32_bytes), INT8_FILE: len(int8_bytes)},
         "size_ratio": len(int8_bytes) / len(fp32_bytes),
         "opset": OPSET,
         **cov,
-        "notes": _notes(loaded.qat, optimized),
+        "merged_quantizers": merged,
+        "notes": _notes(loaded.qat, optimized, merged),
     }
     store.write_result(run_id, "export", result)
     store.update_metrics(run_id, onnx={"fp32_bytes": len(fp32_bytes), "int8_bytes": len(int8_bytes),
@@ -683,8 +708,12 @@ def export_run(store: Any, run_id: str) -> dict[str, Any]:
     return result
 
 
-def _notes(qat: nn.Module, optimized: Any) -> list[str]:
+def _notes(qat: nn.Module, optimized: Any, merged: list[tuple[str, str]]) -> list[str]:
     notes = []
+    if merged:
+        notes.append(f"the output quantizers of {', '.join(f'{a} → {b}' for a, b in merged)} stand back to back with "
+                     "nothing computed between them: ONNX Runtime merges each pair into one rounding on a scale of its "
+                     "own, while the run's evaluation rounds twice, so `qat-studio eval` can disagree there")
     names = [r["name"] for r in qat.layers]
     for prop in optimized.metadata_props:
         if prop.key == "qat_studio.bias_saturated":
@@ -725,6 +754,52 @@ def _code_outputs(proto: Any, names: list[str]) -> dict[str, str]:
     return outputs
 
 
+def _scalar_qparams(gr: _Graph, node: Any) -> tuple[float, int] | None:
+    """A Q/DQ node's constant scalar scale and explicit zero point; None when either is missing or not one number."""
+    if len(node.input) != 3:
+        return None
+    scale, zp = gr.const(node.input[1]), gr.const(node.input[2])
+    if scale is None or zp is None or scale.size != 1 or zp.size != 1:
+        return None
+    return float(scale.reshape(())), int(zp.reshape(()))
+
+
+def _double_qdq(proto: Any) -> list[tuple[Any, Any]]:
+    """The back-to-back pairs ``Q1 → DQ1 → Q2 → DQ2`` that ONNX Runtime's ``DoubleQDQPairsRemover`` (level 1)
+    merges, as (Q1, Q2): it keeps ``Q1 → DQ2`` on one new scale spanning the intersection of both pairs' ranges,
+    so one rounding replaces two. Its conditions: each tensor of the chain has exactly one consumer and none
+    is a graph output, each pair's Q and DQ share one constant scalar scale and zero point, and both zero
+    points have one type."""
+    gr = _Graph(proto)
+    outputs = {o.name for o in proto.graph.output}
+
+    def only_consumer(name: str) -> Any:
+        users = [n for n in gr.consumers[name] for i in n.input if i == name]  # ORT counts one edge per input
+        return users[0] if len(users) == 1 and name not in outputs else None
+
+    pairs = []
+    for dq1 in proto.graph.node:
+        q1 = gr.producer.get(dq1.input[0]) if dq1.op_type == "DequantizeLinear" else None
+        q2 = only_consumer(dq1.output[0]) if q1 is not None else None
+        dq2 = only_consumer(q2.output[0]) if q2 is not None and q2.op_type == "QuantizeLinear" else None
+        if q1 is None or q1.op_type != "QuantizeLinear" or only_consumer(q1.output[0]) is not dq1 \
+                or dq2 is None or dq2.op_type != "DequantizeLinear":
+            continue
+        params = [_scalar_qparams(gr, n) for n in (q1, dq1, q2, dq2)]
+        if None in params or params[0] != params[1] or params[2] != params[3] \
+                or gr.const(dq1.input[2]).dtype != gr.const(q2.input[2]).dtype:
+            continue
+        pairs.append((q1, q2))
+    return pairs
+
+
+def merged_quantizers(proto: Any, names: list[str]) -> list[tuple[str, str]]:
+    """Layers whose output quantizers stand back to back in the int8 graph (nothing computed between them),
+    which ONNX Runtime merges into one rounding while the run's evaluation rounds twice: (first, second)."""
+    return [(_layer_of(q1.name, names) or _scope(q1.name), _layer_of(q2.name, names) or _scope(q2.name))
+            for q1, q2 in _double_qdq(proto)]
+
+
 def compare_codes(qat: nn.Module, int8_path: Path, x: np.ndarray) -> list[dict[str, Any]]:
     """Each quantized layer's output codes, ONNX Runtime against the model's integer arithmetic
     (``QATModel.integer_arithmetic``) on the same input codes, in execution order: how many codes
@@ -732,7 +807,10 @@ def compare_codes(qat: nn.Module, int8_path: Path, x: np.ndarray) -> list[dict[s
 
     Every layer is fed ONNX Runtime's codes of the layers before it (its own output is compared,
     then replaced by ONNX Runtime's), so a difference is where the arithmetic differs, not where an
-    earlier one spread to.
+    earlier one spread to. The codes are read as extra graph outputs, which must not change what ONNX
+    Runtime runs: QDQ fusions accept a QuantizeLinear whose output is a graph output, but the merge of
+    back-to-back pairs (``merged_quantizers``) does not, so those codes are left unread and the merge
+    shows in the first layer after it (fed the run's double rounding, where ONNX Runtime rounded once).
     """
     import onnx
 
@@ -740,7 +818,8 @@ def compare_codes(qat: nn.Module, int8_path: Path, x: np.ndarray) -> list[dict[s
 
     names = [r["name"] for r in qat.layers]
     proto = onnx.load(str(int8_path))
-    tensors = _code_outputs(proto, names)
+    merged = {q.output[0] for pair in _double_qdq(proto) for q in pair}
+    tensors = {layer: t for layer, t in _code_outputs(proto, names).items() if t not in merged}
     existing = {o.name for o in proto.graph.output}
     proto.graph.output.extend(onnx.helper.make_empty_tensor_value_info(t) for t in tensors.values()
                               if t not in existing)
@@ -785,9 +864,12 @@ def parity(store: Any, run_id: str, batch_size: int = 256) -> dict[str, Any]:
     ``fake_quant_accuracy`` / ``fake_quant_agreement`` compare the float simulation training used.
     ``layers`` compares every quantized layer's output codes on up to 64 samples (those that disagree
     first), each layer fed ONNX Runtime's codes of the layers before it; ``first_divergence`` is the
-    first layer whose codes differ at all (None: every code equal), and ``explanation`` says why the
-    results differ, if they do.
+    first layer whose codes differ at all (None: every code equal), ``merged_quantizers`` the layers whose
+    quantizers ONNX Runtime merges into one rounding (see ``merged_quantizers``), and ``explanation`` says
+    why the results differ, if they do.
     """
+    import onnx
+
     loaded = _load(store, run_id)
     _, int8_path = _ensure_exported(store, run_id)
     export = store.read_result(run_id, "export") or export_run(store, run_id)
@@ -821,6 +903,7 @@ def parity(store: Any, run_id: str, batch_size: int = 256) -> dict[str, Any]:
         "fake_quant_agreement": float((o.argmax(1) == f.argmax(1)).mean()),
         "layers": layers,
         "first_divergence": next((r["layer"] for r in layers if r["differing"]), None),
+        "merged_quantizers": merged_quantizers(onnx.load(str(int8_path)), [r["name"] for r in loaded.qat.layers]),
         "integer_layers": export["integer_layers"],
         "float_layers": export["float_layers"],
         "float_ops": export.get("float_ops", {}),
@@ -839,6 +922,15 @@ def explain_parity(result: dict[str, Any]) -> str | None:
     first = result.get("first_divergence")
     if result["agreement"] == 1.0 and first is None:
         return None
+    merged = result.get("merged_quantizers") or []
+    if merged:
+        pairs = ", ".join(f"`{a}` → `{b}`" for a, b in merged)
+        where = f"; `{first}` is the first layer whose codes differ" if first else ""
+        return (f"ONNX Runtime merges quantizers that stand back to back into one rounding ({pairs}: its "
+                "DoubleQDQPairsRemover turns QuantizeLinear→DequantizeLinear→QuantizeLinear→DequantizeLinear into one "
+                f"pair on a scale spanning both ranges), where the run's evaluation rounds twice{where}. QAT Studio "
+                "gives an op that leaves its input as it is (x + 0, x * 1) no quantizer of its own: train the run "
+                "again with this version, or report this model to the QAT Studio maintainers")
     if first is None:
         return (f"{result['disagreements']} prediction(s) differ although every quantized layer's codes are equal "
                 "on them: the float ops after the last quantizer (the logits) decide it")

@@ -38,7 +38,7 @@ import torch.nn.functional as F
 from torch import fx, nn
 from torch.fx.node import map_aggregate
 
-from qat_core.integer import MOVING_FUNCTIONS, MOVING_METHODS, MOVING_MODULES
+from qat_core.integer import MOVING_FUNCTIONS, MOVING_METHODS, MOVING_MODULES, is_neutral_arithmetic
 from qat_core.modules import PLAIN_OPERATOR, DecomposedMultiheadAttention, attention
 
 MAX_LEAF_RETRIES = 32  # modules kept whole before tracing gives up
@@ -318,13 +318,36 @@ def trace(model: nn.Module, example: torch.Tensor) -> tuple[fx.GraphModule, dict
                 raise TracingError(f"tracing stopped in the model's forward: {first_line(err)}") from None
             leaves[failed[0]] = failed[1]
             continue
+        _skip_empty_in_cat(graph, tracer.values, net)
         for node in [n for n in graph.nodes if n.op == "get_attr" and not n.users]:
-            graph.erase_node(node)  # read for metadata only (see _ValueProxy)
+            graph.erase_node(node)  # read for metadata only (see _ValueProxy), or an empty tensor cat skipped
         gm = fx.GraphModule(net, graph, class_name=type(model).__name__)
         _check_traced(model, gm, example, tracer.fixed_branches)
         values = {node: tracer.values.get(node) for node in graph.nodes}
         return gm, values, leaves, net
     raise TracingError(f"more than {MAX_LEAF_RETRIES} modules could not be traced")
+
+
+def _skip_empty_in_cat(graph: fx.Graph, values: dict[fx.Node, Any], root: nn.Module) -> None:
+    """Drop the 1-D empty tensors of a ``torch.cat``, which torch skips whatever the others' rank
+    (transformers' key/value cache starts as ``torch.tensor([])`` and each layer concatenates its keys to it).
+    The trace keeps such a tensor as a constant attribute, which the ONNX exporter cannot skip ("All tensors
+    must have the same rank"); a cat left with one tensor is that tensor, with no quantizer of its own."""
+    for node in list(graph.nodes):
+        if node.op != "call_function" or node.target not in (torch.cat, torch.concat, torch.concatenate) \
+                or not node.args or not isinstance(node.args[0], (list, tuple)):
+            continue
+        parts = node.args[0]
+        empty = [p for p in parts if isinstance(p, fx.Node) and p.op == "get_attr"  # a constant the trace made
+                 and isinstance(t := _attr(root, p.target), torch.Tensor) and t.shape == (0,)]
+        kept = [p for p in parts if p not in empty]
+        if not kept or len(kept) == len(parts):
+            continue
+        if len(kept) > 1:
+            node.args = (type(parts)(kept), *node.args[1:])
+        elif isinstance(values.get(kept[0]), torch.Tensor) and values[kept[0]].dtype == values[node].dtype:
+            node.replace_all_uses_with(kept[0])
+            graph.erase_node(node)
 
 
 def _fixed_arguments(net: nn.Module) -> dict[str, Any]:
@@ -379,6 +402,9 @@ def _moves_values(node: fx.Node, gm: fx.GraphModule, values: dict[fx.Node, Any])
         return True
     if node.op == "call_method" and node.target in MOVING_METHODS:
         return node.target not in ("to", "float") or values.get(node).dtype == values.get(node.args[0]).dtype
+    name = node.target if isinstance(node.target, str) else getattr(node.target, "__name__", "")
+    if node.op in ("call_function", "call_method") and is_neutral_arithmetic(name, node.args, node.kwargs):
+        return values.get(node).dtype == values.get(_tensor_inputs(node, values)[0]).dtype
     out = values.get(node)  # anything else that returns a view of an input (dropout in eval, identity)
     return isinstance(out, torch.Tensor) and any(
         out.untyped_storage().data_ptr() == values[n].untyped_storage().data_ptr()

@@ -55,6 +55,12 @@ MOVING_METHODS = {"view", "reshape", "flatten", "permute", "transpose", "squeeze
                   "expand", "expand_as", "view_as", "reshape_as", "chunk", "split", "narrow", "select", "flip",
                   "roll", "t", "movedim", "swapaxes", "repeat", "unfold", "clone", "detach", "to", "float",
                   "unbind"}
+# arithmetic with its neutral element (timm MobileOne's ``scale_out + 0`` in a block without an identity branch):
+# its output is its input, so it keeps the input's codes. A quantizer of its own would stand back to back with the
+# input's (Q→DQ→Q→DQ), which ONNX Runtime merges into one rounding on a third scale (DoubleQDQPairsRemover)
+NEUTRAL_ELEMENT = {"add": 0, "iadd": 0, "radd": 0, "mul": 1, "imul": 1, "rmul": 1, "sub": 0, "isub": 0,
+                   "truediv": 1, "itruediv": 1, "div": 1}
+COMMUTATIVE = {"add", "iadd", "radd", "mul", "imul", "rmul"}
 
 
 @dataclass(frozen=True)
@@ -104,7 +110,7 @@ class Quantized(torch.Tensor):
         with torch._C.DisableTorchFunctionSubclass():
             out = func(*args, **(kwargs or {}))
         source = next((a for a in args if isinstance(a, Quantized)), None)
-        if source is None or not _moves_values(func, source, out):
+        if source is None or not _moves_values(func, source, out, args, kwargs or {}):
             return out
         if isinstance(out, torch.Tensor):
             return cls.wrap(out, source.grid)
@@ -113,10 +119,22 @@ class Quantized(torch.Tensor):
         return out
 
 
-def _moves_values(func: Any, source: torch.Tensor, out: Any) -> bool:
+def is_neutral_arithmetic(name: str, args: tuple, kwargs: dict) -> bool:
+    """Whether ``name(*args, **kwargs)`` adds or subtracts the number 0, or multiplies or divides by 1."""
+    name = name.strip("_")
+    if name not in NEUTRAL_ELEMENT or kwargs or len(args) != 2:
+        return False
+    numbers = args[::-1] if name in COMMUTATIVE else args[1:]
+    return any(isinstance(c, (int, float)) and not isinstance(c, bool) and c == NEUTRAL_ELEMENT[name]
+               for c in numbers)
+
+
+def _moves_values(func: Any, source: torch.Tensor, out: Any, args: tuple, kwargs: dict) -> bool:
     if func in MOVING_FUNCTIONS:
         return True
     name = getattr(func, "__name__", "")
+    if is_neutral_arithmetic(name, args, kwargs):
+        return isinstance(out, torch.Tensor) and out.dtype == source.dtype
     if name == "__getitem__" or (name in MOVING_METHODS and getattr(torch.Tensor, name, None) is func):
         return not isinstance(out, torch.Tensor) or out.dtype == source.dtype
     return isinstance(out, torch.Tensor) and out.dtype == source.dtype and \

@@ -154,6 +154,33 @@ def test_an_op_onnx_cannot_express_is_named():
         to_onnx(_Spectrum(), torch.randn(1, 8))
 
 
+class _EmptyCache(nn.Module):
+    """Concatenates a 1-D empty buffer to a 3-D input (torch skips it; the exporter cannot), then computes more."""
+
+    def __init__(self):
+        super().__init__()
+        self.register_buffer("cache", torch.zeros(0))
+
+    def forward(self, x):
+        return torch.cat([self.cache, x], 1).softmax(-1)
+
+
+class _Blocks(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.blocks = nn.Sequential(_EmptyCache())
+
+    def forward(self, x):
+        return self.blocks(x)
+
+
+def test_an_exporter_assertion_names_the_op_and_the_module_it_stopped_at():
+    """The exporter's own message ("All tensors must have the same rank") names no op, and the graph it prints
+    ends with the model's last op; the error names the op being converted and the module that calls it."""
+    with pytest.raises(ExportError, match=r"cannot express aten::cat in blocks\.0: All tensors must have the same"):
+        to_onnx(_Blocks(), torch.randn(1, 4, 3))
+
+
 def test_parity_names_the_first_layer_where_ort_and_the_simulation_diverge(workspace, digits_run_w4a8,
                                                                           exported_w4a8):
     """A stale int8.onnx whose conv2 activation scale is not the run's (1000× too coarse: ORT rounds every

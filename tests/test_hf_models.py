@@ -202,3 +202,25 @@ def test_a_tokenizer_without_a_padding_token_pads_with_its_end_of_text_token(hf,
     _save_gpt2(tmp_path / "no-eos", eos=None)
     with pytest.raises(ConfigError, match="neither a padding nor an end-of-text token"):
         zoo.build(f"hf:{tmp_path / 'no-eos'}", config.data)
+
+
+def test_a_decoder_with_a_key_value_cache_exports_to_int8(hf, tmp_path):
+    """GPT-2 concatenates each layer's keys and values to its cache, which starts as an empty tensor: torch skips
+    it, the trace kept it as a constant the ONNX exporter cannot skip (before: "All tensors must have the same
+    rank", exit 2 on every GPT-2). The empty part is dropped, and the cat of one tensor is no layer."""
+    import numpy as np
+
+    from qat_core.config import LayerPlan, QuantSpec
+    from qat_core.prepare import prepare
+
+    config = runner.default_config(f"hf:{_save_gpt2(tmp_path / 'gpt2')}",
+                                   data={"path": str(hf["texts"]), "label_column": "topic", "max_length": 32})
+    model, data = zoo.build(config.model, config.data)
+    qat = prepare(model, LayerPlan(default=QuantSpec(range_method="minmax")), data.example(2))
+    assert not [r["name"] for r in qat.layers if r["kind"] == "cat"]
+    train.calibrate(qat, [(data.example(8), None)], 1)
+    path = tmp_path / "int8.onnx"
+    path.write_bytes(export.int8_onnx(qat.eval(), data.example(1)))
+    x = data.example(8)
+    logits = export.session(path).run(None, {export.INPUT_NAME: x.numpy()})[0]
+    assert logits.shape == (8, data.num_classes) and np.isfinite(logits).all()
