@@ -33,7 +33,10 @@ from __future__ import annotations
 
 import math
 import operator
+import platform
+from collections.abc import Callable
 from dataclasses import dataclass
+from functools import cached_property
 from typing import Any
 
 import torch
@@ -82,9 +85,12 @@ class Grid:
         return Quantized.wrap((q - self.zero_point) * _f32(self.scale), self)
 
     def requantize(self, acc: torch.Tensor, multiplier: torch.Tensor) -> Quantized:
-        """An exact integer sum ``acc`` (float64) → this grid's codes: one float32 multiply, then round."""
-        f = acc.to(torch.float32) * multiplier
-        return self.values((torch.round(f) + self.zero_point).clamp_(*UINT8).clamp_(self.qmin, self.qmax))
+        """An integer sum ``acc`` (exact in float64, or already rounded to float32) → this grid's codes:
+        one float32 multiply, then round. Clamped as centred codes (``q - z``, whole numbers within
+        ±255, so moving ``z`` across the clamp is exact) and scaled in place: one pass each."""
+        low, high = max(self.qmin, UINT8[0]) - self.zero_point, min(self.qmax, UINT8[1]) - self.zero_point
+        f = (acc.to(torch.float32) * multiplier).round_().clamp_(low, high)
+        return Quantized.wrap(f.mul_(_f32(self.scale)), self)
 
 
 class Quantized(torch.Tensor):
@@ -101,9 +107,13 @@ class Quantized(torch.Tensor):
         return t
 
     def codes(self) -> torch.Tensor:
-        """The codes, as a float tensor (exact: ``x / s`` of ``x = (q - z) * s`` rounds back to ``q - z``)."""
+        """The codes, as a float tensor."""
+        return self.centred().add_(self.grid.zero_point)
+
+    def centred(self) -> torch.Tensor:
+        """``q - z`` as a float tensor (exact: ``x / s`` of ``x = (q - z) * s`` rounds back to ``q - z``)."""
         with torch._C.DisableTorchFunctionSubclass():
-            return torch.round(self / self.grid.scale) + self.grid.zero_point
+            return torch.div(self, self.grid.scale).round_()
 
     @classmethod
     def __torch_function__(cls, func: Any, types: Any, args: tuple = (), kwargs: dict | None = None) -> Any:
@@ -178,12 +188,22 @@ class Weights:
     zero_point: torch.Tensor
     scale: torch.Tensor
 
-    def centred(self) -> torch.Tensor:  # (C_out, ...) float64: w - z_w
-        z = self.zero_point.detach().round().double().reshape([-1] + [1] * (self.codes.dim() - 1))
-        return self.codes.double() - z
+    @cached_property
+    def centred(self) -> torch.Tensor:  # (C_out, ...) float32: w - z_w, whole numbers within ±255
+        z = self.zero_point.detach().round().float().reshape([-1] + [1] * (self.codes.dim() - 1))
+        return self.codes.float() - z if z.any() else self.codes.float()
+
+    @cached_property
+    def reach(self) -> torch.Tensor:  # (C_out, C_in) float64: Σ|w - z_w| of the first i inputs, over a kernel's taps
+        c = self.centred.abs()
+        return (c.flatten(2).sum(2) if c.dim() > 2 else c).double().cumsum(1)
 
     def channel(self, dims: int) -> list[int]:
         return [1, -1] + [1] * (dims - 2)
+
+
+EXACT = 2**24  # float32 holds every whole number up to 2^24: a sum whose partial sums all stay within it is exact
+INT32 = 2**31
 
 
 def _multiplier(input_scale: float, weights: Weights, output: Grid | None, dims: int) -> torch.Tensor:
@@ -193,44 +213,121 @@ def _multiplier(input_scale: float, weights: Weights, output: Grid | None, dims:
     return m.reshape(weights.channel(dims)) if m.numel() > 1 else m.reshape(())
 
 
-def _accumulate(x: Quantized, weights: Weights, bias: torch.Tensor | None, compute: Any) -> torch.Tensor:
-    """``compute((x - z_x), (w - z_w))`` in float64, which holds every int32 sum exactly, plus the
-    int32 bias, wrapped as int32."""
-    acc = compute(x.codes().double() - x.grid.zero_point, weights.centred())
-    if bias is not None:
-        codes, _ = bias_codes(bias, x.grid.scale, weights.scale)
+def _extent(grid: Grid) -> int:
+    """The largest ``|q - z|`` of an activation on ``grid``."""
+    return max(grid.zero_point - max(grid.qmin, UINT8[0]), min(grid.qmax, UINT8[1]) - grid.zero_point)
+
+
+def exact_runs(reach: torch.Tensor, budget: float) -> list[slice] | None:
+    """Consecutive runs of the reduced inputs, each as long as it can be while every output's bound
+    (``reach``: (outputs, inputs), nondecreasing along the inputs) grows by at most ``budget`` over it.
+    None when one input alone can exceed it."""
+    runs, start, inputs = [], 0, reach.shape[1]
+    while start < inputs:
+        base = reach[:, start - 1:start] if start else torch.zeros_like(reach[:, :1])
+        fits = int(((reach[:, start:] - base).amax(0) <= budget).sum())  # a prefix, as the bound only grows
+        if fits == 0:
+            return None
+        runs.append(slice(start, start + fits))
+        start += fits
+    return runs
+
+
+def _float32_sums_exact(device: torch.device) -> bool:
+    """Whether this device's float32 conv and matmul only add exact products: oneDNN's direct convolution
+    and MKL's GEMM on x86-64 CPUs (NNPACK, whose Winograd and FFT transforms round, is switched off around
+    the call). Elsewhere (cuDNN may pick Winograd or FFT algorithms) the sums run in float64."""
+    return device.type == "cpu" and platform.machine().lower() in ("x86_64", "amd64")
+
+
+def _accumulate(x: Quantized, weights: Weights, bias: torch.Tensor | None,
+                compute: Callable[[torch.Tensor, torch.Tensor], torch.Tensor], chunkable: bool) -> torch.Tensor:
+    """ONNX Runtime's int32 accumulator ``Σ (x - z_x)(w - z_w) + bias`` (wrapped as int32 wraps), rounded
+    to float32 as the kernel's requantization does. ``compute(x - z_x, w - z_w)`` reduces over dim 1 of both.
+
+    Float32 sums are exact while a bound (``|x - z_x|``'s extent times ``Σ|w - z_w|``, per output) stays
+    within 2^24: whatever order a kernel adds in, no partial sum leaves float32's whole numbers. One
+    float32 addition of exact operands then rounds as the kernel's int32 → float32 conversion does. So:
+    one call ending with the bias; or two runs of input channels, the first exact with the bias, the
+    second exact alone, added last; or runs exact in float32 summed in int32 (float64 if it could wrap);
+    or all in float64.
+    """
+    xc, wc = x.centred().float(), weights.centred
+    codes = bias_codes(bias, x.grid.scale, weights.scale)[0] if bias is not None else None
+    b = float(codes.abs().max()) if codes is not None else 0.0
+    reach = weights.reach * _extent(x.grid) if _float32_sums_exact(xc.device) else None
+    if reach is not None and b <= EXACT:
+        total, inputs = reach[:, -1], reach.shape[1]
+        first = int((reach + b <= EXACT).all(0).sum())  # the longest prefix exact together with the bias
+        if first == inputs or (chunkable and first and bool((total - reach[:, first - 1] <= EXACT).all())):
+            with torch.backends.nnpack.flags(enabled=False):
+                acc = compute(xc[:, :first], wc[:, :first]) if first < inputs else compute(xc, wc)
+                if codes is not None:
+                    acc.add_(codes.float().reshape(weights.channel(acc.dim())))
+                if first < inputs:
+                    acc.add_(compute(xc[:, first:], wc[:, first:]))  # the one addition that may round
+            return acc
+    runs = exact_runs(reach, EXACT) if reach is not None else None
+    if runs is not None and (chunkable or len(runs) == 1):
+        with torch.backends.nnpack.flags(enabled=False):
+            parts = [compute(xc[:, r], wc[:, r]) for r in runs]
+        if float(reach[:, -1].max()) + b < INT32:  # no wrap: add them as the kernel does, in int32
+            acc = parts[0].to(torch.int32)
+            for part in [*parts[1:], *([codes.reshape(weights.channel(acc.dim()))] if codes is not None else [])]:
+                acc.add_(part.to(torch.int32))
+            return acc.to(torch.float32)
+        acc = sum(part.double() for part in parts)
+    else:
+        acc = compute(xc.double(), wc.double())
+    if codes is not None:
         acc = acc + codes.reshape(weights.channel(acc.dim()))
-    return torch.remainder(acc + 2.0**31, 2.0**32) - 2.0**31  # int32 arithmetic wraps (a bias near its limit)
+    # int32 arithmetic wraps (a bias near its limit)
+    return (torch.remainder(acc + float(INT32), float(2 * INT32)) - INT32).to(torch.float32)
 
 
 def conv2d(x: Quantized, weights: Weights, bias: torch.Tensor | None, conv: nn.Conv2d, output: Grid) -> Quantized:
     """QLinearConv (padding holds the input's zero point, i.e. 0 after centring)."""
     acc = _accumulate(x, weights, bias, lambda a, w: F.conv2d(a, w, None, conv.stride, conv.padding, conv.dilation,
-                                                              conv.groups))
+                                                              conv.groups), chunkable=conv.groups == 1)
     return output.requantize(acc, _multiplier(x.grid.scale, weights, output, acc.dim()))
 
 
 def linear(x: Quantized, weights: Weights, bias: torch.Tensor | None, output: Grid | None) -> torch.Tensor:
     """QGemm of ``x`` (N, in): requantized to ``output``, or float logits when ``output`` is None."""
-    acc = _accumulate(x, weights, bias, lambda a, w: a @ w.T)
+    acc = _accumulate(x, weights, bias, lambda a, w: a @ w.T, chunkable=True)
     m = _multiplier(x.grid.scale, weights, output, 2)
     if output is None:
-        return acc.to(torch.float32) * m
+        return acc * m
     return output.requantize(acc, m)
 
 
 def matmul(a: Quantized, b: Quantized, output: Grid | None) -> torch.Tensor:
-    """QLinearMatMul (MatMulIntegerToFloat when the output stays float)."""
-    acc = (a.codes().double() - a.grid.zero_point) @ (b.codes().double() - b.grid.zero_point)
+    """QLinearMatMul (MatMulIntegerToFloat when the output stays float): in float32 where its reduction
+    length times both extents is within 2^24 (exact, as in ``_accumulate``), else in float64."""
+    ac, bc = a.centred().float(), b.centred().float()
+    if not (_float32_sums_exact(ac.device) and ac.shape[-1] * _extent(a.grid) * _extent(b.grid) <= EXACT):
+        ac, bc = ac.double(), bc.double()
+    acc = (ac @ bc).to(torch.float32)
     m = _f32(a.grid.scale) * _f32(b.grid.scale)
     if output is None:
-        return acc.to(torch.float32) * m
+        return acc * m
     return output.requantize(acc, m / _f32(output.scale))
 
 
 def _fma(a: torch.Tensor, b: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
     """``a * b + c`` rounded once to float32 (the float32 product is exact in float64)."""
     return (a.double() * b.double() + c.double()).to(torch.float32)
+
+
+def _by_table(a: Quantized, b: Quantized, output: Grid, codes: Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+              ) -> Quantized:
+    """An elementwise kernel of two uint8 inputs as a lookup: ``codes(q_a, q_b)`` (the kernel's formula)
+    is computed once for all 256 × 256 code pairs, then each output value is read at ``256 q_a + q_b``.
+    Exact by construction, and a few float32 passes where the formula takes a dozen in float64."""
+    q = torch.arange(256, dtype=torch.float32, device=a.device)
+    table = output.values(codes(q[:, None], q[None, :])).as_subclass(torch.Tensor).reshape(-1)  # (65536,)
+    index = torch.add(b.codes(), a.codes(), alpha=256).to(torch.int32)  # (broadcast shape)
+    return Quantized.wrap(table.index_select(0, index.reshape(-1)).reshape(index.shape), output)
 
 
 def add(a: Quantized, b: Quantized, output: Grid) -> Quantized:
@@ -243,16 +340,21 @@ def add(a: Quantized, b: Quantized, output: Grid) -> Quantized:
     ra, rb = _f32(a.grid.scale) / output.scale, _f32(b.grid.scale) / output.scale
     za, zb = _f32(a.grid.zero_point), _f32(b.grid.zero_point)
     fixed = _f32(output.zero_point) - _fma(ra, za, rb * zb)
-    v = _fma(a.codes(), ra, _fma(b.codes(), rb, fixed))
-    return output.values(torch.round(v).clamp_(*UINT8).clamp_(output.qmin, output.qmax))
+
+    def codes(qa: torch.Tensor, qb: torch.Tensor) -> torch.Tensor:
+        v = _fma(qa, ra, _fma(qb, rb, fixed))
+        return torch.round(v).clamp_(*UINT8).clamp_(output.qmin, output.qmax)
+    return _by_table(a, b, output, codes)
 
 
 def mul(a: Quantized, b: Quantized, output: Grid) -> Quantized:
     """QLinearMul: the exact product of centred codes, one float32 rescale, the zero point added in float."""
     r = (_f32(a.grid.scale) * _f32(b.grid.scale)) / _f32(output.scale)
-    p = (a.codes() - a.grid.zero_point) * (b.codes() - b.grid.zero_point)  # |p| <= 255^2: exact in float32
-    v = p * r + output.zero_point
-    return output.values(torch.round(v).clamp_(*UINT8).clamp_(output.qmin, output.qmax))
+
+    def codes(qa: torch.Tensor, qb: torch.Tensor) -> torch.Tensor:
+        p = (qa - a.grid.zero_point) * (qb - b.grid.zero_point)  # |p| <= 255^2: exact in float32
+        return torch.round(p * r + output.zero_point).clamp_(*UINT8).clamp_(output.qmin, output.qmax)
+    return _by_table(a, b, output, codes)
 
 
 def global_average_pool(x: Quantized, output: Grid) -> Quantized | None:

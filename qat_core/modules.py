@@ -98,6 +98,22 @@ def _integer_output(layer: nn.Module, x: Any) -> Grid | None | bool:
     return act_quant.grid()
 
 
+@torch.no_grad()
+def _integer_weights(layer: nn.Module) -> tuple[integer.Weights, torch.Tensor | None]:
+    """A conv's or linear layer's integer weights and float bias (BN folded), kept while none of the
+    tensors they come from changes: evaluation runs batch after batch on the same weights, and every
+    write to a tensor (an optimizer step, ``load_state_dict``, calibration) moves its version counter."""
+    sources = [*layer.parameters(), *layer.buffers()]  # held, not their ids: a new tensor is never taken for one
+    versions = [(t._version, t.data_ptr()) for t in sources]  # `.data = ...` (Module.to) keeps the version
+    cached = layer.__dict__.get("_integer_weights")
+    if cached is None or len(cached[0]) != len(sources) or cached[1] != versions or \
+            any(a is not b for a, b in zip(cached[0], sources, strict=True)):
+        w, b = layer.folded()
+        cached = (sources, versions, layer.weight_quant.integer_weights(w), b)
+        object.__setattr__(layer, "_integer_weights", cached)
+    return cached[2], cached[3]
+
+
 class QuantConv2d(nn.Module):
     """Conv2d (+ folded BatchNorm2d) (+ a fused activation) with fake-quantized weights and output.
 
@@ -145,8 +161,8 @@ class QuantConv2d(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # (B, C_in, H, W) -> (B, C_out, H', W')
         output = _integer_output(self, x)
         if output and self.weight_quant is not None:  # QLinearConv (a float output has no integer conv)
-            w, b = self.folded()
-            return integer.conv2d(x, self.weight_quant.integer_weights(w), b, self.conv, output)
+            weights, b = _integer_weights(self)
+            return integer.conv2d(x, weights, b, self.conv, output)
         if self.bn is not None and self.training and not self.bn_frozen:
             factor = self.bn.weight / torch.sqrt(self.bn.running_var + self.bn.eps)
             w = self.conv.weight * factor.reshape(-1, 1, 1, 1)
@@ -205,7 +221,8 @@ class QuantLinear(nn.Module):
             x = x.reshape(-1, x.shape[-1])
         output = _integer_output(self, x)
         if output is not False and self.weight_quant is not None:  # QGemm, integer or float output
-            y = integer.linear(x, self.weight_quant.integer_weights(self.linear.weight), self.linear.bias, output)
+            weights, b = _integer_weights(self)
+            y = integer.linear(x, weights, b, output)
         else:
             w = self.quantized_weight()
             y = _activate(self.activation, F.linear(x, w, _int32_bias(self.linear.bias, self.input_quant,

@@ -13,6 +13,7 @@ import onnx
 import onnxruntime as ort
 import pytest
 import torch
+import torch.nn.functional as F
 from onnx import TensorProto, helper, numpy_helper
 
 from qat_core import integer, modules, runner
@@ -279,3 +280,50 @@ def test_a_float_op_after_the_integer_softmax_takes_its_float32_output(tmp_path)
     theirs = session(path).run(None, {"input": x.numpy()})[0]
     assert ours.dtype == torch.float32
     np.testing.assert_allclose(ours.numpy(), theirs, rtol=0, atol=1e-6)  # the float mean's summation order only
+
+
+def _large_sums(shape: tuple[int, ...]) -> tuple[Weights, list, np.ndarray]:
+    """uint8-stored weights of one sign per output channel near the code limit, so that with input codes
+    near 255 (zero point 0) the int32 sums pass 2^24, where float32 stops holding every whole number."""
+    sign = np.where(np.arange(shape[0]) % 2, -1, 1).reshape([-1] + [1] * (len(shape) - 1))
+    codes = sign * RNG.integers(90, 128, shape)
+    scale = RNG.uniform(0.002, 0.02, shape[0]).astype(np.float32)
+    inits = [numpy_helper.from_array((codes + 128).astype(np.uint8), "w"), numpy_helper.from_array(scale, "w_s"),
+             numpy_helper.from_array(np.full(shape[0], 128, np.uint8), "w_z")]
+    return Weights(torch.from_numpy(codes.astype(np.float32)), torch.zeros(shape[0]), torch.from_numpy(scale)), inits, \
+        (RNG.standard_normal(shape[0]) * 2).astype(np.float32)
+
+
+@pytest.mark.parametrize("channels, runs", [(100, 2), (160, 3)])
+def test_sums_past_float32_whole_numbers_are_split_into_exact_runs(channels, runs):
+    """Sums up to 2^25 (two runs of input channels, the second added last in float32) and past it (three
+    runs added in int32): each output equals the exact sum, where one float32 conv rounds some of them."""
+    x, y = _grid(scale=0.02, zero_point=0), _grid(scale=0.02, zero_point=128)
+    conv = torch.nn.Conv2d(channels, 8, 3, padding=1)
+    weights, inits, bias = _large_sums(tuple(conv.weight.shape))
+    cx = RNG.integers(200, 256, (2, channels, 6, 6)).astype(np.uint8)
+    assert len(integer.exact_runs(weights.reach * 255, integer.EXACT)) == runs
+    codes = integer.bias_codes(torch.from_numpy(bias), x.scale, weights.scale)[0]
+    exact = F.conv2d(torch.from_numpy(cx).double(), weights.codes.double(), codes, padding=1)  # float64: exact
+    assert exact.abs().max() > 2**24
+    one_call = F.conv2d(torch.from_numpy(cx).float(), weights.codes, None, padding=1) + codes.float()[:, None, None]
+    assert not torch.equal(one_call, exact.float())  # float32 alone rounds
+    ours = integer._accumulate(_quantized(cx, x), weights, torch.from_numpy(bias),
+                               lambda a, w: F.conv2d(a, w, None, 1, 1), chunkable=True)
+    assert ours.dtype == torch.float32 and torch.equal(ours, exact.float())
+    nodes = [_dq("w", 0), _dq("b", 0), helper.make_node("Conv", ["x_float", "w_float", "b_float"], ["y_float"],
+                                                        pads=[1, 1, 1, 1])]
+    theirs = _run(nodes, {"x": cx}, _qparams("x", x) + inits + _bias(bias, x, weights), y, "QLinearConv")
+    _exact(integer.conv2d(_quantized(cx, x), weights, torch.from_numpy(bias), conv, y), theirs)
+
+
+def test_a_gemm_past_float32_whole_numbers_gives_onnx_runtimes_float_output():
+    """A float output shows the accumulator itself: ONNX Runtime's, equal to ours where the sums pass 2^24."""
+    x = _grid(scale=0.02, zero_point=0)
+    weights, inits, bias = _large_sums((16, 2048))
+    cx = RNG.integers(200, 256, (32, 2048)).astype(np.uint8)
+    nodes = [_dq("w", 0), _dq("b", 0), helper.make_node("Gemm", ["x_float", "w_float", "b_float"], ["y"], transB=1)]
+    theirs = _run(nodes, {"x": cx}, _qparams("x", x) + inits + _bias(bias, x, weights), None, "QGemm")
+    ours = integer.linear(_quantized(cx, x), weights, torch.from_numpy(bias), None)
+    assert np.abs(theirs / (x.scale * weights.scale.numpy())).max() > 2**24
+    _exact(ours, theirs)
