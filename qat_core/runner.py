@@ -25,7 +25,7 @@ from torch import nn
 from qat_core import config as cfg
 from qat_core import cpu, library, train, zoo
 from qat_core.config import MAX_SEED, RunConfig, with_uniform_plan
-from qat_core.data import Data, data_fingerprint
+from qat_core.data import Data, data_fingerprint, hold_out
 from qat_core.errors import CancelledError, ConfigError, QATError
 from qat_core.modules import QATModel
 from qat_core.prepare import layer_table, prepare
@@ -298,8 +298,10 @@ def execute(config: RunConfig, store: RunStore, run_id: str | None = None, on_ev
         emit({"phase": "ptq", "done": True, "test_accuracy": ptq_metrics["accuracy"]})
         train.seed_everything(config.seed)
         ft = config.finetune
-        loader = data.train_loader(ft.batch_size, True, (config.seed + 1) % (MAX_SEED + 1))  # not the calibration order
-        qat_metrics = train.finetune(qat, loader, data.test_loader(), ft, emit, cancel, ptq_metrics["accuracy"])
+        tune, validation = hold_out(data, ft.validation_fraction, config.data.split_seed)  # the guard's judge
+        loader = tune.train_loader(ft.batch_size, True, (config.seed + 1) % (MAX_SEED + 1))  # not the calibration order
+        qat_metrics, guard = train.finetune(qat, loader, data.test_loader(), ft, emit, cancel, ptq_metrics["accuracy"],
+                                            validation, fp32 if ft.distill else None)
         store.save_state(run_id, "fp32.pt", fp32.state_dict())
         store.save_state(run_id, "ptq.pt", ptq.state_dict())  # "before the fine-tune", for comparisons
         store.save_state(run_id, "qat.pt", qat.state_dict())
@@ -307,7 +309,8 @@ def execute(config: RunConfig, store: RunStore, run_id: str | None = None, on_ev
         store.update_metrics(run_id, fp32=fp32_metrics, ptq=ptq_metrics, qat=qat_metrics,
                              size=predicted_sizes(rows, config.plan),
                              quantized_layers=quantized_layers(rows, config.plan), float_layers=qat.float_layers,
-                             generated_data=data.generated, seconds=time.perf_counter() - started, threads=threads)
+                             generated_data=data.generated, seconds=time.perf_counter() - started, threads=threads,
+                             **({"guard": guard} if guard else {}))
         store.finish(run_id)
     except CancelledError as err:
         store.fail(run_id, str(err), cancelled=True)
