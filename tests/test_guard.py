@@ -11,7 +11,7 @@ from qat_core import data, report, summary, train
 from qat_core import runner as runner_mod
 from qat_core.cli import main
 from qat_core.config import DataConfig, RunConfig
-from tests.apptest import ROOT, AppTest, common, ok
+from tests.apptest import ROOT, AppTest, app, common, ok
 from tests.conftest import small_base
 
 
@@ -135,3 +135,13 @@ def test_distillation_from_the_fp32_model_trains_a_w4a4_model(workspace, digits_
     logits, labels = torch.randn(8, 10), torch.arange(8)
     same = train.distill_loss(torch.nn.Identity())(logits, logits, labels)  # a teacher that agrees: the KL term is 0
     assert torch.allclose(same, 0.5 * torch.nn.functional.cross_entropy(logits, labels))
+
+
+def test_the_fine_tune_form_sets_the_guard_and_distillation(workspace, monkeypatch):
+    monkeypatch.setenv("QAT_STUDIO_HOME", str(workspace.root))
+    at = ok(app("finetune"))
+    assert at.checkbox(key="ft_guard").value and not at.checkbox(key="ft_distill").value  # the defaults
+    at.checkbox(key="ft_distill").check().run()
+    at.checkbox(key="ft_guard").uncheck().run()
+    ft = workspace.load_draft(ok(at).query_params[common.DRAFT_PARAM]).finetune
+    assert ft.distill and not ft.guard
