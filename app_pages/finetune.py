@@ -28,8 +28,17 @@ with st.expander(f"New run from this tab's draft: {planning.default_name(config)
     threads = c5.selectbox("Threads", common.thread_choices(), key="ft_threads",
                            help="torch threads for this run. 1 leaves the other cores to this app and other work; "
                                 "on a busy machine more threads can be slower, as each waits for the others")
+    g1, g2 = st.columns(2)
+    guard = g1.checkbox("Guard the fine-tune", value=ft.guard, key="ft_guard",
+                        help=f"Judge the fine-tune on {ft.validation_fraction:.0%} of the training data held out from it: "
+                             "a loss that rises well above its start stops it, and a fine-tune that ends worse than its "
+                             "PTQ start is rolled back to its best point. The run says so, with advice")
+    distill = g2.checkbox("Distil from the FP32 model", value=ft.distill, key="ft_distill",
+                          help="Learn from the FP32 model's softened outputs as well as from the labels (the usual "
+                               "recipe below 8 bits; each step also runs the FP32 model)")
     values = {"name": name.strip(), "finetune": {"epochs": epochs, "lr": common.parse_number(lr_text),
-                                                 "batch_size": batch}, "baseline": {"epochs": base_epochs}}
+                                                 "batch_size": batch, "guard": guard, "distill": distill},
+              "baseline": {"epochs": base_epochs}}
     problems = common.form_problems(config, values)
     for column, field in zip((c1, c2, c3, c4), ("finetune.epochs", "finetune.lr", "finetune.batch_size",
                                                  "baseline.epochs"), strict=True):

@@ -221,6 +221,7 @@ def sweep_spec(tmp: Path, ray: str | None = None, threads: int | None = None, lr
     if lr is not None:
         base["finetune"]["lr"] = lr
         base["finetune"]["optimizer"] = "sgd"
+        base["finetune"]["guard"] = False  # a diverged fine-tune fails its run (the guard would roll it back)
     vary = {"weight_bits": [8, 4]} | ({"suggested": {"average_bits": [6.0]}} if suggested else {})
     spec = {"version": 1, "name": "attack", "base": base, "vary": vary,
             "executor": {"workers": 1, "threads": threads, "ray": ray}, "latency": False}

@@ -252,6 +252,14 @@ class FineTuneConfig(_Strict):
     freeze_bn_epoch: Float | None = Field(0, ge=0)
     freeze_ranges_epoch: Float | None = Field(None, ge=0)  # stop observers / LSQ scale updates from this epoch
     eval_every_epochs: Float = Field(1.0, gt=0)  # how often test accuracy is measured during the fine-tune
+    # share of the training split held out from the fine-tune (at most data.MAX_VALIDATION_SAMPLES samples) on
+    # which the guard judges it; 0: no split, and the guard watches the training loss only
+    validation_fraction: Float = Field(0.1, ge=0.0, lt=1.0)
+    # keep the fine-tune from ending worse than its PTQ start: a loss that rises well above its start stops it, and
+    # validation accuracy that falls below its start rolls it back to its best point (off: keep the last weights,
+    # and a diverged or collapsed fine-tune fails the run)
+    guard: bool = True
+    distill: bool = False  # learn from the FP32 model's softened outputs as well as from the labels
 
 
 class RunConfig(_Strict):

@@ -14,7 +14,7 @@ import math
 import warnings
 from collections import OrderedDict
 from collections.abc import Callable, Iterable, Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -76,17 +76,49 @@ class Data:
         return self.train_x[:n]
 
 
-def _split(x: torch.Tensor, y: torch.Tensor, cfg: DataConfig) -> tuple[torch.Tensor, ...]:
-    """Stratified train/test split: each class keeps the same share in both parts, fixed by the seed."""
-    g = torch.Generator().manual_seed(cfg.split_seed)
-    test_idx = []
+def _stratified(y: torch.Tensor, fraction: float, seed: int) -> torch.Tensor:
+    """A mask of ``fraction`` of each class's samples, drawn at random (fixed by ``seed``)."""
+    g = torch.Generator().manual_seed(seed)
+    picked = []
     for label in torch.unique(y):
         members = torch.nonzero(y == label).flatten()
         members = members[torch.randperm(len(members), generator=g)]
-        test_idx.append(members[: round(len(members) * cfg.test_fraction)])
-    is_test = torch.zeros(len(y), dtype=torch.bool)
-    is_test[torch.cat(test_idx)] = True
+        picked.append(members[: round(len(members) * fraction)])
+    mask = torch.zeros(len(y), dtype=torch.bool)
+    mask[torch.cat(picked)] = True
+    return mask
+
+
+def _split(x: torch.Tensor, y: torch.Tensor, cfg: DataConfig) -> tuple[torch.Tensor, ...]:
+    """Stratified train/test split: each class keeps the same share in both parts, fixed by the seed."""
+    is_test = _stratified(y, cfg.test_fraction, cfg.split_seed)
     return x[~is_test], y[~is_test], x[is_test], y[is_test]
+
+
+# The most samples a validation split holds: enough to see a one-point fall (the standard error of 95% accuracy
+# on 1,000 samples is 0.7 points), few enough to evaluate at each of a fine-tune's evaluation points.
+MAX_VALIDATION_SAMPLES = 1000
+
+
+def validation_size(train_samples: int, fraction: float) -> int:
+    """How many of ``train_samples`` a validation split of ``fraction`` holds out (capped); the split itself
+    may differ by a sample a class, as each class rounds its own share."""
+    return min(round(train_samples * fraction), MAX_VALIDATION_SAMPLES)
+
+
+def hold_out(data: Data, fraction: float, seed: int) -> tuple[Data, TensorLoader | None]:
+    """``data`` without a validation split of its training samples, and that split's loader (None when
+    ``fraction`` is 0, too small to hold a sample, or the data comes from a plugin's loaders, which cannot be
+    split). Stratified like the test split and fixed by ``seed``, with draws of its own (seed + 1): the test
+    split stays as it was, and no validation sample is a test sample."""
+    size = validation_size(len(data.train_y), fraction)
+    if data.train_loader_fn is not None or size == 0:
+        return data, None
+    held = _stratified(data.train_y, size / len(data.train_y), (seed + 1) % 2**32)
+    if not held.any() or held.all():
+        return data, None
+    rest = replace(data, train_x=data.train_x[~held], train_y=data.train_y[~held])
+    return rest, TensorLoader(data.train_x[held], data.train_y[held], 512, shuffle=False)
 
 
 def _digits_array() -> np.ndarray:

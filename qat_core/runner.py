@@ -25,7 +25,7 @@ from torch import nn
 from qat_core import config as cfg
 from qat_core import cpu, library, train, zoo
 from qat_core.config import MAX_SEED, RunConfig, with_uniform_plan
-from qat_core.data import Data, data_fingerprint
+from qat_core.data import Data, data_fingerprint, hold_out, validation_size
 from qat_core.errors import CancelledError, ConfigError, QATError
 from qat_core.modules import QATModel
 from qat_core.prepare import layer_table, prepare
@@ -178,8 +178,15 @@ def seconds_per_step(config: RunConfig, threads: int = 1) -> dict[str, float]:
     return {"baseline": baseline, "finetune": finetune, "calibration": calibration,
             "calibration_next": calibration_next, "train_samples": len(data.train_x),
             "fp32_eval": fp32_sample * len(data.test_x), "quantized_eval": quantized_sample * len(data.test_x),
+            "test_samples": len(data.test_x),
             "bn_batch": bn_sample * min(b.batch_size, len(data.train_x)), "build": build, "prepare": preparing,
             "startup": startup}
+
+
+def validation_fraction(config: RunConfig) -> float:
+    """The share of the training split a run holds out for its fine-tune's guard: none without a guard, or for a
+    plugin (its own loaders cannot be split)."""
+    return config.finetune.validation_fraction if config.finetune.guard and not zoo.is_plugin(config.model) else 0.0
 
 
 def time_estimate(config: RunConfig, per_step: dict[str, float], train_baseline: bool = True) -> dict[str, float]:
@@ -188,17 +195,20 @@ def time_estimate(config: RunConfig, per_step: dict[str, float], train_baseline:
     - ``baseline_epoch`` / ``baseline_total``: its training steps (an epoch's batches, capped by max_steps),
       ``baseline_evaluation``: its evaluations (each re-estimates BatchNorm, then a test pass; and a last one);
     - ``calibration_total``: the calibration batches before PTQ;
-    - ``finetune_epoch`` / ``finetune_total``: the QAT steps, ``quantized_evaluation``: PTQ's and QAT's
-      test passes (integer arithmetic and fake-quantized) and the fine-tune's evaluations;
+    - ``finetune_epoch`` / ``finetune_total``: the QAT steps (on the training split less the guard's validation
+      split), ``quantized_evaluation``: PTQ's and QAT's test passes (integer arithmetic and fake-quantized) and
+      the fine-tune's evaluations (of the test set, and of the validation split for its guard);
     - ``overhead``: starting the run's process, building and preparing the model;
     - ``run_total``: all of it; without the baseline's training when ``train_baseline`` is False (cached,
       or the user's trained weights).
     """
     steps: dict[str, tuple[int, int]] = {}
     out: dict[str, float] = {}
+    held_out = validation_size(int(per_step["train_samples"]), validation_fraction(config))
     for part in ("baseline", "finetune"):
         section = getattr(config, part)
-        per_epoch = math.ceil(per_step["train_samples"] / section.batch_size)
+        samples = per_step["train_samples"] - (held_out if part == "finetune" else 0)  # the guard's split
+        per_epoch = math.ceil(samples / section.batch_size)
         total = min(math.ceil(per_epoch * section.epochs), section.max_steps or math.ceil(per_epoch * section.epochs))
         steps[part] = (total, per_epoch)
         out[f"{part}_epoch"] = per_epoch * per_step[part]
@@ -216,8 +226,10 @@ def time_estimate(config: RunConfig, per_step: dict[str, float], train_baseline:
     total, per_epoch = steps["finetune"]
     evals = len(train.evaluation_steps(total, per_epoch, ft.eval_every_epochs)) if total else 0
     # quantized_eval is both passes (integer arithmetic, fake-quantized): PTQ's and QAT's metrics take both,
-    # the fine-tune's own evaluations the integer one
-    out["quantized_evaluation"] = (2 + evals / 2) * per_step["quantized_eval"]
+    # the fine-tune's own evaluations the integer one; its guard's, the integer one on the validation split
+    # at the start and at each evaluation (where the test set's size was measured)
+    validation = held_out / per_step["test_samples"] if "test_samples" in per_step and total else 0.0
+    out["quantized_evaluation"] = (2 + evals / 2 + (1 + evals) * validation / 2) * per_step["quantized_eval"]
     out["overhead"] = per_step["startup"] + per_step["build"] + per_step["prepare"]
     parts = ["calibration_total", "finetune_total", "quantized_evaluation", "overhead"]
     out["run_total"] = sum(out[k] for k in parts + (["baseline_total", "baseline_evaluation"] if train_baseline else []))
@@ -298,8 +310,10 @@ def execute(config: RunConfig, store: RunStore, run_id: str | None = None, on_ev
         emit({"phase": "ptq", "done": True, "test_accuracy": ptq_metrics["accuracy"]})
         train.seed_everything(config.seed)
         ft = config.finetune
-        loader = data.train_loader(ft.batch_size, True, (config.seed + 1) % (MAX_SEED + 1))  # not the calibration order
-        qat_metrics = train.finetune(qat, loader, data.test_loader(), ft, emit, cancel, ptq_metrics["accuracy"])
+        tune, validation = hold_out(data, validation_fraction(config), config.data.split_seed)  # the guard's judge
+        loader = tune.train_loader(ft.batch_size, True, (config.seed + 1) % (MAX_SEED + 1))  # not the calibration order
+        qat_metrics, guard = train.finetune(qat, loader, data.test_loader(), ft, emit, cancel, ptq_metrics["accuracy"],
+                                            validation, fp32 if ft.distill else None)
         store.save_state(run_id, "fp32.pt", fp32.state_dict())
         store.save_state(run_id, "ptq.pt", ptq.state_dict())  # "before the fine-tune", for comparisons
         store.save_state(run_id, "qat.pt", qat.state_dict())
@@ -307,7 +321,8 @@ def execute(config: RunConfig, store: RunStore, run_id: str | None = None, on_ev
         store.update_metrics(run_id, fp32=fp32_metrics, ptq=ptq_metrics, qat=qat_metrics,
                              size=predicted_sizes(rows, config.plan),
                              quantized_layers=quantized_layers(rows, config.plan), float_layers=qat.float_layers,
-                             generated_data=data.generated, seconds=time.perf_counter() - started, threads=threads)
+                             generated_data=data.generated, seconds=time.perf_counter() - started, threads=threads,
+                             **({"guard": guard} if guard else {}))
         store.finish(run_id)
     except CancelledError as err:
         store.fail(run_id, str(err), cancelled=True)

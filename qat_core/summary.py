@@ -325,12 +325,15 @@ def noisy_timing(bench: dict[str, Any] | None, batch: int | None = None, threads
 
 
 def remarks(metrics: dict[str, Any], config: dict[str, Any] | None = None) -> list[Remark]:
-    """What the accuracies alone would mislead about: a fine-tune that lost more than ``LOSS_TOLERANCE`` to
-    its PTQ start (a warning), and a QAT accuracy more than ``GAIN_TOLERANCE`` above an FP32 baseline that
+    """What the accuracies alone would mislead about: a fine-tune its guard stopped or rolled back
+    (:func:`guard_text`, a warning), a fine-tune that lost more than ``LOSS_TOLERANCE`` to its PTQ start (a warning), and a QAT accuracy more than ``GAIN_TOLERANCE`` above an FP32 baseline that
     the fine-tune simply trained further (not a gain from int8)."""
     config = config or {}
     fp32, ptq, qat = (_accuracy(metrics, s) for s in ("fp32", "ptq", "qat"))
     out = []
+    guarded = guard_text(metrics.get("guard"))
+    if guarded:
+        out.append(Remark("warning", guarded))
     if ptq is not None and qat is not None and ptq - qat > LOSS_TOLERANCE:
         lr = (config.get("finetune") or {}).get("lr")
         out.append(Remark("warning", f"The fine-tune lost {(ptq - qat) * 100:.2f} points against its PTQ start "
@@ -343,6 +346,28 @@ def remarks(metrics: dict[str, Any], config: dict[str, Any] | None = None) -> li
                                   f"{trained}: the comparison is to that baseline, and the fine-tune kept training "
                                   "it. This is not a gain from int8: train the baseline longer for a fair comparison."))
     return out
+
+
+def guard_text(guard: dict[str, Any] | None) -> str | None:
+    """What a fine-tune's guard (``train.Guard``, ``metrics["guard"]``) did, with advice; None when it kept the
+    fine-tune's end (or the run had no guard)."""
+    if not guard or guard.get("action") not in ("stopped", "rolled_back"):
+        return None
+    step = guard.get("kept_step") or 0
+    kept = "the PTQ start" if step == 0 else f"its best point, step {step} of {guard['total']}"
+    if guard.get("kept_val_accuracy") is not None:
+        kept += f" (validation accuracy {pct(guard['kept_val_accuracy'])})"
+    lr = guard["lr"]
+    advice = f"try a lower learning rate ({lr / 10:.2g}; it was {lr:g})"
+    if guard["action"] == "stopped":
+        peak = guard.get("peak_loss")
+        rose = f"rose to {peak:.3g}" if peak is not None else "became infinite or not a number"
+        return (f"The fine-tune's loss {rose} from {guard['start_loss']:.3g} at its start, so it was stopped at step "
+                f"{guard['stopped_step']} of {guard['total']} and rolled back to {kept}: {advice}.")
+    start, end = guard["start_val_loss"], guard["end_val_loss"]
+    loss = f"loss {start:.3g} → {end:.3g}" if end is not None else "its loss became infinite or not a number"
+    return (f"The fine-tune made the held-out validation split worse (accuracy {pct(guard['start_val_accuracy'])} → "
+            f"{pct(guard['end_val_accuracy'])}, {loss}), so it was rolled back to {kept}: {advice} or fewer epochs.")
 
 
 def undertrained_baseline(metrics: dict[str, Any]) -> bool:

@@ -23,7 +23,8 @@ def quick_config(model: str = "digits-cnn", weight_bits: int | None = 8, act_bit
 
 def small_base(seed: int = 0, **finetune) -> RunConfig:
     """digits-mlp with a short baseline and fine-tune: a run takes a few seconds (sweeps train many).
-    ``finetune``: other fine-tune settings (``lr=10.0``: every run diverges within a few steps)."""
+    ``finetune``: other fine-tune settings (``lr=10.0, guard=False``: every run diverges within a few steps and
+    fails; with the guard, it is stopped and rolled back to its PTQ start)."""
     data = runner.default_config("digits-mlp").to_dict()
     data["baseline"] |= {"epochs": 4}
     data["finetune"] |= {"epochs": 1, "calibration_batches": 2, **finetune}

@@ -7,6 +7,7 @@ import pytest
 import torch
 
 from qat_core import runner
+from qat_core.data import validation_size
 from qat_core.library import import_torchvision
 from qat_core.store import RunStore
 from tests.apptest import app, common, ok
@@ -87,7 +88,8 @@ def test_the_time_estimate_is_measured_steps_times_the_steps_to_run():
     per_step = runner.seconds_per_step(config)
     assert per_step["train_samples"] == 1347 and 0 < per_step["baseline"] < 5 and 0 < per_step["finetune"] < 5
     est = runner.time_estimate(config, per_step)
-    batches = -(-1347 // config.finetune.batch_size)  # ceil
+    tuned = 1347 - validation_size(1347, config.finetune.validation_fraction)  # less the guard's split
+    batches = -(-tuned // config.finetune.batch_size)  # ceil
     assert est["finetune_epoch"] == pytest.approx(batches * per_step["finetune"])
     assert est["finetune_total"] == pytest.approx(config.finetune.epochs * est["finetune_epoch"])
     # the first calibration batch also searches the weights' ranges; the others only the activations'

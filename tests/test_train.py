@@ -119,14 +119,23 @@ def test_baseline_is_trained_once_and_reused(workspace, digits_run):
     assert events == []  # cached by the digits_run fixture: no training step ran
 
 
-def test_diverging_finetune_stops_with_a_clear_message_and_a_failed_run(workspace, digits_run):
+def test_diverging_finetune_without_its_guard_stops_with_a_clear_message_and_a_failed_run(workspace, digits_run):
     config = RunConfig.model_validate({"model": "tiny_plugin:unstable", "baseline": {"epochs": 5},
-                                       "finetune": {"lr": 10.0, "optimizer": "sgd", "epochs": 3}})
+                                       "finetune": {"lr": 10.0, "optimizer": "sgd", "epochs": 3, "guard": False}})
     with pytest.raises(TrainingError, match="diverged at step .*loss is nan. Lower the learning rate"):
         runner.execute(config, workspace)
     failed = [r for r in workspace.list() if r["status"] == "failed"]
     assert failed and "diverged" in failed[0]["error"]
     assert not (workspace.run_dir(failed[0]["id"]) / "qat.pt").exists()
+
+
+def test_a_plugin_without_a_validation_split_is_guarded_by_its_loss(workspace):
+    """A plugin's own loaders cannot be split: its guard watches the loss alone, and stops a NaN at once."""
+    config = RunConfig.model_validate({"model": "tiny_plugin:unstable", "baseline": {"epochs": 5},
+                                       "finetune": {"lr": 10.0, "optimizer": "sgd", "epochs": 3}})
+    m = workspace.get(runner.execute(config, workspace))["metrics"]
+    assert m["guard"]["action"] == "stopped" and m["guard"]["validation_samples"] is None
+    assert m["qat"]["accuracy"] == m["ptq"]["accuracy"]
 
 
 @pytest.mark.parametrize("lr, optimizer, message", [
@@ -136,10 +145,10 @@ def test_diverging_finetune_stops_with_a_clear_message_and_a_failed_run(workspac
     (0.1, "adam", r"collapsed to chance during training: test accuracy \d+\.\d\d%, from 99\.\d\d% .* most common class "
                   r"scores 10"),
 ])
-def test_a_finetune_that_explodes_or_collapses_to_chance_fails_with_the_reason(workspace, digits_run, lr, optimizer,
-                                                                               message):
+def test_without_its_guard_a_finetune_that_explodes_or_collapses_to_chance_fails_with_the_reason(
+        workspace, digits_run, lr, optimizer, message):
     with pytest.raises(TrainingError, match=message + f".*Lower the learning rate \\(now {lr:g}\\)"):
-        runner.execute(quick_config(lr=lr, optimizer=optimizer), workspace)
+        runner.execute(quick_config(lr=lr, optimizer=optimizer, guard=False), workspace)
     record = workspace.list()[0]
     assert record["status"] == "failed" and re.search(message, record["error"])
 
@@ -163,8 +172,9 @@ def test_only_a_start_well_above_chance_can_collapse(digits):
     def finetune_w2a2(start_accuracy: float) -> dict[str, float]:
         qat = prepare(fp32, LayerPlan(default=QuantSpec(weight_bits=2, act_bits=2)), digits.example())
         train.calibrate(qat, digits.train_loader(64), 2)
-        return train.finetune(qat, digits.train_loader(64), digits.test_loader(), FineTuneConfig(max_steps=1, lr=1e-9),
-                              lambda e: None, start_accuracy=start_accuracy)
+        return train.finetune(qat, digits.train_loader(64), digits.test_loader(),
+                              FineTuneConfig(max_steps=1, lr=1e-9, guard=False), lambda e: None,
+                              start_accuracy=start_accuracy)[0]
 
     metrics = finetune_w2a2(start_accuracy=chance + 0.1)
     assert metrics["accuracy"] < chance + train.COLLAPSE_MARGIN  # at chance, yet not called a collapse
