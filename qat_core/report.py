@@ -412,6 +412,29 @@ def _errors_section(store: RunStore, run_id: str, loaded: Loaded | None,
     return out, plots.sqnr_figure(errors)
 
 
+def _runtime_section(store: RunStore, run_id: str, result: dict[str, Any]) -> list[str]:
+    """Per runtime: its latency (FP32 and int8), its parity line, and the file it runs."""
+    ms = "{:.4g}".format
+    formats = {c: ms for c in RUNTIME_COLUMNS if "(ms)" in c} | {"int8 speed-up": "{:.2f}×".format,
+                                                                  "int8 vs ORT int8": "{:.2f}×".format}
+    frame = runtime_frame(result, store.read_result(run_id, "parity"))
+    out = ["<h3>Runtimes side by side</h3>", "<p>The same int8.onnx in each runtime, FP32 beside it; OpenVINO compiles "
+           "it unchanged (one stream, latency hint, the same threads) under its f32 and its default precision hint. "
+           "Speed-up: FP32 / int8 in the same runtime; against ONNX Runtime's int8, above 1 is faster.</p>",
+           _table(frame, formats)]
+    out += [f"<p>{'⚠️ ' if n.level == 'warning' else ''}{html.escape(n.text)}</p>" for n in runtime_notes(result)]
+    shipped = {name: store.artifact(run_id, name) for name in ("int8.onnx", f"{runtimes.IR_STEM}.xml",
+                                                               f"{runtimes.IR_STEM}.bin")}
+    sizes = {name: summary.size_text(p.stat().st_size) for name, p in shipped.items() if p.is_file()}
+    files_line = [f"ONNX Runtime and OpenVINO run int8.onnx ({sizes['int8.onnx']})"] if "int8.onnx" in sizes else []
+    if f"{runtimes.IR_STEM}.bin" in sizes:
+        files_line.append(f"OpenVINO also reads it as IR: {runtimes.IR_STEM}.xml + .bin "
+                          f"({sizes[f'{runtimes.IR_STEM}.bin']} of weights)")
+    if files_line:
+        out.append(f"<p>Files: {html.escape('; '.join(files_line))}.</p>")
+    return out
+
+
 def _bench_section(store: RunStore, run_id: str, m: dict[str, Any]) -> list[str]:
     result = store.read_result(run_id, "bench")
     if result is None:
@@ -420,7 +443,8 @@ def _bench_section(store: RunStore, run_id: str, m: dict[str, Any]) -> list[str]
         return ["<h2>Benchmark</h2>", _kv(m["bench"])]
     ms = "{:.4g}".format
     formats = {"median (ms)": ms, "p90 (ms)": ms, "p99 (ms)": ms, "throughput (samples/s)": "{:,.0f}".format}
-    out = ["<h2>Benchmark (ONNX Runtime and PyTorch, this machine)</h2>", _table(bench_frame(result), formats)]
+    out = ["<h2>Benchmark (this machine)</h2>", *_runtime_section(store, run_id, result),
+           "<h3>Every backend</h3>", _table(bench_frame(result), formats)]
     first = speedup(result)
     if first is not None:
         out.append(f"<p>Speed-up of int8 over FP32 (ORT median, batch {first['batch']}, {first['threads']} "
