@@ -3,8 +3,9 @@ FP32 and int8 when it is installed (``runtimes``: the same int8.onnx, compiled u
 
 Each setting (batch size × threads) warms every backend up, then times them call by call with
 ``time.perf_counter`` in interleaved rounds, so drifting machine load hits them all alike; we report
-the median, p90 and p99 latency and the throughput at the median. The machine (CPU name, cores, AVX2/AVX-512/VNNI flags) is saved with the result: int8
-speed-ups depend on it (u8×s8 dot products are 2× the FP32 FMA rate on AVX2, 4× with VNNI).
+the median, p90 and p99 latency and the throughput at the median. The machine (CPU name, cores,
+AVX2/AVX-512/VNNI flags) is saved with the result: int8 speed-ups depend on it (u8×s8 dot products
+are 2× the FP32 FMA rate on AVX2, 4× with VNNI).
 """
 
 from __future__ import annotations
