@@ -152,3 +152,12 @@ def test_export_page_offers_the_openvino_ir(workspace, digits_run):
     ok(at)
     labels = [b.label for b in at.get("download_button")]
     assert "Download int8 as OpenVINO IR (.zip)" in labels, labels
+
+
+@needs_openvino
+def test_where_openvino_defaults_to_f32_it_is_timed_once_and_labelled_so(workspace, digits_run, monkeypatch):
+    monkeypatch.setattr(runtimes, "precision", lambda compiled: "f32")  # a CPU without bf16: the default is f32
+    result = bench.bench_run(workspace, digits_run, batch_sizes=(1,), threads=(1,), warmup=0, iters=1)
+    assert not any(r["backend"].startswith("ov_default") for r in result["rows"])
+    names = list(report.runtime_frame(result)["runtime"])
+    assert names[1:] == [f"OpenVINO {runtimes.version()} · f32 hint (also its default here)"]
