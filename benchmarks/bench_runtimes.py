@@ -31,11 +31,24 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # tests.plugins (the models) and benchmarks
 
-from benchmarks.bench_int8 import TORCHVISION, ort_own_int8, quick_run  # noqa: E402
+from benchmarks.bench_int8 import TORCHVISION, ort_own_int8  # noqa: E402
 from qat_core import bench, export, plugins, runner, runtimes  # noqa: E402
 from qat_core.store import RunStore  # noqa: E402
 
 OURS = ("ov_ours", "ov_ours_default", "ort_ours")  # our int8.onnx: its parity is with the run's evaluation
+
+
+def quick_run(store: RunStore, model: str) -> str:
+    """A finished run of ``model``: two baseline steps, calibrated on two batches, one fine-tune step at a learning
+    rate too small to move the weights (two steps at the default rate can collapse a random-init net to one class,
+    which the fine-tune refuses)."""
+    config = runner.default_config(TORCHVISION[model])
+    config = config.model_copy(update={
+        "baseline": config.baseline.model_copy(update={"epochs": 1, "max_steps": 2}),
+        "finetune": config.finetune.model_copy(update={"epochs": 1, "max_steps": 1, "calibration_batches": 2,
+                                                       "lr": 1e-7}),
+    })
+    return runner.execute(config, store)
 
 
 def nncf_int8(fp32_path: Path, calib: np.ndarray, threads: int, hint: str) -> object:

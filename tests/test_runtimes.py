@@ -161,3 +161,13 @@ def test_where_openvino_defaults_to_f32_it_is_timed_once_and_labelled_so(workspa
     assert not any(r["backend"].startswith("ov_default") for r in result["rows"])
     names = list(report.runtime_frame(result)["runtime"])
     assert names[1:] == [f"OpenVINO {runtimes.version()} · f32 hint (also its default here)"]
+
+
+@needs_openvino
+def test_a_damaged_file_is_refused_with_what_to_do(tmp_path):
+    from qat_core.errors import ExportError
+
+    damaged = tmp_path / "int8.onnx"
+    damaged.write_bytes(b"\x08\x07not onnx at all")
+    with pytest.raises(ExportError, match=r"OpenVINO cannot read int8.onnx .*run `qat-studio export RUN` again"):
+        runtimes.compile_model(damaged, 1)
