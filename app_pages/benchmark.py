@@ -1,10 +1,11 @@
-"""Benchmark: export a run to ONNX and time int8 against FP32 on this CPU, with the parity result
-(agreement with the simulation, integer-kernel coverage) beside the latency."""
+"""Benchmark: export a run to ONNX and time int8 against FP32 on this CPU, in ONNX Runtime and (when installed)
+OpenVINO side by side, with each runtime's parity (agreement with the run's evaluation, int8 kernels) beside
+the latency."""
 
 import streamlit as st
 
 from app_pages import _common as common
-from qat_core import bench, export, report, summary
+from qat_core import bench, export, report, runtimes, summary
 
 st.title("Benchmark")
 records = common.runs()
@@ -23,7 +24,8 @@ if c3.button("Export and benchmark", type="primary", key="bench_run"):
         common.call(export.export_run, store, run_id)
         st.write("checking parity: ONNX Runtime int8 vs the run's evaluation, layer by layer…")
         common.call(export.parity, store, run_id)
-        st.write(f"timing batch {batch}, {threads} thread(s)…")
+        st.write(f"timing batch {batch}, {threads} thread(s)"
+                 + (", in ONNX Runtime and OpenVINO…" if runtimes.installed() else "…"))
         common.call(bench.bench_run, store, run_id, batch_sizes=[batch], threads=[threads])
         status.update(label="Done", state="complete", expanded=False)
 
@@ -89,5 +91,17 @@ else:
         st.caption(f"CPU: {machine.get('cpu', '?')} · cores {machine.get('cores', '?')} · flags "
                    + (", ".join(report.cpu_flags(machine)) or "none of AVX2, AVX-512, VNNI"))
 if result is not None:  # full width: every column on screen
+    st.markdown("**Runtimes side by side** — the same int8.onnx in each, its FP32 model beside it")
+    st.caption("OpenVINO compiles the run's own int8.onnx unchanged (no re-quantization): one stream, the latency "
+               "hint, the same threads; under its f32 precision hint (float between the integer kernels exact) and "
+               "its default hint (what it picks on this CPU, in brackets). Rounds are interleaved, so load hits "
+               "every runtime alike. ONNX Runtime's parity is the Parity section's.")
+    common.show_table(report.runtime_frame(result, parity))
+    for note in report.runtime_notes(result):
+        (st.warning if note.level == "warning" else st.info)(note.text)
+    if not result.get("runtimes"):  # timed before OpenVINO was: say what timing again would add
+        st.info(runtimes.NOT_INSTALLED if not runtimes.installed() else
+                "Benchmark again to time OpenVINO beside ONNX Runtime.")
+    st.markdown("**Every backend**")
     common.show_table(report.bench_frame(result))
 st.page_link(common.PAGES["export"], label="Next: download the models and a report →", icon="📦")

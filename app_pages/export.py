@@ -1,10 +1,11 @@
-"""Export: download a run's config (YAML, JSON), its ONNX models, a self-contained HTML report, or all of them
+"""Export: download a run's config (YAML, JSON), its ONNX models (and the int8 one as OpenVINO IR when OpenVINO
+is installed), a self-contained HTML report, or all of them
 in one zip, each named for people (``digits-cnn_W8A8_int8.onnx``); import a config file to start a new run."""
 
 import streamlit as st
 
 from app_pages import _common as common
-from qat_core import export, files, planning, report, runner
+from qat_core import export, files, planning, report, runner, runtimes
 from qat_core.errors import StoreError
 
 st.title("Export")
@@ -37,6 +38,14 @@ else:
             data = common.call(files.read_bytes, path, export.ONNX_LIMIT, name, StoreError)  # never waits on a FIFO
             col.download_button(f"Download {name}", data, f"{stem}_{name}", "application/octet-stream",
                                 key=f"dl_{name}")
+    if not runtimes.installed():
+        st.caption(f"OpenVINO IR: {runtimes.NOT_INSTALLED}")
+    elif onnx_files["int8.onnx"].exists():
+        # written on click, off the page's thread: OpenVINO reads int8.onnx and saves it as IR (.xml + .bin)
+        st.download_button("Download int8 as OpenVINO IR (.zip)", lambda: runtimes.ir_zip(store, run_id),
+                           f"{stem}_{runtimes.IR_STEM}.zip", "application/zip", key="dl_openvino")
+        st.caption("The same int8 graph OpenVINO compiles from int8.onnx, saved as its IR (.xml + .bin, "
+                   "float constants kept in f32).")
 
     st.subheader("Report")
     st.caption("One HTML file with figures and tables, for people without the app.")

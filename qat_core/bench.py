@@ -1,9 +1,11 @@
-"""Latency of a run's models on this CPU: ONNX Runtime FP32 and int8, and PyTorch eager FP32.
+"""Latency of a run's models on this CPU: ONNX Runtime FP32 and int8, PyTorch eager FP32, and OpenVINO
+FP32 and int8 when it is installed (``runtimes``: the same int8.onnx, compiled unchanged).
 
-Each setting (backend × batch size × intra-op threads) is warmed up, then timed call by call
-with ``time.perf_counter``; we report the median, p90 and p99 latency and the throughput at the
-median. The machine (CPU name, cores, AVX2/AVX-512/VNNI flags) is saved with the result: int8
-speed-ups depend on it (u8×s8 dot products are 2× the FP32 FMA rate on AVX2, 4× with VNNI).
+Each setting (batch size × threads) warms every backend up, then times them call by call with
+``time.perf_counter`` in interleaved rounds, so drifting machine load hits them all alike; we report
+the median, p90 and p99 latency and the throughput at the median. The machine (CPU name, cores,
+AVX2/AVX-512/VNNI flags) is saved with the result: int8 speed-ups depend on it (u8×s8 dot products
+are 2× the FP32 FMA rate on AVX2, 4× with VNNI).
 """
 
 from __future__ import annotations
@@ -17,7 +19,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from qat_core import cpu
+from qat_core import cpu, runtimes
 from qat_core.errors import ExportError
 
 CPU_FLAGS = ("avx2", "avx512f", "avx512_vnni", "avxvnni")
@@ -60,18 +62,38 @@ def check_settings(batch_sizes: Any, threads: Any, warmup: int, iters: int) -> t
     return sorted(set(batches)), sorted(set(counts))
 
 
-def time_calls(fn: Callable[[], Any], warmup: int, iters: int) -> dict[str, float]:
-    """Warm up, then time ``iters`` calls: median/p90/p99 in milliseconds."""
-    for _ in range(warmup):
-        fn()
-    times = np.empty(iters)
-    for i in range(iters):
-        start = time.perf_counter()
-        fn()
-        times[i] = time.perf_counter() - start
-    ms = times * 1e3
+ROUNDS = 5  # interleaved timing rounds: each backend's calls are split into this many blocks
+
+
+def _stats(ms: np.ndarray) -> dict[str, float]:
     return {"median_ms": float(np.median(ms)), "p90_ms": float(np.percentile(ms, 90)),
             "p99_ms": float(np.percentile(ms, 99)), "mean_ms": float(ms.mean())}
+
+
+def time_interleaved(fns: dict[str, Callable[[], Any]], warmup: int, iters: int,
+                     rounds: int = ROUNDS) -> dict[str, dict[str, float]]:
+    """Warm every function up, then time ``iters`` calls of each in ``rounds`` interleaved blocks (the order
+    rotated each round): median/p90/p99 in milliseconds, per name."""
+    for fn in fns.values():
+        for _ in range(warmup):
+            fn()
+    names = list(fns)
+    times: dict[str, list[float]] = {name: [] for name in names}
+    rounds = max(1, min(rounds, iters))
+    for r in range(rounds):
+        calls = iters // rounds + (r < iters % rounds)
+        for name in names[r % len(names):] + names[:r % len(names)]:
+            fn = fns[name]
+            for _ in range(calls):
+                start = time.perf_counter()
+                fn()
+                times[name].append(time.perf_counter() - start)
+    return {name: _stats(np.asarray(t) * 1e3) for name, t in times.items()}
+
+
+def time_calls(fn: Callable[[], Any], warmup: int, iters: int) -> dict[str, float]:
+    """Warm up, then time ``iters`` calls: median/p90/p99 in milliseconds."""
+    return time_interleaved({"fn": fn}, warmup, iters, rounds=1)["fn"]
 
 
 def _batch(example: torch.Tensor, batch: int) -> torch.Tensor:
@@ -79,9 +101,42 @@ def _batch(example: torch.Tensor, batch: int) -> torch.Tensor:
     return example.repeat(reps, *([1] * (example.dim() - 1)))[:batch].contiguous()
 
 
+def _openvino(loaded: Any, fp32_path: Any, int8_path: Any, counts: list[int]) -> tuple[list[dict], dict]:
+    """OpenVINO's entries of a bench result (one per precision hint, FP32 and int8 compiled per thread
+    count) and their compiled models by backend name and thread count; one entry saying why when it cannot."""
+    if not runtimes.installed():
+        return [{"runtime": "OpenVINO", "error": runtimes.NOT_INSTALLED}], {}
+    layers = [r["name"] for r in loaded.qat.layers]
+    entries, compiled = [], {}
+    try:
+        for hint in runtimes.HINTS:
+            key = "ov" if hint == "f32" else f"ov_{hint}"
+            for t in counts:
+                compiled[f"{key}_fp32", t] = runtimes.compile_model(fp32_path, t, hint)
+                compiled[f"{key}_int8", t] = runtimes.compile_model(int8_path, t, hint)
+            int8 = compiled[f"{key}_int8", counts[-1]]
+            used = runtimes.precision(compiled[f"{key}_fp32", counts[-1]])
+            if hint != "f32" and used == "f32":  # the default is f32 on this CPU: the f32 entry says so
+                entries[0]["default_is_f32"] = True
+                compiled = {k: v for k, v in compiled.items() if not k[0].startswith(key)}
+                continue
+            entries.append({"runtime": "OpenVINO", "version": runtimes.version(), "key": key, "hint": hint,
+                            "precision": used, "fp32": f"{key}_fp32", "int8": f"{key}_int8",
+                            "kernels": runtimes.kernels(int8, layers)})
+        found = runtimes.parity(loaded.qat, loaded.data.test_loader(256),
+                                {e["key"]: runtimes.runner(compiled[e["int8"], counts[-1]]) for e in entries})
+    except ExportError as err:  # OpenVINO cannot take this model: said on the page, ONNX Runtime still timed
+        return [{"runtime": "OpenVINO", "error": str(err)}], {}
+    for entry in entries:
+        entry["parity"] = found[entry["key"]]
+    return entries, compiled
+
+
 def bench_run(store: Any, run_id: str, batch_sizes: Any = (1, 32), threads: Any = (1, "all"), warmup: int = 10,
               iters: int = 50) -> dict[str, Any]:
-    """Time ORT FP32, ORT int8 and PyTorch eager FP32 for a run; saved as result ``bench``.
+    """Time ORT FP32 and int8, PyTorch eager FP32 and, when installed, OpenVINO FP32 and int8 for a run
+    (interleaved); OpenVINO's parity with the run's evaluation and its int8 kernels go with its timings, in
+    ``runtimes``. Saved as result ``bench``.
 
     Exports the run first when its ONNX files are missing.
     """
@@ -91,6 +146,11 @@ def bench_run(store: Any, run_id: str, batch_sizes: Any = (1, 32), threads: Any 
     loaded = runner.load(store, run_id)
     fp32_path, int8_path = export._ensure_exported(store, run_id)
     examples = loaded.data.test_x if len(loaded.data.test_x) else loaded.data.example(2)
+    import onnxruntime
+
+    ort = {"runtime": "ONNX Runtime", "version": onnxruntime.__version__, "key": "ort", "precision": "f32",
+           "fp32": "ort_fp32", "int8": "ort_int8"}
+    others, compiled = _openvino(loaded, fp32_path, int8_path, counts)
     rows = []
     torch_threads = torch.get_num_threads()
     try:
@@ -107,8 +167,9 @@ def bench_run(store: Any, run_id: str, batch_sizes: Any = (1, 32), threads: Any 
                         return loaded.fp32(x)
 
                 fns["torch_fp32"] = eager
-                for backend, fn in fns.items():
-                    stats = time_calls(fn, warmup, iters)
+                fns |= {name: (lambda run=runtimes.runner(model), x=x.numpy(): run(x))
+                        for (name, count), model in compiled.items() if count == t}
+                for backend, stats in time_interleaved(fns, warmup, iters).items():
                     rows.append({"backend": backend, "batch": b, "threads": t, **stats,
                                  "throughput": b / (stats["median_ms"] / 1e3)})
     finally:
@@ -125,7 +186,7 @@ def bench_run(store: Any, run_id: str, batch_sizes: Any = (1, 32), threads: Any 
     sizes["ratio"] = sizes["int8_bytes"] / sizes["fp32_bytes"]
     result = {"machine": machine_info(), "settings": {"batch_sizes": batches, "threads": counts, "warmup": warmup,
                                                       "iters": iters},
-              "rows": rows, "comparisons": comparisons, "files": sizes,
+              "rows": rows, "comparisons": comparisons, "files": sizes, "runtimes": [ort, *others],
               "overhead_bound": any(c["overhead_bound"] for c in comparisons)}
     if result["overhead_bound"]:
         result["note"] = ("this model is so small that per-call overhead, not arithmetic, sets its latency: "

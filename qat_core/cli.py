@@ -204,13 +204,16 @@ def cmd_analyze(args: argparse.Namespace) -> None:
 
 
 def cmd_export(args: argparse.Namespace) -> None:
+    from qat_core import runtimes
     from qat_core.export import export_run
     from qat_core.summary import coverage_text, float_parts, run_size
 
     store = _store(args)
     result = export_run(store, args.run)
+    ir = {suffix[1:]: str(path) for suffix, path in runtimes.run_ir(store, args.run).items()} \
+        if runtimes.installed() else None
     if args.json:
-        print(json.dumps(result, indent=2))
+        print(json.dumps(result | {"openvino_ir": ir}, indent=2))
         return
     size = run_size(store.get(args.run)["metrics"])
     print(f"{size.text()} · FP32 {size.fp32_text()} · {size.ratio_text()}")
@@ -219,6 +222,7 @@ def cmd_export(args: argparse.Namespace) -> None:
         print(f"  float: {name}: {why}")
     for note in result["notes"]:
         print(f"note: {note}")
+    print(f"OpenVINO IR: {ir['xml']} (+ .bin)" if ir else f"OpenVINO IR: {runtimes.NOT_INSTALLED}")
 
 
 def cmd_eval(args: argparse.Namespace) -> None:
@@ -243,8 +247,10 @@ def cmd_eval(args: argparse.Namespace) -> None:
 
 def cmd_bench(args: argparse.Namespace) -> None:
     from qat_core.bench import bench_run
+    from qat_core.report import runtime_frame, runtime_notes
 
-    result = bench_run(_store(args), args.run, batch_sizes=args.batch, threads=args.threads, warmup=args.warmup,
+    store = _store(args)
+    result = bench_run(store, args.run, batch_sizes=args.batch, threads=args.threads, warmup=args.warmup,
                        iters=args.iters)
     if args.json:
         print(json.dumps(result, indent=2))
@@ -253,11 +259,22 @@ def cmd_bench(args: argparse.Namespace) -> None:
     flags = " ".join(f for f, on in m["flags"].items() if on) or "none of " + "/".join(m["flags"])
     print(f"{m['cpu']}, {m['cores']} cores, {flags}")
     for r in result["rows"]:
-        print(f"  {r['backend']:<10} batch {r['batch']:>4} threads {r['threads']:>2}  median {r['median_ms']:8.3f} ms  "
+        print(f"  {r['backend']:<15} batch {r['batch']:>4} threads {r['threads']:>2}  median {r['median_ms']:8.3f} ms  "
               f"p90 {r['p90_ms']:8.3f}  p99 {r['p99_ms']:8.3f}  {r['throughput']:9.1f}/s")
     for c in result["comparisons"]:
         tag = "  (overhead-bound)" if c["overhead_bound"] else ""
         print(f"  int8/fp32 batch {c['batch']} threads {c['threads']}: x{c['int8_over_fp32']:.2f}{tag}")
+    parity = store.read_result(args.run, "parity")
+    print("runtimes (the same int8.onnx in each; speed-up = FP32 / int8 in that runtime)"
+          + ("; ONNX Runtime's parity: run `qat-studio eval RUN`" if parity is None else "") + ":")
+    for r in runtime_frame(result, parity).to_dict("records"):
+        vs_ort = "" if r["int8 vs ORT int8"] is None else f"  x{r['int8 vs ORT int8']:.2f} vs ORT int8"
+        print(f"  {r['runtime']}  batch {r['batch']} threads {r['threads']}:  FP32 p50 {r['FP32 p50 (ms)']:.4g} "
+              f"p99 {r['FP32 p99 (ms)']:.4g} ms  int8 p50 {r['int8 p50 (ms)']:.4g} p99 {r['int8 p99 (ms)']:.4g} ms  "
+              f"speed-up x{r['int8 speed-up']:.2f}{vs_ort}  accuracy {r['int8 accuracy']}  agreement "
+              f"{r['agreement']}  int8 kernels {r['int8 kernels']}")
+    for note in runtime_notes(result):
+        print(f"{note.level}: {note.text}")
     if result.get("note"):
         print(f"note: {result['note']}")
 
@@ -402,7 +419,8 @@ def parser() -> argparse.ArgumentParser:
     an.add_argument("--quiet", action="store_true", help="no progress on stderr")
     an.set_defaults(func=cmd_analyze)
     ex = sub.add_parser("export", parents=[allow, ws],
-                        help="write fp32.onnx and int8.onnx (QDQ, the run's own scales) into a run")
+                        help="write fp32.onnx and int8.onnx (QDQ, the run's own scales) into a run, and "
+                        "int8 as OpenVINO IR when OpenVINO is installed")
     ex.add_argument("run", help="run id (see `qat-studio runs`)")
     ex.add_argument("--json", action="store_true")
     ex.set_defaults(func=cmd_export)
@@ -414,7 +432,8 @@ def parser() -> argparse.ArgumentParser:
     ev.add_argument("--json", action="store_true")
     ev.set_defaults(func=cmd_eval)
 
-    be = sub.add_parser("bench", parents=[allow, ws], help="latency: ONNX Runtime FP32 vs int8 vs PyTorch eager")
+    be = sub.add_parser("bench", parents=[allow, ws], help="latency: FP32 vs int8 in ONNX Runtime and OpenVINO "
+                        "(when installed), PyTorch eager; each runtime's parity")
     be.add_argument("run", help="run id (see `qat-studio runs`)")
     be.add_argument("--batch", type=int, nargs="+", default=[1, 32], help="batch sizes (>= 1); default 1 32")
     be.add_argument("--threads", type=_threads, nargs="+", default=[1, "all"],

@@ -25,7 +25,7 @@ import pandas as pd
 import plotly.graph_objects as go
 import torch
 
-from qat_core import analysis, cpu, export, files, plots, search, summary, train
+from qat_core import analysis, cpu, export, files, plots, runtimes, search, summary, train
 from qat_core.config import RunConfig
 from qat_core.errors import ConfigError, StoreError
 from qat_core.planning import plan_frame, plan_summary, run_title
@@ -47,7 +47,9 @@ ERROR_HEADERS = {"layer": "layer", "kind": "kind", "weight_bits": "weight bits",
                  "output_sqnr_vs_baseline_db": "output SQNR vs FP32 (dB)"}
 REPORT_ERROR_COLUMNS = ["layer", "kind", "weight_bits", "act_bits", "weight_sqnr_db", "act_sqnr_db",
                         "weight_share_clipped", "act_share_clipped", "size_bytes"]  # what fits an A4 page
-BACKEND_NAMES = {"ort_fp32": "ONNX Runtime FP32", "ort_int8": "ONNX Runtime int8", "torch_fp32": "PyTorch FP32 (eager)"}
+BACKEND_NAMES = {"ort_fp32": "ONNX Runtime FP32", "ort_int8": "ONNX Runtime int8", "torch_fp32": "PyTorch FP32 (eager)",
+                 "ov_fp32": "OpenVINO FP32 (f32 hint)", "ov_int8": "OpenVINO int8 (f32 hint)",
+                 "ov_default_fp32": "OpenVINO FP32 (default hint)", "ov_default_int8": "OpenVINO int8 (default hint)"}
 BENCH_HEADERS = {"median_ms": "median (ms)", "p90_ms": "p90 (ms)", "p99_ms": "p99 (ms)",
                  "throughput": "throughput (samples/s)"}
 STAGES = ("fp32", "ptq", "qat")
@@ -165,10 +167,94 @@ SIZE_AXIS = "int8.onnx KB (predicted until exported)"  # the Pareto charts' size
 def bench_frame(result: dict[str, Any]) -> pd.DataFrame:
     """A bench result's timings (``bench.bench_run``): backend, batch, threads, latency percentiles, throughput."""
     frame = pd.DataFrame(result.get("rows", []))
+    names = BACKEND_NAMES | {e[k]: f"{BACKEND_NAMES[e[k]][:-len('hint)')]}hint: {e['precision']})"
+                             for e in result.get("runtimes") or [] if e.get("hint") == "default" for k in ("fp32", "int8")}
     if "backend" in frame:
-        frame["backend"] = frame["backend"].map(lambda b: BACKEND_NAMES.get(b, b))
+        frame["backend"] = frame["backend"].map(lambda b: names.get(b, b))
     frame = frame.round({"median_ms": 4, "p90_ms": 4, "p99_ms": 4, "throughput": 0})
     return frame[[c for c in BENCH_COLUMNS if c in frame.columns]].rename(columns=BENCH_HEADERS)
+
+
+RUNTIME_COLUMNS = ["runtime", "batch", "threads", "FP32 p50 (ms)", "FP32 p99 (ms)", "int8 p50 (ms)", "int8 p99 (ms)",
+                   "int8 speed-up", "int8 vs ORT int8", "int8 accuracy", "agreement", "int8 kernels"]
+
+
+def runtime_label(entry: dict[str, Any]) -> str:
+    """A runtime as the tables name it: its version, and for OpenVINO the precision hint it ran under."""
+    name = f"{entry['runtime']} {entry.get('version', '')}".strip()
+    if entry.get("hint") == "f32":
+        return f"{name} · f32 hint" + (" (also its default here)" if entry.get("default_is_f32") else "")
+    if entry.get("hint"):
+        return f"{name} · default hint ({entry.get('precision', '?')})"
+    return name
+
+
+def _runtime_parity(entry: dict[str, Any], parity: dict[str, Any] | None) -> tuple[Any, Any, str]:
+    """Accuracy, agreement with the run's evaluation, and int8 kernels of one runtime: ONNX Runtime's from the
+    ``parity`` result (``export.parity``), another runtime's from its bench entry."""
+    if entry.get("key") == "ort":
+        if parity is None:
+            return None, None, MISSING
+        n_int, n_float = len(parity["integer_layers"]), len(float_reasons(parity["float_layers"]))
+        return parity["accuracy"], parity["agreement"], f"{n_int}/{n_int + n_float} layers"
+    found, kernels = entry.get("parity") or {}, entry.get("kernels") or {}
+    n_int, n_float = len(kernels.get("int8", [])), len(kernels.get("float", []))
+    types = ", ".join(f"{k} ×{v}" for k, v in kernels.get("int8_types", {}).items())
+    return found.get("accuracy"), found.get("agreement"), f"{n_int}/{n_int + n_float} nodes" + (f" ({types})" if types else "")
+
+
+def runtime_frame(result: dict[str, Any], parity: dict[str, Any] | None = None) -> pd.DataFrame:
+    """Runtime × (FP32, int8) of a bench result, one row per runtime, batch and threads: latency p50/p99, the
+    int8 speed-up over the same runtime's FP32, int8 against ONNX Runtime's int8 (> 1: faster), and each
+    runtime's parity line. ``parity`` is the run's ``parity`` result (ONNX Runtime's line). Results from
+    before OpenVINO was timed give ONNX Runtime's row alone."""
+    timed = {(r["backend"], r["batch"], r["threads"]): r for r in result.get("rows", [])}
+    entries = [e for e in result.get("runtimes") or [{"runtime": "ONNX Runtime", "key": "ort", "fp32": "ort_fp32",
+                                                       "int8": "ort_int8"}] if not e.get("error")]
+    settings = sorted({(b, t) for _, b, t in timed})
+    out = []
+    for entry in entries:
+        accuracy, agreement, kernels = _runtime_parity(entry, parity)
+        for b, t in settings:
+            fp32, int8 = timed.get((entry["fp32"], b, t)), timed.get((entry["int8"], b, t))
+            ort = timed.get(("ort_int8", b, t))
+            if fp32 is None or int8 is None:
+                continue
+            out.append({"runtime": runtime_label(entry), "batch": b, "threads": t,
+                        "FP32 p50 (ms)": fp32["median_ms"], "FP32 p99 (ms)": fp32["p99_ms"],
+                        "int8 p50 (ms)": int8["median_ms"], "int8 p99 (ms)": int8["p99_ms"],
+                        "int8 speed-up": fp32["median_ms"] / int8["median_ms"],
+                        "int8 vs ORT int8": ort["median_ms"] / int8["median_ms"] if ort else None,
+                        "int8 accuracy": summary.pct(accuracy), "agreement": summary.pct(agreement),
+                        "int8 kernels": kernels})
+    return pd.DataFrame(out, columns=RUNTIME_COLUMNS).round({c: 4 for c in RUNTIME_COLUMNS if "(ms)" in c} | {
+        "int8 speed-up": 2, "int8 vs ORT int8": 2})
+
+
+def runtime_notes(result: dict[str, Any]) -> list[summary.Remark]:
+    """What the runtime table cannot hold, one line each: a runtime not timed and why (info: not installed;
+    warning: it could not compile the model), predictions that differ from the run's evaluation, named
+    (warning), and conv, fully connected or matmul nodes a runtime ran in float (warning)."""
+    notes = []
+    for entry in result.get("runtimes") or []:
+        if entry.get("error"):
+            notes.append(summary.Remark("info" if entry["error"] == runtimes.NOT_INSTALLED else "warning",
+                                        entry["error"]))
+            continue
+        label = runtime_label(entry)
+        found = entry.get("parity") or {}
+        if found.get("disagreements"):
+            named = "; ".join(f"sample {d['sample']} (label {d['label']}): evaluated {d['evaluated']}, "
+                              f"{entry['runtime']} {d['runtime']}" for d in found["differing"])
+            more = found["disagreements"] - len(found["differing"])
+            notes.append(summary.Remark("warning", f"{label}: {found['disagreements']} of {found['samples']} "
+                                        f"predictions differ from the run's evaluation — {named}"
+                                        + (f"; and {more} more" if more > 0 else "")))
+        floating = (entry.get("kernels") or {}).get("float", [])
+        if floating:
+            notes.append(summary.Remark("warning", f"{label} runs in float: " + ", ".join(
+                f"{k['layer']} ({k['type']}, {k['precision']})" for k in floating)))
+    return notes
 
 
 def speedup(result: dict[str, Any]) -> dict[str, Any] | None:
@@ -327,6 +413,29 @@ def _errors_section(store: RunStore, run_id: str, loaded: Loaded | None,
     return out, plots.sqnr_figure(errors)
 
 
+def _runtime_section(store: RunStore, run_id: str, result: dict[str, Any]) -> list[str]:
+    """Per runtime: its latency (FP32 and int8), its parity line, and the file it runs."""
+    ms = "{:.4g}".format
+    formats = {c: ms for c in RUNTIME_COLUMNS if "(ms)" in c} | {"int8 speed-up": "{:.2f}×".format,
+                                                                  "int8 vs ORT int8": "{:.2f}×".format}
+    frame = runtime_frame(result, store.read_result(run_id, "parity"))
+    out = ["<h3>Runtimes side by side</h3>", "<p>The same int8.onnx in each runtime, FP32 beside it; OpenVINO compiles "
+           "it unchanged (one stream, latency hint, the same threads) under its f32 and its default precision hint. "
+           "Speed-up: FP32 / int8 in the same runtime; against ONNX Runtime's int8, above 1 is faster.</p>",
+           _table(frame, formats)]
+    out += [f"<p>{'⚠️ ' if n.level == 'warning' else ''}{html.escape(n.text)}</p>" for n in runtime_notes(result)]
+    shipped = {name: store.artifact(run_id, name) for name in ("int8.onnx", f"{runtimes.IR_STEM}.xml",
+                                                               f"{runtimes.IR_STEM}.bin")}
+    sizes = {name: summary.size_text(p.stat().st_size) for name, p in shipped.items() if p.is_file()}
+    files_line = [f"ONNX Runtime and OpenVINO run int8.onnx ({sizes['int8.onnx']})"] if "int8.onnx" in sizes else []
+    if f"{runtimes.IR_STEM}.bin" in sizes:
+        files_line.append(f"OpenVINO also reads it as IR: {runtimes.IR_STEM}.xml + .bin "
+                          f"({sizes[f'{runtimes.IR_STEM}.bin']} of weights)")
+    if files_line:
+        out.append(f"<p>Files: {html.escape('; '.join(files_line))}.</p>")
+    return out
+
+
 def _bench_section(store: RunStore, run_id: str, m: dict[str, Any]) -> list[str]:
     result = store.read_result(run_id, "bench")
     if result is None:
@@ -335,7 +444,8 @@ def _bench_section(store: RunStore, run_id: str, m: dict[str, Any]) -> list[str]
         return ["<h2>Benchmark</h2>", _kv(m["bench"])]
     ms = "{:.4g}".format
     formats = {"median (ms)": ms, "p90 (ms)": ms, "p99 (ms)": ms, "throughput (samples/s)": "{:,.0f}".format}
-    out = ["<h2>Benchmark (ONNX Runtime and PyTorch, this machine)</h2>", _table(bench_frame(result), formats)]
+    out = ["<h2>Benchmark (this machine)</h2>", *_runtime_section(store, run_id, result),
+           "<h3>Every backend</h3>", _table(bench_frame(result), formats)]
     first = speedup(result)
     if first is not None:
         out.append(f"<p>Speed-up of int8 over FP32 (ORT median, batch {first['batch']}, {first['threads']} "

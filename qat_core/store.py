@@ -258,11 +258,30 @@ class _Comparison(_Loose):
     overhead_bound: bool = False
 
 
+class _RuntimeParity(_Loose):
+    accuracy: float
+    agreement: float
+    disagreements: int
+    differing: list[dict[str, int]] = []
+
+
+class _Runtime(_Loose):
+    """A runtime a bench timed (its backends' names in ``rows``) or why it could not (``error``)."""
+
+    runtime: str
+    error: str | None = None
+    fp32: str | None = None
+    int8: str | None = None
+    parity: _RuntimeParity | None = None
+    kernels: dict[str, Any] | None = None
+
+
 class _Bench(_Loose):
     machine: dict[str, Any]
     rows: list[_BenchRow]
     comparisons: list[_Comparison]
     note: str | None = None
+    runtimes: list[_Runtime] = []  # results before OpenVINO was timed have none
 
 
 class _ParityLayer(_Loose):

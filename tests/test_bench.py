@@ -33,8 +33,9 @@ def test_all_threads_means_every_core():
 
 def test_bench_run_times_three_backends_and_saves_the_result(workspace, digits_run):
     result = bench_run(workspace, digits_run, batch_sizes=(1, 4), threads=(1,), warmup=1, iters=3)
-    assert {r["backend"] for r in result["rows"]} == {"ort_fp32", "ort_int8", "torch_fp32"}
-    assert len(result["rows"]) == 6 and all(r["median_ms"] > 0 for r in result["rows"])
+    backends = {r["backend"] for r in result["rows"]}  # and OpenVINO's where installed (tests/test_runtimes.py)
+    assert {"ort_fp32", "ort_int8", "torch_fp32"} <= backends
+    assert len(result["rows"]) == 2 * len(backends) and all(r["median_ms"] > 0 for r in result["rows"])
     assert result["files"]["int8_bytes"] < result["files"]["fp32_bytes"]
     assert workspace.read_result(digits_run, "bench")["settings"]["batch_sizes"] == [1, 4]
     assert "speedup" in workspace.get(digits_run)["metrics"]["bench"]

@@ -14,7 +14,7 @@ def test_importing_the_engine_leaves_streamlit_and_onnx_out():
 # DESIGN.md's module list, top to bottom: a module imports only modules above it (lazily or not)
 LAYERS = ["errors", "progress", "files", "plugins", "cpu", "config", "quant_math", "integer", "observers", "quantizers", "modules", "graph", "prepare",
           "planning", "summary", "data", "library", "zoo", "train", "store", "runner", "analysis", "search", "plots", "export",
-          "bench", "report", "sweep", "cli"]
+          "runtimes", "bench", "report", "sweep", "cli"]
 
 
 def _engine_imports(path):
