@@ -61,6 +61,7 @@ class Data:
     test_loader_fn: Callable[[int], Iterable[Batch]] | None = None
     classes: list[str] = field(default_factory=list)  # class names, where the data has them
     skipped: list[str] = field(default_factory=list)  # files that could not be read, with the reason
+    validation: TensorLoader | None = None  # samples held out from training (``hold_out``), for the fine-tune's guard
 
     def train_loader(self, batch_size: int, shuffle: bool = True, seed: int = 0) -> Iterable[Batch]:
         if self.train_loader_fn is not None:
@@ -106,19 +107,20 @@ def validation_size(train_samples: int, fraction: float) -> int:
     return min(round(train_samples * fraction), MAX_VALIDATION_SAMPLES)
 
 
-def hold_out(data: Data, fraction: float, seed: int) -> tuple[Data, TensorLoader | None]:
-    """``data`` without a validation split of its training samples, and that split's loader (None when
-    ``fraction`` is 0, too small to hold a sample, or the data comes from a plugin's loaders, which cannot be
-    split). Stratified like the test split and fixed by ``seed``, with draws of its own (seed + 1): the test
-    split stays as it was, and no validation sample is a test sample."""
+def hold_out(data: Data, fraction: float, seed: int) -> Data:
+    """``data`` with a validation split of its training samples held out (``Data.validation``): nothing trains on
+    it, neither the FP32 baseline nor the fine-tune, so it judges them as the test set would, without being the
+    test set. Stratified like the test split and fixed by ``seed``, with draws of its own (seed + 1): the test
+    split stays as it was. ``data`` as it is when ``fraction`` is 0 or too small to hold a sample, or the data
+    comes from a plugin's loaders, which cannot be split."""
     size = validation_size(len(data.train_y), fraction)
     if data.train_loader_fn is not None or size == 0:
-        return data, None
+        return data
     held = _stratified(data.train_y, size / len(data.train_y), (seed + 1) % 2**32)
     if not held.any() or held.all():
-        return data, None
-    rest = replace(data, train_x=data.train_x[~held], train_y=data.train_y[~held])
-    return rest, TensorLoader(data.train_x[held], data.train_y[held], 512, shuffle=False)
+        return data
+    return replace(data, train_x=data.train_x[~held], train_y=data.train_y[~held],
+                   validation=TensorLoader(data.train_x[held], data.train_y[held], 512, shuffle=False))
 
 
 def _digits_array() -> np.ndarray:

@@ -25,13 +25,19 @@ from torch import nn
 from qat_core import config as cfg
 from qat_core import cpu, library, train, zoo
 from qat_core.config import MAX_SEED, RunConfig, with_uniform_plan
-from qat_core.data import Data, data_fingerprint, hold_out, validation_size
+from qat_core.data import MAX_VALIDATION_SAMPLES, Data, data_fingerprint, hold_out, validation_size
 from qat_core.errors import CancelledError, ConfigError, QATError
 from qat_core.modules import QATModel
 from qat_core.prepare import layer_table, prepare
 from qat_core.quantizers import quantizers
 from qat_core.store import RunStore, new_log
 from qat_core.summary import predicted_sizes, quantized_layers
+
+
+def validation_fraction(config: RunConfig) -> float:
+    """The share of the training split a run holds out for its fine-tune's guard (``data.hold_out``): none without
+    a guard, or for a plugin (its own loaders cannot be split)."""
+    return config.finetune.validation_fraction if config.finetune.guard and not zoo.is_plugin(config.model) else 0.0
 
 
 def baseline_key(config: RunConfig) -> str:
@@ -42,6 +48,8 @@ def baseline_key(config: RunConfig) -> str:
                 "baseline": config.baseline.model_dump(), "seed": config.seed, "torch": torch.__version__}
     if config.weights:  # keys of baselines cached before these settings existed stay as they were
         identity["weights"] = config.weights
+    if validation_fraction(config):  # the baseline does not train on the guard's validation split
+        identity["validation"] = [validation_fraction(config), MAX_VALIDATION_SAMPLES]
     files = data_fingerprint(config.data)
     if files:  # data from disk: edited files mean another baseline
         identity["files"] = files
@@ -72,9 +80,10 @@ def default_config(model_id: str, weight_bits: int | None = 8, act_bits: int | N
     base = cfg.from_dict(settings)
     base = base.model_copy(update={"data": library.resolve_data(model_id, base.data, weights)})
     model, data = zoo.build(model_id, base.data, weights, checkpoint)
-    if not zoo.is_plugin(model_id):  # a small data set: batches no larger than its training split
+    if not zoo.is_plugin(model_id):  # a small data set: batches no larger than the samples it trains on
+        trained = trained_samples(base, len(data.train_x))
         base = base.model_copy(update={s: getattr(base, s).model_copy(update={"batch_size": min(
-            getattr(base, s).batch_size, len(data.train_x))}) for s in ("baseline", "finetune")})
+            getattr(base, s).batch_size, trained)}) for s in ("baseline", "finetune")})
     names = [r["name"] for r in layer_table(model, data.example()) if r["has_weights"]]
     return cfg.from_dict(with_uniform_plan(base, names, weight_bits, act_bits).to_dict())
 
@@ -99,25 +108,35 @@ def training_device(config: RunConfig) -> torch.device:
     return torch.device("cuda" if config.device == "cuda" or (config.device == "auto" and cuda) else "cpu")
 
 
+def trained_samples(config: RunConfig, train_samples: int) -> int:
+    """The samples a run trains on, of a training split of ``train_samples``: all but the guard's validation
+    split (each class rounds its own share: the split may differ from this by a sample a class)."""
+    return train_samples - validation_size(train_samples, validation_fraction(config))
+
+
 def data_problems(config: RunConfig, train_samples: int) -> dict[str, str]:
-    """Settings that the data cannot honour, by field (as ``config.field_errors``): a batch larger than
-    the training set would silently become one short batch an epoch."""
+    """Settings that the data (a training split of ``train_samples``) cannot honour, by field (as
+    ``config.field_errors``): a batch larger than the samples trained on would silently become one short batch
+    an epoch."""
     problems = {}
+    trained = trained_samples(config, train_samples)
+    held = f" ({train_samples - trained:,} more are held out to validate the fine-tune)" if trained < train_samples else ""
     for section in ("finetune", "baseline"):
         size = getattr(config, section).batch_size
-        if train_samples and size > train_samples:
-            problems[f"{section}.batch_size"] = (f"{size:,} is more than the {train_samples:,} training samples; "
-                                                 f"use at most {train_samples:,}")
+        if train_samples and size > trained:
+            problems[f"{section}.batch_size"] = (f"{size:,} is more than the {trained:,} training samples{held}; "
+                                                 f"use at most {trained:,}")
     return problems
 
 
 def _build_fp32(config: RunConfig) -> tuple[nn.Module, Data]:
+    """The config's model and data, the guard's validation split held out of the training split."""
     train.seed_everything(config.seed)
     model, data = zoo.build(config.model, config.data, config.weights, config.checkpoint)
     problems = data_problems(config, len(data.train_x) if not zoo.is_plugin(config.model) else 0)
     if problems:
         raise ConfigError("; ".join(f"{field}: {why}" for field, why in problems.items()))
-    return model, data
+    return model, hold_out(data, validation_fraction(config), config.data.split_seed)
 
 
 TIMED_SAMPLES = 16  # samples of a batch timed for a pass's pace (a large batch or test set is not run whole)
@@ -147,7 +166,8 @@ def seconds_per_step(config: RunConfig, threads: int = 1) -> dict[str, float]:
     on copies of the model: a training step of its FP32 baseline and of its QAT fine-tune, a calibration
     batch, a test pass of the FP32 and of the quantized model (integer arithmetic and fake-quantized: a
     run evaluates both) and a batch of BatchNorm re-estimation (from a few samples' pace), building the model and preparing it, and a
-    launched run's start (Python importing torch); and the training split's size."""
+    launched run's start (Python importing torch); and the sizes of the training split (the guard's validation split held
+    out), the test split and the validation split."""
     startup = _startup_seconds()
     started = time.perf_counter()
     fp32, data = _build_fp32(config)
@@ -178,15 +198,9 @@ def seconds_per_step(config: RunConfig, threads: int = 1) -> dict[str, float]:
     return {"baseline": baseline, "finetune": finetune, "calibration": calibration,
             "calibration_next": calibration_next, "train_samples": len(data.train_x),
             "fp32_eval": fp32_sample * len(data.test_x), "quantized_eval": quantized_sample * len(data.test_x),
-            "test_samples": len(data.test_x),
+            "test_samples": len(data.test_x), "validation_samples": len(data.validation.y) if data.validation else 0,
             "bn_batch": bn_sample * min(b.batch_size, len(data.train_x)), "build": build, "prepare": preparing,
             "startup": startup}
-
-
-def validation_fraction(config: RunConfig) -> float:
-    """The share of the training split a run holds out for its fine-tune's guard: none without a guard, or for a
-    plugin (its own loaders cannot be split)."""
-    return config.finetune.validation_fraction if config.finetune.guard and not zoo.is_plugin(config.model) else 0.0
 
 
 def time_estimate(config: RunConfig, per_step: dict[str, float], train_baseline: bool = True) -> dict[str, float]:
@@ -195,8 +209,7 @@ def time_estimate(config: RunConfig, per_step: dict[str, float], train_baseline:
     - ``baseline_epoch`` / ``baseline_total``: its training steps (an epoch's batches, capped by max_steps),
       ``baseline_evaluation``: its evaluations (each re-estimates BatchNorm, then a test pass; and a last one);
     - ``calibration_total``: the calibration batches before PTQ;
-    - ``finetune_epoch`` / ``finetune_total``: the QAT steps (on the training split less the guard's validation
-      split), ``quantized_evaluation``: PTQ's and QAT's test passes (integer arithmetic and fake-quantized) and
+    - ``finetune_epoch`` / ``finetune_total``: the QAT steps, ``quantized_evaluation``: PTQ's and QAT's test passes (integer arithmetic and fake-quantized) and
       the fine-tune's evaluations (of the test set, and of the validation split for its guard);
     - ``overhead``: starting the run's process, building and preparing the model;
     - ``run_total``: all of it; without the baseline's training when ``train_baseline`` is False (cached,
@@ -204,11 +217,9 @@ def time_estimate(config: RunConfig, per_step: dict[str, float], train_baseline:
     """
     steps: dict[str, tuple[int, int]] = {}
     out: dict[str, float] = {}
-    held_out = validation_size(int(per_step["train_samples"]), validation_fraction(config))
     for part in ("baseline", "finetune"):
         section = getattr(config, part)
-        samples = per_step["train_samples"] - (held_out if part == "finetune" else 0)  # the guard's split
-        per_epoch = math.ceil(samples / section.batch_size)
+        per_epoch = math.ceil(per_step["train_samples"] / section.batch_size)
         total = min(math.ceil(per_epoch * section.epochs), section.max_steps or math.ceil(per_epoch * section.epochs))
         steps[part] = (total, per_epoch)
         out[f"{part}_epoch"] = per_epoch * per_step[part]
@@ -227,8 +238,9 @@ def time_estimate(config: RunConfig, per_step: dict[str, float], train_baseline:
     evals = len(train.evaluation_steps(total, per_epoch, ft.eval_every_epochs)) if total else 0
     # quantized_eval is both passes (integer arithmetic, fake-quantized): PTQ's and QAT's metrics take both,
     # the fine-tune's own evaluations the integer one; its guard's, the integer one on the validation split
-    # at the start and at each evaluation (where the test set's size was measured)
-    validation = held_out / per_step["test_samples"] if "test_samples" in per_step and total else 0.0
+    # at the start and at each evaluation (measured with the splits' sizes; older measurements have none)
+    validation = per_step.get("validation_samples", 0) / per_step["test_samples"] if total and "test_samples" in \
+        per_step else 0.0
     out["quantized_evaluation"] = (2 + evals / 2 + (1 + evals) * validation / 2) * per_step["quantized_eval"]
     out["overhead"] = per_step["startup"] + per_step["build"] + per_step["prepare"]
     parts = ["calibration_total", "finetune_total", "quantized_evaluation", "overhead"]
@@ -310,10 +322,9 @@ def execute(config: RunConfig, store: RunStore, run_id: str | None = None, on_ev
         emit({"phase": "ptq", "done": True, "test_accuracy": ptq_metrics["accuracy"]})
         train.seed_everything(config.seed)
         ft = config.finetune
-        tune, validation = hold_out(data, validation_fraction(config), config.data.split_seed)  # the guard's judge
-        loader = tune.train_loader(ft.batch_size, True, (config.seed + 1) % (MAX_SEED + 1))  # not the calibration order
+        loader = data.train_loader(ft.batch_size, True, (config.seed + 1) % (MAX_SEED + 1))  # not the calibration order
         qat_metrics, guard = train.finetune(qat, loader, data.test_loader(), ft, emit, cancel, ptq_metrics["accuracy"],
-                                            validation, fp32 if ft.distill else None)
+                                            data.validation, fp32 if ft.distill else None)
         store.save_state(run_id, "fp32.pt", fp32.state_dict())
         store.save_state(run_id, "ptq.pt", ptq.state_dict())  # "before the fine-tune", for comparisons
         store.save_state(run_id, "qat.pt", qat.state_dict())

@@ -401,12 +401,12 @@ def _finite(value: float) -> float | None:
 class Guard:
     """Keeps a fine-tune from ending worse than it started (its PTQ model).
 
-    It measures the validation split (held out from the fine-tune's training data: never the test set) at the
-    start and at each evaluation point, and keeps a copy of the best point's weights and quantizer parameters
-    (the state dict: BatchNorm statistics included). A loss that stays above ``loss_limit`` of its start for
-    ``LOSS_PATIENCE`` steps (or is not finite, or exploded) stops training; a fine-tune stopped so, or whose
-    validation accuracy ends more than ``summary.LOSS_TOLERANCE`` below its start, is rolled back to its best
-    point. :meth:`record` says what happened, for the run's metrics and ``summary.remarks``.
+    It measures the validation split (held out of all training: never the test set) at the start and at each
+    evaluation point, and keeps a copy of the best point's weights and quantizer parameters (the state dict:
+    BatchNorm statistics included). A loss that stays above ``loss_limit`` of its start for ``LOSS_PATIENCE``
+    steps (or is not finite, or exploded) stops training; a fine-tune stopped so, or that ends worse than its
+    start on the validation split (:meth:`harmed`), is rolled back to its best point. :meth:`record` says what
+    happened, for the run's metrics and ``summary.remarks``.
     """
 
     def __init__(self, model: QATModel, val_loader: Iterable[Batch] | None, lr: float):
@@ -487,7 +487,8 @@ def finetune(model: QATModel, train_loader: Iterable[Batch], test_loader: Iterab
              on_event: OnEvent, cancel: Cancel = NeverCancel(), start_accuracy: float | None = None,
              val_loader: Iterable[Batch] | None = None,
              teacher: nn.Module | None = None) -> tuple[dict[str, float], dict[str, Any] | None]:
-    """QAT fine-tune of a calibrated model; returns its test metrics and what its guard did (None: no guard).
+    """QAT fine-tune of a calibrated model; returns its test metrics and what its guard did (None: no guard, or
+    no step to guard).
 
     With ``cfg.guard``, a :class:`Guard` judges the fine-tune on ``val_loader`` (a split held out from
     ``train_loader``'s data) and its loss, and rolls a harmful one back (an event ``{"phase": "qat", "guard":
@@ -502,7 +503,8 @@ def finetune(model: QATModel, train_loader: Iterable[Batch], test_loader: Iterab
             check_not_collapsed(metrics["accuracy"], start_accuracy, chance, where, cfg.lr)
         return metrics
 
-    guard = Guard(model, val_loader, cfg.lr) if cfg.guard else None
+    total = total_steps(len(train_loader), cfg.epochs, cfg.max_steps)  # type: ignore[arg-type]
+    guard = Guard(model, val_loader, cfg.lr) if cfg.guard and total else None
 
     def evaluate_now(step: int) -> Event:
         event = {"test_accuracy": checked(evaluate(model, test_loader, integer=True), "during training")["accuracy"]}
@@ -523,7 +525,7 @@ def finetune(model: QATModel, train_loader: Iterable[Batch], test_loader: Iterab
     finally:
         for q in quantizers(model):
             q.observing = False
-    record = None if guard is None else guard.finish(total_steps(len(train_loader), cfg.epochs, cfg.max_steps))
+    record = None if guard is None else guard.finish(total)
     if record is not None and record["action"] != "kept":
         on_event({"phase": "qat", "guard": record})
     return checked(quantized_metrics(model, test_loader), "by the end"), record

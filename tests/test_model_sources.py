@@ -86,10 +86,11 @@ def test_uploads_are_kept_once_under_a_safe_name(tmp_path):
 def test_the_time_estimate_is_measured_steps_times_the_steps_to_run():
     config = runner.default_config("digits-cnn")
     per_step = runner.seconds_per_step(config)
-    assert per_step["train_samples"] == 1347 and 0 < per_step["baseline"] < 5 and 0 < per_step["finetune"] < 5
+    assert per_step["train_samples"] == 1347 - per_step["validation_samples"]  # the guard's split held out
+    assert abs(per_step["validation_samples"] - validation_size(1347, config.finetune.validation_fraction)) <= 5
+    assert 0 < per_step["baseline"] < 5 and 0 < per_step["finetune"] < 5
     est = runner.time_estimate(config, per_step)
-    tuned = 1347 - validation_size(1347, config.finetune.validation_fraction)  # less the guard's split
-    batches = -(-tuned // config.finetune.batch_size)  # ceil
+    batches = -(-per_step["train_samples"] // config.finetune.batch_size)  # ceil
     assert est["finetune_epoch"] == pytest.approx(batches * per_step["finetune"])
     assert est["finetune_total"] == pytest.approx(config.finetune.epochs * est["finetune_epoch"])
     # the first calibration batch also searches the weights' ranges; the others only the activations'

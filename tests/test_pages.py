@@ -102,8 +102,9 @@ def test_a_table_draft_works_on_plan_and_finetune(workspace, tmp_path):
         ok(at.switch_page(common.PAGES[page]).run())
         assert not at.error, [e.value for e in at.error]
     at.switch_page(common.PAGES["finetune"]).run()
-    at.number_input(key="ft_batch").set_value(1000).run()  # the table's 427 training rows, not digits' 1,347
-    assert any("1,000 is more than the 427 training samples" in e.value for e in at.error), [e.value for e in at.error]
+    at.number_input(key="ft_batch").set_value(1000).run()  # the table's 427 training rows (43 held out to validate)
+    assert any("1,000 is more than the 384 training samples (43 more are held out" in e.value for e in at.error), \
+        [e.value for e in at.error]
 
 
 def test_plan_edit_is_validated_on_the_server(workspace):
@@ -163,7 +164,7 @@ def test_a_preset_can_be_undone(workspace):
 @pytest.mark.parametrize(("key", "value", "message"), [
     ("ft_lr", "0", "must be greater than 0; got 0"),  # was launched with lr 0.001
     ("ft_lr", "fast", "must be a valid number"),
-    ("ft_batch", 5000, "5,000 is more than the 1,347 training samples"),  # 100,000 made 6 optimizer steps
+    ("ft_batch", 5000, "5,000 is more than the 1,212 training samples (135 more are held out to validate"),
     ("ft_epochs", -1.0, "must be greater than or equal to 0"),
 ])
 def test_finetune_refuses_invalid_values_beside_the_control(workspace, key, value, message):
