@@ -64,6 +64,33 @@ def nncf_int8(fp32_path: Path, calib: np.ndarray, threads: int, hint: str) -> ob
     return openvino.Core().compile_model(model, "CPU", settings)
 
 
+def first_code_difference(int8_path: Path, layers: list[str], x: np.ndarray) -> dict | None:
+    """Where OpenVINO's codes first differ from ONNX Runtime's on ``x``: every quantized layer's output codes made
+    graph outputs (as ``export.compare_codes`` does), both runtimes run on the probe; the first layer in execution
+    order whose codes differ, how many and by how much (differences after it include what it spread)."""
+    import onnx
+
+    proto = onnx.load(str(int8_path))
+    tensors = export._code_outputs(proto, layers)
+    proto.graph.output.extend(onnx.helper.make_empty_tensor_value_info(t) for t in tensors.values())
+    with tempfile.TemporaryDirectory(prefix="qat-probe-") as tmp:
+        probe = Path(tmp) / "probe.onnx"
+        onnx.save(proto, str(probe))
+        sess = export.session(probe)
+        ort = dict(zip([o.name for o in sess.get_outputs()], sess.run(None, {export.INPUT_NAME: x}), strict=True))
+        compiled = runtimes.compile_model(probe, 1, "f32")
+        found = compiled({0: x})
+        ov = {name: found[out] for out in compiled.outputs for name in out.get_names()}
+    for layer in layers:
+        t = tensors.get(layer)
+        if t in ort and t in ov:
+            diff = np.abs(ort[t].astype(np.int32) - ov[t].astype(np.int32))
+            if diff.any():
+                return {"layer": layer, "differing": int((diff > 0).sum()), "codes": int(diff.size),
+                        "max_code_diff": int(diff.max())}
+    return None
+
+
 def bench_model(store: RunStore, model: str, threads: int, warmup: int, iters: int, rounds: int, tmp: Path,
                 run_id: str | None) -> dict:
     run_id = run_id or quick_run(store, model)
@@ -88,9 +115,13 @@ def bench_model(store: RunStore, model: str, threads: int, warmup: int, iters: i
     median = {name: s["median_ms"] for name, s in stats.items()}
     # parity: every int8 route against the run's evaluation (its integer arithmetic) on the test split
     found = runtimes.parity(loaded.qat, loaded.data.test_loader(8), {n: runs[n] for n in OURS})
-    kernels = runtimes.kernels(compiled["ov_ours"], [r["name"] for r in loaded.qat.layers])
+    layers = [r["name"] for r in loaded.qat.layers]
+    kernels = runtimes.kernels(compiled["ov_ours"], layers)
+    differing = sorted({d["sample"] for n in ("ov_ours", "ov_ours_default") for d in found[n]["differing"]})
+    test_x = np.concatenate([b.numpy() for b, _ in loaded.data.test_loader(8)])
+    first = first_code_difference(int8_path, layers, test_x[differing]) if differing else None
     return {"model": model, "run": run_id, "median_ms": median, "p99_ms": {n: s["p99_ms"] for n, s in stats.items()},
-            "default_precision": runtimes.precision(compiled["ov_fp32_default"]),
+            "default_precision": runtimes.precision(compiled["ov_fp32_default"]), "first_code_difference": first,
             "parity": {n: {k: p[k] for k in ("samples", "agreement", "max_logit_diff", "differing")}
                        for n, p in found.items()},
             "ov_kernels": {"int8": len(kernels["int8"]), "float": [k["layer"] for k in kernels["float"]],
@@ -141,6 +172,14 @@ def main(argv: list[str] | None = None) -> int:
             print(f"  ours in ORT / ours in OpenVINO: x{m['ort_ours'] / m['ov_ours']:.2f}; ours fastest / fastest "
                   f"peer ({best}): x{fastest_ours / peers[best]:.2f}; FP32/int8 ORT x{m['ort_fp32'] / m['ort_ours']:.2f}, "
                   f"OpenVINO f32 x{m['ov_fp32'] / m['ov_ours']:.2f}, default x{m['ov_fp32_default'] / m['ov_ours_default']:.2f}")
+            if r["first_code_difference"]:
+                f = r["first_code_difference"]
+                print(f"  OpenVINO vs ONNX Runtime on the differing samples: codes first differ at {f['layer']} "
+                      f"({f['differing']} of {f['codes']}, by up to {f['max_code_diff']} step(s))")
+            for name in OURS:
+                for d in r["parity"][name]["differing"]:
+                    print(f"  {name}: sample {d['sample']} (label {d['label']}): evaluated {d['evaluated']}, "
+                          f"runtime {d['runtime']}")
             k = r["ov_kernels"]
             print(f"  OpenVINO int8 kernels: {k['int8']} nodes {k['types']} ({', '.join(k['kernels'])}); "
                   f"float: {k['float'] or 'none'}", flush=True)
