@@ -29,6 +29,7 @@ import inspect
 import math
 import sys
 import threading
+import types
 from collections import Counter
 from dataclasses import dataclass, field
 from typing import Any
@@ -176,6 +177,10 @@ class _Tracer(fx.Tracer):
                      type_expr: Any = None, proxy_factory_fn: Any = None) -> fx.Proxy:
         if kind == "call_function" and target is F.scaled_dot_product_attention:
             return _decomposed_sdpa(*args, **kwargs)  # traced as matmul / softmax pieces
+        if kind == "call_function" and _library_function(target):
+            traced = self._trace_through(target, args, kwargs)
+            if traced is not None:
+                return traced
         proxy = super().create_proxy(kind, target, args, kwargs, name, type_expr, proxy_factory_fn)
         from torch.fx._symbolic_trace import _maybe_revert_all_patches  # run real code, not traced code
 
@@ -188,6 +193,21 @@ class _Tracer(fx.Tracer):
             self.graph.erase_node(proxy.node)
             raise
         return proxy
+
+    def _trace_through(self, fn: Any, args: Any, kwargs: Any) -> Any:
+        """A library function that ``torch.fx.wrap`` keeps whole (torchvision's ``shifted_window_attention``)
+        traced through, so its products and projections get quantizers; None (and nothing recorded) if its
+        code cannot be traced: it then stays one float op."""
+        last, branches, failed = next(reversed(self.graph.nodes)), len(self.fixed_branches), self.failed_in
+        try:
+            return fn(*args, **kwargs)
+        except Exception:
+            while (node := next(reversed(self.graph.nodes))) is not last:
+                self.values.pop(node, None)
+                self.graph.erase_node(node)
+            del self.fixed_branches[branches:]
+            self.failed_in = failed
+            return None
 
     def _run(self, kind: str, target: Any, args: tuple, kwargs: dict) -> Any:
         if kind == "placeholder":
@@ -202,6 +222,11 @@ class _Tracer(fx.Tracer):
         if kind == "call_module":
             return self.root.get_submodule(target)(*args, **kwargs)
         return None
+
+
+def _library_function(target: Any) -> bool:
+    """A Python function (not torch's own) that reaches the tracer as one call: ``torch.fx.wrap`` made it so."""
+    return isinstance(target, types.FunctionType) and (target.__module__ or "").split(".")[0] not in ("torch", "qat_core")
 
 
 def _built_in_forward(tracer: fx.Tracer, m: nn.Module) -> bool:
