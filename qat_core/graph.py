@@ -199,6 +199,7 @@ class _Tracer(fx.Tracer):
         traced through, so its products and projections get quantizers; None (and nothing recorded) if its
         code cannot be traced: it then stays one float op."""
         last, branches, failed = next(reversed(self.graph.nodes)), len(self.fixed_branches), self.failed_in
+        stack = list(self.module_stack.items())  # a module call the failure left open would name later nodes
         try:
             return fn(*args, **kwargs)
         except Exception:
@@ -207,6 +208,8 @@ class _Tracer(fx.Tracer):
                 self.graph.erase_node(node)
             del self.fixed_branches[branches:]
             self.failed_in = failed
+            self.module_stack.clear()
+            self.module_stack.update(stack)
             return None
 
     def _run(self, kind: str, target: Any, args: tuple, kwargs: dict) -> Any:
