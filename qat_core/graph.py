@@ -346,6 +346,7 @@ def trace(model: nn.Module, example: torch.Tensor) -> tuple[fx.GraphModule, dict
                 raise TracingError(f"tracing stopped in the model's forward: {first_line(err)}") from None
             leaves[failed[0]] = failed[1]
             continue
+        _linear_calls(graph, net, tracer.values)
         for node in [n for n in graph.nodes if n.op == "get_attr" and not n.users]:
             graph.erase_node(node)  # read for metadata only (see _ValueProxy)
         gm = fx.GraphModule(net, graph, class_name=type(model).__name__)
@@ -353,6 +354,28 @@ def trace(model: nn.Module, example: torch.Tensor) -> tuple[fx.GraphModule, dict
         values = {node: tracer.values.get(node) for node in graph.nodes}
         return gm, values, leaves, net
     raise TracingError(f"more than {MAX_LEAF_RETRIES} modules could not be traced")
+
+
+def _linear_calls(graph: fx.Graph, net: nn.Module, values: dict[fx.Node, Any]) -> None:
+    """``F.linear(x, P.weight, P.bias)`` of an ``nn.Linear`` P (torchvision's swin hands its projections' weights
+    to a function) becomes the call ``P(x)``: a weight layer like any other call of P."""
+    for node in list(graph.nodes):
+        if node.op != "call_function" or node.target is not F.linear or node.kwargs or len(node.args) not in (2, 3):
+            continue
+        x, weight, bias = (*node.args, None)[:3]
+        if not (isinstance(weight, fx.Node) and weight.op == "get_attr" and weight.target.endswith(".weight")):
+            continue
+        path = weight.target.rpartition(".")[0]
+        mod = net.get_submodule(path)
+        want_bias = None if mod.bias is None else f"{path}.bias"
+        if not isinstance(mod, nn.Linear) or (bias.target if isinstance(bias, fx.Node) and bias.op == "get_attr"
+                                              else bias) != want_bias:
+            continue
+        with graph.inserting_before(node):
+            call = graph.call_module(path, (x,))
+        call.meta, values[call] = dict(node.meta), values.get(node)
+        node.replace_all_uses_with(call)
+        graph.erase_node(node)
 
 
 def _fixed_arguments(net: nn.Module) -> dict[str, Any]:
