@@ -651,7 +651,7 @@ def _heavy_ops(optimized: Any, fp32: Any, names: list[str], floating: dict[str, 
         why = floating.get(layer) or ("ONNX Runtime runs it in float: its input or output is not quantized" if layer
                                       else "ONNX Runtime runs it in float: it is no layer of the traced graph, so "
                                       "no quantizer stands before it")
-        float_heavy.append({"op": node.op_type, "layer": layer or scope or node.name, "why": why})
+        float_heavy.append({"op": node.op_type, "layer": layer or scope, "why": why})
     return {"heavy_ops": sum(n.op_type in HEAVY_OPS for n in fp32.graph.node),
             "integer_heavy_ops": sum(n.op_type in INTEGER_HEAVY_OPS for n in optimized.graph.node),
             "float_heavy_ops": float_heavy}

@@ -29,6 +29,7 @@ import inspect
 import math
 import sys
 import threading
+import types
 from collections import Counter
 from dataclasses import dataclass, field
 from typing import Any
@@ -176,6 +177,10 @@ class _Tracer(fx.Tracer):
                      type_expr: Any = None, proxy_factory_fn: Any = None) -> fx.Proxy:
         if kind == "call_function" and target is F.scaled_dot_product_attention:
             return _decomposed_sdpa(*args, **kwargs)  # traced as matmul / softmax pieces
+        if kind == "call_function" and _library_function(target):
+            traced = self._trace_through(target, args, kwargs)
+            if traced is not None:
+                return traced
         proxy = super().create_proxy(kind, target, args, kwargs, name, type_expr, proxy_factory_fn)
         from torch.fx._symbolic_trace import _maybe_revert_all_patches  # run real code, not traced code
 
@@ -188,6 +193,24 @@ class _Tracer(fx.Tracer):
             self.graph.erase_node(proxy.node)
             raise
         return proxy
+
+    def _trace_through(self, fn: Any, args: Any, kwargs: Any) -> Any:
+        """A library function that ``torch.fx.wrap`` keeps whole (torchvision's ``shifted_window_attention``)
+        traced through, so its products and projections get quantizers; None (and nothing recorded) if its
+        code cannot be traced: it then stays one float op."""
+        last, branches, failed = next(reversed(self.graph.nodes)), len(self.fixed_branches), self.failed_in
+        stack = list(self.module_stack.items())  # a module call the failure left open would name later nodes
+        try:
+            return fn(*args, **kwargs)
+        except Exception:
+            while (node := next(reversed(self.graph.nodes))) is not last:
+                self.values.pop(node, None)
+                self.graph.erase_node(node)
+            del self.fixed_branches[branches:]
+            self.failed_in = failed
+            self.module_stack.clear()
+            self.module_stack.update(stack)
+            return None
 
     def _run(self, kind: str, target: Any, args: tuple, kwargs: dict) -> Any:
         if kind == "placeholder":
@@ -202,6 +225,11 @@ class _Tracer(fx.Tracer):
         if kind == "call_module":
             return self.root.get_submodule(target)(*args, **kwargs)
         return None
+
+
+def _library_function(target: Any) -> bool:
+    """A Python function (not torch's own) that reaches the tracer as one call: ``torch.fx.wrap`` made it so."""
+    return isinstance(target, types.FunctionType) and (target.__module__ or "").split(".")[0] not in ("torch", "qat_core")
 
 
 def _built_in_forward(tracer: fx.Tracer, m: nn.Module) -> bool:
@@ -319,6 +347,7 @@ def trace(model: nn.Module, example: torch.Tensor) -> tuple[fx.GraphModule, dict
             leaves[failed[0]] = failed[1]
             continue
         _skip_empty_in_cat(graph, tracer.values, net)
+        _linear_calls(graph, net, tracer.values)
         for node in [n for n in graph.nodes if n.op == "get_attr" and not n.users]:
             graph.erase_node(node)  # read for metadata only (see _ValueProxy), or an empty tensor cat skipped
         gm = fx.GraphModule(net, graph, class_name=type(model).__name__)
@@ -348,6 +377,28 @@ def _skip_empty_in_cat(graph: fx.Graph, values: dict[fx.Node, Any], root: nn.Mod
         elif isinstance(values.get(kept[0]), torch.Tensor) and values[kept[0]].dtype == values[node].dtype:
             node.replace_all_uses_with(kept[0])
             graph.erase_node(node)
+
+
+def _linear_calls(graph: fx.Graph, net: nn.Module, values: dict[fx.Node, Any]) -> None:
+    """``F.linear(x, P.weight, P.bias)`` of an ``nn.Linear`` P (torchvision's swin hands its projections' weights
+    to a function) becomes the call ``P(x)``: a weight layer like any other call of P."""
+    for node in list(graph.nodes):
+        if node.op != "call_function" or node.target is not F.linear or node.kwargs or len(node.args) not in (2, 3):
+            continue
+        x, weight, bias = (*node.args, None)[:3]
+        if not (isinstance(weight, fx.Node) and weight.op == "get_attr" and weight.target.endswith(".weight")):
+            continue
+        path = weight.target.rpartition(".")[0]
+        mod = net.get_submodule(path)
+        want_bias = None if mod.bias is None else f"{path}.bias"
+        if not isinstance(mod, nn.Linear) or (bias.target if isinstance(bias, fx.Node) and bias.op == "get_attr"
+                                              else bias) != want_bias:
+            continue
+        with graph.inserting_before(node):
+            call = graph.call_module(path, (x,))
+        call.meta, values[call] = dict(node.meta), values.get(node)
+        node.replace_all_uses_with(call)
+        graph.erase_node(node)
 
 
 def _fixed_arguments(net: nn.Module) -> dict[str, Any]:

@@ -8,6 +8,9 @@
 - **Layers** (:func:`quantized_layers`): the one count named "quantized layers": the layers of the
   layer table (the input is not a layer) whose weights or output activations the plan quantizes.
   Other counts are named for what they count ("layers in the table", "integer-kernel coverage").
+- **Integer-kernel coverage** (:func:`coverage_value`, :func:`coverage_text`, :func:`float_parts`): of the FP32
+  model's Conv/Gemm/MatMul ops, how many ONNX Runtime runs as integer kernels ("57/59 heavy ops"), and
+  everything left in float with the reason.
 - **Accuracy** (:func:`pct`): one precision everywhere, two decimals ("91.25%"); points likewise.
 - **The headline** (:func:`headline` → :class:`Headline`): ORT int8 accuracy beside FP32, the file
   size cut and the speed-up, each with the reason in its place while it is not measured yet, a

@@ -218,3 +218,46 @@ def test_export_and_the_report_show_the_heavy_op_coverage_from_one_definition(wo
     parity = export.parity(workspace, digits_run)
     assert summary.coverage_value(parity) == f"{result['heavy_ops']}/{result['heavy_ops']} heavy ops"
     assert summary.coverage_value(parity) in report.report_html(workspace, digits_run).decode("utf-8")
+
+
+def _windowed_attention(x, qkv_weight, qkv_bias, table: torch.Tensor, index: torch.Tensor):  # (B, T, 8)
+    """Attention with a position bias looked up in a table, kept whole by ``torch.fx.wrap`` and given its
+    projection's weights, as torchvision's ``shifted_window_attention`` is."""
+    q, k, v = F.linear(x, qkv_weight, qkv_bias).chunk(3, dim=-1)
+    scores = q @ k.transpose(-2, -1) + table[index].view(x.shape[1], x.shape[1])
+    return scores.softmax(dim=-1) @ v
+
+
+def _first_feature_only(x):  # (B, T, 8): item assignment on a traced value cannot be traced through
+    mask = x.new_zeros(x.shape[-1])
+    mask[0] = 1.0
+    return x * mask
+
+
+torch.fx.wrap("_windowed_attention")
+torch.fx.wrap("_first_feature_only")
+
+
+class _WindowNet(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.qkv, self.head = nn.Linear(8, 24), nn.Linear(8, 4)
+        self.table = nn.Parameter(torch.randn(9) * 0.1)
+        self.register_buffer("index", torch.randint(0, 9, (25,)))
+
+    def forward(self, x):  # (B, 5, 8)
+        return self.head(_first_feature_only(_windowed_attention(x, self.qkv.weight, self.qkv.bias, self.table, self.index)).mean(dim=1))
+
+
+def test_a_library_function_kept_whole_by_fx_wrap_is_traced_through_and_its_products_are_integer(tmp_path):
+    torch.manual_seed(0)
+    model, x = _WindowNet().eval(), torch.randn(32, 5, 8)
+    kinds = [r["kind"] for r in layer_table(model, x)]
+    # before: one "_windowed_attention" op, float inside; the projection is the weight layer qkv, called functionally
+    assert kinds.count("matmul") == 2 and "qkv" in {r["name"] for r in layer_table(model, x) if r["has_weights"]}
+    assert "first_feature_only" in kinds  # its code cannot be traced: it stays one op, and the rest traces
+    cov = _coverage_of(model, x, tmp_path)
+    assert cov["heavy_ops"] == cov["integer_heavy_ops"] == 4, summary.float_parts(cov)
+    qat, path, ours, theirs = _exported(model, x, tmp_path)
+    np.testing.assert_array_equal(ours.argmax(1), theirs.argmax(1))
+    assert not [r["layer"] for r in compare_codes(qat, path, x.numpy()) if r["differing"]]
