@@ -16,7 +16,10 @@ How the int8 model is made (no re-calibration: the run's own scales and zero poi
 3. ONNX Runtime's optimizer (``ORT_ENABLE_ALL``) then fuses DQ→op→Q groups into ``QLinearConv``,
    ``QGemm``, ``QLinearMatMul``, ``QLinearAdd``, … The optimized graph is inspected and every node
    is mapped back to our layer names through the exporter's scope names (``/net/conv1/conv/Conv``
-   is layer ``conv1.conv``), so float layers are reported by name with the reason.
+   is layer ``conv1.conv``), so float layers are reported by name with the reason. It would also merge two
+   Q/DQ pairs standing back to back into one rounding on a new scale (``DoubleQDQPairsRemover``), which the
+   run's evaluation does not: preparation gives no quantizer to an op that leaves its input as it is, so the
+   export writes none, and ``merged_quantizers`` names any that another pattern leaves.
 
 Activations narrower than 8 bits are stored in uint8 with their scale and clipped to their own codes
 (``clip_narrow_activations``). ``parity`` then compares ONNX Runtime with the run's integer
