@@ -252,7 +252,7 @@ def _accumulate(x: Quantized, weights: Weights, bias: torch.Tensor | None,
     runs = exact_runs(reach, EXACT) if reach is not None else None
     if runs is not None and (chunkable or len(runs) == 1):
         with torch.backends.nnpack.flags(enabled=False):
-            parts = [compute(xc[:, r], wc[:, r]) for r in runs]
+            parts = [compute(xc[:, r], wc[:, r]) for r in runs] if len(runs) > 1 else [compute(xc, wc)]
         if float(reach[:, -1].max()) + b < INT32:  # no wrap: add them as the kernel does, in int32
             acc = parts[0].to(torch.int32)
             for part in [*parts[1:], *([codes.reshape(weights.channel(acc.dim()))] if codes is not None else [])]:

@@ -365,3 +365,22 @@ def test_integer_weights_follow_every_change_of_the_layer():
         assert not torch.equal(ours, before)
         assert torch.equal(ours, integer_logits(copy.deepcopy(qat)))  # a copy computes its weights afresh
         before = ours
+
+
+def test_a_depthwise_conv_with_a_bias_past_float32_whole_numbers():
+    """A bias code past 2^24 (a tiny input scale) joins exact float32 sums in int32, grouped convs too."""
+    x, y = _grid(scale=1e-6, zero_point=0), _grid(scale=0.05, zero_point=128)
+    conv = torch.nn.Conv2d(16, 16, 3, padding=1, groups=16)
+    weights, inits, _ = _weights(tuple(conv.weight.shape), True, False)
+    bias = (RNG.uniform(0.5, 2.0, 16) * np.where(np.arange(16) % 2, -1, 1)).astype(np.float32)
+    codes = integer.bias_codes(torch.from_numpy(bias), x.scale, weights.scale)[0]
+    assert codes.abs().min() > 2**24
+    cx = _codes((2, 16, 9, 9), x)
+    nodes = [_dq("w", 0), _dq("b", 0), helper.make_node("Conv", ["x_float", "w_float", "b_float"], ["y_float"],
+                                                        pads=[1, 1, 1, 1], group=16)]
+    theirs = _run(nodes, {"x": cx}, _qparams("x", x) + inits + _bias(bias, x, weights), y, "QLinearConv")
+    _exact(integer.conv2d(_quantized(cx, x), weights, torch.from_numpy(bias), conv, y), theirs)
+    exact = F.conv2d(torch.from_numpy(cx).double(), weights.codes.double(), codes, padding=1, groups=16)
+    ours = integer._accumulate(_quantized(cx, x), weights, torch.from_numpy(bias),
+                               lambda a, w: F.conv2d(a, w, None, 1, 1, 1, 16), chunkable=False)
+    assert torch.equal(ours, exact.float())
