@@ -27,6 +27,10 @@ between DequantizeLinear and QuantizeLinear, as they do here; their float roundi
 ONNX Runtime's by a unit in the last place. Weights are exact: the export stores them as the codes
 computed here, and on a CPU without VNNI stores any that could saturate its 16-bit pair sums as
 uint8 (see ``cpu``), so every accumulation is exact.
+
+At the speed of the fake-quantized forward: the exact sums run in float32 wherever a bound proves
+every partial sum a whole number float32 holds (``_accumulate``), and QLinearAdd / QLinearMul read
+a table of their formula over all code pairs (``_by_table``).
 """
 
 from __future__ import annotations
