@@ -5,12 +5,12 @@ fake-quantized forward it replaces in a run's evaluation, side by side; then exp
    generated samples; batches of ``--batch``. Each round times one fake-quant forward and one emulated
    forward of the same batch, interleaved, so machine noise hits both alike; the medians and the median
    per-round ratio emulated / fake-quant are printed. Target: ≤ 1.5.
-2. ``--export``: a short torchvision:resnet18 run (``runner.execute``, generated images), then
+2. export: a short torchvision:resnet18 run (``runner.execute``, generated images), then
    ``export.export_run`` and ``export.parity`` timed. Target: ≤ 60 s on an idle machine.
 
 Threads: what a run of this model chooses (``cpu.training_threads``), or ``--threads``.
 
-    python benchmarks/bench_emulation.py [--rounds 7] [--batch 8] [--threads 1] [--export]
+    python benchmarks/bench_emulation.py [--sections emulation export] [--rounds 7] [--batch 8] [--threads 1]
 """
 
 from __future__ import annotations
@@ -80,7 +80,7 @@ def export_and_parity() -> None:
         exported = time.perf_counter()
         result = export.parity(store, run_id)
         done = time.perf_counter()
-        print(f"resnet18 export {exported - started:6.1f} s   parity {done - exported:6.1f} s ({result['samples']} "
+        print(f"resnet18 ({torch.get_num_threads()} threads) export {exported - started:6.1f} s   parity {done - exported:6.1f} s ({result['samples']} "
               f"samples, agreement {result['agreement']:.2%})   total {done - started:6.1f} s", flush=True)
 
 
@@ -89,10 +89,11 @@ def main() -> None:
     ap.add_argument("--rounds", type=int, default=7, help="interleaved rounds (the median is printed)")
     ap.add_argument("--batch", type=int, default=8)
     ap.add_argument("--threads", type=int, default=None, help="torch threads (default: what a run would use)")
-    ap.add_argument("--export", action="store_true", help="also time export + parity of a resnet18 run")
+    ap.add_argument("--sections", nargs="+", choices=["emulation", "export"], default=["emulation", "export"])
     args = ap.parse_args()
-    emulation(args.rounds, args.batch, args.threads)
-    if args.export:
+    if "emulation" in args.sections:
+        emulation(args.rounds, args.batch, args.threads)
+    if "export" in args.sections:
         export_and_parity()
 
 

@@ -27,6 +27,10 @@ between DequantizeLinear and QuantizeLinear, as they do here; their float roundi
 ONNX Runtime's by a unit in the last place. Weights are exact: the export stores them as the codes
 computed here, and on a CPU without VNNI stores any that could saturate its 16-bit pair sums as
 uint8 (see ``cpu``), so every accumulation is exact.
+
+At the speed of the fake-quantized forward: the exact sums run in float32 wherever a bound proves
+every partial sum a whole number float32 holds (``_accumulate``), and QLinearAdd / QLinearMul read
+a table of their formula over all code pairs (``_by_table``).
 """
 
 from __future__ import annotations
@@ -270,7 +274,7 @@ def _accumulate(x: Quantized, weights: Weights, bias: torch.Tensor | None,
     runs = exact_runs(reach, EXACT) if reach is not None else None
     if runs is not None and (chunkable or len(runs) == 1):
         with torch.backends.nnpack.flags(enabled=False):
-            parts = [compute(xc[:, r], wc[:, r]) for r in runs]
+            parts = [compute(xc[:, r], wc[:, r]) for r in runs] if len(runs) > 1 else [compute(xc, wc)]
         if float(reach[:, -1].max()) + b < INT32:  # no wrap: add them as the kernel does, in int32
             acc = parts[0].to(torch.int32)
             for part in [*parts[1:], *([codes.reshape(weights.channel(acc.dim()))] if codes is not None else [])]:

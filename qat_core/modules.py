@@ -102,7 +102,8 @@ def _integer_output(layer: nn.Module, x: Any) -> Grid | None | bool:
 def _integer_weights(layer: nn.Module) -> tuple[integer.Weights, torch.Tensor | None]:
     """A conv's or linear layer's integer weights and float bias (BN folded), kept while none of the
     tensors they come from changes: evaluation runs batch after batch on the same weights, and every
-    write to a tensor (an optimizer step, ``load_state_dict``, calibration) moves its version counter."""
+    write to a tensor (an optimizer step, ``load_state_dict``, calibration) moves its version counter.
+    A write through ``.data`` does not, as autograd does not see it either: the engine never writes so."""
     sources = [*layer.parameters(), *layer.buffers()]  # held, not their ids: a new tensor is never taken for one
     versions = [(t._version, t.data_ptr()) for t in sources]  # `.data = ...` (Module.to) keeps the version
     cached = layer.__dict__.get("_integer_weights")

@@ -362,8 +362,9 @@ def load(store: RunStore, run_id: str) -> Loaded:
     fp32, data = _build_fp32(config)
     fp32.load_state_dict(store.load_state(run_id, "fp32.pt"))
     models = []
+    prepared = prepare(fp32, config.plan, data.example())  # once: tracing and checking a large model takes seconds
     for name in ("ptq.pt", "qat.pt"):
-        model = prepare(fp32, config.plan, data.example())
+        model = copy.deepcopy(prepared)
         model.load_state_dict(store.load_state(run_id, name))
         for q in quantizers(model):
             q.calibrated = True

@@ -8,6 +8,8 @@ operation order are exercised. The run tests check whole exported models: logits
 
 from __future__ import annotations
 
+import copy
+
 import numpy as np
 import onnx
 import onnxruntime as ort
@@ -327,3 +329,58 @@ def test_a_gemm_past_float32_whole_numbers_gives_onnx_runtimes_float_output():
     ours = integer.linear(_quantized(cx, x), weights, torch.from_numpy(bias), None)
     assert np.abs(theirs / (x.scale * weights.scale.numpy())).max() > 2**24
     _exact(ours, theirs)
+
+
+def test_integer_weights_follow_every_change_of_the_layer():
+    """A layer keeps its integer weights between batches; a step that changes a weight in place, a loaded
+    state and a weight moved by ``.data =`` (as Module.to does) each give the weights a fresh copy computes."""
+    from qat_core import train
+    from qat_core.config import LayerPlan
+    from qat_core.prepare import prepare
+
+    torch.manual_seed(0)
+    net = torch.nn.Sequential(torch.nn.Conv2d(3, 8, 3), torch.nn.BatchNorm2d(8), torch.nn.ReLU(), torch.nn.Flatten(),
+                              torch.nn.Linear(8 * 6 * 6, 4)).eval()
+    x = torch.randn(16, 3, 8, 8)
+    qat = prepare(net, LayerPlan(), x)
+    train.calibrate(qat, [(x, None)], 1)
+    qat.eval()
+
+    def integer_logits(model):
+        with torch.no_grad(), model.integer_arithmetic():
+            return model(x).as_subclass(torch.Tensor)
+
+    conv = next(m for m in qat.modules() if isinstance(m, modules.QuantConv2d))
+    before = integer_logits(qat)
+    assert torch.equal(integer_logits(qat), before)
+    changes = [lambda: conv.conv.weight.mul_(-1),  # an optimizer step writes in place, under no_grad
+               lambda: conv.bn.running_mean.add_(0.5),
+               lambda: qat.load_state_dict({k: v * 1.5 if k.endswith("linear.weight") else v
+                                            for k, v in qat.state_dict().items()}),
+               lambda: setattr(conv.conv.weight, "data", conv.conv.weight.data.flip(0).clone())]
+    for change in changes:
+        with torch.no_grad():
+            change()
+        ours = integer_logits(qat)
+        assert not torch.equal(ours, before)
+        assert torch.equal(ours, integer_logits(copy.deepcopy(qat)))  # a copy computes its weights afresh
+        before = ours
+
+
+def test_a_depthwise_conv_with_a_bias_past_float32_whole_numbers():
+    """A bias code past 2^24 (a tiny input scale) joins exact float32 sums in int32, grouped convs too."""
+    x, y = _grid(scale=1e-6, zero_point=0), _grid(scale=0.05, zero_point=128)
+    conv = torch.nn.Conv2d(16, 16, 3, padding=1, groups=16)
+    weights, inits, _ = _weights(tuple(conv.weight.shape), True, False)
+    bias = (RNG.uniform(0.5, 2.0, 16) * np.where(np.arange(16) % 2, -1, 1)).astype(np.float32)
+    codes = integer.bias_codes(torch.from_numpy(bias), x.scale, weights.scale)[0]
+    assert codes.abs().min() > 2**24
+    cx = _codes((2, 16, 9, 9), x)
+    nodes = [_dq("w", 0), _dq("b", 0), helper.make_node("Conv", ["x_float", "w_float", "b_float"], ["y_float"],
+                                                        pads=[1, 1, 1, 1], group=16)]
+    theirs = _run(nodes, {"x": cx}, _qparams("x", x) + inits + _bias(bias, x, weights), y, "QLinearConv")
+    _exact(integer.conv2d(_quantized(cx, x), weights, torch.from_numpy(bias), conv, y), theirs)
+    exact = F.conv2d(torch.from_numpy(cx).double(), weights.codes.double(), codes, padding=1, groups=16)
+    ours = integer._accumulate(_quantized(cx, x), weights, torch.from_numpy(bias),
+                               lambda a, w: F.conv2d(a, w, None, 1, 1, 1, 16), chunkable=False)
+    assert torch.equal(ours, exact.float())
