@@ -81,8 +81,7 @@ class Observer:
         if self.method == "percentile":
             lo, hi = self._percentile(x)
         elif self.method == "mse":
-            with _one_thread():
-                lo, hi = self._mse_range(x)
+            lo, hi = self._mse_range(x)
         else:
             lo, hi = _minmax(x, self.axis)
         if self.lo is None:
@@ -111,6 +110,7 @@ class Observer:
         bounds = torch.quantile(flat, q, dim=1)  # (2, C)
         return bounds[0], bounds[1]
 
+    @_one_thread()
     def _mse_range(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Shrink the min-max range by the ratio that minimises ||x - fq(x)||^2 (per channel).
 
@@ -169,7 +169,7 @@ def _squared_errors(rows: torch.Tensor, scale: torch.Tensor, zero_point: torch.T
     z = zero_point.round().clamp(qmin, qmax).unsqueeze(-1)
     offset = bool(z.any())  # a zero offset skips its pass, as fake_quantize's does
     err = torch.zeros(scale.shape, dtype=torch.float64, device=scale.device)
-    step = min(rows.shape[1], max(1, MSE_BLOCK // scale.numel()))
+    step = max(1, min(rows.shape[1], MSE_BLOCK // scale.numel()))
     # two buffers for every block: a fresh 4 MB tensor a pass costs its page faults again
     v_buf, d_buf = (torch.empty(*scale.shape, step, device=rows.device) for _ in range(2))
     for start in range(0, rows.shape[1], step):
