@@ -17,7 +17,7 @@ MSE_CANDIDATES = 24  # clip ratios tried by the MSE search, from MSE_LOWEST_RATI
 MSE_LOWEST_RATIO = 0.2
 MSE_SAMPLE = 1 << 16  # elements of a large batch that every candidate is scored on (per-tensor ranges)
 MSE_RESCORED = 1  # candidates each side of the estimate's best scored again on the whole batch
-MSE_BLOCK = 1 << 20  # candidate × element errors computed at once: bounds memory (4 MB a temporary) and the ops
+MSE_BLOCK = 1 << 20  # candidate × element errors computed at once: two 4 MB buffers, and few enough passes
 EMA_MOMENTUM = 0.01  # moving-average update weight (torch.ao's default averaging constant)
 PERCENTILE_SAMPLE = 1 << 20  # elements sampled per batch for the percentile (keeps it O(1) memory)
 
@@ -163,15 +163,16 @@ def _squared_errors(rows: torch.Tensor, scale: torch.Tensor, zero_point: torch.T
     block of ``MSE_BLOCK`` candidate-elements at a time.
 
     With ``v = x * (1/s) + z`` as :func:`fake_quantize` rounds it and ``q`` its code, ``fq(x) - x = s * (q - v)``:
-    five passes a block (six with an offset) instead of the nine of quantizing, dequantizing and subtracting.
+    six passes a block (seven with an offset) into two buffers used again for every block, where quantizing,
+    dequantizing and subtracting took seven to nine into a fresh tensor each block.
     """
     inv = (1.0 / scale).unsqueeze(-1)  # (K, C, 1)
     z = zero_point.round().clamp(qmin, qmax).unsqueeze(-1)
     offset = bool(z.any())  # a zero offset skips its pass, as fake_quantize's does
     err = torch.zeros(scale.shape, dtype=torch.float64, device=scale.device)
     step = max(1, min(rows.shape[1], MSE_BLOCK // scale.numel()))
-    # two buffers for every block: a fresh 4 MB tensor a pass costs its page faults again
-    v_buf, d_buf = (torch.empty(*scale.shape, step, device=rows.device) for _ in range(2))
+    # a fresh 4 MB tensor costs its page faults again (about 120 here: more than the pass itself)
+    v_buf, d_buf = (torch.empty(*scale.shape, step, dtype=rows.dtype, device=rows.device) for _ in range(2))
     for start in range(0, rows.shape[1], step):
         block = rows[:, start:start + step]  # (C, n)
         v, d = v_buf[..., :block.shape[1]], d_buf[..., :block.shape[1]]
