@@ -351,8 +351,9 @@ def trace(model: nn.Module, example: torch.Tensor) -> tuple[fx.GraphModule, dict
         for node in [n for n in graph.nodes if n.op == "get_attr" and not n.users]:
             graph.erase_node(node)  # read for metadata only (see _ValueProxy), or an empty tensor cat skipped
         gm = fx.GraphModule(net, graph, class_name=type(model).__name__)
-        _check_traced(model, gm, example, tracer.fixed_branches)
         values = {node: tracer.values.get(node) for node in graph.nodes}
+        output = next(n for n in graph.nodes if n.op == "output").args[0]
+        _check_traced(model, gm, example, fx.node.map_arg(output, tracer.values.get), tracer.fixed_branches)
         return gm, values, leaves, net
     raise TracingError(f"more than {MAX_LEAF_RETRIES} modules could not be traced")
 
@@ -414,13 +415,16 @@ def _fixed_arguments(net: nn.Module) -> dict[str, Any]:
 
 
 @torch.no_grad()
-def _check_traced(model: nn.Module, gm: fx.GraphModule, example: torch.Tensor, fixed: list[str]) -> None:
-    """The traced graph must compute what the model computes, also at another batch size."""
+def _check_traced(model: nn.Module, gm: fx.GraphModule, example: torch.Tensor, traced: Any, fixed: list[str]) -> None:
+    """The traced graph must compute what the model computes, also at another batch size. At the example it
+    is ``traced``, the output the trace computed node by node (what the graph computes, without running it
+    again); at batch size 1 the graph's code runs."""
     was = model.training
     model.eval()
     try:
-        for x in (example, example[:1]):
-            want, got = model(x), gm(x)
+        for x, got in ((example, traced), (example[:1], None)):
+            want = model(x)
+            got = gm(x) if got is None else got
             if not (isinstance(want, torch.Tensor) and isinstance(got, torch.Tensor)):
                 raise TracingError("the model must return one tensor (the logits); wrap it so forward returns them")
             if want.shape != got.shape or not torch.allclose(want, got, rtol=1e-4, atol=1e-5):
@@ -581,9 +585,12 @@ def _computes_like_base(mod: nn.Module, x: Any, y: Any) -> bool:
     which its QAT layer will compute (a subclass may pad, standardize or scale its weights)."""
     if not (isinstance(x, torch.Tensor) and isinstance(y, torch.Tensor)):
         return False
+    if isinstance(mod, nn.Conv2d) and (mod.padding_mode != "zeros" or isinstance(mod.padding, str)
+                                       and mod.padding != "valid"):
+        return False
+    if type(mod) in (nn.Conv2d, nn.Linear) and not (mod._forward_hooks or mod._forward_pre_hooks):
+        return True  # torch's own class, no hook: its forward is the plain op (not worth a second run)
     if isinstance(mod, nn.Conv2d):
-        if mod.padding_mode != "zeros" or isinstance(mod.padding, str) and mod.padding != "valid":
-            return False
         want = F.conv2d(x, mod.weight, mod.bias, mod.stride, mod.padding, mod.dilation, mod.groups)
     else:
         want = F.linear(x, mod.weight, mod.bias)

@@ -94,6 +94,15 @@ def test_the_sampled_search_keeps_a_heavy_tail_it_cannot_sample(symmetric, qmin,
                                exhaustive_mse_range(x, qmin, qmax, symmetric), atol=0, rtol=0)
 
 
+def test_a_large_batch_with_nothing_above_its_samples_largest_values():
+    """A saturated batch (every value at the maximum a ReLU6 lets through, say): the stratified estimate's set
+    of large values is empty."""
+    x = torch.full((1 << 20,), 6.0)
+    x[::3] = 0.0
+    torch.testing.assert_close(observers.Observer("mse", 0, 255, True)._mse_range(x),
+                               exhaustive_mse_range(x, 0, 255, True), atol=0, rtol=0)
+
+
 class CountRounded(TorchFunctionMode):
     """Elements rounded, by tensor size: one per candidate and element scored."""
 
@@ -131,3 +140,50 @@ def test_calibration_searches_a_weights_range_once_and_activations_every_batch()
     train.calibrate(model, [(x[4:8], None)], 1)  # another batch: the weights' ranges are the same
     for (scale, zp), q in zip(weight_ranges, [q for q in qs if q.signed]):
         torch.testing.assert_close((q.scale, q.zero_point), (scale, zp), atol=0, rtol=0)
+
+
+class RecordThreads(TorchFunctionMode):
+    """The intra-op thread count at every torch call made under it."""
+
+    def __init__(self):
+        super().__init__()
+        self.threads: set[int] = set()
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        self.threads.add(torch.get_num_threads())
+        return func(*args, **(kwargs or {}))
+
+
+@pytest.mark.parametrize("axis", [None, 0])
+def test_the_mse_search_runs_on_one_thread_and_gives_the_others_back(axis):
+    """Its hundreds of short passes each wait at a barrier for a second thread (10x slower on 2 busy cores)."""
+    x, before = heavy_tailed(1 << 20).reshape(64, -1), torch.get_num_threads()
+    observer = observers.Observer("mse", -128 if axis == 0 else 0, 127 if axis == 0 else 255, True, axis)
+    torch.set_num_threads(2)
+    try:
+        with RecordThreads() as seen:
+            observer._mse_range(x)
+        assert seen.threads == {1} and torch.get_num_threads() == 2
+    finally:
+        torch.set_num_threads(before)
+
+
+class CountConvolutions(TorchFunctionMode):
+    def __init__(self):
+        super().__init__()
+        self.calls = 0
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        self.calls += func in (torch.conv2d, torch.nn.functional.conv2d)
+        return func(*args, **(kwargs or {}))
+
+
+def test_prepare_runs_the_model_four_times_at_most():
+    """The trace (which computes the graph's output at the example), the model at the example, and the model
+    and its graph at batch size 1: no second run of the graph at the example, no conv run again to check it."""
+    model, x, plan = third_party.torchvision_model("resnet18").eval(), torch.randn(2, 3, 32, 32), default_plan()
+    with CountConvolutions() as once, torch.no_grad():
+        model(x)
+    with CountConvolutions() as counted:
+        prepare(model, plan, x)
+    assert counted.calls <= 4 * once.calls
