@@ -555,7 +555,10 @@ def _errors_key(store: RunStore, run_id: str, config: RunConfig, batches: int | 
     files and calibration batches. Anything else, and they are computed again."""
     weights = {}
     for name in ("fp32.pt", "ptq.pt", "qat.pt"):
-        info = store.artifact(run_id, name).stat()
+        try:
+            info = store.state_path(run_id, name).stat()
+        except OSError as err:
+            raise StoreError(f"run {run_id}'s {name} cannot be read ({err.strerror}); train the run again") from None
         weights[name] = [info.st_size, info.st_mtime_ns]
     identity = {"version": ERRORS_VERSION, "weights": weights, "config": config.model_dump(mode="json", exclude={"name"}),
                 "data": data_fingerprint(config.data), "batches": batches, "torch": torch.__version__}

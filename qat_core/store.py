@@ -744,10 +744,15 @@ class RunStore:
     def save_state(self, run_id: str, name: str, state: dict[str, torch.Tensor]) -> None:
         _write_atomically(self.run_dir(run_id) / name, lambda tmp: _torch_save(state, tmp))
 
-    def load_state(self, run_id: str, name: str) -> dict[str, torch.Tensor]:
+    def state_path(self, run_id: str, name: str) -> Path:
+        """Where the run's weights file ``name`` lies; StoreError when it is not there."""
         path = self.run_dir(run_id) / name
         if not os.path.lexists(path):
             raise StoreError(f"run {run_id} has no {name}; it did not finish, or its folder was changed")
+        return path
+
+    def load_state(self, run_id: str, name: str) -> dict[str, torch.Tensor]:
+        path = self.state_path(run_id, name)
         try:
             with files.open_regular(path, f"run {run_id}'s weights", StoreError) as f:
                 return torch.load(f, map_location="cpu", weights_only=True)
